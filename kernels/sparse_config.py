@@ -1,0 +1,109 @@
+"""The knobs of AsyncTLS two-level sparse decode attention, resolved once and validated.
+
+`SparseAttentionConfig` is frozen: the vLLM backend builds it once from `--additional-config`, the
+reference (`sparse_decode_reference.py`) and the Triton kernels read it, and nothing on the decode
+path re-reads or rewrites it. Every bad value raises `ValueError` naming the knob, the value received
+and what is allowed, so a user sees which flag to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+SPARSE_MODES = ("asynctls", "block_only", "exact_topk", "dense")
+INDEX_BITS = (4, 8, 16)
+MAX_SELECTION_BLOCK_SIZE = 1024
+
+
+def _check_int(name: str, value: object, minimum: int, allowed: str) -> None:
+    # bool is an int subclass: `token_budget=True` is a typo, not a budget of one.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """AsyncTLS selection knobs (defaults follow the paper's GQA settings).
+
+    selection_block_size: tokens per block summary of the coarse level (power of two, 1..1024).
+    num_blocks: selection blocks kept by the coarse level per kv head (>= 1).
+    token_budget: tokens kept by the fine level per kv head, on top of sinks and the local window.
+    sink_tokens: the first positions, always attended (>= 0).
+    local_tokens: the last positions (the local window), always attended (>= 0).
+    index_channels: key channels kept by the token index (32 for GQA; 128 for MLA, see `for_mla`).
+    index_bits: bits per channel in the token index: 4, 8, or 16 (16 = exact scores from full keys).
+    mode: "asynctls" (two levels), "block_only" (Quest at the same token budget), "exact_topk"
+        (the oracle: exact top-k over all positions) or "dense" (no sparsity).
+    lagged_selection: the paper's pipelining: tokens are chosen inside the blocks selected at the
+        previous decode step, so those blocks had a whole step to arrive from host memory.
+    """
+
+    selection_block_size: int = 64
+    num_blocks: int = 128
+    token_budget: int = 2048
+    sink_tokens: int = 64
+    local_tokens: int = 64
+    index_channels: int = 32
+    index_bits: int = 4
+    mode: str = "asynctls"
+    lagged_selection: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.selection_block_size
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1 or s > MAX_SELECTION_BLOCK_SIZE or s & (s - 1):
+            raise ValueError(
+                f"selection_block_size must be a power of two in [1, {MAX_SELECTION_BLOCK_SIZE}]; got {s!r}"
+            )
+        _check_int("num_blocks", self.num_blocks, 1, "an int >= 1")
+        _check_int("token_budget", self.token_budget, 1, "an int >= 1")
+        _check_int("sink_tokens", self.sink_tokens, 0, "an int >= 0")
+        _check_int("local_tokens", self.local_tokens, 0, "an int >= 0")
+        _check_int("index_channels", self.index_channels, 1, "an int >= 1")
+        if isinstance(self.index_bits, bool) or self.index_bits not in INDEX_BITS:
+            raise ValueError(f"index_bits must be one of {INDEX_BITS}; got {self.index_bits!r}")
+        if self.index_bits == 4 and self.index_channels % 2:
+            raise ValueError(
+                f"index_channels must be even with index_bits=4 (two channels per byte); "
+                f"got index_channels={self.index_channels}"
+            )
+        if self.mode not in SPARSE_MODES:
+            raise ValueError(f"mode must be one of {SPARSE_MODES}; got {self.mode!r}")
+        if not isinstance(self.lagged_selection, bool):
+            raise ValueError(f"lagged_selection must be a bool; got {self.lagged_selection!r}")
+        if self.num_blocks * self.selection_block_size < self.token_budget:
+            raise ValueError(
+                f"token_budget must be <= num_blocks * selection_block_size (the candidates the coarse "
+                f"level keeps); got token_budget={self.token_budget}, num_blocks={self.num_blocks}, "
+                f"selection_block_size={self.selection_block_size} "
+                f"({self.num_blocks * self.selection_block_size} candidates): raise num_blocks or lower "
+                f"token_budget"
+            )
+
+    @classmethod
+    def for_mla(cls, **overrides) -> "SparseAttentionConfig":
+        """The MLA defaults (128 index channels over the latent + rope key), with overrides."""
+        return cls(**{"index_channels": 128, **overrides})
+
+    def with_(self, **changes) -> "SparseAttentionConfig":
+        """A validated copy with some knobs changed."""
+        return replace(self, **changes)
+
+    def validate_for_cache(self, cache_block_size: int, head_dim: int) -> None:
+        """Check the knobs against a KV cache: selection blocks must tile cache blocks exactly (so a
+        block summary lives with its physical cache block) and the index cannot keep more channels
+        than the key has."""
+        if cache_block_size % self.selection_block_size != 0:
+            raise ValueError(
+                f"selection_block_size={self.selection_block_size} must divide the KV cache block size; "
+                f"got cache_block_size={cache_block_size}: use --block-size with a multiple of "
+                f"{self.selection_block_size}, or lower selection_block_size"
+            )
+        if self.index_channels > head_dim:
+            raise ValueError(
+                f"index_channels must be <= the key head dim {head_dim}; got index_channels={self.index_channels}"
+            )
+
+    @property
+    def attended_tokens(self) -> int:
+        """Size of the positions output per kv head: sinks, the local window and the token budget."""
+        return self.sink_tokens + self.local_tokens + self.token_budget

@@ -1,0 +1,1 @@
+"""TIP for TRL: token-importance selection for on-policy distillation."""
