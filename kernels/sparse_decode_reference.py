@@ -1,0 +1,572 @@
+"""Plain-PyTorch reference of AsyncTLS two-level sparse decode attention (the truth for kernels/README.md).
+
+Design note
+-----------
+One decode token per sequence attends to a fixed number of positions per kv head:
+sinks `[0, sink_tokens)`, the local window `[L - local_tokens, L)` and `token_budget` positions chosen
+in two levels from the rest (the *candidates* `[sink_tokens, L - local_tokens)`):
+
+1. `score_blocks` / `select_blocks`: every selection block of `selection_block_size` tokens has an
+   elementwise min / max summary of its keys (`write_index` keeps it up to date). Its Quest bound
+   `sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min` is an upper bound of `q . k` for every key
+   in the block. The top `num_blocks` blocks that hold at least one candidate survive.
+2. `score_tokens` / `select_tokens`: inside the kept blocks, each candidate is scored from a compact
+   index (`index_channels` key channels, quantised to `index_bits`; exact `q . k` with 16 bits) and
+   the top `token_budget` survive.
+3. `sparse_attention`: exact attention over the attended positions, float32, the dense softmax's
+   numerics (so with a budget covering the whole context the output equals `dense_decode_attention`).
+
+GQA: the `Hq // Hkv` query heads of a group share one selection per kv head (one set of K/V reads);
+every score (block bound and token score) is the max over the group's heads, because a block or token
+matters if any head of the group may attend to it. q head `h` uses kv head `h // (Hq // Hkv)`.
+
+MLA is the same code with `Hkv = 1`: the key is the latent + rope vector (`kv_lora_rank + rope_dim`),
+the query is the absorbed query of the same width, and `value_cache` is a view of the first
+`kv_lora_rank` channels of `key_cache`. The index channels are chosen over the whole key (latent and
+rope alike), which keeps `q . k` the quantity being approximated.
+
+All math is float32 whatever the cache dtype; every stage returns fixed-size tensors (`-1` pads
+positions and block ids, `-inf` pads scores), so the GPU kernels can mirror it without host syncs.
+The only data-dependent shapes are in `write_index` (dropping padded slots), which runs on the CPU
+path only; the Triton writer masks instead.
+
+Lagged selection (the paper's pipelining): with `config.lagged_selection`, step t selects tokens inside
+the blocks step t-1 chose (`previous_block_ids`) and returns its own block choice for step t+1. A
+token that left the local window at step t, in a block step t-1 did not keep, is missed for that step:
+the price of having the blocks one step early.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .sparse_config import SparseAttentionConfig
+
+__all__ = [
+    "SparseIndex",
+    "allocate_index",
+    "choose_index_channels",
+    "set_index_channels",
+    "quantize_index",
+    "dequantize_index",
+    "write_index",
+    "score_blocks",
+    "select_blocks",
+    "score_tokens",
+    "select_tokens",
+    "attended_positions",
+    "sparse_attention",
+    "dense_decode_attention",
+    "block_only_positions",
+    "exact_topk_positions",
+    "sparse_decode",
+    "attention_mass_recall",
+]
+
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Index state
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseIndex:
+    """Per-layer index state (layouts in kernels/README.md).
+
+    block_min, block_max: (num_cache_blocks, cache_block_size // selection_block_size, Hkv, Dk), key dtype.
+    channel_ids: (Hkv, index_channels) int64, the key channels the token index keeps.
+    codes: (num_cache_blocks, cache_block_size, Hkv, index_channels * index_bits // 8) uint8, or None
+        when index_bits == 16.
+    scales: (num_cache_blocks, cache_block_size, Hkv) float32, or None when index_bits == 16.
+    """
+
+    block_min: Tensor
+    block_max: Tensor
+    channel_ids: Tensor
+    codes: Tensor | None
+    scales: Tensor | None
+
+    @property
+    def blocks_per_cache_block(self) -> int:
+        return self.block_min.shape[1]
+
+
+def allocate_index(
+    num_cache_blocks: int,
+    cache_block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    config: SparseAttentionConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> SparseIndex:
+    """Zeroed index state for one layer. `channel_ids` starts as the first `index_channels` channels;
+    call `set_index_channels` (from `choose_index_channels` on calibration keys) before the first
+    `write_index`, because codes are quantised on the channels current at write time."""
+    config.validate_for_cache(cache_block_size, head_dim)
+    per_block = cache_block_size // config.selection_block_size
+    block_min = torch.zeros(num_cache_blocks, per_block, num_kv_heads, head_dim, dtype=dtype, device=device)
+    block_max = torch.zeros_like(block_min)
+    channel_ids = (
+        torch.arange(config.index_channels, dtype=torch.int64, device=device)
+        .expand(num_kv_heads, config.index_channels)
+        .contiguous()
+    )  # (Hkv, C)
+    if config.index_bits == 16:
+        codes = scales = None
+    else:
+        nbytes = config.index_channels * config.index_bits // 8
+        codes = torch.zeros(num_cache_blocks, cache_block_size, num_kv_heads, nbytes, dtype=torch.uint8, device=device)
+        scales = torch.zeros(num_cache_blocks, cache_block_size, num_kv_heads, dtype=torch.float32, device=device)
+    return SparseIndex(block_min, block_max, channel_ids, codes, scales)
+
+
+def choose_index_channels(keys: Tensor, num_channels: int) -> Tensor:
+    """The channels with the largest mean |k| per kv head (Double Sparsity's calibration, on keys).
+
+    keys: (N, Hkv, D) calibration keys. Returns (Hkv, num_channels) int64, ascending per head.
+    """
+    if not 1 <= num_channels <= keys.shape[-1]:
+        raise ValueError(f"num_channels must be in [1, {keys.shape[-1]}] (the key head dim); got {num_channels}")
+    magnitude = keys.float().abs().mean(dim=0)  # (Hkv, D)
+    return magnitude.topk(num_channels, dim=-1).indices.sort(dim=-1).values.to(torch.int64)
+
+
+def set_index_channels(index: SparseIndex, channel_ids: Tensor) -> None:
+    """Install calibrated channels (Hkv, C) in place. Codes written before this are stale."""
+    if channel_ids.shape != index.channel_ids.shape:
+        raise ValueError(f"channel_ids must have shape {tuple(index.channel_ids.shape)}; got {tuple(channel_ids.shape)}")
+    index.channel_ids.copy_(channel_ids)
+
+
+def _qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 for a quantised index (16 means exact keys, no codes); got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_index(keys_c: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Signed symmetric quantisation per token and head.
+
+    keys_c: (..., C) the index channels of some keys, e.g. (N, Hkv, C).
+    Returns codes (..., C * bits // 8) uint8 (stored value `q + qmax + 1`; 4 bits: channel 2i in the
+    low nibble) and scales (...) float32 `max_c |k_c| / qmax` (0 for an all-zero key, which decodes to 0).
+    """
+    qmax = _qmax(bits)
+    x = keys_c.float()
+    scales = x.abs().amax(dim=-1) / qmax  # (...)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(x / safe.unsqueeze(-1)).clamp_(-qmax, qmax)
+    stored = (q + (qmax + 1)).to(torch.uint8)  # (..., C) in [1, 2 qmax + 1]
+    if bits == 4:
+        if stored.shape[-1] % 2:
+            raise ValueError(f"4-bit codes need an even channel count; got {stored.shape[-1]}")
+        stored = stored[..., 0::2] | (stored[..., 1::2] << 4)  # (..., C // 2)
+    return stored, scales
+
+
+def dequantize_index(codes: Tensor, scales: Tensor, bits: int, num_channels: int) -> Tensor:
+    """Inverse of `quantize_index`: codes (..., C * bits // 8) uint8, scales (...) -> (..., C) float32."""
+    qmax = _qmax(bits)
+    if bits == 4:
+        low = codes & 0x0F
+        high = codes >> 4
+        stored = torch.stack((low, high), dim=-1).flatten(-2)  # (..., C)
+    else:
+        stored = codes
+    stored = stored[..., :num_channels]
+    return (stored.float() - (qmax + 1)) * scales.float().unsqueeze(-1)
+
+
+def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: SparseAttentionConfig) -> None:
+    """Fold new keys into the index, in place (call it where vLLM writes the KV cache).
+
+    key: (N, Hkv, D); slot_mapping: (N,) int64 `physical_block * cache_block_size + offset`, negative
+    slots skipped. A token at `offset % selection_block_size == 0` starts a fresh summary, the others
+    min/max-merge into it. Within one call, a summary that some token of the call resets becomes the
+    min/max over the call's tokens of that selection block; otherwise the call's tokens merge into the
+    stored summary. So prefill (many tokens of a block at once) and decode (one token) agree with
+    writing the tokens one at a time in order.
+    """
+    S = config.selection_block_size
+    per_block = index.blocks_per_cache_block
+    cache_block_size = per_block * S
+    num_kv_heads, head_dim = index.block_min.shape[2], index.block_min.shape[3]
+    assert index.block_min.is_contiguous() and index.block_max.is_contiguous(), "allocate_index makes them contiguous"
+
+    # Dropping padded slots has a data-dependent shape (a host sync on GPU): fine on the CPU path.
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()  # (n,)
+    k = key[valid].to(index.block_min.dtype)  # (n, Hkv, D)
+    block = slots // cache_block_size
+    offset = slots % cache_block_size
+    group = block * per_block + offset // S  # flat (cache block, selection block) id, (n,)
+
+    # Reduce the call's tokens per touched summary first, then merge with (or replace) the stored
+    # one, so the cost is O(tokens), never O(cache). index_reduce_ into a small buffer, not
+    # scatter_reduce_ into the index: the latter measured 50 ms for one token on this CPU.
+    # torch flags index_reduce_ as beta; amin / amax are all we use of it.
+    touched, member = torch.unique(group, return_inverse=True)  # (m,), (n,)
+    fresh_min = k.new_full((touched.numel(), num_kv_heads, head_dim), float("inf"))
+    fresh_max = k.new_full((touched.numel(), num_kv_heads, head_dim), float("-inf"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
+        fresh_min.index_reduce_(0, member, k, "amin", include_self=True)  # (m, Hkv, D)
+        fresh_max.index_reduce_(0, member, k, "amax", include_self=True)
+    reset = torch.zeros(touched.numel(), dtype=torch.bool, device=k.device)
+    reset[member[offset % S == 0]] = True  # some token of the call starts this summary afresh
+    reset = reset.view(-1, 1, 1)
+
+    flat_min = index.block_min.view(-1, num_kv_heads, head_dim)  # (num_cache_blocks * per_block, Hkv, D)
+    flat_max = index.block_max.view(-1, num_kv_heads, head_dim)
+    flat_min[touched] = torch.where(reset, fresh_min, torch.minimum(flat_min[touched], fresh_min))
+    flat_max[touched] = torch.where(reset, fresh_max, torch.maximum(flat_max[touched], fresh_max))
+
+    if index.codes is not None:
+        channels = index.channel_ids.unsqueeze(0).expand(k.shape[0], -1, -1)  # (n, Hkv, C)
+        codes, scales = quantize_index(k.gather(-1, channels), config.index_bits)
+        index.codes[block, offset] = codes
+        index.scales[block, offset] = scales
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _grouped_query(query: Tensor, num_kv_heads: int) -> Tensor:
+    """(B, Hq, D) -> (B, Hkv, G, D) float32: q head h sits in group h // G."""
+    B, Hq, D = query.shape
+    if Hq % num_kv_heads:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {num_kv_heads}")
+    return query.float().view(B, num_kv_heads, Hq // num_kv_heads, D)
+
+
+def _gather_tokens(cache: Tensor, block_table: Tensor, positions: Tensor) -> Tensor:
+    """Rows of a paged cache at logical positions.
+
+    cache: (num_cache_blocks, cache_block_size, Hkv, X), any strides; block_table: (B, W);
+    positions: (B, Hkv, P) logical positions, all valid (callers clamp pads to 0 and mask later).
+    Returns (B, Hkv, P, X) in the cache dtype.
+    """
+    B, Hkv, P = positions.shape
+    cache_block_size = cache.shape[1]
+    pos = positions.long()
+    logical_block = (pos // cache_block_size).view(B, Hkv * P)
+    physical = block_table.long().gather(1, logical_block).view(B, Hkv, P)
+    heads = torch.arange(Hkv, device=cache.device).view(1, Hkv, 1)
+    return cache[physical, pos % cache_block_size, heads]
+
+
+def _is_candidate(positions: Tensor, seq_lens: Tensor, config: SparseAttentionConfig) -> Tensor:
+    """positions (B, Hkv, P) -> bool: inside [sink_tokens, L - local_tokens), the selectable range."""
+    end = (seq_lens.long() - config.local_tokens).view(-1, 1, 1)
+    return (positions >= config.sink_tokens) & (positions < end)
+
+
+def _topk_ids(scores: Tensor, ids: Tensor, k: int, width: int) -> Tensor:
+    """Top `k` of `scores` (B, Hkv, M), returning `ids` (B, Hkv, M) at those places as (B, Hkv, width)
+    int32, ascending, -1 for -inf scores and padding (pads last)."""
+    k = min(k, scores.shape[-1])
+    top, where = scores.topk(k, dim=-1)
+    chosen = torch.where(top > NEG_INF, ids.gather(-1, where), torch.full_like(where, -1))
+    if k < width:
+        chosen = torch.cat([chosen, chosen.new_full((*chosen.shape[:-1], width - k), -1)], dim=-1)
+    big = torch.iinfo(torch.int64).max
+    chosen = chosen.long()
+    chosen = torch.where(chosen < 0, big, chosen).sort(dim=-1).values
+    return torch.where(chosen == big, -1, chosen).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Level 1: blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def score_blocks(
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+) -> Tensor:
+    """Quest bound of every logical selection block, max over the GQA group.
+
+    query: (B, Hq, Dk); block_table: (B, W) int32; seq_lens: (B,) int32.
+    Returns (B, Hkv, W * cache_block_size // selection_block_size) float32; -inf for blocks holding
+    no candidate position (beyond seq_len, or wholly inside the sinks / local window).
+    """
+    S = config.selection_block_size
+    per_block = index.blocks_per_cache_block
+    B, W = block_table.shape
+    num_kv_heads, head_dim = index.block_min.shape[2], index.block_min.shape[3]
+    physical = block_table.long().clamp(min=0)  # padded table entries point at block 0, masked below
+    mins = index.block_min[physical].float().view(B, W * per_block, num_kv_heads, head_dim)  # (B, NS, Hkv, D)
+    maxs = index.block_max[physical].float().view(B, W * per_block, num_kv_heads, head_dim)
+    q = _grouped_query(query, num_kv_heads)  # (B, Hkv, G, D)
+    bound = torch.einsum("bhgd,bnhd->bhgn", q.clamp(min=0), maxs) + torch.einsum(
+        "bhgd,bnhd->bhgn", q.clamp(max=0), mins
+    )  # (B, Hkv, G, NS)
+    bound = bound.amax(dim=2)  # (B, Hkv, NS)
+
+    start = torch.arange(W * per_block, device=query.device).view(1, -1) * S  # (1, NS)
+    first = torch.clamp(start, min=config.sink_tokens)
+    end = torch.minimum(start + S, (seq_lens.long() - config.local_tokens).view(-1, 1))  # (B, NS)
+    has_candidate = first < end
+    return bound.masked_fill(~has_candidate.unsqueeze(1), NEG_INF)
+
+
+def select_blocks(
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+) -> Tensor:
+    """Top `num_blocks` selection blocks by bound: (B, Hkv, num_blocks) int32 logical block ids
+    (block j holds positions [j S, (j+1) S)), ascending, -1 padded."""
+    scores = score_blocks(query, index, block_table, seq_lens, config)
+    ids = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    return _topk_ids(scores, ids, config.num_blocks, config.num_blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Level 2: tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def _index_scores(
+    query: Tensor, index: SparseIndex, key_cache: Tensor, block_table: Tensor, positions: Tensor,
+    config: SparseAttentionConfig,
+) -> Tensor:
+    """Token-index score of valid `positions` (B, Hkv, P), max over the group: (B, Hkv, P) float32."""
+    num_kv_heads = positions.shape[1]
+    q = _grouped_query(query, num_kv_heads)  # (B, Hkv, G, D)
+    if config.index_bits == 16:
+        keys = _gather_tokens(key_cache, block_table, positions).float()  # (B, Hkv, P, D)
+        scores = torch.einsum("bhgd,bhpd->bhgp", q, keys)
+    else:
+        C = config.index_channels
+        codes = _gather_tokens(index.codes, block_table, positions)  # (B, Hkv, P, C * bits // 8)
+        scales = _gather_tokens(index.scales.unsqueeze(-1), block_table, positions).squeeze(-1)  # (B, Hkv, P)
+        approx = dequantize_index(codes, scales, config.index_bits, C)  # (B, Hkv, P, C)
+        channels = index.channel_ids.view(1, num_kv_heads, 1, C).expand(q.shape[0], -1, q.shape[2], -1)
+        q_c = q.gather(-1, channels)  # (B, Hkv, G, C)
+        scores = torch.einsum("bhgc,bhpc->bhgp", q_c, approx)
+    return scores.amax(dim=2)
+
+
+def score_tokens(
+    query: Tensor, index: SparseIndex, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+    block_ids: Tensor, config: SparseAttentionConfig,
+) -> tuple[Tensor, Tensor]:
+    """Token scores inside the kept blocks.
+
+    block_ids: (B, Hkv, NB) int32 logical selection-block ids, -1 padded (any NB).
+    Returns positions (B, Hkv, NB * S) int32 (-1 for padded blocks and positions >= seq_len) and
+    scores (B, Hkv, NB * S) float32 (-inf wherever the position is not a candidate: padding, sinks,
+    local window, beyond seq_len).
+    """
+    S = config.selection_block_size
+    B, Hkv, NB = block_ids.shape
+    blocks = block_ids.long().unsqueeze(-1)  # (B, Hkv, NB, 1)
+    positions = (blocks * S + torch.arange(S, device=blocks.device)).view(B, Hkv, NB * S)
+    real = (blocks >= 0).expand(-1, -1, -1, S).reshape(B, Hkv, NB * S) & (
+        positions < seq_lens.long().view(-1, 1, 1)
+    )
+    candidate = real & _is_candidate(positions, seq_lens, config)
+    safe = torch.where(candidate, positions, torch.zeros_like(positions))
+    scores = _index_scores(query, index, key_cache, block_table, safe, config).masked_fill(~candidate, NEG_INF)
+    positions = torch.where(real, positions, torch.full_like(positions, -1)).to(torch.int32)
+    return positions, scores
+
+
+def select_tokens(
+    query: Tensor, index: SparseIndex, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+    block_ids: Tensor, config: SparseAttentionConfig,
+) -> Tensor:
+    """Top `token_budget` candidates inside `block_ids`: (B, Hkv, token_budget) int32 positions,
+    ascending, -1 padded."""
+    positions, scores = score_tokens(query, index, key_cache, block_table, seq_lens, block_ids, config)
+    return _topk_ids(scores, positions, config.token_budget, config.token_budget)
+
+
+def attended_positions(selected: Tensor, seq_lens: Tensor, config: SparseAttentionConfig) -> Tensor:
+    """Everything one decode step attends to, per kv head.
+
+    selected: (B, Hkv, K) positions, -1 padded. Returns (B, Hkv, sink_tokens + local_tokens + K) int32
+    in fixed slots: sinks `[0, min(sink, L))`, then the local window `[max(L - local, sink), L)`, then
+    the selected positions that are candidates; -1 wherever a slot is empty. No position twice.
+    """
+    B, Hkv, _ = selected.shape
+    device = selected.device
+    L = seq_lens.long().view(B, 1, 1)
+    sinks = torch.arange(config.sink_tokens, device=device).view(1, 1, -1)
+    sinks = torch.where(sinks < L, sinks, -1).expand(B, Hkv, -1)
+    local = L - config.local_tokens + torch.arange(config.local_tokens, device=device).view(1, 1, -1)
+    local = torch.where(local >= config.sink_tokens, local, -1).expand(B, Hkv, -1)  # also drops negatives
+    chosen = selected.long()
+    chosen = torch.where(_is_candidate(chosen, seq_lens, config), chosen, -1)
+    return torch.cat([sinks, local, chosen], dim=-1).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Level 3: exact attention
+# ----------------------------------------------------------------------------------------------
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> Tensor:
+    """q (B, Hkv, G, D), keys (B, Hkv, P, D), values (B, Hkv, P, Dv) float32, valid (B, Hkv, P) bool
+    -> (B, Hkv, G, Dv) float32. A row with no valid position gives zeros."""
+    logits = torch.einsum("bhgd,bhpd->bhgp", q, keys) * scale
+    logits = logits.masked_fill(~valid.unsqueeze(2), NEG_INF)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhgp,bhpd->bhgd", probs, values)
+
+
+def sparse_attention(
+    query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, positions: Tensor, scale: float
+) -> Tensor:
+    """Exact attention over the attended positions.
+
+    query: (B, Hq, Dk); key_cache / value_cache: (num_cache_blocks, cache_block_size, Hkv, Dk / Dv),
+    any strides; positions: (B, Hkv, P) int32, -1 padded. Returns (B, Hq, Dv) in the query dtype.
+    """
+    B, Hq, _ = query.shape
+    Hkv = positions.shape[1]
+    valid = positions >= 0
+    safe = positions.long().clamp(min=0)
+    keys = _gather_tokens(key_cache, block_table, safe).float()  # (B, Hkv, P, Dk)
+    values = _gather_tokens(value_cache, block_table, safe).float()  # (B, Hkv, P, Dv)
+    out = _attend(_grouped_query(query, Hkv), keys, values, valid, scale)  # (B, Hkv, G, Dv)
+    return out.reshape(B, Hq, -1).to(query.dtype)
+
+
+def _whole_sequences(cache: Tensor, block_table: Tensor) -> Tensor:
+    """(num_cache_blocks, cache_block_size, Hkv, X) -> (B, Hkv, W * cache_block_size, X): every
+    position the block table can address, in logical order."""
+    B, W = block_table.shape
+    _, cache_block_size, Hkv, X = cache.shape
+    rows = cache[block_table.long().clamp(min=0)]  # (B, W, cbs, Hkv, X)
+    return rows.reshape(B, W * cache_block_size, Hkv, X).transpose(1, 2)
+
+
+def dense_decode_attention(
+    query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float
+) -> Tensor:
+    """The dense reference: every position `< seq_len`. Returns (B, Hq, Dv) in the query dtype."""
+    B, Hq, _ = query.shape
+    keys = _whole_sequences(key_cache, block_table).float()  # (B, Hkv, T, Dk)
+    values = _whole_sequences(value_cache, block_table).float()  # (B, Hkv, T, Dv)
+    Hkv, T = keys.shape[1], keys.shape[2]
+    valid = (torch.arange(T, device=query.device).view(1, 1, T) < seq_lens.long().view(B, 1, 1)).expand(B, Hkv, T)
+    out = _attend(_grouped_query(query, Hkv), keys, values, valid, scale)
+    return out.reshape(B, Hq, -1).to(query.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbours at the same token budget
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_only_selection(
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+) -> tuple[Tensor, Tensor]:
+    """Quest: keep `token_budget // S` blocks by bound and every candidate in them.
+    Returns (selected (B, Hkv, token_budget), block_ids (B, Hkv, num_blocks)), int32, -1 padded."""
+    S = config.selection_block_size
+    kept = config.token_budget // S
+    scores = score_blocks(query, index, block_table, seq_lens, config)
+    ids = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    blocks = _topk_ids(scores, ids, kept, kept)  # (B, Hkv, kept)
+    B, Hkv, _ = blocks.shape
+    positions = (blocks.long().unsqueeze(-1) * S + torch.arange(S, device=blocks.device)).view(B, Hkv, kept * S)
+    real = (blocks >= 0).unsqueeze(-1).expand(-1, -1, -1, S).reshape(B, Hkv, kept * S)
+    selected = torch.where(real & _is_candidate(positions, seq_lens, config), positions, -1)
+    pad = config.token_budget - kept * S
+    selected = torch.cat([selected, selected.new_full((B, Hkv, pad), -1)], dim=-1).to(torch.int32)
+    block_ids = torch.cat([blocks, blocks.new_full((B, Hkv, config.num_blocks - kept), -1)], dim=-1)
+    return selected, block_ids
+
+
+def block_only_positions(
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+) -> Tensor:
+    """Quest at the same token budget: (B, Hkv, attended_tokens) int32 positions like `attended_positions`."""
+    selected, _ = _block_only_selection(query, index, block_table, seq_lens, config)
+    return attended_positions(selected, seq_lens, config)
+
+
+def exact_topk_positions(
+    query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+) -> Tensor:
+    """The oracle: exact `q . k` (max over the group) over every candidate, top `token_budget`.
+    Returns (B, Hkv, attended_tokens) int32 positions like `attended_positions`."""
+    B, W = block_table.shape
+    Hkv = key_cache.shape[2]
+    T = W * key_cache.shape[1]
+    keys = _whole_sequences(key_cache, block_table).float()  # (B, Hkv, T, Dk)
+    scores = torch.einsum("bhgd,bhtd->bhgt", _grouped_query(query, Hkv), keys).amax(dim=2)  # (B, Hkv, T)
+    positions = torch.arange(T, device=query.device).expand(B, Hkv, T)
+    scores = scores.masked_fill(~_is_candidate(positions, seq_lens, config), NEG_INF)
+    selected = _topk_ids(scores, positions, config.token_budget, config.token_budget)
+    return attended_positions(selected, seq_lens, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# One decode step
+# ----------------------------------------------------------------------------------------------
+
+
+def sparse_decode(
+    query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+    index: SparseIndex, config: SparseAttentionConfig, scale: float, previous_block_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step in `config.mode`.
+
+    Returns (output (B, Hq, Dv) query dtype, positions, block_ids (B, Hkv, num_blocks) int32).
+    positions is (B, Hkv, attended_tokens) int32, except in "dense" mode where it lists every
+    addressable position (B, Hkv, W * cache_block_size), -1 beyond seq_len. block_ids are this step's
+    block choice (all -1 for "exact_topk" and "dense"; the kept blocks for "block_only"). With
+    `lagged_selection`, tokens are selected inside `previous_block_ids` (this step's blocks when None)
+    and the returned block_ids are for the next step.
+    """
+    B = query.shape[0]
+    Hkv = key_cache.shape[2]
+    no_blocks = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=query.device)
+    if config.mode == "dense":
+        T = block_table.shape[1] * key_cache.shape[1]
+        all_positions = torch.arange(T, device=query.device).expand(B, Hkv, T)
+        positions = torch.where(all_positions < seq_lens.long().view(B, 1, 1), all_positions, -1).to(torch.int32)
+        out = dense_decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale)
+        return out, positions, no_blocks
+    if config.mode == "exact_topk":
+        positions = exact_topk_positions(query, key_cache, block_table, seq_lens, config)
+        block_ids = no_blocks
+    elif config.mode == "block_only":
+        selected, block_ids = _block_only_selection(query, index, block_table, seq_lens, config)
+        positions = attended_positions(selected, seq_lens, config)
+    else:  # "asynctls"
+        block_ids = select_blocks(query, index, block_table, seq_lens, config)
+        token_blocks = block_ids
+        if config.lagged_selection and previous_block_ids is not None:
+            token_blocks = previous_block_ids
+        selected = select_tokens(query, index, key_cache, block_table, seq_lens, token_blocks, config)
+        positions = attended_positions(selected, seq_lens, config)
+    out = sparse_attention(query, key_cache, value_cache, block_table, positions, scale)
+    return out, positions, block_ids
+
+
+def attention_mass_recall(
+    query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, positions: Tensor, scale: float
+) -> Tensor:
+    """Share of the dense softmax mass that `positions` (B, Hkv, P), -1 padded, hold; averaged over
+    the group's q heads: (B, Hkv) float32 in [0, 1]."""
+    B = query.shape[0]
+    keys = _whole_sequences(key_cache, block_table).float()  # (B, Hkv, T, Dk)
+    Hkv, T = keys.shape[1], keys.shape[2]
+    logits = torch.einsum("bhgd,bhtd->bhgt", _grouped_query(query, Hkv), keys) * scale
+    in_seq = torch.arange(T, device=query.device).view(1, 1, T) < seq_lens.long().view(B, 1, 1)
+    probs = torch.softmax(logits.masked_fill(~in_seq.unsqueeze(2), NEG_INF), dim=-1)  # (B, Hkv, G, T)
+    # Pads scatter into an extra column that is dropped; a repeated position counts once.
+    attended = torch.zeros(B, Hkv, T + 1, device=query.device)
+    attended.scatter_(-1, torch.where(positions >= 0, positions.long(), T), 1.0)
+    return (probs * attended[..., :T].unsqueeze(2)).sum(-1).mean(dim=2)
