@@ -1,0 +1,435 @@
+"""AsyncTLS sparse decode operator vs dense decode attention on the GPU, plus attention-mass recall.
+
+What it measures (one run, same data):
+- ours: `sparse_decode_triton` with a preallocated workspace, captured in a CUDA graph (index reads,
+  block scores + top-k, token scores + top-k, split-K attention + merge; not the index write);
+- dense: `torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)` on the same
+  keys/values laid out contiguously (B, H, L, D), also captured in a CUDA graph;
+- bytes our operator must read (summaries of the sequence's blocks, index codes + scales of the
+  kept blocks' tokens, K and V of the attended rows) over the measured copy bandwidth: the byte floor;
+- MLA rows (latent 512 + rope 64, Hkv = 1) against a dense matmul-softmax-matmul over the latent cache;
+- attention-mass recall of asynctls, block_only and exact_topk at the same budget on keys with
+  planted structure (heavy-hitter channels, clustered and scattered planted directions), through the
+  reference's `attention_mass_recall`.
+Before timing each shape, the Triton operator is checked against the reference at that shape (max
+output error, share of equal positions).
+
+    python benchmarks/bench_sparse_decode.py --out benchmarks/out/sparse_decode.json [--quick]
+Timings: triton.testing.do_bench (median, L2 flushed between replays) over CUDA-graph replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from asynctls_tip_kernels import sparse_decode_reference as ref
+from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton
+from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
+
+QWEN3_8B = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)  # Qwen3-8B attention (config.json)
+MLA = dict(kv_lora_rank=512, rope_dim=64)  # DeepSeek-V2-Lite / GLM-4.7-Flash latent layout
+CACHE_BLOCK = 64
+GiB = 1 << 30
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second."""
+    x = torch.empty(GiB, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (2 * GiB) / (ms * 1e-3)
+
+
+def graph_time_ms(fn) -> float:
+    """Median time of one replay of `fn` captured in a CUDA graph (L2 flushed between replays)."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150, return_mode="median")
+    del graph
+    return ms
+
+
+def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
+    """Random bf16 paged cache for B sequences of L tokens with a shuffled block table, and its
+    index written by the Triton writer (sequence by sequence, in chunks)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    W = math.ceil(L / CACHE_BLOCK)
+    nblocks = B * W
+    table = torch.randperm(nblocks, device="cuda", generator=g).view(B, W).to(torch.int32)
+    key_cache = torch.randn(nblocks, CACHE_BLOCK, Hkv, Dk, device="cuda", dtype=torch.bfloat16, generator=g)
+    value_cache = key_cache[..., :Dv] if mla else torch.randn(
+        nblocks, CACHE_BLOCK, Hkv, Dv, device="cuda", dtype=torch.bfloat16, generator=g)
+    query = torch.randn(B, Hq, Dk, device="cuda", dtype=torch.bfloat16, generator=g)
+    seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    index = ref.allocate_index(nblocks, CACHE_BLOCK, Hkv, Dk, config, torch.bfloat16, "cuda")
+    sample = key_cache[table[0, : min(W, 64)].long()].reshape(-1, Hkv, Dk)
+    ref.set_index_channels(index, ref.choose_index_channels(sample, config.index_channels))
+    ws = IndexWriteWorkspace(nblocks, index.block_min.shape[1], "cuda")
+    chunk_blocks = max(1, 65536 // CACHE_BLOCK)
+    for b in range(B):
+        for c0 in range(0, W, chunk_blocks):
+            blocks = table[b, c0: c0 + chunk_blocks].long()
+            slots = (blocks.view(-1, 1) * CACHE_BLOCK + torch.arange(CACHE_BLOCK, device="cuda")).view(-1)
+            write_index_triton(index, key_cache[blocks].reshape(-1, Hkv, Dk), slots, config, ws)
+    return query, key_cache, value_cache, table, seq_lens, index
+
+
+def operator_bytes(B, L, Hkv, Dk, Dv, config, elem=2) -> int:
+    """Bytes the operator must read: summaries of the sequence's blocks, index of the kept tokens,
+    K and V of the attended rows (query, output, tables and scores are negligible and not counted)."""
+    S = config.selection_block_size
+    summaries = math.ceil(L / S) * 2 * Dk * elem
+    if config.index_bits == 16:
+        index = config.num_blocks * S * Dk * elem
+    else:
+        index = config.num_blocks * S * (config.index_channels * config.index_bits // 8 + 4)
+    attended = min(config.attended_tokens, L)
+    kv = attended * (Dk + Dv) * elem
+    return B * Hkv * (summaries + index + kv)
+
+
+def stage_breakdown(B, L, budget=2048):
+    """Graph-captured time of each stage of the operator alone (Qwen3-8B shapes)."""
+    from asynctls_tip_kernels.block_select import block_scores_triton, topk_rows
+    from asynctls_tip_kernels.sparse_attention import sparse_attention_triton
+    from asynctls_tip_kernels.token_select import token_scores_triton
+    Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
+    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=budget)
+    q, kc, vc, table, seq_lens, index = paged_case(B, L, Hq, Hkv, D, D, config, seed=1)
+    scale = 1.0 / math.sqrt(D)
+    ws = SparseDecodeWorkspace(B, Hq, Hkv, D, D, table.shape[1], CACHE_BLOCK, config, q.dtype, "cuda")
+    sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
+    n_sel = ws.num_selection_blocks
+    S = config.selection_block_size
+    stages = {
+        "block_scores": lambda: block_scores_triton(q, index, table, seq_lens, config, n_sel, out=ws.block_scores),
+        "block_topk": lambda: topk_rows(ws.block_scores.view(B * Hkv, n_sel), config.num_blocks,
+                                        out=ws.block_ids.view(B * Hkv, -1)),
+        "token_scores": lambda: token_scores_triton(q, index, kc, table, seq_lens, ws.block_ids, config,
+                                                    out=ws.token_scores),
+        "token_topk": lambda: topk_rows(ws.token_scores.view(B * Hkv, -1), budget,
+                                        out=ws.positions.view(B * Hkv, -1), block_map=ws.block_ids.view(B * Hkv, -1),
+                                        map_block_size=S, seq_lens=seq_lens, sink_tokens=config.sink_tokens,
+                                        local_tokens=config.local_tokens, rows_per_seq=Hkv),
+        "attention": lambda: sparse_attention_triton(q, kc, vc, table, ws.positions, scale, out=ws.out,
+                                                     workspace=ws.attention),
+        "whole": lambda: sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws),
+    }
+    row = dict(kind="breakdown", B=B, context=L, budget=budget)
+    for name, fn in stages.items():
+        row[name + "_us"] = graph_time_ms(fn) * 1e3
+    print("  breakdown " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+          flush=True)
+    del q, kc, vc, index
+    torch.cuda.empty_cache()
+    return row
+
+
+def sweep(B=8, L=65536, budget=2048):
+    """Time each stage at one shape over a few launch settings (module tunables of the kernels)."""
+    from asynctls_tip_kernels import block_select, sparse_attention, token_select
+    Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
+    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=budget)
+    q, kc, vc, table, seq_lens, index = paged_case(B, L, Hq, Hkv, D, D, config, seed=1)
+    scale = 1.0 / math.sqrt(D)
+    _, positions, block_ids = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale)
+    n_sel = table.shape[1] * CACHE_BLOCK // 64
+    rows = []
+
+    def run(name, module, settings, fn):
+        saved = {k: getattr(module, k) for k in settings}
+        for k, v in settings.items():
+            setattr(module, k, v)
+        try:
+            us = graph_time_ms(fn) * 1e3
+        finally:
+            for k, v in saved.items():
+                setattr(module, k, v)
+        rows.append(dict(kind="sweep", stage=name, B=B, context=L, us=us, **settings))
+        print(f"  sweep {name} {settings}: {us:.1f} us", flush=True)
+
+    for tile in (32, 64, 128):
+        for warps in (2, 4):
+            run("block_scores", block_select, dict(BLOCK_SCORE_TILE=tile, BLOCK_SCORE_WARPS=warps),
+                lambda: block_select.block_scores_triton(q, index, table, seq_lens, config, n_sel))
+    for tile in (32, 64, 128):
+        for warps in (1, 2, 4):
+            run("token_scores", token_select, dict(TOKEN_SCORE_TILE=tile, TOKEN_SCORE_WARPS=warps),
+                lambda: token_select.token_scores_triton(q, index, kc, table, seq_lens, block_ids, config))
+    from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace as _W
+    ws = _W(B, Hq, Hkv, D, D, table.shape[1], CACHE_BLOCK, config, q.dtype, "cuda")
+    sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
+    for bpp in (1, 2, 4):
+        for warps in (8, 16, 32):
+            run("token_topk", block_select, dict(TOPK_BITS_PER_PASS=bpp, TOPK_WARPS_LARGE=warps),
+                lambda: block_select.topk_rows(ws.token_scores.view(B * Hkv, -1), budget,
+                                               out=ws.positions.view(B * Hkv, -1),
+                                               block_map=ws.block_ids.view(B * Hkv, -1), map_block_size=64,
+                                               seq_lens=seq_lens, sink_tokens=config.sink_tokens,
+                                               local_tokens=config.local_tokens, rows_per_seq=Hkv))
+    for per_sm in (4, 8, 16):
+        for block_n in (32, 64):
+            for warps in (4,):
+                run("attention", sparse_attention,
+                    dict(ATTN_PROGRAMS_PER_SM=per_sm, ATTN_BLOCK_N=block_n, ATTN_NUM_WARPS=warps),
+                    lambda: sparse_attention.sparse_attention_triton(q, kc, vc, table, positions, scale))
+    del q, kc, vc, index
+    torch.cuda.empty_cache()
+    return rows
+
+
+def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config, scale):
+    want_out, want_pos, _ = ref.sparse_decode(query, key_cache, value_cache, table, seq_lens, index, config, scale)
+    got_out, got_pos, _ = sparse_decode_triton(query, key_cache, value_cache, table, seq_lens, index, config, scale)
+    again = ref.sparse_attention(query, key_cache, value_cache, table, got_pos, scale)
+    return dict(
+        max_err_vs_reference=float((got_out.float() - want_out.float()).abs().max()),
+        max_err_vs_reference_on_own_positions=float((got_out.float() - again.float()).abs().max()),
+        positions_equal_share=float((got_pos == want_pos).float().mean()),
+    )
+
+
+def bench_gqa(B, L, budgets, bw, check):
+    Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
+    base = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=2048)
+    q, kc, vc, table, seq_lens, index = paged_case(B, L, Hq, Hkv, D, D, base, seed=B * 7 + L)
+    scale = 1.0 / math.sqrt(D)
+    # Dense baseline on the same data laid out contiguously (B, H, L, D).
+    k = kc[table.long()].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2).contiguous()
+    v = vc[table.long()].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2).contiguous()
+    qd = q.view(B, Hq, 1, D)
+    dense_ms = graph_time_ms(lambda: F.scaled_dot_product_attention(qd, k, v, scale=scale, enable_gqa=True))
+    dense_err = float((F.scaled_dot_product_attention(qd, k, v, scale=scale, enable_gqa=True).view(B, Hq, D).float()
+                       - sparse_decode_triton(q, kc, vc, table, seq_lens, index, base.with_(mode="dense"), scale)[0]
+                       .float()).abs().max())
+    del k, v
+    rows = []
+    for budget in budgets:
+        config = base.with_(token_budget=budget)
+        checked = check_at_shape(q, kc, vc, table, seq_lens, index, config, scale) if check else {}
+        ws = SparseDecodeWorkspace(B, Hq, Hkv, D, D, table.shape[1], CACHE_BLOCK, config, q.dtype, "cuda")
+        ours_ms = graph_time_ms(lambda: sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale,
+                                                             workspace=ws))
+        nbytes = operator_bytes(B, L, Hkv, D, D, config)
+        floor_ms = nbytes / bw * 1e3
+        rows.append(dict(kind="gqa", B=B, context=L, budget=budget, dense_ms=dense_ms, ours_ms=ours_ms,
+                         speedup=dense_ms / ours_ms, bytes=nbytes, floor_ms=floor_ms,
+                         over_floor=ours_ms / floor_ms, dense_ops_err_vs_sdpa=dense_err, **checked))
+        print(f"  gqa B={B} L={L} budget={budget}: dense {dense_ms:.3f} ms, ours {ours_ms:.4f} ms, "
+              f"{dense_ms / ours_ms:.1f}x, {ours_ms / floor_ms:.2f}x floor {checked}", flush=True)
+    del q, kc, vc, index
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_mla(B, L, H, bw, check):
+    Dk, Dv = MLA["kv_lora_rank"] + MLA["rope_dim"], MLA["kv_lora_rank"]
+    config = SparseAttentionConfig.for_mla(selection_block_size=64, num_blocks=128, token_budget=2048)
+    q, kc, vc, table, seq_lens, index = paged_case(B, L, H, 1, Dk, Dv, config, mla=True, seed=H + L)
+    scale = 1.0 / math.sqrt(192)  # DeepSeek-V2 softmax scale uses qk_nope + rope head dim
+    latent = kc[table.long()].reshape(B, -1, Dk)[:, :L].contiguous()  # (B, L, Dk)
+
+    def dense_mla():
+        logits = torch.matmul(q, latent.transpose(1, 2)).float() * scale  # (B, H, L)
+        probs = torch.softmax(logits, dim=-1).to(latent.dtype)
+        return torch.matmul(probs, latent[..., :Dv])  # (B, H, Dv)
+
+    dense_ms = graph_time_ms(dense_mla)
+    checked = check_at_shape(q, kc, vc, table, seq_lens, index, config, scale) if check else {}
+    ws = SparseDecodeWorkspace(B, H, 1, Dk, Dv, table.shape[1], CACHE_BLOCK, config, q.dtype, "cuda")
+    ours_ms = graph_time_ms(lambda: sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale,
+                                                         workspace=ws))
+    # MLA reads each attended latent row once (value = its first Dv channels): count Dk only.
+    S = config.selection_block_size
+    nbytes = B * (math.ceil(L / S) * 2 * Dk * 2 + config.num_blocks * S * (config.index_channels // 2 + 4)
+                  + config.attended_tokens * Dk * 2)
+    floor_ms = nbytes / bw * 1e3
+    del q, kc, vc, index, latent
+    torch.cuda.empty_cache()
+    row = dict(kind="mla", B=B, context=L, heads=H, budget=config.token_budget, dense_ms=dense_ms, ours_ms=ours_ms,
+               speedup=dense_ms / ours_ms, bytes=nbytes, floor_ms=floor_ms, over_floor=ours_ms / floor_ms, **checked)
+    print(f"  mla B={B} L={L} H={H}: dense {dense_ms:.3f} ms, ours {ours_ms:.4f} ms, {dense_ms / ours_ms:.1f}x, "
+          f"{ours_ms / floor_ms:.2f}x floor {checked}", flush=True)
+    return row
+
+
+def structured_keys(B, L, Hkv, D, G, gen):
+    """Keys and queries with structure like real models': a few heavy-hitter channels with large,
+    consistent offsets in keys and queries; planted directions aligned with each group's query in
+    clustered runs (semantic locality) and scattered single tokens (needles), at varying strength."""
+    keys = torch.randn(B, L, Hkv, D, device="cuda", generator=gen)
+    heavy = torch.randperm(D, device="cuda", generator=gen)[:6]
+    offsets = torch.randn(Hkv, 6, device="cuda", generator=gen) * 6
+    keys[..., heavy] = keys[..., heavy] * 0.5 + offsets
+    qdir = torch.randn(B, Hkv, D, device="cuda", generator=gen)
+    qdir = qdir / qdir.norm(dim=-1, keepdim=True)
+    for b in range(B):
+        for h in range(Hkv):
+            for _ in range(24):  # clusters
+                start = int(torch.randint(0, L - 48, (1,), device="cuda", generator=gen))
+                n = int(torch.randint(4, 48, (1,), device="cuda", generator=gen))
+                strength = 4 + 8 * torch.rand(n, 1, device="cuda", generator=gen)
+                keys[b, start:start + n, h] += strength * qdir[b, h]
+            needles = torch.randint(0, L, (256,), device="cuda", generator=gen)
+            keys[b, needles, h] += (4 + 8 * torch.rand(256, 1, device="cuda", generator=gen)) * qdir[b, h]
+    q = qdir.unsqueeze(2) * 3.0 + 0.5 * torch.randn(B, Hkv, G, D, device="cuda", generator=gen)
+    q[..., heavy] += offsets.view(1, Hkv, 1, 6).sign() * 1.0
+    return keys, q.reshape(B, Hkv * G, D)
+
+
+def recall_rows(L, budgets, B=2, seed=0):
+    Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
+    G = Hq // Hkv
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    keys, query = structured_keys(B, L, Hkv, D, G, gen)
+    W = math.ceil(L / CACHE_BLOCK)
+    table = torch.randperm(B * W, device="cuda", generator=gen).view(B, W).to(torch.int32)
+    key_cache = torch.zeros(B * W, CACHE_BLOCK, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    key_cache[table.long()] = keys.view(B, W, CACHE_BLOCK, Hkv, D).to(torch.bfloat16)
+    value_cache = torch.randn_like(key_cache)
+    seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    query = query.to(torch.bfloat16)
+    scale = 1.0 / math.sqrt(D)
+    rows = []
+    for budget in budgets:
+        config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=budget)
+        index = ref.allocate_index(B * W, CACHE_BLOCK, Hkv, D, config, torch.bfloat16, "cuda")
+        flat = keys.reshape(B * L, Hkv, D).to(torch.bfloat16)
+        ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels))
+        slots = (table.long().view(B, W, 1) * CACHE_BLOCK + torch.arange(CACHE_BLOCK, device="cuda")).view(-1)
+        write_index_triton(index, flat, slots, config)
+        row = dict(kind="recall", context=L, budget=budget, B=B)
+        for mode in ("asynctls", "block_only", "exact_topk"):
+            _, pos, _ = sparse_decode_triton(query, key_cache, value_cache, table, seq_lens, index,
+                                             config.with_(mode=mode), scale)
+            row[mode] = float(ref.attention_mass_recall(query, key_cache, table, seq_lens, pos, scale).mean())
+        ref_pos = ref.sparse_decode(query, key_cache, value_cache, table, seq_lens, index, config, scale)[1]
+        row["asynctls_reference"] = float(ref.attention_mass_recall(query, key_cache, table, seq_lens, ref_pos,
+                                                                    scale).mean())
+        row["asynctls_over_exact"] = row["asynctls"] / row["exact_topk"]
+        rows.append(row)
+        print(f"  recall L={L} budget={budget}: asynctls {row['asynctls']:.4f} (reference "
+              f"{row['asynctls_reference']:.4f}), block_only {row['block_only']:.4f}, exact_topk "
+              f"{row['exact_topk']:.4f}", flush=True)
+    return rows
+
+
+def fits(B, L) -> bool:
+    # Paged K and V plus the contiguous copy for SDPA, bf16, Qwen3-8B shapes; 20% headroom.
+    need = 2 * (B * L * QWEN3_8B["num_kv_heads"] * QWEN3_8B["head_dim"] * 2 * 2)
+    return need * 1.2 < torch.cuda.get_device_properties(0).total_memory
+
+
+def markdown(results) -> str:
+    out = [f"Device: {results['device']}; date {results['date']}; command `{results['command']}`; "
+           f"copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s", "",
+           "| kind | B | context | budget | dense ms | ours ms | speedup | ours / byte floor | max err vs ref | "
+           "equal positions |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if r["kind"] == "recall":
+            continue
+        label = r["kind"] if r["kind"] == "gqa" else f"mla H={r['heads']}"
+        err = r.get("max_err_vs_reference")
+        eq = r.get("positions_equal_share")
+        out.append(f"| {label} | {r['B']} | {r['context']} | {r['budget']} | {r['dense_ms']:.3f} | "
+                   f"{r['ours_ms']:.4f} | {r['speedup']:.1f}x | {r['over_floor']:.2f} | "
+                   f"{'-' if err is None else f'{err:.2e}'} | {'-' if eq is None else f'{eq:.4f}'} |")
+    rec = [r for r in results["rows"] if r["kind"] == "recall"]
+    if rec:
+        out += ["", "| recall context | budget | asynctls | asynctls (reference) | block_only | exact_topk | "
+                "asynctls / exact |", "|---|---|---|---|---|---|---|"]
+        for r in rec:
+            out.append(f"| {r['context']} | {r['budget']} | {r['asynctls']:.4f} | {r['asynctls_reference']:.4f} | "
+                       f"{r['block_only']:.4f} | {r['exact_topk']:.4f} | {r['asynctls_over_exact']:.3f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="write JSON results here")
+    p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
+    p.add_argument("--contexts", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
+    p.add_argument("--budgets", type=int, nargs="*", default=[2048, 1024, 512])
+    p.add_argument("--no-check", action="store_true", help="skip the reference check at each shape")
+    p.add_argument("--no-mla", action="store_true")
+    p.add_argument("--no-recall", action="store_true")
+    p.add_argument("--breakdown", action="store_true", help="time each stage alone at B=1, 8 (16K, 64K, 128K) and exit")
+    p.add_argument("--sweep", action="store_true", help="time stages over launch settings at B=8, 64K (with --breakdown)")
+    p.add_argument("--tune", action="store_true",
+                   help="run the sweep first and time everything with the fastest setting of each stage")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_sparse_decode needs a CUDA device")
+    if args.quick:
+        args.batches, args.contexts, args.budgets = [1, 8], [16384, 65536], [2048]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bw = copy_bandwidth()
+    results = dict(device=torch.cuda.get_device_name(0), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                   command=" ".join(["python"] + sys.argv), copy_bandwidth_TBps=bw / 1e12,
+                   torch=torch.__version__, triton=triton.__version__, rows=[])
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s on {results['device']}", flush=True)
+    if args.tune:
+        from asynctls_tip_kernels import block_select, sparse_attention, token_select
+        modules = dict(block_scores=block_select, token_scores=token_select, token_topk=block_select,
+                       attention=sparse_attention)
+        swept = sweep()
+        results["sweep"] = swept
+        results["tuned"] = {}
+        for stage, module in modules.items():
+            best = min((r for r in swept if r["stage"] == stage), key=lambda r: r["us"])
+            settings = {k: v for k, v in best.items() if k.isupper() and "_" in k}
+            for k, v in settings.items():
+                setattr(module, k, v)
+            results["tuned"][stage] = settings
+        print(f"tuned: {results['tuned']}", flush=True)
+    if args.breakdown:
+        rows = [stage_breakdown(B, L) for B, L in ((1, 16384), (8, 65536), (8, 131072))]
+        if args.sweep:
+            rows += sweep()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(results, rows=rows), f, indent=1)
+        return
+    for B in args.batches:
+        for L in args.contexts:
+            if not fits(B, L):
+                print(f"  skip B={B} L={L}: does not fit", flush=True)
+                continue
+            # The reference check costs memory and time: run it at B <= 8 (the same kernels serve B = 32).
+            results["rows"] += bench_gqa(B, L, args.budgets, bw, check=not args.no_check and B <= 8)
+    if not args.no_mla:
+        for H in (16, 128):
+            results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,
+                                             check=not args.no_check))
+    if not args.no_recall:
+        results["rows"] += recall_rows(16384 if not args.quick else 8192, args.budgets)
+    md = markdown(results)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(results, markdown=md), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

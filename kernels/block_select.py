@@ -1,0 +1,314 @@
+"""Stage 1 of AsyncTLS on the GPU: block bound scoring over every selection block, then top-k.
+
+Design
+- `_block_score_kernel`: one program per (sequence, kv head, tile of BLOCK_J selection blocks). The
+  Quest bound `sum_d max(q_d min_d, q_d max_d)` equals `q+ . max + q- . min`, two small matrix
+  products (the group's q heads x the tile's summaries), so the summaries are read once per kv head and
+  the group's heads share them; the group score is the max over its heads. Blocks past the sequence,
+  or wholly inside the sink region or the local window, score -inf (they are attended anyway).
+- `topk_rows`: one program per row finds the k-th largest score by bisection on the order-preserving
+  integer image of the float32 scores (32 counting passes over the row, held in registers), then
+  compacts the indices above the threshold (ties broken by lowest index) into ascending order. Output
+  is fixed-size with -1 padding: no sort, no host synchronisation, CUDA-graph safe. Rows up to 16K
+  entries fit one program (2048 selection blocks = 128K tokens at block 64; 8192 token candidates).
+- Returned ids are ascending: the set equals the reference's top-k (ties aside); order carries no
+  meaning downstream (attention is permutation invariant), and ascending ids make the later gathers
+  walk the cache in order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_attention import float32_dots, require_triton_device
+
+# Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
+BLOCK_SCORE_TILE = 64  # selection blocks per program (group of <= 32 q heads)
+BLOCK_SCORE_WARPS = 2
+TOPK_BITS_PER_PASS = 1  # 1: 32 bisection passes; 2: 16 passes of 3 thresholds; 4: 8 passes of 15
+TOPK_WARPS_LARGE = 16  # warps for rows of more than 2048 entries
+
+
+@triton.jit
+def _block_score_kernel(
+    q_ptr,  # query dtype, (B, Hq, DK), any strides
+    bmin_ptr,  # key dtype, (num_cache_blocks, CBS // SBS, Hkv, DK), any strides
+    bmax_ptr,  # key dtype, same shape and strides as bmin
+    bt_ptr,  # int32, (B, max_blocks_per_seq)
+    seq_lens_ptr,  # int32, (B,)
+    scores_ptr,  # float32, (B, Hkv, N_SEL) contiguous: group bound per selection block, -inf = not a candidate
+    N_SEL,  # int: selection blocks per row of scores (>= cdiv(max seq len, SBS))
+    SINK,  # int: sink tokens
+    LOCAL,  # int: local window tokens
+    stride_qb, stride_qh, stride_qd,
+    stride_mb, stride_ms, stride_mh, stride_md,
+    stride_btb,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    DK: tl.constexpr,
+    SBS: tl.constexpr,  # selection block size
+    CBS: tl.constexpr,  # cache block size (multiple of SBS)
+    BLOCK_H: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # bound[h, j] = sum_d max(q[h,d] * min[j,d], q[h,d] * max[j,d]) = q+[h] . max[j] + q-[h] . min[j]
+    # score[j] = max_{h in group} bound[h, j]; -inf unless block j (tokens [j*SBS, (j+1)*SBS)) holds a
+    # candidate position, i.e. one in [SINK, L - LOCAL).
+    pid_bg = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    L = tl.load(seq_lens_ptr + b)
+
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    first = offs_j * SBS
+    # The candidates are [SINK, L - LOCAL); block j holds one iff max(j S, SINK) < min(j S + S, L - LOCAL)
+    # (this also drops blocks past the sequence).
+    candidate = (offs_j < N_SEL) & (tl.maximum(first, SINK) < tl.minimum(first + SBS, L - LOCAL))
+
+    j_c = tl.where(candidate, offs_j, 0)
+    phys = tl.load(bt_ptr + b * stride_btb + (j_c * SBS) // CBS, mask=candidate, other=0).to(tl.int64)
+    sub = (j_c * SBS % CBS) // SBS
+    row_off = phys * stride_mb + sub * stride_ms + g * stride_mh  # (BLOCK_J,)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < GROUP
+    q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
+
+    s = tl.zeros((BLOCK_H, BLOCK_J), tl.float32)
+    for d0 in range(0, DK, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        d_mask = offs_d < DK
+        q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        m_mask = candidate[:, None] & d_mask[None, :]
+        mn = tl.load(bmin_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0.0)
+        mx = tl.load(bmax_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0.0)
+        q = q.to(tl.float32)  # q+ / q- are exact in the summary dtype (a sign mask of q)
+        q_pos = tl.maximum(q, 0.0)
+        q_neg = tl.minimum(q, 0.0)
+        if IEEE:
+            s += tl.dot(q_pos.to(tl.float32), tl.trans(mx.to(tl.float32)), input_precision="ieee")
+            s += tl.dot(q_neg.to(tl.float32), tl.trans(mn.to(tl.float32)), input_precision="ieee")
+        else:
+            s += tl.dot(q_pos.to(mx.dtype), tl.trans(mx))
+            s += tl.dot(q_neg.to(mn.dtype), tl.trans(mn))
+    s = tl.where(h_mask[:, None], s, float("-inf"))
+    score = tl.max(s, axis=0)
+    score = tl.where(candidate, score, float("-inf"))
+    tl.store(scores_ptr + pid_bg * N_SEL + offs_j, score, mask=offs_j < N_SEL)
+
+
+@triton.jit
+def _topk_rows_kernel(
+    scores_ptr,  # float32, (R, N) contiguous; -inf = not a candidate
+    out_ptr,  # int32, (R, OUT_WIDTH) contiguous: [sinks, local window,] chosen indices ascending, -1 padding
+    map_ptr,  # int32, (R, N // SBS) contiguous: block id per candidate group (only if MAP_BLOCKS)
+    seq_lens_ptr,  # int32, (R // HKV,): sequence lengths (only if SINK + LOCAL > 0)
+    N,  # int: entries per row
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # next power of two >= max(N, K)
+    MAP_BLOCKS: tl.constexpr,  # write map[i // SBS] * SBS + i % SBS instead of i
+    SBS: tl.constexpr,
+    SINK: tl.constexpr,  # > 0: also write the attended sink slots (reference `attended_positions`)
+    LOCAL: tl.constexpr,  # > 0: also write the attended local-window slots
+    HKV: tl.constexpr,  # rows per sequence (for seq_lens)
+    BLOCK_P: tl.constexpr,  # next power of two >= max(SINK, LOCAL)
+    BPP: tl.constexpr,  # bits of the threshold found per counting pass (1, 2 or 4)
+):
+    # key(x) = bits(x) ^ (sign(x) ? 0x7FFFFFFF : 0) orders float32 like the floats themselves.
+    # T = the K-th largest valid key, by a 2^BPP-ary search over the unsigned image key + 2^31:
+    # each of 32 / BPP passes counts the valid keys >= lo + j * step for all j < 2^BPP in one
+    # reduction and moves lo to the largest threshold still counting >= K (BPP = 1 is bisection).
+    # Keep every key > T, then the lowest-index ties key == T until K are kept. Fewer than K valid
+    # entries: keep them all. Measured on the H100 (8192-entry rows): BPP = 1 fastest (the 2-D
+    # counts of BPP 2 / 4 cost more than the passes they save); a histogram radix select ran 3x
+    # slower (float keys of one row share their top bytes, so its shared-memory atomics serialise).
+    OUT_WIDTH: tl.constexpr = SINK + LOCAL + K
+    row = tl.program_id(0).to(tl.int64)
+    out_row = out_ptr + row * OUT_WIDTH
+    if SINK + LOCAL > 0:
+        L = tl.load(seq_lens_ptr + row // HKV)
+        offs_p = tl.arange(0, BLOCK_P)
+        if SINK > 0:
+            tl.store(out_row + offs_p, tl.where(offs_p < L, offs_p, -1), mask=offs_p < SINK)
+        if LOCAL > 0:
+            loc = L - LOCAL + offs_p
+            tl.store(out_row + SINK + offs_p, tl.where(loc >= SINK, loc, -1), mask=offs_p < LOCAL)
+        out_row += SINK + LOCAL
+    offs = tl.arange(0, BLOCK_N)
+    in_row = offs < N
+    x = tl.load(scores_ptr + row * N + offs, mask=in_row, other=float("-inf"))
+    valid = in_row & (x > float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    # Invalid entries get INT32_MIN, below every threshold tried (mid > lo >= INT32_MIN), so the
+    # counts need no mask; everything per element stays int32.
+    key32 = tl.where(valid, key.to(tl.int32), -2147483648)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+
+    if BPP == 1:
+        lo = tl.full((), -2147483648, tl.int64)
+        hi = tl.full((), 2147483647, tl.int64)
+        for _ in tl.static_range(32):
+            mid = (lo + hi + 1) >> 1
+            cnt = tl.sum((key32 >= mid.to(tl.int32)).to(tl.int32), axis=0)
+            take = cnt >= K
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
+    else:
+        ukey = tl.where(valid, key + 2147483648, -1)  # [0, 2^32), same order
+        j = tl.arange(0, 2**BPP).to(tl.int64)
+        lo = tl.full((), 0, tl.int64)
+        for p in tl.static_range(32 // BPP):
+            shift = 32 - BPP * (p + 1)  # compile-time int
+            thr = lo + (j << shift)  # (2^BPP,)
+            cnt = tl.sum((ukey[:, None] >= thr[None, :]).to(tl.int32), axis=0)  # (2^BPP,)
+            chosen = tl.maximum(tl.sum((cnt >= K).to(tl.int64), axis=0) - 1, 0)
+            lo += chosen << shift
+        lo = lo - 2147483648
+    lo = tl.where(n_valid <= K, -2147483649, lo)  # keep every valid entry
+    above = valid & (key > lo)
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    tie = valid & (key == lo)
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based among ties
+    keep = above | (tie & (tie_rank <= K - n_above))
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    if MAP_BLOCKS:
+        blk = tl.load(map_ptr + row * (N // SBS) + offs // SBS, mask=keep, other=0)
+        val = blk * SBS + offs % SBS
+    else:
+        val = offs
+    tl.store(out_row + slot, val.to(tl.int32), mask=keep)
+    # BLOCK_N >= K, so `offs` also covers the output slots; padding and kept slots are disjoint.
+    n_keep = tl.minimum(n_valid, K)
+    tl.store(out_row + offs, tl.full((BLOCK_N,), -1, tl.int32), mask=(offs >= n_keep) & (offs < K))
+
+
+TOPK_MAX_ROW = 32768
+
+
+def topk_rows(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
+              block_map: torch.Tensor | None = None, map_block_size: int = 1,
+              seq_lens: torch.Tensor | None = None, sink_tokens: int = 0, local_tokens: int = 0,
+              rows_per_seq: int = 1) -> torch.Tensor:
+    """Indices of the `k` largest finite entries of each row of `scores` (R, N) float32, ascending,
+    -1 padded -> (R, k) int32.
+
+    block_map: (R, N // map_block_size) int32: index i is written as
+        `block_map[r, i // map_block_size] * map_block_size + i % map_block_size` (a position).
+    sink_tokens / local_tokens (with seq_lens (R // rows_per_seq,) int32): the output is
+        (R, sink + local + k), led by the sink and local-window slots of the reference's
+        `attended_positions` (the chosen entries must already be candidates, as scores guarantee).
+    Rows longer than TOPK_MAX_ROW go through torch.topk (still fixed-size and sync-free).
+    """
+    require_triton_device("topk_rows", scores)
+    if scores.dtype != torch.float32 or scores.dim() != 2 or not scores.is_contiguous():
+        raise ValueError(f"topk_rows: scores must be a contiguous 2-D float32 tensor; got {scores.dtype}, "
+                         f"shape {tuple(scores.shape)}")
+    R, N = scores.shape
+    if k < 1:
+        raise ValueError(f"topk_rows: k must be >= 1; got {k}")
+    width = sink_tokens + local_tokens + k
+    if out is None:
+        out = torch.empty(R, width, dtype=torch.int32, device=scores.device)
+    if out.shape != (R, width) or out.dtype != torch.int32 or not out.is_contiguous():
+        raise ValueError(f"topk_rows: out must be contiguous int32 ({R}, {width}); got {out.dtype} {tuple(out.shape)}")
+    if block_map is not None:
+        if block_map.dtype != torch.int32 or not block_map.is_contiguous() or block_map.numel() * map_block_size != R * N:
+            raise ValueError("topk_rows: block_map must be contiguous int32 of shape (R, N // map_block_size)")
+    if sink_tokens + local_tokens > 0 and (seq_lens is None or seq_lens.dtype != torch.int32
+                                           or seq_lens.numel() * rows_per_seq != R):
+        raise ValueError("topk_rows: sink/local slots need seq_lens (R // rows_per_seq,) int32")
+    if N > TOPK_MAX_ROW:
+        return _topk_rows_torch(scores, k, out, block_map, map_block_size, seq_lens, sink_tokens, local_tokens,
+                                rows_per_seq)
+    block_n = max(triton.next_power_of_2(N), triton.next_power_of_2(k), 16)
+    _topk_rows_kernel[(R,)](
+        scores, out, block_map if block_map is not None else out,
+        seq_lens if seq_lens is not None else out, N,
+        K=k, BLOCK_N=block_n, MAP_BLOCKS=block_map is not None, SBS=map_block_size,
+        SINK=sink_tokens, LOCAL=local_tokens, HKV=rows_per_seq,
+        BLOCK_P=max(16, triton.next_power_of_2(max(sink_tokens, local_tokens, 1))),
+        BPP=TOPK_BITS_PER_PASS,
+        num_warps=4 if block_n <= 2048 else TOPK_WARPS_LARGE,
+    )
+    return out
+
+
+def _topk_rows_torch(scores, k, out, block_map, map_block_size, seq_lens, sink_tokens, local_tokens, rows_per_seq):
+    # Long rows (exact top-k over a whole 128K context): torch.topk, then ascending with pads last.
+    R, N = scores.shape
+    kk = min(k, N)
+    top, where = scores.topk(kk, dim=-1)
+    if block_map is not None:
+        where = block_map.long().gather(1, where // map_block_size) * map_block_size + where % map_block_size
+    big = torch.iinfo(torch.int64).max
+    chosen = torch.where(top > float("-inf"), where, big).sort(dim=-1).values
+    chosen = torch.where(chosen == big, -1, chosen).to(torch.int32)
+    off = sink_tokens + local_tokens
+    out[:, off:off + kk] = chosen
+    out[:, off + kk:] = -1
+    if off:
+        L = seq_lens.long().repeat_interleave(rows_per_seq).view(R, 1)
+        sinks = torch.arange(sink_tokens, device=scores.device).view(1, -1)
+        out[:, :sink_tokens] = torch.where(sinks < L, sinks, -1)
+        local = L - local_tokens + torch.arange(local_tokens, device=scores.device).view(1, -1)
+        out[:, sink_tokens:off] = torch.where(local >= sink_tokens, local, -1)
+    return out
+
+
+def block_scores_triton(query, index, block_table, seq_lens, config, num_selection_blocks: int,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Group bound of every selection block -> (B, Hkv, num_selection_blocks) float32, -inf where a
+    block is not a candidate. `num_selection_blocks` >= cdiv(max seq len, selection_block_size)."""
+    require_triton_device("block_scores", query, index.block_min)
+    bmin, bmax = index.block_min, index.block_max
+    if bmin.shape != bmax.shape or bmin.stride() != bmax.stride() or bmin.dim() != 4:
+        raise ValueError(f"block_scores: block_min/block_max must be 4-D with equal shape and strides; got "
+                         f"{tuple(bmin.shape)} / {tuple(bmax.shape)}")
+    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32 or block_table.stride(1) != 1:
+        raise ValueError("block_scores: block_table (row-contiguous) and seq_lens must be int32")
+    B, Hq, Dk = query.shape
+    Hkv = bmin.shape[2]
+    if Hq % Hkv or bmin.shape[3] != Dk:
+        raise ValueError(f"block_scores: query {tuple(query.shape)} does not match summaries {tuple(bmin.shape)}")
+    sbs = config.selection_block_size
+    cbs = bmin.shape[1] * sbs
+    group = Hq // Hkv
+    if out is None:
+        out = torch.empty(B, Hkv, num_selection_blocks, dtype=torch.float32, device=query.device)
+    block_h = max(16, triton.next_power_of_2(group))
+    block_j = BLOCK_SCORE_TILE if block_h <= 32 else 32
+    block_dk = min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk))
+    grid = (B * Hkv, triton.cdiv(num_selection_blocks, block_j))
+    _block_score_kernel[grid](
+        query, bmin, bmax, block_table, seq_lens, out,
+        num_selection_blocks, config.sink_tokens, config.local_tokens,
+        query.stride(0), query.stride(1), query.stride(2),
+        bmin.stride(0), bmin.stride(1), bmin.stride(2), bmin.stride(3),
+        block_table.stride(0),
+        HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
+        BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
+        IEEE=float32_dots(bmin.dtype),
+        num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8,
+    )
+    return out
+
+
+def select_blocks_triton(query, index, block_table, seq_lens, config,
+                         scores: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Top `config.num_blocks` selection blocks per (sequence, kv head) -> (B, Hkv, num_blocks) int32
+    logical selection-block ids, ascending, -1 padded. Same set as the reference's `select_blocks`."""
+    B = query.shape[0]
+    Hkv = index.block_min.shape[2]
+    sbs = config.selection_block_size
+    cbs = index.block_min.shape[1] * sbs
+    n_sel = block_table.shape[1] * cbs // sbs  # every block the table can address: shape-only
+    scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel, out=scores)
+    ids = topk_rows(scores.view(B * Hkv, n_sel), config.num_blocks,
+                    out=None if out is None else out.view(B * Hkv, config.num_blocks))
+    return ids.view(B, Hkv, config.num_blocks)

@@ -1,0 +1,237 @@
+"""Index write on the GPU: block min/max summaries and low-bit token codes for new keys, fused.
+
+Same result as the reference's `write_index` (read its docstring for the merge rule), with masks
+instead of dropping padded slots, so nothing depends on data-dependent shapes or host syncs.
+
+Design
+- `_index_codes_kernel`, one program per new token (all kv heads): gathers the index channels of the
+  key, quantises them (scale `max |k_c| / qmax`, round half to even, clamp, offset by `qmax + 1`,
+  4 bits packed two per byte) and writes codes and scales at the token's slot. It also claims the
+  token's selection block: `claim[group] = min(claim[group], token)` (an int32 atomic), so after this
+  launch every touched selection block knows its lowest-indexed new token, its *leader*.
+- `_index_summary_kernel`, one program per new token; only leaders work. A leader folds every new
+  token of its selection block (a scan over the call's slots, keys loaded only for matching chunks)
+  into min / max, replaces the stored summary if any of them starts the block (`offset % S == 0`)
+  and merges into it otherwise, then releases the claim (back to INT32_MAX). One writer per summary,
+  so no float atomics (bf16 has none) and no ordering between programs is needed.
+- The claim buffer (one int32 per selection block of the cache) lives in `IndexWriteWorkspace`;
+  between calls it holds INT32_MAX everywhere, an invariant the summary kernel restores.
+- The scan stops once a leader has found `S` tokens (a selection block has no more distinct slots),
+  so a call in slot order (vLLM's) costs O(S) per full block; only partly filled blocks scan to the
+  end of the call (one per sequence at most), and decode calls are a handful of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_attention import require_triton_device
+
+_INT32_MAX = 2147483647
+
+
+@triton.jit
+def _round_half_even(x):
+    # torch.round semantics (ties to even) without libdevice, so the interpreter runs it too.
+    f = tl.floor(x)
+    d = x - f
+    f_even = (f - 2.0 * tl.floor(f * 0.5)) == 0.0
+    up = (d > 0.5) | ((d == 0.5) & (~f_even))
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _index_codes_kernel(
+    key_ptr,  # key dtype, (N, Hkv, D), any strides
+    slot_ptr,  # int64, (N,): physical_block * CBS + offset, negative = padding
+    ch_ptr,  # int64, (Hkv, C) contiguous: index channels
+    codes_ptr,  # uint8, (num_cache_blocks, CBS, Hkv, NBYTES), any strides
+    scales_ptr,  # float32, (num_cache_blocks, CBS, Hkv), any strides
+    claim_ptr,  # int32, (num_cache_blocks * CBS // SBS,): lowest new token per selection block
+    stride_kn, stride_kh, stride_kd,
+    stride_cb, stride_ct, stride_ch, stride_cc,
+    stride_sb, stride_st, stride_sh,
+    HKV: tl.constexpr,
+    C: tl.constexpr,  # index channels
+    BITS: tl.constexpr,  # 4, 8 or 16 (16: no codes, claim only)
+    CBS: tl.constexpr,
+    SBS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= C // 2 for 4 bits, >= C for 8 bits
+    STORE_DTYPE: tl.constexpr,  # the index dtype the reference casts keys to before quantising
+):
+    # scale = max_c |k_c| / qmax; q_c = clamp(rne(k_c / scale), -qmax, qmax) (scale 0 -> divide by 1);
+    # stored_c = q_c + qmax + 1; 4 bits: byte i = stored_{2i} | stored_{2i+1} << 4.
+    i = tl.program_id(0)
+    slot = tl.load(slot_ptr + i)
+    if slot >= 0:
+        block = slot // CBS
+        off = slot % CBS
+        tl.atomic_min(claim_ptr + slot // SBS, i)
+        i64 = i.to(tl.int64)  # key offsets pass 2^31 elements for millions of tokens
+        if BITS != 16:
+            QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+            offs_h = tl.arange(0, BLOCK_H)
+            offs_c = tl.arange(0, BLOCK_C)
+            h_mask = offs_h < HKV
+            key_row = key_ptr + i64 * stride_kn + offs_h[:, None] * stride_kh
+            code_row = codes_ptr + block * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch
+            if BITS == 4:
+                m = h_mask[:, None] & (offs_c[None, :] < C // 2)
+                ch_e = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :], mask=m, other=0)
+                ch_o = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :] + 1, mask=m, other=0)
+                x_e = tl.load(key_row + ch_e * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+                x_o = tl.load(key_row + ch_o * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+                amax = tl.maximum(tl.max(tl.abs(x_e), axis=1), tl.max(tl.abs(x_o), axis=1))
+                scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+                safe = tl.where(scale > 0, scale, 1.0)
+                q_e = _round_half_even(tl.math.div_rn(x_e, safe[:, None]))
+                q_o = _round_half_even(tl.math.div_rn(x_o, safe[:, None]))
+                s_e = (tl.minimum(tl.maximum(q_e, -QMAX), QMAX) + (QMAX + 1)).to(tl.int32)
+                s_o = (tl.minimum(tl.maximum(q_o, -QMAX), QMAX) + (QMAX + 1)).to(tl.int32)
+                byte = (s_e | (s_o << 4)).to(tl.uint8)
+                tl.store(code_row + offs_c[None, :] * stride_cc, byte, mask=m)
+            else:
+                m = h_mask[:, None] & (offs_c[None, :] < C)
+                ch = tl.load(ch_ptr + offs_h[:, None] * C + offs_c[None, :], mask=m, other=0)
+                x = tl.load(key_row + ch * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+                amax = tl.max(tl.abs(x), axis=1)
+                scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+                safe = tl.where(scale > 0, scale, 1.0)
+                q = _round_half_even(tl.math.div_rn(x, safe[:, None]))
+                stored = (tl.minimum(tl.maximum(q, -QMAX), QMAX) + (QMAX + 1)).to(tl.uint8)
+                tl.store(code_row + offs_c[None, :] * stride_cc, stored, mask=m)
+            tl.store(scales_ptr + block * stride_sb + off * stride_st + offs_h * stride_sh, scale, mask=h_mask)
+
+
+@triton.jit
+def _index_summary_kernel(
+    key_ptr,  # key dtype, (N, Hkv, D), any strides
+    slot_ptr,  # int64, (N,)
+    bmin_ptr,  # index dtype, (num_cache_blocks, CBS // SBS, Hkv, D) contiguous
+    bmax_ptr,  # index dtype, same shape, contiguous
+    claim_ptr,  # int32, (num_cache_blocks * CBS // SBS,)
+    N,  # int: new tokens in this call
+    stride_kn, stride_kh, stride_kd,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    SBS: tl.constexpr,
+    BLOCK_HD: tl.constexpr,  # >= HKV * D
+    BLOCK_SCAN: tl.constexpr,  # slots tested per scan step
+    BLOCK_T: tl.constexpr,  # keys loaded per inner step
+):
+    # For selection block G of this leader, over the call's tokens T_G in G:
+    #   min_G = min_{t in T_G} k_t  if some t in T_G has offset % SBS == 0, else min(stored_G, min_t k_t)
+    # (max alike); summaries are flat (G, Hkv * D) rows because they are contiguous.
+    i = tl.program_id(0)
+    slot = tl.load(slot_ptr + i)
+    if slot >= 0:
+        group = slot // SBS
+        if tl.load(claim_ptr + group) == i:
+            offs_hd = tl.arange(0, BLOCK_HD)
+            hd_mask = offs_hd < HKV * D
+            k_off = (offs_hd // D) * stride_kh + (offs_hd % D) * stride_kd
+            cur_min = tl.full((BLOCK_HD,), float("inf"), tl.float32)
+            cur_max = tl.full((BLOCK_HD,), float("-inf"), tl.float32)
+            reset = 0
+            found = 0
+            j0 = i  # tokens before the leader are in other groups
+            # A selection block holds at most SBS distinct slots: stop once all are found, so a call
+            # whose tokens sit in slot order (vLLM's) scans O(SBS) per full block.
+            while (j0 < N) & (found < SBS):
+                offs_j = j0 + tl.arange(0, BLOCK_SCAN)
+                s_j = tl.load(slot_ptr + offs_j, mask=offs_j < N, other=-1)
+                match = (s_j >= 0) & (s_j // SBS == group)
+                n_match = tl.sum(match.to(tl.int32), axis=0)
+                found += n_match
+                if n_match > 0:
+                    reset = tl.maximum(reset, tl.max((match & (s_j % SBS == 0)).to(tl.int32), axis=0))
+                    for t0 in range(0, BLOCK_SCAN, BLOCK_T):
+                        offs_t = j0 + t0 + tl.arange(0, BLOCK_T)
+                        s_t = tl.load(slot_ptr + offs_t, mask=offs_t < N, other=-1)
+                        m_t = (s_t >= 0) & (s_t // SBS == group)
+                        k = tl.load(key_ptr + offs_t[:, None].to(tl.int64) * stride_kn + k_off[None, :],
+                                    mask=m_t[:, None] & hd_mask[None, :], other=0.0)
+                        k = k.to(bmin_ptr.dtype.element_ty).to(tl.float32)
+                        cur_min = tl.minimum(cur_min, tl.min(tl.where(m_t[:, None], k, float("inf")), axis=0))
+                        cur_max = tl.maximum(cur_max, tl.max(tl.where(m_t[:, None], k, float("-inf")), axis=0))
+                j0 += BLOCK_SCAN
+            row = group * (HKV * D) + offs_hd
+            if reset == 0:
+                old_min = tl.load(bmin_ptr + row, mask=hd_mask, other=0.0).to(tl.float32)
+                old_max = tl.load(bmax_ptr + row, mask=hd_mask, other=0.0).to(tl.float32)
+                cur_min = tl.minimum(cur_min, old_min)
+                cur_max = tl.maximum(cur_max, old_max)
+            tl.store(bmin_ptr + row, cur_min.to(bmin_ptr.dtype.element_ty), mask=hd_mask)
+            tl.store(bmax_ptr + row, cur_max.to(bmax_ptr.dtype.element_ty), mask=hd_mask)
+            tl.store(claim_ptr + group, 2147483647)
+
+
+class IndexWriteWorkspace:
+    """The claim buffer of `write_index_triton`: one int32 per selection block of the cache, INT32_MAX
+    between calls. Allocate once per layer shape (or share across layers: calls are serial)."""
+
+    def __init__(self, num_cache_blocks: int, blocks_per_cache_block: int, device) -> None:
+        self.claim = torch.full((num_cache_blocks * blocks_per_cache_block,), _INT32_MAX, dtype=torch.int32,
+                                device=device)
+
+
+_TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, config,
+                       workspace: IndexWriteWorkspace | None = None) -> None:
+    """Fold new keys (N, Hkv, D) at `slot_mapping` (N,) int64 into `index`, in place; equals the
+    reference's `write_index`. No host synchronisation; padded (negative) slots are skipped."""
+    require_triton_device("write_index", key, index.block_min)
+    bmin, bmax = index.block_min, index.block_max
+    if not (bmin.is_contiguous() and bmax.is_contiguous()):
+        raise ValueError("write_index: block_min/block_max must be contiguous (allocate_index makes them so)")
+    if key.dim() != 3 or key.shape[1:] != bmin.shape[2:]:
+        raise ValueError(f"write_index: key must be (N, Hkv, D) = (N, {bmin.shape[2]}, {bmin.shape[3]}); "
+                         f"got {tuple(key.shape)}")
+    if slot_mapping.dtype != torch.int64 or slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"write_index: slot_mapping must be (N,) int64; got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    if bmin.dtype not in _TORCH_TO_TL:
+        raise ValueError(f"write_index: index dtype must be bf16/fp16/fp32; got {bmin.dtype}")
+    slot_mapping = slot_mapping.contiguous()
+    N = key.shape[0]
+    if N == 0:
+        return
+    num_cache_blocks, per_block, Hkv, D = bmin.shape
+    sbs = config.selection_block_size
+    cbs = per_block * sbs
+    if workspace is None:
+        workspace = IndexWriteWorkspace(num_cache_blocks, per_block, key.device)
+    bits = config.index_bits
+    C = index.channel_ids.shape[1]
+    channel_ids = index.channel_ids.contiguous()
+    codes, scales = index.codes, index.scales
+    if bits != 16:
+        if codes is None or scales is None or codes.dtype != torch.uint8 or scales.dtype != torch.float32:
+            raise ValueError(f"write_index: index_bits={bits} needs uint8 codes and float32 scales")
+        cs, ss = codes.stride(), scales.stride()
+    else:
+        codes = scales = workspace.claim  # unused pointers
+        cs, ss = (0, 0, 0, 0), (0, 0, 0)
+    block_c = max(2, triton.next_power_of_2(C // 2 if bits == 4 else C))
+    _index_codes_kernel[(N,)](
+        key, slot_mapping, channel_ids, codes, scales, workspace.claim,
+        key.stride(0), key.stride(1), key.stride(2),
+        cs[0], cs[1], cs[2], cs[3],
+        ss[0], ss[1], ss[2],
+        HKV=Hkv, C=C, BITS=bits, CBS=cbs, SBS=sbs,
+        BLOCK_H=max(2, triton.next_power_of_2(Hkv)), BLOCK_C=block_c,
+        STORE_DTYPE=_TORCH_TO_TL[bmin.dtype],
+        num_warps=1 if Hkv * C <= 256 else 4,
+    )
+    _index_summary_kernel[(N,)](
+        key, slot_mapping, bmin, bmax, workspace.claim, N,
+        key.stride(0), key.stride(1), key.stride(2),
+        HKV=Hkv, D=D, SBS=sbs,
+        BLOCK_HD=triton.next_power_of_2(Hkv * D), BLOCK_SCAN=256, BLOCK_T=max(1, min(256, 8192 // triton.next_power_of_2(Hkv * D))),
+        num_warps=4,
+    )

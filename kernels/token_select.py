@@ -1,0 +1,202 @@
+"""Stage 2 of AsyncTLS on the GPU: token scores from the low-bit index inside the kept blocks, top-k.
+
+Design
+- `_token_score_kernel`: one program per (sequence, kv head, tile of BLOCK_T candidates). Candidate c
+  of a row is token `c % S` of kept block `block_ids[c // S]`, the same layout as the reference's
+  `score_tokens`. The program gathers the tile's index codes (C * bits / 8 bytes per token, through
+  the block table) and scales, decodes the integers `code - (qmax + 1)` (exact in bf16) and multiplies
+  them by the group's q heads restricted to the index channels in one `tl.dot` (even and odd nibbles
+  as two dots for 4 bits), then by the token scale; the group score is the max over heads. With
+  `index_bits == 16` the program reads the full keys instead (exact `q . k`).
+- Reads per candidate: C * bits / 8 bytes of codes + 4 bytes of scale (20 bytes at 32 channels, 4 bits),
+  versus 2 * Dk bytes for the key.
+- `topk_rows` (block_select.py) then keeps `token_budget` candidates, mapping candidate indices to
+  positions through `block_ids` in the same launch: ascending positions, -1 padded.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_select import topk_rows
+from .sparse_attention import float32_dots, require_triton_device
+
+# Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
+TOKEN_SCORE_TILE = 64  # candidates per program (group of <= 32 q heads)
+TOKEN_SCORE_WARPS = 2
+
+
+@triton.jit
+def _token_score_kernel(
+    q_ptr,  # query dtype, (B, Hq, DK), any strides
+    codes_ptr,  # uint8, (num_cache_blocks, CBS, Hkv, NBYTES), any strides (BITS 4/8)
+    scales_ptr,  # float32, (num_cache_blocks, CBS, Hkv), any strides (BITS 4/8)
+    k_ptr,  # cache dtype, (num_cache_blocks, CBS, Hkv, DK), any strides (BITS 16)
+    ch_ptr,  # int64, (Hkv, C) contiguous: index channels
+    bt_ptr,  # int32, (B, max_blocks_per_seq)
+    seq_lens_ptr,  # int32, (B,)
+    block_ids_ptr,  # int32, (B, Hkv, NB) contiguous: kept selection blocks, -1 padded
+    scores_ptr,  # float32, (B, Hkv, NB * SBS) contiguous: out, -inf = not a candidate
+    NB,  # int: kept blocks per row
+    SINK,  # int
+    LOCAL,  # int
+    stride_qb, stride_qh, stride_qd,
+    stride_cb, stride_ct, stride_ch, stride_cc,
+    stride_sb, stride_st, stride_sh,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_btb,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    DK: tl.constexpr,
+    C: tl.constexpr,
+    BITS: tl.constexpr,
+    SBS: tl.constexpr,
+    CBS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= C // 2 (4 bits) or C (8 bits); >= 16 for tl.dot
+    BLOCK_DK: tl.constexpr,  # BITS 16: key chunk
+    IEEE: tl.constexpr,
+):
+    # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
+    # p < L, SINK <= p < L - LOCAL);
+    # score[c] = max_{h in group} scale_p * sum_i q[h, ch[i]] * (stored_i(p) - qmax - 1)   (4/8 bits)
+    #          = max_{h in group} q[h] . K[p]                                               (16 bits)
+    pid_bg = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    L = tl.load(seq_lens_ptr + b)
+
+    offs_c = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs_c < NB * SBS
+    blk = tl.load(block_ids_ptr + pid_bg * NB + offs_c // SBS, mask=in_row, other=-1)
+    pos = blk * SBS + offs_c % SBS
+    cand = in_row & (blk >= 0) & (pos < L) & (pos >= SINK) & (pos < L - LOCAL)
+    pos_c = tl.where(cand, pos, 0)
+    phys = tl.load(bt_ptr + b * stride_btb + pos_c // CBS, mask=cand, other=0).to(tl.int64)
+    row = pos_c % CBS
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < GROUP
+    q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
+
+    if BITS == 16:
+        k_row = k_ptr + phys * stride_kb + row * stride_kt + g * stride_kh
+        s = tl.zeros((BLOCK_H, BLOCK_T), tl.float32)
+        for d0 in range(0, DK, BLOCK_DK):
+            offs_d = d0 + tl.arange(0, BLOCK_DK)
+            d_mask = offs_d < DK
+            q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+            k = tl.load(k_row[:, None] + offs_d[None, :] * stride_kd, mask=cand[:, None] & d_mask[None, :], other=0.0)
+            if IEEE:
+                s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s += tl.dot(q.to(k.dtype), tl.trans(k))
+    else:
+        QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+        offs_i = tl.arange(0, BLOCK_C)
+        code_row = codes_ptr + phys * stride_cb + row * stride_ct + g * stride_ch  # (BLOCK_T,)
+        scale = tl.load(scales_ptr + phys * stride_sb + row * stride_st + g * stride_sh, mask=cand, other=0.0)
+        if BITS == 4:
+            i_mask = offs_i < C // 2
+            byte = tl.load(code_row[:, None] + offs_i[None, :] * stride_cc, mask=cand[:, None] & i_mask[None, :],
+                           other=0).to(tl.int32)
+            lo = ((byte & 15) - (QMAX + 1)).to(tl.float32)
+            hi = ((byte >> 4) - (QMAX + 1)).to(tl.float32)
+            lo = tl.where(i_mask[None, :], lo, 0.0)
+            hi = tl.where(i_mask[None, :], hi, 0.0)
+            ch_e = tl.load(ch_ptr + g * C + 2 * offs_i, mask=i_mask, other=0)
+            ch_o = tl.load(ch_ptr + g * C + 2 * offs_i + 1, mask=i_mask, other=0)
+            qm = h_mask[:, None] & i_mask[None, :]
+            q_e = tl.load(q_base + ch_e[None, :] * stride_qd, mask=qm, other=0.0)
+            q_o = tl.load(q_base + ch_o[None, :] * stride_qd, mask=qm, other=0.0)
+            if IEEE:
+                s = tl.dot(q_e.to(tl.float32), tl.trans(lo), input_precision="ieee")
+                s += tl.dot(q_o.to(tl.float32), tl.trans(hi), input_precision="ieee")
+            else:
+                s = tl.dot(q_e, tl.trans(lo.to(q_e.dtype)))
+                s += tl.dot(q_o, tl.trans(hi.to(q_o.dtype)))
+        else:
+            i_mask = offs_i < C
+            byte = tl.load(code_row[:, None] + offs_i[None, :] * stride_cc, mask=cand[:, None] & i_mask[None, :],
+                           other=0).to(tl.int32)
+            val = tl.where(i_mask[None, :], (byte - (QMAX + 1)).to(tl.float32), 0.0)
+            ch = tl.load(ch_ptr + g * C + offs_i, mask=i_mask, other=0)
+            q = tl.load(q_base + ch[None, :] * stride_qd, mask=h_mask[:, None] & i_mask[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q.to(tl.float32), tl.trans(val), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(val.to(q.dtype)))
+        s = s * scale[None, :]
+    s = tl.where(h_mask[:, None], s, float("-inf"))
+    score = tl.where(cand, tl.max(s, axis=0), float("-inf"))
+    tl.store(scores_ptr + pid_bg * (NB * SBS) + offs_c, score, mask=in_row)
+
+
+def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Index score of every candidate inside `block_ids` (B, Hkv, NB) -> (B, Hkv, NB * S) float32,
+    -inf where the slot is not a candidate; equals the scores of the reference's `score_tokens`."""
+    require_triton_device("token_scores", query, key_cache, block_ids)
+    bits = config.index_bits
+    B, Hq, Dk = query.shape
+    Hkv = key_cache.shape[2]
+    if Hq % Hkv or key_cache.shape[3] != Dk:
+        raise ValueError(f"token_scores: query {tuple(query.shape)} does not match key_cache {tuple(key_cache.shape)}")
+    if block_ids.dtype != torch.int32 or not block_ids.is_contiguous() or block_ids.shape[:2] != (B, Hkv):
+        raise ValueError(f"token_scores: block_ids must be contiguous int32 (B, Hkv, NB); got {block_ids.dtype} "
+                         f"{tuple(block_ids.shape)}")
+    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32 or block_table.stride(1) != 1:
+        raise ValueError("token_scores: block_table (row-contiguous) and seq_lens must be int32")
+    sbs = config.selection_block_size
+    NB = block_ids.shape[2]
+    group = Hq // Hkv
+    # index_bits=16 reads full keys: channel ids unused (and the index may be absent).
+    channel_ids = index.channel_ids.contiguous() if bits != 16 else block_ids
+    C = channel_ids.shape[1] if bits != 16 else 1
+    if out is None:
+        out = torch.empty(B, Hkv, NB * sbs, dtype=torch.float32, device=query.device)
+    block_h = max(16, triton.next_power_of_2(group))
+    if bits == 16:
+        codes = scales = key_cache
+        cs, ss = (0, 0, 0, 0), (0, 0, 0)
+        block_c = 16
+    else:
+        codes, scales = index.codes, index.scales
+        if codes is None or codes.dtype != torch.uint8 or scales.dtype != torch.float32:
+            raise ValueError(f"token_scores: index_bits={bits} needs uint8 codes and float32 scales")
+        cs, ss = codes.stride(), scales.stride()
+        block_c = max(16, triton.next_power_of_2(C // 2 if bits == 4 else C))
+    block_t = TOKEN_SCORE_TILE if block_h <= 32 else 32
+    grid = (B * Hkv, triton.cdiv(NB * sbs, block_t))
+    _token_score_kernel[grid](
+        query, codes, scales, key_cache, channel_ids, block_table, seq_lens, block_ids, out,
+        NB, config.sink_tokens, config.local_tokens,
+        query.stride(0), query.stride(1), query.stride(2),
+        cs[0], cs[1], cs[2], cs[3],
+        ss[0], ss[1], ss[2],
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
+        block_table.stride(0),
+        HKV=Hkv, GROUP=group, DK=Dk, C=C, BITS=bits, SBS=sbs, CBS=key_cache.shape[1],
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c,
+        BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
+        IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype),
+        num_warps=TOKEN_SCORE_WARPS if block_h <= 32 else 8,
+    )
+    return out
+
+
+def select_tokens_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
+                         scores: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Top `config.token_budget` candidates inside `block_ids` -> (B, Hkv, token_budget) int32
+    positions, ascending, -1 padded; the same set as the reference's `select_tokens`."""
+    B, Hkv, NB = block_ids.shape
+    scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config, out=scores)
+    sbs = config.selection_block_size
+    pos = topk_rows(scores.view(B * Hkv, NB * sbs), config.token_budget,
+                    out=None if out is None else out.view(B * Hkv, config.token_budget),
+                    block_map=block_ids.view(B * Hkv, NB), map_block_size=sbs)
+    return pos.view(B, Hkv, config.token_budget)

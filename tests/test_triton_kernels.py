@@ -1,0 +1,316 @@
+"""Every Triton kernel of the AsyncTLS GPU path against the plain-PyTorch reference.
+
+Fresh random inputs per case: a shuffled block table over a cache full of garbage, ragged sequence
+lengths (one shorter than sinks + local window, one with a partly filled last block), GQA with an odd
+group, MLA (value = first Dv channels of the key cache) and the exact and low-bit indexes, plus the
+benchmark's shapes scaled down. Selections are compared as sets of reference scores (a near-tie can
+swap two ids whose scores differ by float32 rounding; any other difference fails), outputs with a
+per-dtype tolerance.
+
+GPU only (`@pytest.mark.gpu`), skipped without CUDA. For a CPU check of the kernels' logic, run
+`TRITON_INTERPRET=1 ASYNCTLS_TEST_INTERPRET=1 pytest tests/test_triton_kernels.py -m gpu -k small`
+(minutes: the interpreter is slow).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("ASYNCTLS_TEST_INTERPRET") == "1"
+if not torch.cuda.is_available() and not _INTERPRET:
+    pytest.skip("Triton kernel tests need a CUDA device (or TRITON_INTERPRET=1 ASYNCTLS_TEST_INTERPRET=1)",
+                allow_module_level=True)
+
+triton = pytest.importorskip("triton")
+
+from asynctls_tip_kernels import sparse_decode_reference as ref  # noqa: E402
+from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
+from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
+from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
+from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton  # noqa: E402
+from asynctls_tip_kernels.token_select import select_tokens_triton, token_scores_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Output tolerance per dtype (atol = rtol): bf16 output rounding is 2^-8 relative.
+OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# Score tolerance relative to the row's largest |score| (float32 accumulation order only).
+SCORE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+# name: (seq_lens, cbs, Hkv, group, Dk, Dv, mla, config kwargs, dtype)
+SMALL = {
+    "small_gqa_odd_4bit": ([5, 97, 64, 150], 16, 2, 3, 40, 24, False,
+                           dict(selection_block_size=8, num_blocks=6, token_budget=20, sink_tokens=4,
+                                local_tokens=8, index_channels=12, index_bits=4), torch.float32),
+    "small_gqa_8bit_bf16": ([70, 33, 128], 16, 2, 4, 64, 64, False,
+                            dict(selection_block_size=16, num_blocks=4, token_budget=40, sink_tokens=8,
+                                 local_tokens=8, index_channels=16, index_bits=8), torch.bfloat16),
+    "small_exact_16bit": ([45, 120], 8, 3, 2, 32, 32, False,
+                          dict(selection_block_size=4, num_blocks=10, token_budget=24, sink_tokens=2,
+                               local_tokens=4, index_channels=8, index_bits=16), torch.float32),
+    "small_mla": ([90, 200], 32, 1, 20, 96, 64, True,
+                  dict(selection_block_size=16, num_blocks=5, token_budget=48, sink_tokens=4, local_tokens=16,
+                       index_channels=32, index_bits=4), torch.bfloat16),
+}
+# The benchmark's settings and shapes scaled down (contexts and budgets / 8..16; heads and dims as run).
+BENCH_SCALED = {
+    "bench_qwen3_8b_scaled": ([4096, 3000, 4096], 64, 8, 4, 128, 128, False,
+                              dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
+                                   local_tokens=64, index_channels=32, index_bits=4), torch.bfloat16),
+    "bench_qwen3_8b_scaled_b256": ([8192, 5000], 64, 8, 4, 128, 128, False,
+                                   dict(selection_block_size=64, num_blocks=16, token_budget=256, sink_tokens=64,
+                                        local_tokens=64, index_channels=32, index_bits=4), torch.bfloat16),
+    "bench_mla_scaled": ([4096, 2500], 64, 1, 16, 576, 512, True,
+                         dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
+                              local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
+}
+CASES = dict(SMALL) if _INTERPRET else {**SMALL, **BENCH_SCALED}
+
+
+def build(name, seed=0):
+    """A case on DEVICE: query, caches (garbage outside the sequences), shuffled table, index written
+    by the reference from keys with a few heavy channels (so channel choice and quantisation matter)."""
+    seq_lens, cbs, Hkv, group, Dk, Dv, mla, kw, dtype = CASES[name]
+    config = SparseAttentionConfig(**kw)
+    gen = torch.Generator().manual_seed(seed)
+    B = len(seq_lens)
+    W = max(math.ceil(L / cbs) for L in seq_lens) + 1  # one spare column: tables are wider than needed
+    num_cache_blocks = B * W + 2
+    table = torch.randperm(num_cache_blocks, generator=gen)[: B * W].view(B, W).to(torch.int32)
+    heavy = torch.ones(Dk)
+    heavy[torch.randperm(Dk, generator=gen)[: max(1, Dk // 8)]] = 4.0
+    key_cache = (torch.randn(num_cache_blocks, cbs, Hkv, Dk, generator=gen) * heavy).to(dtype)
+    value_cache = key_cache[..., :Dv] if mla else torch.randn(num_cache_blocks, cbs, Hkv, Dv, generator=gen).to(dtype)
+    query = (torch.randn(B, Hkv * group, Dk, generator=gen) * heavy).to(dtype)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    index = ref.allocate_index(num_cache_blocks, cbs, Hkv, Dk, config, dtype, "cpu")
+    index.block_min.copy_(torch.randn(index.block_min.shape, generator=gen).to(dtype))  # junk to overwrite
+    index.block_max.copy_(torch.randn(index.block_max.shape, generator=gen).to(dtype))
+    slots, toks = [], []
+    for b, L in enumerate(seq_lens):
+        pos = torch.arange(L)
+        slots.append(table[b, pos // cbs].long() * cbs + pos % cbs)
+    slots = torch.cat(slots)
+    flat = key_cache.view(-1, Hkv, Dk)[slots]
+    ref.set_index_channels(index, ref.choose_index_channels(flat.float(), config.index_channels))
+    ref.write_index(index, flat, slots, config)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    index = ref.SparseIndex(to(index.block_min), to(index.block_max), to(index.channel_ids), to(index.codes),
+                            to(index.scales))
+    key_cache = key_cache.to(DEVICE)
+    value_cache = key_cache[..., :Dv] if mla else value_cache.to(DEVICE)
+    return dict(query=query.to(DEVICE), key_cache=key_cache, value_cache=value_cache, block_table=table.to(DEVICE),
+                seq_lens=seq.to(DEVICE), index=index, config=config, scale=1.0 / math.sqrt(Dk), dtype=dtype,
+                flat_keys=flat, slots=slots)
+
+
+def assert_same_selection(got, want, ref_scores, candidates, tol):
+    """`got`, `want`: (R, K) ids ascending, -1 padded (pads last). The selections must be valid, and
+    equal as multisets of reference scores (so only near-ties may swap)."""
+    got, want = got.cpu().long(), want.cpu().long()
+    ref_scores, candidates = ref_scores.cpu(), candidates.cpu()
+    assert got.shape == want.shape
+    for r in range(got.shape[0]):
+        g, w = got[r], want[r]
+        gv, wv = g[g >= 0], w[w >= 0]
+        assert (g[len(gv):] == -1).all(), f"row {r}: padding not last"
+        assert len(gv) == len(wv), f"row {r}: {len(gv)} selected, reference {len(wv)}"
+        assert (gv[1:] > gv[:-1]).all(), f"row {r}: not strictly ascending"
+        if torch.equal(gv, wv):
+            continue
+        gi = (candidates[r].unsqueeze(0) == gv.unsqueeze(1)).float().argmax(1)
+        wi = (candidates[r].unsqueeze(0) == wv.unsqueeze(1)).float().argmax(1)
+        gs, ws = ref_scores[r][gi].sort().values, ref_scores[r][wi].sort().values
+        span = ref_scores[r][torch.isfinite(ref_scores[r])].abs().max()
+        assert torch.allclose(gs, ws, rtol=0, atol=float(tol * span)), f"row {r}: different selection"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_write_index_matches_reference(name):
+    c = build(name, seed=1)
+    config, index = c["config"], c["index"]
+    # Prefill-like call: shuffled tokens, padding slots, over a junk-filled index (fresh copy).
+    fresh = ref.SparseIndex(*(None if t is None else t.cpu().clone() for t in
+                              (index.block_min, index.block_max, index.channel_ids, index.codes, index.scales)))
+    fresh.block_min.normal_()
+    fresh.block_max.normal_()
+    gpu = ref.SparseIndex(*(None if t is None else t.to(DEVICE).clone() for t in
+                            (fresh.block_min, fresh.block_max, fresh.channel_ids, fresh.codes, fresh.scales)))
+    n = c["slots"].shape[0]
+    perm = torch.randperm(n)
+    slots = c["slots"][perm].clone()
+    slots[torch.randperm(n)[: max(1, n // 50)]] = -1
+    keys = c["flat_keys"][perm]
+    ws = IndexWriteWorkspace(index.block_min.shape[0], index.block_min.shape[1], DEVICE)
+    half = n // 2  # two calls: the second merges into summaries the first started
+    for sl in (slice(0, half), slice(half, n)):
+        ref.write_index(fresh, keys[sl], slots[sl], config)
+        write_index_triton(gpu, keys[sl].to(DEVICE), slots[sl].to(DEVICE), config, ws)
+    assert torch.equal(gpu.block_min.cpu(), fresh.block_min)
+    assert torch.equal(gpu.block_max.cpu(), fresh.block_max)
+    if fresh.codes is not None:
+        assert torch.equal(gpu.scales.cpu(), fresh.scales)
+        assert torch.equal(gpu.codes.cpu(), fresh.codes)
+    assert bool((ws.claim == torch.iinfo(torch.int32).max).all()), "claim buffer not released"
+    # Decode-like call: one token per sequence, some starting a fresh selection block.
+    seq_lens = c["seq_lens"].cpu()
+    table = c["block_table"].cpu()
+    cbs = c["key_cache"].shape[1]
+    new_slots = (table[torch.arange(len(seq_lens)), seq_lens.long() // cbs].long() * cbs + seq_lens.long() % cbs)
+    new_keys = torch.randn(len(seq_lens), *keys.shape[1:]).to(keys.dtype)
+    ref.write_index(fresh, new_keys, new_slots, config)
+    write_index_triton(gpu, new_keys.to(DEVICE), new_slots.to(DEVICE), config, ws)
+    assert torch.equal(gpu.block_min.cpu(), fresh.block_min)
+    assert torch.equal(gpu.block_max.cpu(), fresh.block_max)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_selection_matches_reference(name):
+    c = build(name, seed=2)
+    args = (c["query"], c["index"], c["block_table"], c["seq_lens"], c["config"])
+    want_scores = ref.score_blocks(*args)
+    n_sel = want_scores.shape[-1]
+    got_scores = block_scores_triton(*args, n_sel)
+    finite = torch.isfinite(want_scores)
+    assert torch.equal(finite, torch.isfinite(got_scores))
+    span = want_scores[finite].abs().max()
+    torch.testing.assert_close(got_scores[finite], want_scores[finite], rtol=0,
+                               atol=float(SCORE_TOL[c["dtype"]] * span))
+    got = select_blocks_triton(*args)
+    want = ref.select_blocks(*args)
+    B, Hkv, _ = want.shape
+    ids = torch.arange(n_sel).expand(B * Hkv, n_sel)
+    assert_same_selection(got.view(B * Hkv, -1), want.view(B * Hkv, -1), want_scores.view(B * Hkv, -1), ids,
+                          SCORE_TOL[c["dtype"]])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_token_selection_matches_reference(name):
+    c = build(name, seed=3)
+    q, index, kc, bt, sl, config = c["query"], c["index"], c["key_cache"], c["block_table"], c["seq_lens"], c["config"]
+    block_ids = ref.select_blocks(q, index, bt, sl, config)
+    want_pos, want_scores = ref.score_tokens(q, index, kc, bt, sl, block_ids, config)
+    got_scores = token_scores_triton(q, index, kc, bt, sl, block_ids, config)
+    finite = torch.isfinite(want_scores)
+    assert torch.equal(finite, torch.isfinite(got_scores))
+    span = want_scores[finite].abs().max()
+    torch.testing.assert_close(got_scores[finite], want_scores[finite], rtol=0,
+                               atol=float(SCORE_TOL[c["dtype"]] * span))
+    got = select_tokens_triton(q, index, kc, bt, sl, block_ids, config)
+    want = ref.select_tokens(q, index, kc, bt, sl, block_ids, config)
+    B, Hkv, _ = want.shape
+    assert_same_selection(got.view(B * Hkv, -1), want.view(B * Hkv, -1), want_scores.view(B * Hkv, -1),
+                          want_pos.view(B * Hkv, -1), SCORE_TOL[c["dtype"]])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sparse_attention_matches_reference(name):
+    c = build(name, seed=4)
+    q, kc, vc, bt, sl, config = c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["config"]
+    positions = ref.exact_topk_positions(q, kc, bt, sl, config)
+    # Shuffle the slots and drop some: attention must not depend on order or padding placement.
+    positions = positions[..., torch.randperm(positions.shape[-1], device=positions.device)]
+    positions[..., ::7] = -1
+    positions = positions.contiguous()
+    want = ref.sparse_attention(q, kc, vc, bt, positions, c["scale"])
+    got = sparse_attention_triton(q, kc, vc, bt, positions, c["scale"])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = OUT_TOL[c["dtype"]]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    # Every position of the table (dense) too, where split-K has the most splits.
+    T = bt.shape[1] * kc.shape[1]
+    every = torch.arange(T, device=q.device, dtype=torch.int32).expand(q.shape[0], kc.shape[2], T)
+    every = torch.where(every < sl.view(-1, 1, 1), every, -1).contiguous()
+    torch.testing.assert_close(sparse_attention_triton(q, kc, vc, bt, every, c["scale"]).float(),
+                               ref.dense_decode_attention(q, kc, vc, bt, sl, c["scale"]).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mode", ["asynctls", "block_only", "exact_topk", "dense"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_sparse_decode_matches_reference(name, mode):
+    c = build(name, seed=5)
+    config = c["config"].with_(mode=mode)
+    args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
+            c["scale"])
+    want_out, want_pos, want_blocks = ref.sparse_decode(*args)
+    got_out, got_pos, got_blocks = sparse_decode_triton(*args)
+    assert got_pos.shape == want_pos.shape and got_blocks.shape == want_blocks.shape
+    tol = OUT_TOL[c["dtype"]]
+    if torch.equal(got_pos, want_pos):
+        torch.testing.assert_close(got_out.float(), want_out.float(), rtol=tol, atol=tol)
+    else:
+        # A near-tie swapped a selected id: the output must still be exact attention over got_pos,
+        # and the swap must be confined to a few slots.
+        assert (got_pos != want_pos).float().mean() < 0.02
+        again = ref.sparse_attention(c["query"], c["key_cache"], c["value_cache"], c["block_table"], got_pos, c["scale"])
+        torch.testing.assert_close(got_out.float(), again.float(), rtol=tol, atol=tol)
+    if mode in ("exact_topk", "dense"):
+        assert torch.equal(got_blocks, want_blocks)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lagged_selection_uses_previous_blocks(name):
+    c = build(name, seed=6)
+    config = c["config"].with_(lagged_selection=True)
+    args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
+            c["scale"])
+    prev = ref.select_blocks(c["query"] * -1, c["index"], c["block_table"], c["seq_lens"], config)
+    want_out, want_pos, want_blocks = ref.sparse_decode(*args, previous_block_ids=prev)
+    got_out, got_pos, got_blocks = sparse_decode_triton(*args, previous_block_ids=prev)
+    assert (got_pos != want_pos).float().mean() < 0.02
+    again = ref.sparse_attention(c["query"], c["key_cache"], c["value_cache"], c["block_table"], got_pos, c["scale"])
+    tol = OUT_TOL[c["dtype"]]
+    torch.testing.assert_close(got_out.float(), again.float(), rtol=tol, atol=tol)
+
+
+def test_budget_covering_context_equals_dense():
+    c = build("small_gqa_odd_4bit", seed=7)
+    L = int(c["seq_lens"].max())
+    config = c["config"].with_(num_blocks=64, token_budget=L)
+    args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
+            c["scale"])
+    out, _, _ = sparse_decode_triton(*args)
+    dense = ref.dense_decode_attention(c["query"], c["key_cache"], c["value_cache"], c["block_table"],
+                                       c["seq_lens"], c["scale"])
+    torch.testing.assert_close(out.float(), dense.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_topk_rows_ties_and_short_rows():
+    scores = torch.randn(5, 300)
+    scores[0, :250] = float("-inf")  # fewer candidates than k
+    scores[1] = 1.0  # all ties: lowest indices win
+    scores[2, ::2] = float("-inf")
+    got = topk_rows(scores.to(DEVICE), 64).cpu()
+    assert (got[0, :50] >= 250).all() and (got[0, 50:] == -1).all()
+    assert torch.equal(got[1], torch.arange(64, dtype=torch.int32))
+    for r in (2, 3, 4):
+        want = scores[r].topk(64).values.sort().values
+        torch.testing.assert_close(scores[r][got[r].long()].sort().values, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_workspace_decode_is_graph_capturable():
+    c = build("bench_qwen3_8b_scaled", seed=8)
+    q, kc, vc, bt, sl, index, config = (c[k] for k in ("query", "key_cache", "value_cache", "block_table",
+                                                      "seq_lens", "index", "config"))
+    ws = SparseDecodeWorkspace(q.shape[0], q.shape[1], kc.shape[2], kc.shape[3], vc.shape[3], bt.shape[1],
+                               kc.shape[1], config, q.dtype, q.device)
+    static_q = q.clone()
+    sparse_decode_triton(static_q, kc, vc, bt, sl, index, config, c["scale"], workspace=ws)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, pos, blocks = sparse_decode_triton(static_q, kc, vc, bt, sl, index, config, c["scale"], workspace=ws)
+    new_q = torch.randn_like(q.float()).to(q.dtype)
+    static_q.copy_(new_q)
+    graph.replay()
+    want_out, want_pos, _ = sparse_decode_triton(new_q, kc, vc, bt, sl, index, config, c["scale"])
+    assert torch.equal(pos, want_pos)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
