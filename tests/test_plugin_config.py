@@ -1,0 +1,239 @@
+"""Fast plugin tests (no engine): knobs and their errors, backend-name registration, the CPU platform
+hook, and the batch split the metadata builder makes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import pickle
+
+import pytest
+import torch
+
+from vllm_asynctls.config import AsyncTLSConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Knobs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_valid_and_resolve_per_attention_kind():
+    cfg = AsyncTLSConfig()
+    gqa = cfg.sparse_config(head_dim=128, is_mla=False)
+    mla = cfg.sparse_config(head_dim=576, is_mla=True)
+    assert gqa.index_channels == 32 and mla.index_channels == 128
+    # Auto channels are capped at the key head dim (tiny models).
+    assert cfg.sparse_config(head_dim=16, is_mla=False).index_channels == 16
+    assert cfg.sparse_config(head_dim=96, is_mla=True).index_channels == 96
+    assert gqa.num_blocks * gqa.selection_block_size >= gqa.token_budget
+
+
+def test_from_additional_config_reads_the_asynctls_entry():
+    cfg = AsyncTLSConfig.from_additional_config(
+        {"asynctls": {"token_budget": 64, "num_blocks": 8, "dense_threshold": 0}, "other_plugin": {"x": 1}}
+    )
+    assert (cfg.token_budget, cfg.num_blocks, cfg.dense_threshold) == (64, 8, 0)
+    assert AsyncTLSConfig.from_additional_config({}) == AsyncTLSConfig()
+    assert AsyncTLSConfig.from_additional_config(None) == AsyncTLSConfig()
+
+
+@pytest.mark.parametrize(
+    "knobs, knob, allowed",
+    [
+        ({"token_budget": 0}, "token_budget", ">= 1"),
+        ({"token_budget": True}, "token_budget", ">= 1"),
+        ({"num_blocks": 0}, "num_blocks", ">= 1"),
+        ({"selection_block_size": 24}, "selection_block_size", "power of two"),
+        ({"selection_block_size": 2048}, "selection_block_size", "[1, 1024]"),
+        ({"sink_tokens": -1}, "sink_tokens", ">= 0"),
+        ({"local_tokens": -5}, "local_tokens", ">= 0"),
+        ({"index_channels": 0}, "index_channels", ">= 1"),
+        ({"index_channels": 33}, "index_channels", "even"),
+        ({"index_bits": 3}, "index_bits", "(4, 8, 16)"),
+        ({"dense_threshold": -1}, "dense_threshold", ">= 0"),
+        ({"dense_threshold": 1.5}, "dense_threshold", ">= 0"),
+        ({"mode": "fast"}, "mode", "asynctls"),
+        ({"token_budget": 4096, "num_blocks": 8}, "token_budget", "num_blocks * selection_block_size"),
+    ],
+)
+def test_each_bad_knob_names_itself_and_its_range(knobs, knob, allowed):
+    with pytest.raises(ValueError) as err:
+        AsyncTLSConfig.from_dict(knobs)
+    msg = str(err.value)
+    assert knob in msg and allowed in msg, msg
+    assert repr(list(knobs.values())[0]) in msg or str(list(knobs.values())[0]) in msg, msg
+
+
+def test_unknown_knob_and_wrong_type_are_errors():
+    with pytest.raises(ValueError, match=r"unknown asynctls knob\(s\) \['token_budgt'\].*token_budget"):
+        AsyncTLSConfig.from_dict({"token_budgt": 10})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        AsyncTLSConfig.from_additional_config({"asynctls": 5})
+
+
+def test_model_dependent_checks():
+    with pytest.raises(ValueError, match=r"index_channels must be in \[1, 64\].*got 128"):
+        AsyncTLSConfig(index_channels=128).sparse_config(head_dim=64, is_mla=False)
+    with pytest.raises(ValueError, match="selection_block_size must divide the KV cache block size 16; got 64"):
+        AsyncTLSConfig(selection_block_size=64).check_cache_block_size(16)
+    AsyncTLSConfig(selection_block_size=16).check_cache_block_size(128)
+
+
+def test_config_is_frozen():
+    cfg = AsyncTLSConfig()
+    with pytest.raises(Exception):
+        cfg.token_budget = 1  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registered():
+    import vllm_asynctls
+
+    vllm_asynctls.register()
+    vllm_asynctls.register()  # idempotent: vLLM may load plugins more than once per process
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum
+
+
+def test_entry_point_is_declared():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.name == "asynctls" and ep.value == "vllm_asynctls:register" for ep in eps)
+
+
+def test_name_parses_in_any_case_onto_custom(registered):
+    from vllm.config.attention import AttentionConfig
+
+    E = registered
+    for spelling in ("asynctls", "AsyncTLS", "ASYNCTLS"):
+        assert AttentionConfig.validate_backend_before(spelling) is E.CUSTOM
+    assert E.CUSTOM.get_path() == "vllm_asynctls.backend.AsyncTLSAttentionBackend"
+    # What crosses into the engine-core process is CUSTOM, which unpickles without the plugin.
+    assert pickle.loads(pickle.dumps(E["ASYNCTLS"])) is E.CUSTOM
+    # The backend's own name resolves back to the same member (vLLM's Attention layer does this).
+    from vllm_asynctls.backend import AsyncTLSAttentionBackend, AsyncTLSMLABackend
+
+    assert E[AsyncTLSAttentionBackend.get_name()] is E.CUSTOM
+    assert E[AsyncTLSMLABackend.get_name()] is E.CUSTOM
+    assert AttentionConfig(backend="asynctls").backend is E.CUSTOM
+
+
+def _selector(**kw):
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    base = dict(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=None)
+    base.update(kw)
+    return AttentionSelectorConfig(**base)
+
+
+def test_cpu_platform_honours_asynctls_and_only_asynctls(registered, caplog):
+    from vllm.platforms.cpu import CpuPlatform
+
+    E = registered
+    assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector()) == "vllm_asynctls.backend.AsyncTLSAttentionBackend"
+    assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(head_size=96, use_mla=True)) == (
+        "vllm_asynctls.backend.AsyncTLSMLABackend"
+    )
+    # Without --attention-backend asynctls the platform's own choice is untouched.
+    assert CpuPlatform.get_attn_backend_cls(None, _selector()) == E.CPU_ATTN.get_path()
+    assert CpuPlatform.get_attn_backend_cls(E.CPU_ATTN, _selector()) == E.CPU_ATTN.get_path()
+    # Layers the sparse path does not cover keep dense attention, with a warning.
+    with caplog.at_level(logging.WARNING, logger="vllm_asynctls"):
+        path = CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(has_sliding_window=True))
+    assert path == E.CPU_ATTN.get_path()
+    assert "sliding-window" in caplog.text
+    assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(attn_type="encoder_only")) == E.CPU_ATTN.get_path()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype 'auto'"),
+        (dict(use_sparse=True), "trained sparse attention"),
+    ],
+)
+def test_unsupported_models_fail_at_selection(registered, kw, match):
+    from vllm.platforms.cpu import CpuPlatform
+
+    with pytest.raises(NotImplementedError, match=match):
+        CpuPlatform.get_attn_backend_cls(registered.CUSTOM, _selector(**kw))
+
+
+# ----------------------------------------------------------------------------------------------
+# The builder's split of a batch into dense and sparse tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def test_split_and_subset_of_a_mixed_batch():
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_asynctls.backend import _split_requests, _subset_requests
+
+    # requests: decode (ctx 5000), prefill of 3 tokens (ctx 3), decode (ctx 10), decode (ctx 9000)
+    query_lens = torch.tensor([1, 3, 1, 1])
+    qsl = torch.zeros(5, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(query_lens, 0)
+    seq_lens = torch.tensor([5000, 3, 10, 9000], dtype=torch.int32)
+    block_table = torch.arange(16, dtype=torch.int32).view(4, 4)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=4, num_actual_tokens=6,
+        max_query_len=3, max_seq_len=9000, block_table_tensor=block_table,
+        slot_mapping=torch.arange(100, 106, dtype=torch.int64),
+    )
+    qlens, sparse = _split_requests(qsl, seq_lens, dense_threshold=4096)
+    assert qlens.tolist() == [1, 3, 1, 1] and sparse.tolist() == [True, False, False, True]
+    sub, token_ids = _subset_requests(cm, (~sparse).nonzero().squeeze(1), qlens, seq_lens)
+    assert token_ids.tolist() == [1, 2, 3, 4]  # the prefill's 3 rows, then the short decode's row
+    assert sub.query_start_loc_cpu.tolist() == [0, 3, 4]
+    assert sub.seq_lens.tolist() == [3, 10] and sub.num_reqs == 2 and sub.num_actual_tokens == 4
+    assert sub.max_query_len == 3 and sub.max_seq_len == 10
+    assert sub.block_table_tensor.tolist() == [[4, 5, 6, 7], [8, 9, 10, 11]]
+    assert sub.slot_mapping.tolist() == [101, 102, 103, 104]
+    # dense_threshold 0 sends every decode token sparse, never a prefill.
+    _, sparse0 = _split_requests(qsl, seq_lens, dense_threshold=0)
+    assert sparse0.tolist() == [True, False, True, True]
+
+
+def test_counters_snapshot_shares_and_reads():
+    from vllm_asynctls.counters import AsyncTLSCounters
+
+    c = AsyncTLSCounters()
+    c.record_step(prefill_tokens=100, dense_context_lens=[10], sparse_context_lens=[5000, 6000, 7000])
+    positions = torch.full((3, 2, 8), -1, dtype=torch.int32)
+    positions[..., :6] = 1  # 6 attended positions per (token, kv head)
+    c.record_sparse_reads(positions)
+    s = c.snapshot()
+    assert s["decode_tokens_sparse"] == 3 and s["decode_tokens_dense"] == 1
+    assert s["sparse_share"] == pytest.approx(0.75)
+    assert s["tokens_read_per_sparse_decode"] == pytest.approx(6.0)
+    assert s["tokens_read_per_dense_decode"] == pytest.approx(10.0)
+    assert s["context_per_sparse_decode"] == pytest.approx(6000.0)
+
+
+def test_key_and_value_views_read_cpu_attn_cache_layout():
+    """The sparse path reads CPU_ATTN's cache through views; they must match what vLLM's own
+    `cpu_attn_reshape_and_cache` wrote (keys are stored transposed per block and head)."""
+    from vllm import _custom_ops as ops
+
+    from vllm_asynctls.backend import _paged_kv_views
+
+    num_blocks, num_kv_heads, block_size, head_dim = 3, 2, 32, 64
+    kv_cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_dim)
+    n = 70
+    key, value = torch.randn(n, num_kv_heads, head_dim), torch.randn(n, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size)[:n]
+    kv = kv_cache.view(num_blocks, num_kv_heads, block_size * 2, head_dim)
+    k_region, v_region = kv.chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, k_region, v_region, slots, "vec",
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    key_cache, value_cache = _paged_kv_views(kv_cache)  # (nb, bs, Hkv, D)
+    assert key_cache.data_ptr() == kv_cache.data_ptr()  # views, not copies
+    blocks, offsets = slots // block_size, slots % block_size
+    torch.testing.assert_close(key_cache[blocks, offsets], key, rtol=0, atol=0)
+    torch.testing.assert_close(value_cache[blocks, offsets], value, rtol=0, atol=0)

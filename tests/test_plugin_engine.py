@@ -1,0 +1,363 @@
+"""The plugin inside a real vLLM engine (the CPU build) on the tiny float32 GQA and MLA models.
+
+Engine starts are the cost here (tens of seconds each on a 2-core machine), so the file uses four:
+the default backend on the GQA model (the reference), asynctls on the GQA model, asynctls on the MLA
+model, and the OpenAI-compatible server with asynctls. Each engine carries several checks.
+
+What is shown:
+- `--attention-backend asynctls` selects our backend in an unmodified vLLM (counters move only if our
+  code serves the decode tokens).
+- GQA: with the token budget covering the context, greedy tokens equal the default backend's,
+  token for token, on prompts of several lengths, in one batch that also holds a long sparse
+  request (so dense-threshold decodes, exact sparse decodes, real sparse decodes and chunked prefill
+  of the long prompt are mixed in the same steps).
+- A small budget on a ~2.5K-token prompt: the sparse path is taken (counters), reads a bounded
+  number of tokens, and generation completes; a second identical batch served from the prefix cache
+  (summaries live with the physical blocks) gives the same tokens.
+- MLA: vLLM's CPU MLA decode kernel cannot serve this latent width (96, it only compiles 576), so the
+  MLA engine runs every decode token through our path; it serves, goes sparse on the long prompt and
+  reads a bounded set. The intended reference, vLLM's own dense MLA *prefill* re-scoring prompt +
+  generated tokens, turned out not to be self-consistent on this model (xfail, see the test).
+- Bad knobs fail `LLM(...)` at start-up with the knob's name, before any engine process starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# Counters are read from the worker with `llm.collective_rpc(read_counters)`; vLLM only ships a
+# callable to its workers when this is set (it falls back to cloudpickle).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+pytestmark = pytest.mark.engine
+
+ENGINE_KW = dict(
+    dtype="float32",
+    gpu_memory_utilization=0.3,
+    max_model_len=4096,
+    enforce_eager=True,
+    seed=0,
+)
+MAX_TOKENS = 20
+SHORT_LENGTHS = (20, 150, 400, 500)  # + generated tokens all <= sinks + local + budget = 544
+LONG_LENGTH = 2500
+# Budget 512 (+16 sinks +16 local) covers every short prompt's context; 2.5K contexts are really sparse.
+GQA_KNOBS = dict(
+    token_budget=512, num_blocks=32, selection_block_size=16, sink_tokens=16, local_tokens=16,
+    index_bits=4, dense_threshold=256,
+)
+MLA_KNOBS = dict(
+    token_budget=512, num_blocks=32, selection_block_size=16, sink_tokens=16, local_tokens=16,
+    index_bits=4, dense_threshold=0,
+)
+ATTENDED_MAX = 16 + 16 + 512
+
+
+def _prompts(model_path: str, lengths, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of exactly `lengths` tokens of random text from the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    import tiny_models
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += tok(" ".join(rng.choice(tiny_models._WORDS) for _ in range(200))).input_ids
+        out.append(ids[:n])
+    return out
+
+
+def _generate(llm, prompts, max_tokens=MAX_TOKENS) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        use_tqdm=False,
+    )
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _counters(llm) -> dict:
+    from vllm_asynctls.counters import read_counters
+
+    (snapshot,) = llm.collective_rpc(read_counters)
+    return snapshot
+
+
+def _reset_counters(llm) -> None:
+    from vllm_asynctls.counters import reset_counters
+
+    llm.collective_rpc(reset_counters)
+
+
+def _shutdown(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # best effort: the engine process goes away with the object anyway
+        pass
+    del llm
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------------------------
+# GQA
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gqa_prompts(qwen3_gqa_path):
+    return _prompts(qwen3_gqa_path, (*SHORT_LENGTHS, LONG_LENGTH))
+
+
+@pytest.fixture(scope="module")
+def gqa_default_tokens(qwen3_gqa_path, gqa_prompts):
+    """Greedy tokens of vLLM's default CPU backend on the same batch."""
+    from vllm import LLM
+
+    llm = LLM(model=qwen3_gqa_path, max_num_batched_tokens=1024, **ENGINE_KW)
+    try:
+        return _generate(llm, gqa_prompts)
+    finally:
+        _shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def gqa_runs(qwen3_gqa_path, gqa_prompts, gqa_default_tokens):
+    """Everything the GQA checks need from one asynctls engine, which is shut down afterwards
+    (depends on gqa_default_tokens so the default engine is gone before this one starts)."""
+    from vllm import LLM
+
+    llm = LLM(
+        model=qwen3_gqa_path,
+        attention_backend="asynctls",
+        additional_config={"asynctls": GQA_KNOBS},
+        max_num_batched_tokens=1024,  # the long prompt prefills in chunks, beside decodes
+        enable_prefix_caching=True,
+        **ENGINE_KW,
+    )
+    try:
+        runs = {}
+        _reset_counters(llm)
+        runs["first"] = (_generate(llm, gqa_prompts), _counters(llm))
+        # Same batch again: every full cache block of the prompts now comes from the prefix cache,
+        # with the block summaries written during the first run.
+        _reset_counters(llm)
+        runs["again"] = (_generate(llm, gqa_prompts), _counters(llm))
+        # The long request alone: every decode token sparse.
+        _reset_counters(llm)
+        runs["alone"] = (_generate(llm, gqa_prompts[-1:], max_tokens=8), _counters(llm))
+        return runs
+    finally:
+        _shutdown(llm)
+
+
+def test_gqa_budget_covering_context_equals_default_backend(gqa_runs, gqa_default_tokens):
+    tokens, _ = gqa_runs["first"]
+    for length, ours, default in zip(SHORT_LENGTHS, tokens, gqa_default_tokens):
+        assert ours == default, f"prompt of {length} tokens: asynctls {ours} != default {default}"
+    # The outputs depend on the prompt (an equality on a constant model would prove nothing).
+    assert len({tuple(t) for t in gqa_default_tokens}) == len(gqa_default_tokens)
+
+
+def test_gqa_decode_dispatch_dense_below_threshold_sparse_above(gqa_runs):
+    _, c = gqa_runs["first"]
+    # 20- and 150-token prompts decode at contexts <= 256: dense (CPU_ATTN).
+    assert c["decode_tokens_dense"] == 2 * (MAX_TOKENS - 1)
+    # 400, 500 and 2500-token prompts decode sparse.
+    assert c["decode_tokens_sparse"] == 3 * (MAX_TOKENS - 1)
+    assert c["tokens_read_per_sparse_decode"] <= ATTENDED_MAX
+    assert c["tokens_read_per_dense_decode"] < 256
+
+
+def test_gqa_prefix_cache_keeps_block_summaries(gqa_runs, gqa_prompts):
+    first, _ = gqa_runs["first"]
+    again, c = gqa_runs["again"]
+    assert c["prefill_tokens"] < sum(len(p) for p in gqa_prompts)  # prefix cache hits
+    assert again == first
+
+
+def test_gqa_small_budget_long_prompt_takes_sparse_path(gqa_runs):
+    (alone,), c = gqa_runs["alone"]
+    assert len(alone) == 8
+    assert c["decode_tokens_sparse"] == 7 and c["decode_tokens_dense"] == 0 and c["sparse_share"] == 1.0
+    assert c["context_per_sparse_decode"] > LONG_LENGTH
+    # Sinks + local window + the budget (a little less when a kept block holds fewer candidates).
+    assert 0.9 * ATTENDED_MAX <= c["tokens_read_per_sparse_decode"] <= ATTENDED_MAX
+    assert c["tokens_read_per_sparse_decode"] < c["context_per_sparse_decode"] / 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Start-up errors (no engine process starts)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "knobs, match",
+    [
+        ({"token_budget": 0}, r"token_budget must be an int >= 1; got 0"),
+        ({"selection_block_size": 256}, r"selection_block_size must divide the KV cache block size 128; got 256"),
+        ({"index_channels": 80}, r"index_channels must be in \[1, 64\]"),
+        ({"dense_threshold": -3}, r"dense_threshold must be an int >= 0"),
+        ({"budget": 5}, r"unknown asynctls knob"),
+    ],
+)
+def test_bad_knobs_fail_engine_start_with_their_name(qwen3_gqa_path, knobs, match):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=match):
+        LLM(model=qwen3_gqa_path, attention_backend="asynctls", additional_config={"asynctls": knobs}, **ENGINE_KW)
+
+
+def test_mla_of_other_width_needs_dense_threshold_zero(deepseek_mla_path):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=r"dense_threshold must be 0 for this model.*576.*96"):
+        LLM(model=deepseek_mla_path, attention_backend="asynctls",
+            additional_config={"asynctls": {**MLA_KNOBS, "dense_threshold": 100}}, **ENGINE_KW)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLA
+# ----------------------------------------------------------------------------------------------
+
+
+def _prefill_argmax(llm, sequences) -> list[list[int]]:
+    """vLLM's dense prefill: the greedy next token at every position of each sequence."""
+    from vllm import SamplingParams
+
+    outs = llm.generate(
+        [{"prompt_token_ids": s} for s in sequences],
+        SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1),
+        use_tqdm=False,
+    )
+    result = []
+    for out in outs:
+        best = []
+        for entry in out.prompt_logprobs[1:]:  # entry i predicts token i (entry 0 is None)
+            best.append(next(tok for tok, lp in entry.items() if lp.rank == 1))
+        result.append(best)
+    return result
+
+
+@pytest.fixture(scope="module")
+def mla_runs(deepseek_mla_path, gqa_runs):
+    # After the GQA engine is gone (fixture order), then shut down itself.
+    from vllm import LLM
+
+    prompts = _prompts(deepseek_mla_path, (20, 300, LONG_LENGTH), seed=1)
+    llm = LLM(model=deepseek_mla_path, attention_backend="asynctls",
+              additional_config={"asynctls": MLA_KNOBS}, **ENGINE_KW)
+    try:
+        _reset_counters(llm)
+        tokens = _generate(llm, prompts)
+        counters = _counters(llm)
+        rescored = _prefill_argmax(llm, [p + t[:-1] for p, t in zip(prompts[:2], tokens[:2])])
+        return prompts, tokens, counters, rescored
+    finally:
+        _shutdown(llm)
+
+
+def test_mla_long_prompt_takes_sparse_path(mla_runs):
+    _, tokens, c, _ = mla_runs
+    assert [len(t) for t in tokens] == [MAX_TOKENS] * 3
+    assert len({tuple(t) for t in tokens}) == 3
+    assert c["decode_tokens_sparse"] == 3 * (MAX_TOKENS - 1) and c["decode_tokens_dense"] == 0
+    assert c["tokens_read_per_sparse_decode"] <= ATTENDED_MAX
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="vLLM 0.32 CPU MLA prefill (not ours) is not self-consistent on this tiny model (latent 64 + "
+    "rope 32): the prefill argmax at a position changes with the tokens after it and with batching "
+    "(checked 11-25), so it cannot serve as the dense reference; CPU_MLA's dense decode kernel "
+    "supports only width 576",
+)
+def test_mla_decode_through_asynctls_equals_dense_prefill(mla_runs):
+    # Short prompts: the budget covers the context, so decode must equal vLLM's dense MLA prefill.
+    prompts, tokens, _, rescored = mla_runs
+    for p, t, best in zip(prompts[:2], tokens[:2], rescored):
+        assert best[len(p) - 1:] == t, f"prompt of {len(p)}: decoded {t}, dense prefill picks {best[len(p) - 1:]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI-compatible server
+# ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 60) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_openai_server_with_asynctls_answers_completions_and_chat(qwen3_gqa_path, mla_runs, tmp_path):
+    # Requests mla_runs only to run after the in-process engines are gone.
+    port = _free_port()
+    counters_file = tmp_path / "counters.json"
+    env = dict(os.environ, VLLM_ASYNCTLS_COUNTERS_FILE=str(counters_file), VLLM_CPU_KVCACHE_SPACE="1")
+    knobs = {"asynctls": {**GQA_KNOBS, "dense_threshold": 0}}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", qwen3_gqa_path,
+        "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1",
+        "--attention-backend", "AsyncTLS", "--additional-config", json.dumps(knobs),
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--gpu-memory-utilization", "0.3",
+    ]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError("server exited:\n" + (tmp_path / "server.log").read_text()[-4000:])
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError("server not healthy in 180 s:\n" + (tmp_path / "server.log").read_text()[-4000:])
+            time.sleep(1)
+        comp = _post(base + "/v1/completions",
+                     {"model": "tiny", "prompt": "the city of blue river and the key " * 20, "max_tokens": 8,
+                      "temperature": 0})
+        assert comp["choices"][0]["text"] and comp["usage"]["completion_tokens"] == 8
+        chat = _post(base + "/v1/chat/completions",
+                     {"model": "tiny", "messages": [{"role": "user", "content": "find the secret number " * 10}],
+                      "max_tokens": 8, "temperature": 0})
+        assert chat["choices"][0]["message"]["content"] is not None
+        assert chat["usage"]["completion_tokens"] == 8
+        files = list(tmp_path.glob("counters.json.*"))
+        files = [f for f in files if not f.name.endswith(".tmp")]
+        assert files, "no worker wrote asynctls counters"
+        c = json.loads(Path(files[0]).read_text())
+        assert c["decode_tokens_sparse"] >= 14 and c["decode_tokens_dense"] == 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,193 @@
+"""The only place that adapts to vLLM internals. Covers vLLM 0.32 (checked on the 0.32.0 CPU build);
+the hooks used here (`AttentionBackendEnum.CUSTOM`, `register_backend`, the enum's `_member_map_`,
+`CpuPlatform.get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)`) have the same
+shape in 0.26.
+
+Three adaptations, each installed by `install()`, which the `vllm.general_plugins` entry point runs in
+every vLLM process (API server, engine core, workers) before any config is parsed or model built:
+
+1. The name. `--attention-backend asynctls` is parsed with `AttentionBackendEnum[value.upper()]`.
+   A new member made by `register_backend("ASYNCTLS", ...)` does not survive being pickled into the
+   engine-core process: vLLM pickles the config into it before plugins run there, and unpickling looks
+   the member up by value. So "ASYNCTLS" is added as an *alias* of the built-in `CUSTOM` member (the
+   enum's own alias mechanism: a second name in `_member_map_`). The parsed value is `CUSTOM` itself,
+   which every process knows, and whose class path the plugin registers in every process.
+2. The override: `register_backend(AttentionBackendEnum.CUSTOM, <our GQA backend>)`.
+3. The CPU platform's backend choice. `CpuPlatform.get_attn_backend_cls` returns `CPU_ATTN` / `CPU_MLA` whatever was
+   asked for. It is wrapped: when the selected backend is `CUSTOM` bound to this plugin, it returns our
+   GQA or MLA backend (or, for layers we do not cover, the CPU backend with a logged warning); for any
+   other selection it calls the original untouched, so models served without
+   `--attention-backend asynctls` never see this plugin.
+4. Start-up validation. `CpuPlatform.check_and_update_config` (run once, in the process that parses
+   the arguments, before any engine process starts) is wrapped to validate the asynctls knobs and
+   check `selection_block_size` against the cache block size the platform just settled, so a bad knob
+   fails `LLM(...)` / `vllm serve` immediately with the knob's name instead of inside a worker.
+
+Not covered: GPU platforms resolve `CUSTOM` through their own selector, and our backend classes wrap
+the CPU backends; serving on GPU with this plugin needs a GPU backend wrapper (not in this version).
+"""
+
+from __future__ import annotations
+
+import logging
+
+BACKEND_NAME = "ASYNCTLS"
+GQA_BACKEND_PATH = "vllm_asynctls.backend.AsyncTLSAttentionBackend"
+MLA_BACKEND_PATH = "vllm_asynctls.backend.AsyncTLSMLABackend"
+
+logger = logging.getLogger("vllm_asynctls")
+
+_PATCH_MARK = "_asynctls_patched"
+
+# vLLM 0.32's CPU MLA decode kernel (csrc/cpu/mla_decode.cpp, CPU_MLA's dense decode path) compiles for
+# kv_lora_rank + qk_rope_head_dim = 576 only (DeepSeek-V2/V3's 512 + 64).
+CPU_MLA_DENSE_DECODE_HEAD_SIZE = 576
+
+
+def check_cpu_mla_dense_threshold(key_dim: int, dense_threshold: int) -> None:
+    """MLA models of another latent width can only decode through the AsyncTLS path on CPU."""
+    if key_dim != CPU_MLA_DENSE_DECODE_HEAD_SIZE and dense_threshold != 0:
+        raise ValueError(
+            f"asynctls knob dense_threshold must be 0 for this model: vLLM's CPU MLA decode kernel "
+            f"(the dense path) supports kv_lora_rank + qk_rope_head_dim = {CPU_MLA_DENSE_DECODE_HEAD_SIZE} "
+            f"only, this model has {key_dim}; got dense_threshold={dense_threshold}. With "
+            f"dense_threshold=0 every decode token takes the AsyncTLS path (exact when token_budget "
+            f"covers the context)"
+        )
+
+
+def alias_backend_name() -> None:
+    """Make `AttentionBackendEnum["ASYNCTLS"]` (any case, vLLM upper-cases) return `CUSTOM`."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    member_map = AttentionBackendEnum._member_map_
+    existing = member_map.get(BACKEND_NAME)
+    if existing is None:
+        member_map[BACKEND_NAME] = AttentionBackendEnum.CUSTOM
+    elif existing is not AttentionBackendEnum.CUSTOM:
+        raise RuntimeError(
+            f"AttentionBackendEnum already has a member named {BACKEND_NAME} ({existing!r}); "
+            "vllm_asynctls cannot alias it onto CUSTOM"
+        )
+
+
+def register_custom_override() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    current = AttentionBackendEnum.CUSTOM.get_path() if AttentionBackendEnum.CUSTOM.is_overridden() else None
+    if current not in (None, GQA_BACKEND_PATH):
+        logger.warning(
+            "AttentionBackendEnum.CUSTOM was bound to %s by another plugin; vllm_asynctls rebinds it to %s",
+            current,
+            GQA_BACKEND_PATH,
+        )
+    register_backend(AttentionBackendEnum.CUSTOM, GQA_BACKEND_PATH)
+
+
+def asynctls_selected(selected_backend) -> bool:
+    """Whether `selected_backend` (an AttentionBackendEnum or None) means this plugin."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return (
+        selected_backend is AttentionBackendEnum.CUSTOM
+        and AttentionBackendEnum.CUSTOM.is_overridden()
+        and AttentionBackendEnum.CUSTOM.get_path() == GQA_BACKEND_PATH
+    )
+
+
+def unsupported_reason(attn_selector_config) -> str | None:
+    """Why a layer cannot use the sparse path (None when it can). Such layers stay on the platform's
+    dense backend; the whole-model cases (kv-cache dtype, sparse models) raise instead."""
+    from vllm.v1.attention.backend import AttentionType
+
+    if attn_selector_config.attn_type != AttentionType.DECODER:
+        return f"attention type {attn_selector_config.attn_type} (only decoder self-attention decodes)"
+    if attn_selector_config.has_sliding_window:
+        return "sliding-window attention (its window already bounds the reads)"
+    if attn_selector_config.has_sink:
+        return "learned attention sinks"
+    return None
+
+
+def check_model_supported(attn_selector_config) -> None:
+    """Raise at start-up for combinations the sparse kernels lack."""
+    if attn_selector_config.use_sparse:
+        raise NotImplementedError(
+            "--attention-backend asynctls: the model already uses a trained sparse attention "
+            "(DeepSeek sparse attention / indexer); AsyncTLS applies to dense-attention models only"
+        )
+    kv_dtype = attn_selector_config.kv_cache_dtype
+    if kv_dtype not in (None, "auto"):
+        raise NotImplementedError(
+            f"--attention-backend asynctls supports kv_cache_dtype 'auto' (the model dtype) only; got "
+            f"{kv_dtype!r}. Drop --kv-cache-dtype"
+        )
+
+
+def patch_cpu_platform() -> None:
+    """Make the CPU platform honour `--attention-backend asynctls` (idempotent)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    if getattr(CpuPlatform.get_attn_backend_cls, _PATCH_MARK, False):
+        return
+    original = CpuPlatform.__dict__["get_attn_backend_cls"].__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if not asynctls_selected(selected_backend):
+            return original(cls, selected_backend, attn_selector_config, num_heads)
+        check_model_supported(attn_selector_config)
+        reason = unsupported_reason(attn_selector_config)
+        if reason is not None:
+            logger.warning(
+                "asynctls: layer with %s keeps the CPU platform's dense attention backend", reason
+            )
+            return original(cls, None, attn_selector_config, num_heads)
+        path = MLA_BACKEND_PATH if attn_selector_config.use_mla else GQA_BACKEND_PATH
+        logger.info("asynctls: using %s", path)
+        return path
+
+    setattr(get_attn_backend_cls, _PATCH_MARK, True)
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def validate_vllm_config(vllm_config) -> None:
+    """Raise ValueError naming the knob when `--additional-config '{"asynctls": ...}'` is invalid for
+    this engine (a no-op unless asynctls was selected)."""
+    if not asynctls_selected(vllm_config.attention_config.backend):
+        return
+    from vllm_asynctls.config import AsyncTLSConfig
+
+    cfg = AsyncTLSConfig.from_vllm_config(vllm_config)
+    if vllm_config.cache_config is not None and vllm_config.cache_config.block_size:
+        cfg.check_cache_block_size(vllm_config.cache_config.block_size)
+    model_config = vllm_config.model_config
+    if model_config is not None:
+        is_mla = bool(getattr(model_config, "use_mla", False))
+        head_dim = model_config.get_head_size()
+        cfg.sparse_config(head_dim=head_dim, is_mla=is_mla)
+        if is_mla:
+            check_cpu_mla_dense_threshold(head_dim, cfg.dense_threshold)
+    logger.info("asynctls: %s", cfg)
+
+
+def patch_cpu_platform_config_check() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    if getattr(CpuPlatform.check_and_update_config, _PATCH_MARK, False):
+        return
+    original = CpuPlatform.__dict__["check_and_update_config"].__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original(cls, vllm_config)
+        validate_vllm_config(vllm_config)
+
+    setattr(check_and_update_config, _PATCH_MARK, True)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+def install() -> None:
+    """Everything `register()` needs, in every process."""
+    alias_backend_name()
+    register_custom_override()
+    patch_cpu_platform()
+    patch_cpu_platform_config_check()

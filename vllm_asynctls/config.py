@@ -1,0 +1,149 @@
+"""AsyncTLS knobs, read once from vLLM's plugin configuration route and validated there.
+
+    vllm serve MODEL --attention-backend asynctls \
+        --additional-config '{"asynctls": {"token_budget": 1024, "dense_threshold": 8192}}'
+    LLM(MODEL, attention_backend="asynctls", additional_config={"asynctls": {...}})
+
+`AsyncTLSConfig` is frozen and resolved once per process (metadata builder and every layer's impl
+read the same object); nothing on the decode path re-reads `additional_config`. The selection knobs
+are validated by `asynctls_tip_kernels.sparse_config.SparseAttentionConfig` (one source of truth
+for their ranges); this module adds the plugin-only knob `dense_threshold` and the auto value of
+`index_channels`, and checks the knobs against the model (head dim, cache block size) at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+
+ADDITIONAL_CONFIG_KEY = "asynctls"
+
+# Paper defaults (secondary accounts): 32 index channels for GQA models, 128 for MLA.
+GQA_INDEX_CHANNELS = 32
+MLA_INDEX_CHANNELS = 128
+
+
+@dataclass(frozen=True)
+class AsyncTLSConfig:
+    """The knobs of `--additional-config '{"asynctls": {...}}'`.
+
+    token_budget: tokens each kv head attends to beyond the sinks and the local window (>= 1).
+    num_blocks: selection blocks the coarse level keeps per kv head (>= 1;
+        num_blocks * selection_block_size >= token_budget).
+    selection_block_size: tokens summarised by one block min/max (power of two, 1..1024); must divide
+        vLLM's KV cache block size (16 for MLA on CPU, 128 for CPU_ATTN, 16 on most GPU backends).
+        16 with 512 blocks keeps the paper's 8,192 candidate tokens.
+    sink_tokens: first positions always attended (>= 0).
+    local_tokens: last positions always attended (>= 0).
+    index_channels: key channels kept by the token index; None picks 32 (GQA) or 128 (MLA), capped at
+        the key head dim; an explicit value must be in [1, key head dim] (even with 4 bits).
+    index_bits: 4, 8 or 16 (16 scores tokens with their full keys).
+    dense_threshold: decode tokens whose context is at most this many tokens use the platform's dense
+        attention (so short-context serving costs nothing extra); 0 sends every decode token to the
+        sparse path (>= 0).
+    mode: "asynctls" (two levels), "block_only" (Quest), "exact_topk" (oracle) or "dense".
+    """
+
+    token_budget: int = 2048
+    num_blocks: int = 512
+    selection_block_size: int = 16
+    sink_tokens: int = 64
+    local_tokens: int = 64
+    index_channels: int | None = None
+    index_bits: int = 4
+    dense_threshold: int = 4096
+    mode: str = "asynctls"
+
+    def __post_init__(self) -> None:
+        t = self.dense_threshold
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(
+                f"asynctls knob dense_threshold must be an int >= 0 (0 = every decode token sparse); got {t!r}"
+            )
+        c = self.index_channels
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(
+                f"asynctls knob index_channels must be null (auto: {GQA_INDEX_CHANNELS} for GQA, "
+                f"{MLA_INDEX_CHANNELS} for MLA) or an int >= 1; got {c!r}"
+            )
+        # The selection knobs' ranges live in SparseAttentionConfig; build one to validate them.
+        self.sparse_config(head_dim=None, is_mla=False)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, knobs: Mapping[str, Any] | None) -> "AsyncTLSConfig":
+        """Build from the `"asynctls"` entry of `additional_config`; unknown knobs are errors."""
+        if knobs is None:
+            return cls()
+        if not isinstance(knobs, Mapping):
+            raise ValueError(
+                f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a JSON object of knobs "
+                f"{list(cls.knob_names())}; got {type(knobs).__name__}: {knobs!r}"
+            )
+        unknown = sorted(set(knobs) - set(cls.knob_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown asynctls knob(s) {unknown}; allowed knobs: {list(cls.knob_names())}"
+            )
+        return cls(**dict(knobs))
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "AsyncTLSConfig":
+        return cls.from_dict((additional_config or {}).get(ADDITIONAL_CONFIG_KEY))
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> "AsyncTLSConfig":
+        return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ------------------------------------------------------------------------------------------
+    def resolved_index_channels(self, head_dim: int | None, is_mla: bool) -> int:
+        if self.index_channels is not None:
+            return self.index_channels
+        default = MLA_INDEX_CHANNELS if is_mla else GQA_INDEX_CHANNELS
+        if head_dim is None:
+            return default
+        channels = min(default, head_dim)
+        return channels - (channels % 2) if self.index_bits == 4 and channels > 1 else channels
+
+    def sparse_config(self, head_dim: int | None, is_mla: bool) -> SparseAttentionConfig:
+        """The kernels' config for a layer with key head dim `head_dim` (the latent + rope width for
+        MLA). Raises ValueError naming the knob when a knob is out of range."""
+        try:
+            cfg = SparseAttentionConfig(
+                selection_block_size=self.selection_block_size,
+                num_blocks=self.num_blocks,
+                token_budget=self.token_budget,
+                sink_tokens=self.sink_tokens,
+                local_tokens=self.local_tokens,
+                index_channels=self.resolved_index_channels(head_dim, is_mla),
+                index_bits=self.index_bits,
+                mode=self.mode,
+                lagged_selection=False,
+            )
+        except ValueError as e:
+            raise ValueError(f"asynctls knob {e}") from None
+        if head_dim is not None and cfg.index_channels > head_dim:
+            raise ValueError(
+                f"asynctls knob index_channels must be in [1, {head_dim}] (the key head dim of this "
+                f"model); got {cfg.index_channels}"
+            )
+        return cfg
+
+    def check_cache_block_size(self, cache_block_size: int) -> None:
+        """Selection blocks must tile vLLM's cache blocks, so summaries live with physical blocks
+        (and stay valid under prefix caching)."""
+        if cache_block_size % self.selection_block_size:
+            raise ValueError(
+                f"asynctls knob selection_block_size must divide the KV cache block size "
+                f"{cache_block_size}; got {self.selection_block_size}. Lower selection_block_size or "
+                f"pass --block-size with a multiple of it"
+            )
