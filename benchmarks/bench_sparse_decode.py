@@ -168,30 +168,32 @@ def sweep(B=8, L=65536, budget=2048):
         rows.append(dict(kind="sweep", stage=name, B=B, context=L, us=us, **settings))
         print(f"  sweep {name} {settings}: {us:.1f} us", flush=True)
 
-    for tile in (32, 64, 128):
+    for tile, warps, dk, stages in ((64, 2, 128, 2), (64, 4, 64, 3), (64, 4, 32, 3), (64, 8, 64, 3),
+                                    (128, 4, 64, 3), (128, 8, 64, 3), (128, 8, 32, 4), (32, 4, 32, 3)):
+        run("block_scores", block_select, dict(BLOCK_SCORE_TILE=tile, BLOCK_SCORE_WARPS=warps,
+                                               BLOCK_SCORE_DK=dk, BLOCK_SCORE_STAGES=stages),
+            lambda: block_select.block_scores_triton(q, index, table, seq_lens, config, n_sel))
+    for tile in (64, 128, 256):
         for warps in (2, 4):
-            run("block_scores", block_select, dict(BLOCK_SCORE_TILE=tile, BLOCK_SCORE_WARPS=warps),
-                lambda: block_select.block_scores_triton(q, index, table, seq_lens, config, n_sel))
-    for tile in (32, 64, 128):
-        for warps in (1, 2, 4):
             run("token_scores", token_select, dict(TOKEN_SCORE_TILE=tile, TOKEN_SCORE_WARPS=warps),
                 lambda: token_select.token_scores_triton(q, index, kc, table, seq_lens, block_ids, config))
     from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace as _W
     ws = _W(B, Hq, Hkv, D, D, table.shape[1], CACHE_BLOCK, config, q.dtype, "cuda")
     sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
-    for bpp in (1, 2, 4):
+    for interp in (0, 24):
         for warps in (8, 16, 32):
-            run("token_topk", block_select, dict(TOPK_BITS_PER_PASS=bpp, TOPK_WARPS_LARGE=warps),
+            run("token_topk", block_select, dict(TOPK_INTERP_PASSES=interp, TOPK_WARPS_LARGE=warps),
                 lambda: block_select.topk_rows(ws.token_scores.view(B * Hkv, -1), budget,
                                                out=ws.positions.view(B * Hkv, -1),
                                                block_map=ws.block_ids.view(B * Hkv, -1), map_block_size=64,
                                                seq_lens=seq_lens, sink_tokens=config.sink_tokens,
                                                local_tokens=config.local_tokens, rows_per_seq=Hkv))
-    for per_sm in (4, 8, 16):
-        for block_n in (32, 64):
-            for warps in (4,):
+    for per_sm in (8, 16, 32):
+        for block_n, warps, stages in ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 3), (16, 4, 3)):
+            if True:
                 run("attention", sparse_attention,
-                    dict(ATTN_PROGRAMS_PER_SM=per_sm, ATTN_BLOCK_N=block_n, ATTN_NUM_WARPS=warps),
+                    dict(ATTN_PROGRAMS_PER_SM=per_sm, ATTN_BLOCK_N=block_n, ATTN_NUM_WARPS=warps,
+                         ATTN_NUM_STAGES=stages),
                     lambda: sparse_attention.sparse_attention_triton(q, kc, vc, table, positions, scale))
     del q, kc, vc, index
     torch.cuda.empty_cache()

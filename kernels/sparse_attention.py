@@ -28,6 +28,7 @@ _LOG2E = 1.4426950408889634
 ATTN_PROGRAMS_PER_SM = 16  # split the position lists until about this many programs per SM
 ATTN_BLOCK_N = 32  # rows per tile (head dims <= 128)
 ATTN_NUM_WARPS = 4
+ATTN_NUM_STAGES = 2
 
 
 def require_triton_device(op: str, *tensors: torch.Tensor) -> None:
@@ -272,7 +273,7 @@ def sparse_attention_triton(
         BLOCK_H=plan["BLOCK_H"], BLOCK_N=plan["BLOCK_N"], BLOCK_DK=plan["BLOCK_DK"], BLOCK_DV=plan["BLOCK_DV"],
         SPLIT_LEN=plan["SPLIT_LEN"], NUM_SPLITS=plan["NUM_SPLITS"],
         IEEE=float32_dots(key_cache.dtype),
-        num_warps=plan["num_warps"], num_stages=2,
+        num_warps=plan["num_warps"], num_stages=ATTN_NUM_STAGES,
     )
     _sparse_attn_merge_kernel[(B * Hq,)](
         workspace.m, workspace.l, workspace.acc, out,

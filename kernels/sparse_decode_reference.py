@@ -122,8 +122,14 @@ def allocate_index(
         codes = scales = None
     else:
         nbytes = config.index_channels * config.index_bits // 8
-        codes = torch.zeros(num_cache_blocks, cache_block_size, num_kv_heads, nbytes, dtype=torch.uint8, device=device)
-        scales = torch.zeros(num_cache_blocks, cache_block_size, num_kv_heads, dtype=torch.float32, device=device)
+        # Stored head-major, returned as views in the contract's (block, token, head, ...) shape: a
+        # scorer reading one kv head's codes for consecutive tokens then reads one contiguous run
+        # (cache_block_size * nbytes bytes) instead of nbytes at a stride of Hkv * nbytes. Every
+        # consumer goes through strides, so the logical layout is unchanged.
+        codes = torch.zeros(num_cache_blocks, num_kv_heads, cache_block_size, nbytes, dtype=torch.uint8,
+                            device=device).permute(0, 2, 1, 3)  # (blocks, tokens, Hkv, nbytes) view
+        scales = torch.zeros(num_cache_blocks, num_kv_heads, cache_block_size, dtype=torch.float32,
+                             device=device).permute(0, 2, 1)  # (blocks, tokens, Hkv) view
     return SparseIndex(block_min, block_max, channel_ids, codes, scales)
 
 

@@ -24,8 +24,8 @@ from .block_select import topk_rows
 from .sparse_attention import float32_dots, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
-TOKEN_SCORE_TILE = 64  # candidates per program (group of <= 32 q heads)
-TOKEN_SCORE_WARPS = 2
+TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
+TOKEN_SCORE_WARPS = 4
 
 
 @triton.jit

@@ -295,6 +295,39 @@ def test_topk_rows_ties_and_short_rows():
         torch.testing.assert_close(scores[r][got[r].long()].sort().values, want, rtol=0, atol=0)
 
 
+def test_topk_rows_search_is_exact_on_hard_rows():
+    # The threshold search interpolates on the count; rows where interpolation is useless (huge
+    # outliers, values far apart in magnitude, heavy duplicates at the threshold, tiny denormal-ish
+    # ranges) must still end at the exact k-th value through its bisection fallback.
+    g = torch.Generator().manual_seed(3)
+    n, k = 2048, 512
+    rows = [
+        torch.randn(n, generator=g),
+        torch.randn(n, generator=g) * 1e-30,
+        torch.cat([torch.full((1,), 3e38), torch.randn(n - 1, generator=g)]),
+        torch.randn(n, generator=g).exp() ** 8,  # heavy tail, all positive
+        -(torch.randn(n, generator=g).exp() ** 8),  # all negative
+        torch.randint(-3, 4, (n,), generator=g).float(),  # massive ties at the threshold
+        torch.randn(n, generator=g).round(decimals=2),
+        torch.where(torch.rand(n, generator=g) < 0.5, -torch.inf, torch.randn(n, generator=g)),
+    ]
+    scores = torch.stack(rows)
+    got = topk_rows(scores.to(DEVICE), k).cpu()
+    for r in range(scores.shape[0]):
+        finite = int((scores[r] > float("-inf")).sum())
+        kk = min(k, finite)
+        chosen = got[r][got[r] >= 0].long()
+        assert chosen.numel() == kk and chosen.unique().numel() == kk
+        assert (chosen.diff() > 0).all()  # ascending
+        want = scores[r].topk(kk).values.sort().values
+        assert torch.equal(scores[r][chosen].sort().values, want), r
+        # ties at the threshold go to the lowest indices
+        t = want[0]
+        ties = (scores[r] == t).nonzero().flatten()
+        n_ties_kept = int((scores[r][chosen] == t).sum())
+        assert torch.equal(chosen[scores[r][chosen] == t], ties[:n_ties_kept])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_workspace_decode_is_graph_capturable():
     c = build("bench_qwen3_8b_scaled", seed=8)
