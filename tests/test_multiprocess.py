@@ -1,0 +1,235 @@
+"""Scale-out on CPU: TIPTrainer with 2 processes (gloo DDP) and asynctls under vLLM tensor parallelism 2.
+
+TIP (about 45 s: two launches of `benchmarks/tip_multiprocess_check.py`, run side by side). One real training
+step over the same 4 prompts with fixed completions, in four layouts: 1 process x batch 4, 1 process x batch 2 x
+2 accumulation steps, 2 processes x batch 2, 2 processes x batch 1 x 2 accumulation steps. Shown:
+- the loss and the all-reduced gradient of every layout equal the single-process full-batch ones (float32, 1e-5):
+  the selected-token normaliser spans processes and micro-batches and TRL's division by the process count undoes
+  DDP's averaging;
+- each process selects on its own rollouts (every selection call sees one rank's micro-batch) and, with a rule
+  that ranks within each rollout, chooses the single-process positions;
+- the quadrant counts are reduced over processes before logging: 2 processes log the single-process shares.
+
+vLLM (about 60-90 s: two engine starts). vLLM's CPU build runs `tensor_parallel_size=2` (gloo, `mp` executor) once
+each rank is bound to its own cores with `VLLM_CPU_OMP_THREADS_BIND` (its automatic binding wants one NUMA node per
+rank). On the tiny GQA model (2 kv heads, so 1 kv head per rank) asynctls at TP=2 gives TP=1's greedy tokens on
+~1.5K-token prompts with a small budget, and each rank's counters show every decode token served sparse.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "benchmarks" / "tip_multiprocess_check.py"
+SINGLE_LAYOUTS = ("4x1", "2x2")  # per_device x grad_accum with 1 process
+DDP_LAYOUTS = ("2x1", "1x2")  # with 2 processes
+TIMEOUT_S = 240
+
+
+# ----------------------------------------------------------------------------------------------
+# TIPTrainer: 1 process vs 2 processes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tip_runs(teacher_student_paths, tmp_path_factory):
+    teacher, student = teacher_student_paths
+    out = tmp_path_factory.mktemp("tip_multiprocess")
+    common = [str(CHECK), "--out", str(out), "--teacher", teacher, "--student", student]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launches = {
+        "single": [sys.executable, *common, "--runs", ",".join(SINGLE_LAYOUTS)],
+        # accelerate's `--cpu` alone starts one process; its torch.distributed launcher plus the script's
+        # `PartialState(cpu=True)` gives a 2-process gloo group on a machine without GPUs.
+        "ddp": [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", "0", *common, "--runs", ",".join(DDP_LAYOUTS),
+        ],
+    }  # fmt: skip
+    procs = {
+        name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, cmd in launches.items()
+    }
+    for name, proc in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for other in procs.values():
+                other.kill()
+            pytest.fail(f"{name} launch did not finish in {TIMEOUT_S} s")
+        assert proc.returncode == 0, f"{name} launch failed:\n{output[-4000:]}"
+
+    def load(processes, layout):
+        folder = out / f"{processes}proc_{layout}"
+        return json.loads((folder / "summary.json").read_text()), torch.load(folder / "grad.pt")
+
+    return {(1, layout): load(1, layout) for layout in SINGLE_LAYOUTS} | {
+        (2, layout): load(2, layout) for layout in DDP_LAYOUTS
+    }
+
+
+@pytest.mark.parametrize("key", [(1, "2x2"), (2, "2x1"), (2, "1x2")], ids=lambda k: f"{k[0]}proc_{k[1]}")
+def test_loss_and_gradient_equal_single_process_full_batch(tip_runs, key):
+    reference, reference_grad = tip_runs[(1, "4x1")]
+    summary, grad = tip_runs[key]
+    assert summary["ranks_agree_on_gradient"]
+    assert abs(summary["loss"] - reference["loss"]) <= 1e-5 * abs(reference["loss"])
+    assert abs(summary["grad_norm"] - reference["grad_norm"]) <= 1e-5 * reference["grad_norm"]
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=2e-5)
+    assert reference["grad_norm"] > 1.0  # a real gradient, not two zeros compared
+
+
+def _by_rollout(summary):
+    return {tuple(s["completion"]): s for s in summary["selections"]}
+
+
+@pytest.mark.parametrize("layout", DDP_LAYOUTS)
+def test_each_rank_selects_on_its_own_rollouts(tip_runs, layout):
+    reference = _by_rollout(tip_runs[(1, "4x1")][0])
+    summary, _ = tip_runs[(2, layout)]
+    per_device = int(layout.split("x")[0])
+    selections = summary["selections"]
+    # Every rollout was scored exactly once, by one rank, in a call that held only that rank's micro-batch.
+    assert sorted(tuple(s["completion"]) for s in selections) == sorted(reference)
+    assert {s["rank"] for s in selections} == {0, 1}
+    assert all(s["micro_batch_rollouts"] == per_device for s in selections)
+    # `divergence` ranks within a rollout: the positions are the single-process ones.
+    for s in selections:
+        assert s["selected"] == reference[tuple(s["completion"])]["selected"]
+    # The normaliser each rank divides by: the all-process selected count over the process count (TRL's DDP rule).
+    total = sum(len(s["selected"]) for s in selections)
+    assert all(s["num_items_in_batch"] == total / 2 for s in selections)
+    assert all(s["num_items_in_batch"] == total for s in reference.values())
+
+
+def test_quadrant_statistics_reduced_across_ranks(tip_runs):
+    reference = tip_runs[(1, "4x1")][0]["logs"]
+    logs = tip_runs[(2, "2x1")][0]["logs"]
+    keys = [k for k in reference if k.startswith("tip/")]
+    assert {f"tip/share_q{q}" for q in (1, 2, 3, 4)} <= set(keys)
+    # A rank alone holds 2 of the 4 rollouts: only the all-process sums reproduce the full-batch shares.
+    for key in keys:
+        assert logs[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-7), key
+    assert len({reference[f"tip/share_q{q}"] for q in (1, 2, 3, 4)}) > 1  # the types are not all one quadrant
+
+
+# ----------------------------------------------------------------------------------------------
+# asynctls under vLLM tensor parallelism 2 (CPU build)
+# ----------------------------------------------------------------------------------------------
+
+TP_KNOBS = dict(
+    token_budget=128, num_blocks=8, selection_block_size=16, sink_tokens=16, local_tokens=16,
+    index_bits=4, dense_threshold=256,
+)  # fmt: skip
+TP_LENGTHS = (1500, 1300)
+TP_MAX_TOKENS = 16
+TP_ATTENDED_MAX = 16 + 16 + 128
+
+
+def _prompts(model_path: str, lengths, seed: int) -> list[list[int]]:
+    """Token-id prompts of exactly `lengths` tokens of random words from the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    import tiny_models
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += tokenizer(" ".join(rng.choice(tiny_models._WORDS) for _ in range(200))).input_ids
+        out.append(ids[:n])
+    return out
+
+
+def _tp_engine_run(model_path: str, tp: int, prompts) -> tuple[list[list[int]], list[dict]]:
+    """Greedy tokens of an asynctls engine at this TP, and each rank's counters (rank order)."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_asynctls.counters import read_counters
+
+    llm = LLM(
+        model=model_path,
+        attention_backend="asynctls",
+        additional_config={"asynctls": TP_KNOBS},
+        tensor_parallel_size=tp,
+        distributed_executor_backend="mp",
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        max_model_len=4096,
+        enforce_eager=True,
+        seed=0,
+    )
+    try:
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=TP_MAX_TOKENS, temperature=0.0, ignore_eos=True),
+            use_tqdm=False,
+        )
+        return [list(o.outputs[0].token_ids) for o in outputs], llm.collective_rpc(read_counters)
+    finally:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: the engine processes go away with the object anyway
+            pass
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def tp_runs(qwen3_gqa_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip(f"tensor parallelism 2 on CPU needs 2 CPUs to bind, this process may use {allowed}")
+    # Counters are read with `collective_rpc(read_counters)`; vLLM ships a callable to its workers only with this.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    prompts = _prompts(qwen3_gqa_path, TP_LENGTHS, seed=3)
+    runs = {1: _tp_engine_run(qwen3_gqa_path, 1, prompts)}
+    # vLLM's automatic CPU binding gives each rank a NUMA node and refuses 2 ranks on a 1-node machine ("Not enough
+    # allowed NUMA nodes to bind threads of 2 local CPUWorkers"); bind one core per rank by hand instead.
+    previous = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{allowed[0]}|{allowed[1]}"
+    try:
+        runs[2] = _tp_engine_run(qwen3_gqa_path, 2, prompts)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = previous
+    return runs
+
+
+@pytest.mark.engine
+def test_asynctls_tp2_greedy_tokens_equal_tp1(tp_runs):
+    (tokens_tp1, _), (tokens_tp2, _) = tp_runs[1], tp_runs[2]
+    assert all(len(t) == TP_MAX_TOKENS for t in tokens_tp1)
+    assert tokens_tp2 == tokens_tp1
+    assert len({tuple(t) for t in tokens_tp1}) == len(tokens_tp1)  # prompt-dependent outputs
+
+
+@pytest.mark.engine
+def test_asynctls_tp2_every_rank_decodes_sparse(tp_runs):
+    _, (counters_tp1,) = tp_runs[1]
+    _, counters_tp2 = tp_runs[2]
+    assert len(counters_tp2) == 2
+    for c in (counters_tp1, *counters_tp2):
+        # Both requests decode sparse on every rank (the first generated token comes from prefill).
+        assert c["decode_tokens_sparse"] == len(TP_LENGTHS) * (TP_MAX_TOKENS - 1)
+        assert c["decode_tokens_dense"] == 0 and c["sparse_share"] == 1.0
+        # The budget means the same per kv head at any TP: sinks + local + budget, at most.
+        assert 0.9 * TP_ATTENDED_MAX <= c["tokens_read_per_sparse_decode"] <= TP_ATTENDED_MAX
+    # Each rank selects on its own kv head; TP=1 averages the same two heads.
+    mean_tp2 = sum(c["tokens_read_per_sparse_decode"] for c in counters_tp2) / 2
+    assert mean_tp2 == pytest.approx(counters_tp1["tokens_read_per_sparse_decode"], rel=1e-6)
