@@ -83,7 +83,7 @@ def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
     seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     index = ref.allocate_index(nblocks, CACHE_BLOCK, Hkv, Dk, config, torch.bfloat16, "cuda")
     sample = key_cache[table[0, : min(W, 64)].long()].reshape(-1, Hkv, Dk)
-    ref.set_index_channels(index, ref.choose_index_channels(sample, config.index_channels))
+    ref.set_index_channels(index, ref.choose_index_channels(sample, config.index_channels, metric=config.index_channel_metric))
     ws = IndexWriteWorkspace(nblocks, index.block_min.shape[1], "cuda")
     chunk_blocks = max(1, 65536 // CACHE_BLOCK)
     for b in range(B):
@@ -279,51 +279,58 @@ def structured_keys(B, L, Hkv, D, G, gen):
     """Keys and queries with structure like real models': a few heavy-hitter channels with large,
     consistent offsets in keys and queries; planted directions aligned with each group's query in
     clustered runs (semantic locality) and scattered single tokens (needles), at varying strength."""
-    keys = torch.randn(B, L, Hkv, D, device="cuda", generator=gen)
-    heavy = torch.randperm(D, device="cuda", generator=gen)[:6]
-    offsets = torch.randn(Hkv, 6, device="cuda", generator=gen) * 6
+    device = gen.device  # the generator decides: "cuda" in the full run, "cpu" with --device cpu
+    keys = torch.randn(B, L, Hkv, D, device=device, generator=gen)
+    heavy = torch.randperm(D, device=device, generator=gen)[:6]
+    offsets = torch.randn(Hkv, 6, device=device, generator=gen) * 6
     keys[..., heavy] = keys[..., heavy] * 0.5 + offsets
-    qdir = torch.randn(B, Hkv, D, device="cuda", generator=gen)
+    qdir = torch.randn(B, Hkv, D, device=device, generator=gen)
     qdir = qdir / qdir.norm(dim=-1, keepdim=True)
     for b in range(B):
         for h in range(Hkv):
             for _ in range(24):  # clusters
-                start = int(torch.randint(0, L - 48, (1,), device="cuda", generator=gen))
-                n = int(torch.randint(4, 48, (1,), device="cuda", generator=gen))
-                strength = 4 + 8 * torch.rand(n, 1, device="cuda", generator=gen)
+                start = int(torch.randint(0, L - 48, (1,), device=device, generator=gen))
+                n = int(torch.randint(4, 48, (1,), device=device, generator=gen))
+                strength = 4 + 8 * torch.rand(n, 1, device=device, generator=gen)
                 keys[b, start:start + n, h] += strength * qdir[b, h]
-            needles = torch.randint(0, L, (256,), device="cuda", generator=gen)
-            keys[b, needles, h] += (4 + 8 * torch.rand(256, 1, device="cuda", generator=gen)) * qdir[b, h]
-    q = qdir.unsqueeze(2) * 3.0 + 0.5 * torch.randn(B, Hkv, G, D, device="cuda", generator=gen)
+            needles = torch.randint(0, L, (256,), device=device, generator=gen)
+            keys[b, needles, h] += (4 + 8 * torch.rand(256, 1, device=device, generator=gen)) * qdir[b, h]
+    q = qdir.unsqueeze(2) * 3.0 + 0.5 * torch.randn(B, Hkv, G, D, device=device, generator=gen)
     q[..., heavy] += offsets.view(1, Hkv, 1, 6).sign() * 1.0
     return keys, q.reshape(B, Hkv * G, D)
 
 
-def recall_rows(L, budgets, B=2, seed=0):
+def recall_rows(L, budgets, B=2, seed=0, device="cuda"):
+    """Recall rows; on the GPU through the Triton operator (and the reference beside it), with
+    device="cpu" through the reference alone (same generator, same settings)."""
+    on_gpu = device == "cuda"
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
     G = Hq // Hkv
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     keys, query = structured_keys(B, L, Hkv, D, G, gen)
     W = math.ceil(L / CACHE_BLOCK)
-    table = torch.randperm(B * W, device="cuda", generator=gen).view(B, W).to(torch.int32)
-    key_cache = torch.zeros(B * W, CACHE_BLOCK, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(B * W, device=device, generator=gen).view(B, W).to(torch.int32)
+    key_cache = torch.zeros(B * W, CACHE_BLOCK, Hkv, D, device=device, dtype=torch.bfloat16)
     key_cache[table.long()] = keys.view(B, W, CACHE_BLOCK, Hkv, D).to(torch.bfloat16)
     value_cache = torch.randn_like(key_cache)
-    seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    seq_lens = torch.full((B,), L, dtype=torch.int32, device=device)
     query = query.to(torch.bfloat16)
     scale = 1.0 / math.sqrt(D)
     rows = []
     for budget in budgets:
         config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=budget)
-        index = ref.allocate_index(B * W, CACHE_BLOCK, Hkv, D, config, torch.bfloat16, "cuda")
+        index = ref.allocate_index(B * W, CACHE_BLOCK, Hkv, D, config, torch.bfloat16, device)
         flat = keys.reshape(B * L, Hkv, D).to(torch.bfloat16)
-        ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels))
-        slots = (table.long().view(B, W, 1) * CACHE_BLOCK + torch.arange(CACHE_BLOCK, device="cuda")).view(-1)
-        write_index_triton(index, flat, slots, config)
+        ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels, metric=config.index_channel_metric))
+        slots = (table.long().view(B, W, 1) * CACHE_BLOCK + torch.arange(CACHE_BLOCK, device=device)).view(-1)
+        if on_gpu:
+            write_index_triton(index, flat, slots, config)
+        else:
+            ref.write_index(index, flat, slots, config)
         row = dict(kind="recall", context=L, budget=budget, B=B)
+        decode = sparse_decode_triton if on_gpu else ref.sparse_decode
         for mode in ("asynctls", "block_only", "exact_topk"):
-            _, pos, _ = sparse_decode_triton(query, key_cache, value_cache, table, seq_lens, index,
-                                             config.with_(mode=mode), scale)
+            _, pos, _ = decode(query, key_cache, value_cache, table, seq_lens, index, config.with_(mode=mode), scale)
             row[mode] = float(ref.attention_mass_recall(query, key_cache, table, seq_lens, pos, scale).mean())
         ref_pos = ref.sparse_decode(query, key_cache, value_cache, table, seq_lens, index, config, scale)[1]
         row["asynctls_reference"] = float(ref.attention_mass_recall(query, key_cache, table, seq_lens, ref_pos,
@@ -376,11 +383,24 @@ def main(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the reference check at each shape")
     p.add_argument("--no-mla", action="store_true")
     p.add_argument("--no-recall", action="store_true")
+    p.add_argument("--recall-only", action="store_true", help="only the recall rows (runs on the CPU with --device cpu)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: recall through the reference only")
+    p.add_argument("--recall-context", type=int, default=None, help="recall context (default 16384; 8192 with --quick)")
+    p.add_argument("--recall-batch", type=int, default=2, help="sequences in the recall rows")
     p.add_argument("--breakdown", action="store_true", help="time each stage alone at B=1, 8 (16K, 64K, 128K) and exit")
     p.add_argument("--sweep", action="store_true", help="time stages over launch settings at B=8, 64K (with --breakdown)")
     p.add_argument("--tune", action="store_true",
                    help="run the sweep first and time everything with the fastest setting of each stage")
     args = p.parse_args(argv)
+    recall_context = args.recall_context or (16384 if not args.quick else 8192)
+    if args.recall_only:
+        rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(device=args.device, command=" ".join(["python"] + sys.argv), rows=rows), f, indent=1)
+        return
+    if args.device != "cuda":
+        sys.exit("only --recall-only runs with --device cpu")
     if not torch.cuda.is_available():
         sys.exit("bench_sparse_decode needs a CUDA device")
     if args.quick:
@@ -425,7 +445,7 @@ def main(argv=None):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,
                                              check=not args.no_check))
     if not args.no_recall:
-        results["rows"] += recall_rows(16384 if not args.quick else 8192, args.budgets)
+        results["rows"] += recall_rows(recall_context, args.budgets, B=args.recall_batch)
     md = markdown(results)
     print(md)
     if args.out:

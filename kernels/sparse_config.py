@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 SPARSE_MODES = ("asynctls", "block_only", "exact_topk", "dense")
 INDEX_BITS = (4, 8, 16)
+INDEX_CHANNEL_METRICS = ("mean_abs", "std")
 MAX_SELECTION_BLOCK_SIZE = 1024
 
 
@@ -36,6 +37,10 @@ class SparseAttentionConfig:
         (the oracle: exact top-k over all positions) or "dense" (no sparsity).
     lagged_selection: the paper's pipelining: tokens are chosen inside the blocks selected at the
         previous decode step, so those blocks had a whole step to arrive from host memory.
+    index_channel_metric: the key statistic `choose_index_channels` ranks channels by at calibration:
+        "mean_abs" (mean |k|, default) or "std" (spread over the calibration tokens: what can move
+        the ranking; best with calibration queries). Only the chosen channel ids change, so the
+        reference and the Triton kernels score the same way whichever is used.
     """
 
     selection_block_size: int = 64
@@ -47,6 +52,7 @@ class SparseAttentionConfig:
     index_bits: int = 4
     mode: str = "asynctls"
     lagged_selection: bool = False
+    index_channel_metric: str = "mean_abs"
 
     def __post_init__(self) -> None:
         s = self.selection_block_size
@@ -68,6 +74,10 @@ class SparseAttentionConfig:
             )
         if self.mode not in SPARSE_MODES:
             raise ValueError(f"mode must be one of {SPARSE_MODES}; got {self.mode!r}")
+        if self.index_channel_metric not in INDEX_CHANNEL_METRICS:
+            raise ValueError(
+                f"index_channel_metric must be one of {INDEX_CHANNEL_METRICS}; got {self.index_channel_metric!r}"
+            )
         if not isinstance(self.lagged_selection, bool):
             raise ValueError(f"lagged_selection must be a bool; got {self.lagged_selection!r}")
         if self.num_blocks * self.selection_block_size < self.token_budget:

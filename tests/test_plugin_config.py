@@ -51,6 +51,7 @@ def test_from_additional_config_reads_the_asynctls_entry():
         ({"index_channels": 0}, "index_channels", ">= 1"),
         ({"index_channels": 33}, "index_channels", "even"),
         ({"index_bits": 3}, "index_bits", "(4, 8, 16)"),
+        ({"index_channel_metric": "max"}, "index_channel_metric", "mean_abs"),
         ({"dense_threshold": -1}, "dense_threshold", ">= 0"),
         ({"dense_threshold": 1.5}, "dense_threshold", ">= 0"),
         ({"mode": "fast"}, "mode", "asynctls"),

@@ -219,6 +219,7 @@ def masked_dense(case: Case, attended: dict, scale: float) -> torch.Tensor:
         (dict(index_bits=32), "index_bits"),
         (dict(mode="quest"), "mode"),
         (dict(lagged_selection="yes"), "lagged_selection"),
+        (dict(index_channel_metric="q*k"), "index_channel_metric"),
         (dict(num_blocks=4, selection_block_size=64, token_budget=257), "token_budget"),
     ],
 )
@@ -280,6 +281,60 @@ def test_choose_index_channels_picks_heavy_channels():
     chosen = ref.choose_index_channels(keys, 3)
     assert chosen.dtype == torch.int64
     assert chosen.tolist() == [[3, 17, 30], [0, 5, 9]]
+
+
+def test_choose_index_channels_std_skips_constant_offsets_and_queries_weight():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(400, 2, 32, generator=gen)
+    keys[:, :, [2, 11]] = 0.1 * keys[:, :, [2, 11]] + 8.0  # heavy but constant: cannot move the ranking
+    keys[:, :, [5, 21]] *= 4  # spread: what moves the ranking
+    assert set(ref.choose_index_channels(keys, 2)[0].tolist()) == {2, 11}  # mean_abs (default)
+    assert ref.choose_index_channels(keys, 2, metric="std").tolist() == [[5, 21], [5, 21]]
+    # Queries that ignore channel 21 of kv head 1 (q heads 2, 3 of a group of 2): 21 gives way there.
+    queries = torch.ones(6, 4, 32)
+    queries[:, 2:, 21] = 0.0
+    chosen = ref.choose_index_channels(keys, 2, metric="std", queries=queries)
+    assert chosen[0].tolist() == [5, 21] and 21 not in chosen[1].tolist() and 5 in chosen[1].tolist()
+    with pytest.raises(ValueError, match="metric"):
+        ref.choose_index_channels(keys, 2, metric="max")
+    with pytest.raises(ValueError, match="queries"):
+        ref.choose_index_channels(keys, 2, queries=torch.ones(6, 3, 32))  # 3 q heads over 2 kv heads
+
+
+def test_std_channels_raise_recall_on_constant_offset_heavy_channels():
+    # The benchmark's structure in small: constant-offset heavy channels (mean |k| picks them, they
+    # add the same amount to every score) and signal spread over all channels. Choosing channels by
+    # spread keeps more of the ranking, and the reference scores whatever channel ids it is given.
+    gen = torch.Generator().manual_seed(0)
+    Hkv, G, D, L = 2, 4, 128, 2048
+    heavy = torch.tensor([3, 9, 17, 30, 44, 58])
+    direction = torch.nn.functional.normalize(torch.randn(2, Hkv, D, generator=gen), dim=-1)
+    query = direction.unsqueeze(2) * 3 + 0.5 * torch.randn(2, Hkv, G, D, generator=gen)
+    query[..., heavy] += 1.0
+    calls = iter(range(2))
+
+    def keys_fn(length, g):
+        b = next(calls)
+        k = torch.randn(length, Hkv, D, generator=g)
+        k[..., heavy] = 0.5 * k[..., heavy] + 16.0  # also sets the 4-bit per-token scale under mean_abs
+        where = torch.randint(16, length - 16, (96,), generator=g)
+        k[where] += (4 + 8 * torch.rand(96, 1, 1, generator=g)) * direction[b]
+        return k
+
+    case = build_case([L, L - 5], 16, Hkv, G, D, seed=0, keys_fn=keys_fn, query=query.reshape(2, Hkv * G, D))
+    config = SparseAttentionConfig(selection_block_size=16, num_blocks=64, token_budget=128, sink_tokens=16,
+                                   local_tokens=16, index_channels=32, index_bits=4)
+    scale = D ** -0.5
+    recalls = {}
+    for metric in ("mean_abs", "std"):
+        index = build_index(case, config, calibrate=False)
+        ref.set_index_channels(index, ref.choose_index_channels(torch.cat(case.keys), 32, metric=metric))
+        ref.write_index(index, case.flat_keys, case.slots, config)
+        _, positions, _ = ref.sparse_decode(case.query, case.key_cache, case.value_cache, case.block_table,
+                                            case.seq_lens, index, config, scale)
+        recalls[metric] = ref.attention_mass_recall(case.query, case.key_cache, case.block_table, case.seq_lens,
+                                                    positions, scale).mean().item()
+    assert recalls["std"] > recalls["mean_abs"] + 0.01, recalls  # measured 0.348 vs 0.308
 
 
 @pytest.mark.parametrize("name", ["c16s16-mha-exact", "c64s16-gqa4-4bit", "c64s64-gqa4-8bit", "c16s16-mla-4bit"])

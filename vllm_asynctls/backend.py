@@ -114,7 +114,9 @@ class LayerIndex:
             # Data-dependent shape: the CPU path tolerates it; calibration runs once per layer.
             calib = key[valid]
             if calib.shape[0] > 0:
-                ref.set_index_channels(self.index, ref.choose_index_channels(calib, self.config.index_channels))
+                ref.set_index_channels(self.index, ref.choose_index_channels(
+                    calib, self.config.index_channels, metric=self.config.index_channel_metric
+                ))
                 self.calibrated = True
         ref.write_index(self.index, key, slot_mapping, self.config)
 

@@ -40,6 +40,9 @@ class AsyncTLSConfig:
     index_channels: key channels kept by the token index; None picks 32 (GQA) or 128 (MLA), capped at
         the key head dim; an explicit value must be in [1, key head dim] (even with 4 bits).
     index_bits: 4, 8 or 16 (16 scores tokens with their full keys).
+    index_channel_metric: how the index channels are ranked at calibration: "mean_abs" (largest mean
+        |k|, the default: best measured on SmolLM2's keys) or "std" (largest spread; skips channels
+        that only add a constant offset to every score).
     dense_threshold: decode tokens whose context is at most this many tokens use the platform's dense
         attention (so short-context serving costs nothing extra); 0 sends every decode token to the
         sparse path (>= 0).
@@ -53,6 +56,7 @@ class AsyncTLSConfig:
     local_tokens: int = 64
     index_channels: int | None = None
     index_bits: int = 4
+    index_channel_metric: str = "mean_abs"
     dense_threshold: int = 4096
     mode: str = "asynctls"
 
@@ -126,6 +130,7 @@ class AsyncTLSConfig:
                 local_tokens=self.local_tokens,
                 index_channels=self.resolved_index_channels(head_dim, is_mla),
                 index_bits=self.index_bits,
+                index_channel_metric=self.index_channel_metric,
                 mode=self.mode,
                 lagged_selection=False,
             )
