@@ -238,3 +238,30 @@ def test_key_and_value_views_read_cpu_attn_cache_layout():
     blocks, offsets = slots // block_size, slots % block_size
     torch.testing.assert_close(key_cache[blocks, offsets], key, rtol=0, atol=0)
     torch.testing.assert_close(value_cache[blocks, offsets], value, rtol=0, atol=0)
+
+
+def test_index_is_counted_in_an_explicit_kv_cache_budget():
+    from types import SimpleNamespace
+
+    import torch
+
+    from vllm_asynctls._vllm_compat import reserve_index_memory
+
+    cfg = AsyncTLSConfig.from_dict({"selection_block_size": 16, "index_bits": 4})
+    # D = 64 float32: K/V 512 B per token and kv head; index 2*64*4/16 + 32*4/8 + 4 = 52 B.
+    assert cfg.index_fraction(64, is_mla=False, dtype_bytes=4) == pytest.approx(52 / 564)
+    # MLA keeps one latent row (no separate V): 576 * 2 B against 2*576*2/16 + 128*4/8 + 4 = 212 B.
+    assert cfg.index_fraction(576, is_mla=True, dtype_bytes=2) == pytest.approx(212 / (1152 + 212))
+
+    vllm_config = SimpleNamespace(
+        cache_config=SimpleNamespace(kv_cache_memory_bytes=2**30), model_config=SimpleNamespace(dtype=torch.float32)
+    )
+    reserve_index_memory(vllm_config, cfg, 64, False)
+    shrunk = vllm_config.cache_config.kv_cache_memory_bytes
+    assert shrunk == int(2**30 * (1 - 52 / 564))
+    reserve_index_memory(vllm_config, cfg, 64, False)  # a second config check must not shrink it again
+    assert vllm_config.cache_config.kv_cache_memory_bytes == shrunk
+
+    auto = SimpleNamespace(cache_config=SimpleNamespace(kv_cache_memory_bytes=None), model_config=vllm_config.model_config)
+    reserve_index_memory(auto, cfg, 64, False)
+    assert auto.cache_config.kv_cache_memory_bytes is None

@@ -167,7 +167,31 @@ def validate_vllm_config(vllm_config) -> None:
         cfg.sparse_config(head_dim=head_dim, is_mla=is_mla)
         if is_mla:
             check_cpu_mla_dense_threshold(head_dim, cfg.dense_threshold)
+        reserve_index_memory(vllm_config, cfg, head_dim, is_mla)
     logger.info("asynctls: %s", cfg)
+
+
+def reserve_index_memory(vllm_config, cfg, head_dim: int, is_mla: bool) -> None:
+    """Count the index in vLLM's KV-cache memory: shrink an explicit KV budget
+    (`VLLM_CPU_KVCACHE_SPACE` / `--kv-cache-memory-bytes`) by the index's share, so K/V plus the
+    index fit in what the user gave. vLLM sizes the cache before any layer runs, so this is the one
+    place to do it. Without an explicit budget vLLM sizes the cache from free memory and the index
+    (about 10% of K/V at the defaults) comes out of the remaining headroom."""
+    import torch
+
+    cache_config = vllm_config.cache_config
+    budget = getattr(cache_config, "kv_cache_memory_bytes", None)
+    if not budget or budget == getattr(cache_config, "_asynctls_kv_bytes", None):
+        return  # no explicit budget, or already shrunk (the config check can run more than once)
+    dtype = vllm_config.model_config.dtype
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
+    share = cfg.index_fraction(head_dim, is_mla, dtype_bytes)
+    cache_config.kv_cache_memory_bytes = int(budget * (1.0 - share))
+    cache_config._asynctls_kv_bytes = cache_config.kv_cache_memory_bytes
+    logger.info(
+        "asynctls: index takes %.1f%% of the KV-cache budget; K/V get %.2f of %.2f GiB",
+        100 * share, cache_config.kv_cache_memory_bytes / 2**30, budget / 2**30,
+    )
 
 
 def patch_cpu_platform_config_check() -> None:

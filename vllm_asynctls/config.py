@@ -143,6 +143,20 @@ class AsyncTLSConfig:
             )
         return cfg
 
+    def index_fraction(self, head_dim: int, is_mla: bool, dtype_bytes: int) -> float:
+        """Share of the KV-cache memory the per-layer index takes when both live in one budget.
+
+        Per token and kv head: K/V take `2 * D * b` bytes (MLA: one latent row, `D * b`); the index
+        takes the block min/max (`2 * D * b / selection_block_size`) plus the low-bit codes and one
+        float32 scale (nothing for `index_bits == 16`).
+        """
+        cfg = self.sparse_config(head_dim=head_dim, is_mla=is_mla)
+        kv = (1 if is_mla else 2) * head_dim * dtype_bytes
+        index = 2 * head_dim * dtype_bytes / cfg.selection_block_size
+        if cfg.index_bits != 16:
+            index += cfg.index_channels * cfg.index_bits / 8 + 4
+        return index / (kv + index)
+
     def check_cache_block_size(self, cache_block_size: int) -> None:
         """Selection blocks must tile vLLM's cache blocks, so summaries live with physical blocks
         (and stay valid under prefix caching)."""
