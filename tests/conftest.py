@@ -29,7 +29,7 @@ def qwen3_gqa_path(tiny_cache) -> str:
 
 @pytest.fixture(scope="session")
 def deepseek_mla_path(tiny_cache) -> str:
-    """Tiny DeepSeek-V3-family MLA model (latent 64 + rope 32, float32, std-0.3 weights)."""
+    """Tiny DeepSeek-V3-family MLA model (latent 512 + rope 64, float32, std-0.3 weights)."""
     return str(tiny_models.cached_model(tiny_models.DEEPSEEK_MLA, tiny_cache))
 
 

@@ -108,7 +108,8 @@ QWEN3_GQA = TinyModelSpec(
     ),
 )
 
-# DeepSeek-V3 family MLA (multi-head latent attention), all layers dense (no MoE).
+# DeepSeek-V3 family MLA (multi-head latent attention), all layers dense (no MoE). Latent width
+# kv_lora_rank + qk_rope_head_dim = 512 + 64 = 576, the one width vLLM's CPU MLA decode kernel serves.
 DEEPSEEK_MLA = TinyModelSpec(
     model_type="deepseek_v3",
     config=dict(
@@ -125,9 +126,9 @@ DEEPSEEK_MLA = TinyModelSpec(
         num_attention_heads=4,
         num_key_value_heads=4,
         q_lora_rank=None,
-        kv_lora_rank=64,
+        kv_lora_rank=512,
         qk_nope_head_dim=32,
-        qk_rope_head_dim=32,
+        qk_rope_head_dim=64,
         v_head_dim=64,
         max_position_embeddings=16384,
         rope_scaling=None,
