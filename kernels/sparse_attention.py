@@ -206,10 +206,13 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
 class AttentionWorkspace:
     """Float32 split buffers for `sparse_attention`, allocated once per shape (CUDA-graph friendly)."""
 
-    def __init__(self, batch: int, num_q_heads: int, num_splits: int, head_dim_v: int, device) -> None:
-        self.m = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
-        self.l = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
-        self.acc = torch.empty(batch, num_q_heads, num_splits, head_dim_v, dtype=torch.float32, device=device)
+    def __init__(self, batch: int, num_q_heads: int, num_splits: int, head_dim_v: int, device,
+                 empty=None) -> None:
+        # empty(shape, dtype) -> tensor: where the buffers come from (default: fresh allocations).
+        empty = empty or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device))
+        self.m = empty((batch, num_q_heads, num_splits), torch.float32)
+        self.l = empty((batch, num_q_heads, num_splits), torch.float32)
+        self.acc = empty((batch, num_q_heads, num_splits, head_dim_v), torch.float32)
 
 
 def _check(query, key_cache, value_cache, block_table, positions):

@@ -26,16 +26,71 @@ from .sparse_config import SparseAttentionConfig
 from .token_select import token_scores_triton
 
 
+class WorkspaceArena:
+    """One preallocated byte buffer that workspaces of different batch sizes carve their buffers from.
+
+    A server captures one CUDA graph per batch size; their steps never run at the same time, so their
+    workspaces can share memory: the arena costs the largest workspace, not the sum over batch sizes.
+    Build it with `WorkspaceArena.for_largest(...)` (the arguments of the largest `SparseDecodeWorkspace`).
+    """
+
+    ALIGN = 256
+
+    def __init__(self, nbytes: int, device) -> None:
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    @staticmethod
+    def _aligned(nbytes: int) -> int:
+        return -(-nbytes // WorkspaceArena.ALIGN) * WorkspaceArena.ALIGN
+
+    @classmethod
+    def required_bytes(cls, *workspace_args) -> int:
+        """Bytes a `SparseDecodeWorkspace(*workspace_args)` takes from an arena."""
+        total = 0
+
+        def count(shape, dtype):
+            nonlocal total
+            t = torch.empty(shape, dtype=dtype, device="meta")
+            total += cls._aligned(t.numel() * t.element_size())
+            return t
+
+        SparseDecodeWorkspace(*workspace_args, empty=count)
+        return total
+
+    @classmethod
+    def for_largest(cls, *workspace_args) -> "WorkspaceArena":
+        *_, device = workspace_args
+        return cls(cls.required_bytes(*workspace_args), device)
+
+    def carver(self):
+        """A fresh `empty(shape, dtype)` handing out consecutive aligned views of the buffer."""
+        offset = 0
+
+        def empty(shape, dtype):
+            nonlocal offset
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype, device="meta").element_size()
+            if offset + nbytes > self.buffer.numel():
+                raise ValueError(f"WorkspaceArena of {self.buffer.numel()} bytes is too small for this workspace; "
+                                 "size it with WorkspaceArena.for_largest(...) of the largest batch")
+            t = self.buffer[offset:offset + nbytes].view(dtype).view(shape)
+            offset += self._aligned(nbytes)
+            return t
+
+        return empty
+
+
 class SparseDecodeWorkspace:
     """Every buffer of one decode step for fixed shapes (CUDA-graph capture needs stable addresses).
 
     batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v: the query / cache shapes;
     max_blocks_per_seq: block_table width W; cache_block_size: tokens per cache block.
+    empty(shape, dtype): where the buffers come from (default: fresh allocations; `WorkspaceArena.carver()`
+    shares one arena between the workspaces of several batch sizes).
     """
 
     def __init__(self, batch: int, num_q_heads: int, num_kv_heads: int, head_dim_k: int, head_dim_v: int,
                  max_blocks_per_seq: int, cache_block_size: int, config: SparseAttentionConfig,
-                 dtype: torch.dtype, device) -> None:
+                 dtype: torch.dtype, device, empty=None) -> None:
         if config.mode != "asynctls":
             raise NotImplementedError(
                 f"SparseDecodeWorkspace serves mode 'asynctls'; got mode={config.mode!r} (the 'block_only', "
@@ -46,13 +101,14 @@ class SparseDecodeWorkspace:
         S = config.selection_block_size
         self.num_selection_blocks = max_blocks_per_seq * cache_block_size // S
         f32, i32 = torch.float32, torch.int32
-        self.block_scores = torch.empty(batch, num_kv_heads, self.num_selection_blocks, dtype=f32, device=device)
-        self.block_ids = torch.empty(batch, num_kv_heads, config.num_blocks, dtype=i32, device=device)
-        self.token_scores = torch.empty(batch, num_kv_heads, config.num_blocks * S, dtype=f32, device=device)
-        self.positions = torch.empty(batch, num_kv_heads, config.attended_tokens, dtype=i32, device=device)
+        empty = empty or (lambda shape, dt: torch.empty(shape, dtype=dt, device=device))
+        self.block_scores = empty((batch, num_kv_heads, self.num_selection_blocks), f32)
+        self.block_ids = empty((batch, num_kv_heads, config.num_blocks), i32)
+        self.token_scores = empty((batch, num_kv_heads, config.num_blocks * S), f32)
+        self.positions = empty((batch, num_kv_heads, config.attended_tokens), i32)
         plan = attention_plan(batch, num_q_heads, num_kv_heads, config.attended_tokens, head_dim_k, head_dim_v)
-        self.attention = AttentionWorkspace(batch, num_q_heads, plan["NUM_SPLITS"], head_dim_v, device)
-        self.out = torch.empty(batch, num_q_heads, head_dim_v, dtype=dtype, device=device)
+        self.attention = AttentionWorkspace(batch, num_q_heads, plan["NUM_SPLITS"], head_dim_v, device, empty=empty)
+        self.out = empty((batch, num_q_heads, head_dim_v), dtype)
 
 
 def _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config):

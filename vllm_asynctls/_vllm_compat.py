@@ -1,7 +1,8 @@
-"""The only place that adapts to vLLM internals. Covers vLLM 0.32 (checked on the 0.32.0 CPU build);
-the hooks used here (`AttentionBackendEnum.CUSTOM`, `register_backend`, the enum's `_member_map_`,
-`CpuPlatform.get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)`) have the same
-shape in 0.26.
+"""The only place that adapts to vLLM internals. Covers vLLM 0.32 (the 0.32.0 CPU build, tested in CI)
+and vLLM 0.26 on CUDA (the 0.26.0 build on the lent H100); the hooks used here
+(`AttentionBackendEnum.CUSTOM`, `register_backend`, the enum's `_member_map_`,
+`Platform.get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)`,
+`Platform.check_and_update_config`) have the same shape in both.
 
 Three adaptations, each installed by `install()`, which the `vllm.general_plugins` entry point runs in
 every vLLM process (API server, engine core, workers) before any config is parsed or model built:
@@ -23,8 +24,11 @@ every vLLM process (API server, engine core, workers) before any config is parse
    check `selection_block_size` against the cache block size the platform just settled, so a bad knob
    fails `LLM(...)` / `vllm serve` immediately with the knob's name instead of inside a worker.
 
-Not covered: GPU platforms resolve `CUSTOM` through their own selector, and our backend classes wrap
-the CPU backends; serving on GPU with this plugin needs a GPU backend wrapper (not in this version).
+On CUDA, `CUSTOM` is bound to `gpu_backend.AsyncTLSFlashAttentionBackend` (a FLASH_ATTN subclass)
+instead, and the CUDA platform's own selector resolves it (through the backend's
+`validate_configuration`, which names what a model needs that the backend lacks): adaptation 3 is not
+needed there. The KV-cache layout differences between 0.26 (`get_kv_cache_shape` /
+`get_kv_cache_stride_order`) and 0.32 stay inside the parent backends we subclass.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import logging
 BACKEND_NAME = "ASYNCTLS"
 GQA_BACKEND_PATH = "vllm_asynctls.backend.AsyncTLSAttentionBackend"
 MLA_BACKEND_PATH = "vllm_asynctls.backend.AsyncTLSMLABackend"
+GPU_BACKEND_PATH = "vllm_asynctls.gpu_backend.AsyncTLSFlashAttentionBackend"
+OUR_BACKEND_PATHS = (GQA_BACKEND_PATH, GPU_BACKEND_PATH)
 
 logger = logging.getLogger("vllm_asynctls")
 
@@ -71,17 +77,29 @@ def alias_backend_name() -> None:
         )
 
 
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+def custom_backend_path() -> str:
+    """The class `CUSTOM` is bound to on this platform."""
+    return GPU_BACKEND_PATH if _on_cuda() else GQA_BACKEND_PATH
+
+
 def register_custom_override() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    path = custom_backend_path()
     current = AttentionBackendEnum.CUSTOM.get_path() if AttentionBackendEnum.CUSTOM.is_overridden() else None
-    if current not in (None, GQA_BACKEND_PATH):
+    if current not in (None, *OUR_BACKEND_PATHS):
         logger.warning(
             "AttentionBackendEnum.CUSTOM was bound to %s by another plugin; vllm_asynctls rebinds it to %s",
             current,
-            GQA_BACKEND_PATH,
+            path,
         )
-    register_backend(AttentionBackendEnum.CUSTOM, GQA_BACKEND_PATH)
+    register_backend(AttentionBackendEnum.CUSTOM, path)
 
 
 def asynctls_selected(selected_backend) -> bool:
@@ -91,7 +109,7 @@ def asynctls_selected(selected_backend) -> bool:
     return (
         selected_backend is AttentionBackendEnum.CUSTOM
         and AttentionBackendEnum.CUSTOM.is_overridden()
-        and AttentionBackendEnum.CUSTOM.get_path() == GQA_BACKEND_PATH
+        and AttentionBackendEnum.CUSTOM.get_path() in OUR_BACKEND_PATHS
     )
 
 
@@ -164,8 +182,22 @@ def validate_vllm_config(vllm_config) -> None:
     if model_config is not None:
         is_mla = bool(getattr(model_config, "use_mla", False))
         head_dim = model_config.get_head_size()
-        cfg.sparse_config(head_dim=head_dim, is_mla=is_mla)
-        if is_mla:
+        sparse = cfg.sparse_config(head_dim=head_dim, is_mla=is_mla)
+        if _on_cuda():
+            if not getattr(vllm_config.cache_config, "kv_cache_memory_bytes", None):
+                logger.warning(
+                    "asynctls on GPU: the index (about %.1f%% of the KV cache) is allocated after vLLM sizes "
+                    "the KV cache from gpu_memory_utilization, i.e. beyond it. Pass --kv-cache-memory-bytes "
+                    "(vLLM logs the value that fits) and the plugin takes the index out of that budget",
+                    100 * cfg.index_fraction(head_dim, is_mla, 2),
+                )
+            if cfg.dense_threshold > sparse.attended_tokens:
+                logger.info(
+                    "asynctls on GPU: decode steps run the sparse operator, which is exact for contexts up "
+                    "to token_budget + sink_tokens + local_tokens = %d tokens; dense_threshold=%d is "
+                    "honoured up to that size", sparse.attended_tokens, cfg.dense_threshold,
+                )
+        elif is_mla:
             check_cpu_mla_dense_threshold(head_dim, cfg.dense_threshold)
         reserve_index_memory(vllm_config, cfg, head_dim, is_mla)
     logger.info("asynctls: %s", cfg)
@@ -194,24 +226,29 @@ def reserve_index_memory(vllm_config, cfg, head_dim: int, is_mla: bool) -> None:
     )
 
 
-def patch_cpu_platform_config_check() -> None:
-    from vllm.platforms.cpu import CpuPlatform
+def patch_platform_config_check() -> None:
+    """Validate the asynctls knobs in the current platform's `check_and_update_config` (idempotent)."""
+    from vllm.platforms import current_platform
 
-    if getattr(CpuPlatform.check_and_update_config, _PATCH_MARK, False):
+    platform_cls = type(current_platform)
+    if getattr(platform_cls.check_and_update_config, _PATCH_MARK, False):
         return
-    original = CpuPlatform.__dict__["check_and_update_config"].__func__
+    original = platform_cls.check_and_update_config.__func__  # bound classmethod, wherever defined
 
     def check_and_update_config(cls, vllm_config) -> None:
         original(cls, vllm_config)
         validate_vllm_config(vllm_config)
 
     setattr(check_and_update_config, _PATCH_MARK, True)
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
 def install() -> None:
     """Everything `register()` needs, in every process."""
+    from vllm.platforms import current_platform
+
     alias_backend_name()
     register_custom_override()
-    patch_cpu_platform()
-    patch_cpu_platform_config_check()
+    if current_platform.is_cpu():
+        patch_cpu_platform()
+    patch_platform_config_check()

@@ -1,0 +1,341 @@
+"""asynctls inside real vLLM on a GPU: a correctness check against vLLM's dense backends, then long-context
+decode throughput against vLLM's default backend (FlashAttention 3, CUDA graphs), same machine.
+
+    python benchmarks/bench_vllm_e2e.py --stage check --out OUT       # small model, ~5 engine starts
+    python benchmarks/bench_vllm_e2e.py --stage dense --out OUT       # Qwen3-8B shapes, default backend
+    python benchmarks/bench_vllm_e2e.py --stage asynctls --out OUT    # same shapes, budgets 2048 and 1024
+
+Each engine runs in its own subprocess (vLLM's shutdown can hang; a fresh process frees the GPU).
+Results are JSON files in OUT; `--stage report` turns them into the table of `benchmarks/RESULTS.md`.
+
+check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here with transformers and
+    saved in bf16; no download), 4 prompts of 3,000 tokens and one of 100, greedy, 24 tokens with
+    logprobs. Engines: FLASH_ATTN and TRITON_ATTN (the dense-vs-dense spread), asynctls with a budget
+    covering the context (must agree with FLASH_ATTN within that spread), the same eager
+    (`enforce_eager=True`: must equal the CUDA-graph run), and asynctls at a 256-token budget (must
+    have run sparse: its counters).
+throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy weights, bf16,
+    contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16). Each context:
+    one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
+    decode rate = requests x 64 / (t72 - t8). asynctls gets the same KV-cache bytes as the dense run
+    (`kv_cache_memory_bytes`), out of which the plugin reserves its index, so the comparison is at
+    equal memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+G_SHORT, G_LONG = 8, 72
+MAX_SEQS = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+
+
+def qwen3_8b_config_dir(root: Path, max_positions: int) -> Path:
+    """config.json of Qwen3-8B's shapes (no weights: vLLM's dummy load format)."""
+    folder = root / "qwen3-8b-shapes"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+        "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "max_position_embeddings": max_positions, "rope_theta": 1000000.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "dtype": "bfloat16",
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "use_sliding_window": False,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+def small_model_dir(root: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import TinyModelSpec, cached_model
+
+    spec = TinyModelSpec(
+        model_type="qwen3", dtype="bfloat16",
+        config=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                    num_key_value_heads=4, head_dim=128, max_position_embeddings=16384,
+                    rope_theta=1_000_000.0, tie_word_embeddings=False),
+    )
+    return cached_model(spec, root)
+
+
+# ------------------------------------------------------------------------------------------------
+# engine workers (one per subprocess)
+# ------------------------------------------------------------------------------------------------
+
+
+def _llm(model: str, backend: str, knobs: dict | None, **kw):
+    from vllm import LLM
+
+    args = dict(model=model, dtype="bfloat16", seed=0, **kw)
+    if backend == "asynctls":
+        args.update(attention_backend="asynctls", additional_config={"asynctls": knobs or {}})
+    elif backend != "default":
+        args.update(attention_backend=backend)
+    return LLM(**args)
+
+
+def worker_check(a) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = json.loads(Path(a.prompts).read_text())
+    extra = {"compilation_config": {"cudagraph_mode": a.cudagraph_mode}} if a.cudagraph_mode else {}
+    llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, max_model_len=4096,
+               gpu_memory_utilization=0.3, max_num_seqs=8, enable_prefix_caching=False,
+               enforce_eager=a.eager, block_size=16, **extra)
+    sp = SamplingParams(temperature=0.0, max_tokens=24, logprobs=5, ignore_eos=True, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        result.append({"tokens": list(c.token_ids),
+                       "logprobs": [float(lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs)]})
+    return {"outputs": result}
+
+
+def _fit(llm, context: int) -> tuple[int, int]:
+    cache = llm.llm_engine.vllm_config.cache_config
+    blocks = cache.num_gpu_blocks
+    bs = cache.block_size
+    per_request = -(-(context + G_LONG + 1) // bs)  # blocks
+    return blocks * bs, blocks // per_request
+
+
+def worker_throughput(a) -> dict:
+    import random
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    contexts = [int(c) for c in a.contexts.split(",")]
+    kw = dict(max_model_len=max(contexts) + G_LONG + 64, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
+              skip_tokenizer_init=True, load_format="dummy")
+    if a.kv_bytes:
+        kw["kv_cache_memory_bytes"] = int(a.kv_bytes)
+    else:
+        kw["gpu_memory_utilization"] = 0.9
+    if a.backend == "asynctls":
+        kw["block_size"] = 64
+    t0 = time.perf_counter()
+    llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, **kw)
+    start_s = time.perf_counter() - t0
+    cache = llm.llm_engine.vllm_config.cache_config
+    kv_tokens = cache.num_gpu_blocks * cache.block_size
+    rows = []
+    rng = random.Random(0)
+    for context in contexts:
+        _, fit = _fit(llm, context)
+        n = min(fit, MAX_SEQS)
+        if n == 0:
+            rows.append({"context": context, "requests_fit": 0})
+            continue
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(context)])
+                   for _ in range(n)]
+
+        def run(max_tokens):
+            sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            dt = time.perf_counter() - t
+            assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs), "truncated output"
+            return dt
+
+        t_prefill = run(1)
+        t_short = run(G_SHORT)
+        t_long = run(G_LONG)
+        steps = G_LONG - G_SHORT
+        rows.append({"context": context, "requests_fit": fit, "requests": n, "prefill_s": t_prefill,
+                     "t_short_s": t_short, "t_long_s": t_long,
+                     "ms_per_step": 1000 * (t_long - t_short) / steps,
+                     "decode_tok_s": n * steps / (t_long - t_short)})
+        print(json.dumps(rows[-1]), flush=True)
+    kv_bytes = getattr(cache, "kv_cache_memory_bytes", None)
+    return {"kv_tokens": kv_tokens, "block_size": cache.block_size, "start_s": start_s, "rows": rows,
+            "kv_cache_memory_bytes": kv_bytes}
+
+
+def run_worker(a) -> None:
+    if a.counters:
+        os.environ["VLLM_ASYNCTLS_COUNTERS_FILE"] = a.counters
+    result = worker_check(a) if a.role == "check" else worker_throughput(a)
+    Path(a.result).write_text(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+
+
+def spawn(out: Path, name: str, timeout: int, **args) -> dict | None:
+    result = out / f"{name}.json"
+    cmd = [sys.executable, __file__, "--worker", "--result", str(result)]
+    for k, v in args.items():
+        if v is True:
+            cmd.append(f"--{k.replace('_', '-')}")
+        elif v not in (None, False):
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
+    t = time.perf_counter()
+    with open(out / f"{name}.log", "w") as log:
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    print(f"   rc={rc} in {time.perf_counter() - t:.0f}s", flush=True)
+    if not result.exists():
+        print((out / f"{name}.log").read_text()[-4000:], flush=True)
+        return None
+    return json.loads(result.read_text())
+
+
+def _compare(ref: dict, other: dict) -> dict:
+    """Per prompt: greedy tokens agreeing from the start, and the largest |logprob difference| of the
+    chosen token over those steps."""
+    agree, diff = [], 0.0
+    for r, o in zip(ref["outputs"], other["outputs"]):
+        n = 0
+        while n < len(r["tokens"]) and r["tokens"][n] == o["tokens"][n]:
+            n += 1
+        steps = min(n + 1, len(r["tokens"]))  # the first differing step still has a common prefix
+        diff = max([diff] + [abs(a - b) for a, b in zip(r["logprobs"][:steps], o["logprobs"][:steps])])
+        agree.append(n)
+    return {"agreeing_tokens": agree, "max_abs_logprob_diff": diff}
+
+
+def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> dict:
+    import random
+
+    model = small_model_dir(out / "models")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(8, 500) for _ in range(3000)] for _ in range(4)] + [
+        [rng.randrange(8, 500) for _ in range(100)]]
+    (out / "prompts.json").write_text(json.dumps(prompts))
+    cover = {"token_budget": 4096, "num_blocks": 256, "selection_block_size": 16, "sink_tokens": 64,
+             "local_tokens": 64, "dense_threshold": 0}
+    small = {"token_budget": 256, "num_blocks": 64, "selection_block_size": 16, "sink_tokens": 16,
+             "local_tokens": 16, "dense_threshold": 0}
+    runs = {
+        "asynctls_cover": dict(backend="asynctls", knobs=json.dumps(cover)),
+        "flash_attn": dict(backend="FLASH_ATTN"),
+        "triton_attn": dict(backend="TRITON_ATTN"),
+        "asynctls_cover_eager": dict(backend="asynctls", knobs=json.dumps(cover), eager=True),
+        # Same torch.compile'd model without CUDA graphs: isolates what graph capture changes.
+        "asynctls_cover_nograph": dict(backend="asynctls", knobs=json.dumps(cover), cudagraph_mode="NONE"),
+        "asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_256")),
+    }
+    if only:
+        runs = {k: v for k, v in runs.items() if k in only}
+    res, t0 = {}, time.perf_counter()
+    for name, kw in runs.items():
+        left = budget_s - (time.perf_counter() - t0)
+        if left < 60:
+            print(f"== {name}: skipped, {left:.0f}s of the time budget left", flush=True)
+            res[name] = None
+            continue
+        res[name] = spawn(out, f"check_{name}", int(left), role="check", model=model,
+                          prompts=out / "prompts.json", **kw)
+    summary = {}
+    ref = res.get("flash_attn")
+    for name, r in res.items():
+        summary[f"{name}_ran"] = r is not None
+        if name != "flash_attn" and r is not None and ref is not None:
+            summary[f"{name}_vs_flash_attn"] = _compare(ref, r)
+    if res.get("asynctls_cover") and res.get("asynctls_cover_eager"):
+        summary["asynctls_graph_vs_eager"] = _compare(res["asynctls_cover_eager"], res["asynctls_cover"])
+    if res.get("asynctls_cover") and res.get("asynctls_cover_nograph"):
+        summary["asynctls_graph_vs_nograph"] = _compare(res["asynctls_cover_nograph"], res["asynctls_cover"])
+    counters = sorted(out.glob("counters_256.*"))
+    counters = [p for p in counters if not p.name.endswith(".tmp")]
+    summary["asynctls_256_counters"] = [json.loads(p.read_text()) for p in counters]
+    (out / f"check_summary{'_' + '_'.join(only) if only else ''}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1), flush=True)
+    return summary
+
+
+def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int]) -> None:
+    model = qwen3_8b_config_dir(out / "models", 131072)
+    if which == "dense":
+        spawn(out, "tput_dense", 590, role="throughput", model=model, backend="default", contexts=contexts)
+        return
+    dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
+    kv_bytes = None
+    if dense is not None:
+        kv_bytes = dense["kv_tokens"] * 36 * 8 * 128 * 2 * 2  # the dense run's K/V bytes
+    for budget in budgets:
+        knobs = {"token_budget": budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
+                 "local_tokens": 64, "dense_threshold": 0}
+        spawn(out, f"tput_asynctls_{budget}", 590 // len(budgets), role="throughput", model=model,
+              backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes)
+
+
+def stage_report(out: Path) -> None:
+    dense = json.loads((out / "tput_dense.json").read_text())
+    base = {r["context"]: r for r in dense["rows"]}
+    print("| context | backend | requests (fit) | decode tok/s | ms/step | vs dense |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in [out / "tput_dense.json", *sorted(out.glob("tput_asynctls_*.json"))]:
+        data = json.loads(path.read_text())
+        name = path.stem.replace("tput_", "")
+        for r in data["rows"]:
+            if not r.get("requests"):
+                continue
+            b = base.get(r["context"])
+            ratio = r["decode_tok_s"] / b["decode_tok_s"] if b and b.get("requests") else float("nan")
+            print(f"| {r['context'] // 1024}K | {name} | {r['requests']} ({r['requests_fit']}) | "
+                  f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {ratio:.2f}x |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["check", "dense", "asynctls", "report"])
+    p.add_argument("--out", default="benchmarks/out/e2e")
+    p.add_argument("--contexts", default="32768,65536,98304")
+    p.add_argument("--budgets", default="2048,1024")
+    p.add_argument("--time-budget", type=float, default=560.0, help="seconds the check stage may take")
+    p.add_argument("--runs", help="check stage: comma-separated subset of its engine runs")
+    p.add_argument("--cudagraph-mode", help="check worker: vLLM compilation_config cudagraph_mode")
+    # worker arguments
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--role", choices=["check", "throughput"])
+    p.add_argument("--result")
+    p.add_argument("--model")
+    p.add_argument("--backend")
+    p.add_argument("--knobs")
+    p.add_argument("--eager", action="store_true")
+    p.add_argument("--prompts")
+    p.add_argument("--counters")
+    p.add_argument("--kv-bytes")
+    a = p.parse_args()
+    if a.worker:
+        run_worker(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.stage == "check":
+        stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
+    elif a.stage in ("dense", "asynctls"):
+        stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")])
+    elif a.stage == "report":
+        stage_report(out)
+    else:
+        p.error("--stage is required")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The decode workspace arena: every batch size's workspace carved from one buffer sized for the largest."""
+
+import pytest
+import torch
+
+from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena
+
+CONFIG = SparseAttentionConfig(token_budget=256, num_blocks=32, selection_block_size=16,
+                               sink_tokens=16, local_tokens=16, index_channels=16)
+
+
+def _args(batch):
+    return (batch, 8, 2, 64, 64, 40, 16, CONFIG, torch.bfloat16, "cpu")
+
+
+def test_workspaces_share_the_arena_and_keep_their_shapes():
+    nbytes = max(WorkspaceArena.required_bytes(*_args(b)) for b in range(1, 9))
+    arena = WorkspaceArena(nbytes, "cpu")
+    small = SparseDecodeWorkspace(*_args(3), empty=arena.carver())
+    large = SparseDecodeWorkspace(*_args(8), empty=arena.carver())
+    plain = SparseDecodeWorkspace(*_args(8))
+    base = arena.buffer.data_ptr()
+    for ws in (small, large):
+        assert ws.block_scores.data_ptr() == base  # carving starts at the arena's start
+        for t in (ws.block_scores, ws.block_ids, ws.token_scores, ws.positions, ws.out,
+                  ws.attention.m, ws.attention.l, ws.attention.acc):
+            assert base <= t.data_ptr() < base + nbytes
+            assert t.is_contiguous()
+    for name in ("block_scores", "block_ids", "token_scores", "positions", "out"):
+        assert getattr(large, name).shape == getattr(plain, name).shape
+        assert getattr(large, name).dtype == getattr(plain, name).dtype
+    assert large.attention.acc.shape == plain.attention.acc.shape
+    # Buffers of one workspace never overlap.
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                   for t in (large.block_scores, large.block_ids, large.token_scores, large.positions,
+                             large.out, large.attention.m, large.attention.l, large.attention.acc))
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+def test_arena_too_small_names_the_fix():
+    arena = WorkspaceArena(WorkspaceArena.required_bytes(*_args(2)), "cpu")
+    with pytest.raises(ValueError, match="for_largest"):
+        SparseDecodeWorkspace(*_args(64), empty=arena.carver())

@@ -1,0 +1,265 @@
+"""AsyncTLS attention backend for vLLM on CUDA GPUs: vLLM's FlashAttention for everything dense, the
+Triton sparse decode operator for decode steps, decode captured in full CUDA graphs.
+
+Design
+- Subclasses of vLLM's FLASH_ATTN backend, metadata builder and impl. Prefill, chunked prefill and
+  mixed prefill/decode batches are built and run by FlashAttention unchanged (and run eagerly between
+  vLLM's piecewise CUDA graphs).
+- A decode-only batch (every request has one query token; `max_query_len == 1`, a host integer) gets
+  `AsyncTLSDecodeMetadata` instead: the block table and sequence lengths vLLM already keeps on the
+  device, and a `SparseDecodeWorkspace` (every intermediate buffer, allocated once per batch size by
+  the builder, outside any capture). The impl runs `asynctls_tip_kernels.sparse_decode.sparse_decode_triton`
+  on vLLM's paged cache views (no copy): fixed shapes, no host synchronisation, so the builder
+  declares `UNIFORM_SINGLE_TOKEN_DECODE` CUDA-graph support and vLLM captures decode in full graphs
+  (`enforce_eager=False`, the default) with the same kernels eager mode runs.
+- dense_threshold on GPU. Which kernels a captured graph runs cannot depend on the context lengths of
+  the step that replays it, so every decode-only step takes the sparse operator. It attends to every
+  token of a context that fits its selection (`token_budget + sink_tokens + local_tokens`), i.e. it
+  is exact there; `dense_threshold` is therefore honoured up to that size (a larger value is logged
+  and capped at start-up). Decode tokens inside mixed batches are served by FlashAttention.
+- The index is written in `do_kv_cache_update` right after vLLM's `reshape_and_cache_flash`, by the
+  fused Triton index-write kernel (inside the decode graphs too); see `layer_index.py`.
+- Counters: request-level counts come from host integers the builder already has
+  (`seq_lens_cpu_upper_bound`); the per-token read count of the CPU path is not kept on GPU, because
+  a captured graph cannot update host-side tallies.
+
+Not supported: MLA models on GPU (the CPU backend serves them), sliding-window layers, ALiBi,
+soft-capping, learned sinks, quantised KV caches, cascade attention (never chosen), decode context
+parallelism.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena, sparse_decode_triton
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadataBuilder,
+)
+
+from vllm_asynctls._vllm_compat import BACKEND_NAME
+from vllm_asynctls.config import AsyncTLSConfig
+from vllm_asynctls.counters import COUNTERS
+from vllm_asynctls.layer_index import LayerIndex
+
+logger = logging.getLogger("vllm_asynctls")
+
+
+@dataclass
+class AsyncTLSDecodeMetadata:
+    """A decode-only step. B = num_reqs (vLLM pads it to the captured batch size; padded rows have
+    seq_len 0 and the null block); block_table (B, W) int32; seq_lens (B,) int32 (the new token's K/V
+    is written before attention, so they count it)."""
+
+    num_actual_tokens: int
+    num_reqs: int
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    workspace: SparseDecodeWorkspace
+
+
+def _unsupported(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype) -> list[str]:
+    problems = []
+    if alibi_slopes is not None:
+        problems.append("ALiBi slopes")
+    if logits_soft_cap:
+        problems.append(f"logits soft-capping ({logits_soft_cap})")
+    if sinks is not None:
+        problems.append("learned attention sinks")
+    if sliding_window is not None:
+        problems.append(f"sliding window ({sliding_window})")
+    if attn_type != AttentionType.DECODER:
+        problems.append(f"attention type {attn_type}")
+    if kv_cache_dtype != "auto":
+        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (only 'auto')")
+    return problems
+
+
+class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    """FlashAttention metadata for batches with prefill tokens; `AsyncTLSDecodeMetadata` for decode-only
+    batches (built from device tensors vLLM already holds: no host synchronisation)."""
+
+    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    supports_update_block_table: bool = False
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
+        self.sparse_config = self.asynctls.sparse_config(head_dim=self.headdim, is_mla=False)
+        self.asynctls.check_cache_block_size(kv_cache_spec.block_size)
+        self.workspace_dtype = vllm_config.model_config.dtype
+        self.max_batch = max(vllm_config.scheduler_config.max_num_seqs,
+                             vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+        self._arena: WorkspaceArena | None = None
+        self._arena_width = -1
+        self._workspaces: dict[int, SparseDecodeWorkspace] = {}
+
+    def _workspace_args(self, batch: int, width: int) -> tuple:
+        return (batch, self.num_heads_q, self.num_heads_kv, self.headdim, self.headdim, width,
+                self.block_size, self.sparse_config, self.workspace_dtype, self.device)
+
+    def _workspace(self, batch: int, width: int) -> SparseDecodeWorkspace:
+        """The workspace of this batch size; all sizes share one arena (their steps never overlap), sized
+        once for the largest, so CUDA graphs of every captured size cost one workspace of memory."""
+        if width != self._arena_width:  # first call (the block table's width is fixed per engine)
+            nbytes = max(WorkspaceArena.required_bytes(*self._workspace_args(b, width))
+                         for b in range(1, max(self.max_batch, batch) + 1))
+            self._arena = WorkspaceArena(nbytes, self.device)
+            self._arena_width = width
+            self._workspaces.clear()
+            logger.info("asynctls: decode workspace arena %.1f MiB for batches up to %d",
+                        nbytes / 2**20, self.max_batch)
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            ws = SparseDecodeWorkspace(*self._workspace_args(batch, width), empty=self._arena.carver())
+            self._workspaces[batch] = ws
+        return ws
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False):
+        cm = common_attn_metadata
+        if cm.max_query_len != 1:
+            self._count_mixed(cm)
+            return super().build(common_prefix_len, cm, fast_build)
+        if cm.num_actual_tokens != cm.num_reqs:
+            raise RuntimeError(
+                f"asynctls: a decode-only batch must have one token per request; got "
+                f"{cm.num_actual_tokens} tokens for {cm.num_reqs} requests"
+            )
+        self._count_decode(cm)
+        block_table = cm.block_table_tensor  # (B, W) int32, vLLM's persistent device buffer
+        return AsyncTLSDecodeMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            num_reqs=cm.num_reqs,
+            block_table=block_table,
+            seq_lens=cm.seq_lens,
+            workspace=self._workspace(cm.num_reqs, block_table.shape[1]),
+        )
+
+    def use_cascade_attention(self, *args, **kwargs) -> bool:
+        return False
+
+    @staticmethod
+    def _count_decode(cm: CommonAttentionMetadata) -> None:
+        lens = cm.seq_lens_cpu_upper_bound  # host tensor (padded rows hold 0)
+        if lens is None:
+            return
+        lens = lens[: cm.num_reqs]
+        COUNTERS.record_step(prefill_tokens=0, dense_context_lens=[], sparse_context_lens=lens[lens > 0].tolist())
+
+    @staticmethod
+    def _count_mixed(cm: CommonAttentionMetadata) -> None:
+        lens = cm.seq_lens_cpu_upper_bound
+        if lens is None:
+            return
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        qlens = qsl[1:] - qsl[:-1]
+        decode = (qlens == 1) & (lens[: cm.num_reqs] > 0)
+        COUNTERS.record_step(
+            prefill_tokens=int(qlens[qlens > 1].sum()),
+            dense_context_lens=lens[: cm.num_reqs][decode].tolist(),
+            sparse_context_lens=[],
+        )
+
+
+class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
+    """FlashAttention for batches with prefill tokens; the Triton sparse operator for decode-only ones."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
+        problems = _unsupported(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype)
+        if problems:
+            raise NotImplementedError(
+                "--attention-backend asynctls does not support " + ", ".join(problems)
+                + "; serve this model with the default attention backend"
+            )
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        if self.dcp_world_size > 1:
+            raise NotImplementedError("--attention-backend asynctls does not support decode context parallelism")
+        vllm_config = get_current_vllm_config()
+        self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
+        self.sparse_config = self.asynctls.sparse_config(head_dim=head_size, is_mla=False)
+        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if kv_cache.numel() == 0:
+            return
+        num_blocks, _, block_size, _ = kv_cache.shape  # logical (nb, Hkv, bs, 2 * D)
+        self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
+        self.layer_index.write(key, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if not isinstance(attn_metadata, AsyncTLSDecodeMetadata):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("asynctls: fused output quantization is not supported")
+        md = attn_metadata
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # (nb, bs, Hkv, D)
+        B = md.num_reqs
+        out, _, _ = sparse_decode_triton(
+            query[:B], key_cache, value_cache, md.block_table, md.seq_lens, self.layer_index.index,
+            self.sparse_config, self.scale, workspace=md.workspace,
+        )  # (B, Hq, D)
+        output[:B].copy_(out.view(output[:B].shape))
+        return output
+
+
+class AsyncTLSFlashAttentionBackend(FlashAttentionBackend):
+    """`--attention-backend asynctls` for GQA / MHA models on CUDA GPUs (vLLM's FLASH_ATTN underneath)."""
+
+    supported_kv_cache_dtypes = ["auto"]
+    forward_includes_kv_cache_update: bool = False
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        return False
+
+    @staticmethod
+    def get_impl_cls() -> type[AsyncTLSFlashAttentionImpl]:
+        return AsyncTLSFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[AsyncTLSFlashAttentionMetadataBuilder]:
+        return AsyncTLSFlashAttentionMetadataBuilder
+
+    @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        reasons = list(super().validate_configuration(*args, **kwargs))
+        if kwargs.get("use_mla"):
+            reasons.append("asynctls serves MLA models on the CPU platform only (no GPU MLA path in this version)")
+        if kwargs.get("use_sparse"):
+            reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
+        return reasons

@@ -1,0 +1,92 @@
+"""One attention layer's AsyncTLS index (block summaries + low-bit token index) beside vLLM's KV cache.
+
+Shared by the CPU backend (`backend.py`, written with the plain-PyTorch reference) and the GPU backend
+(`gpu_backend.py`, written with the fused Triton kernel inside vLLM's KV-cache update, so decode steps
+captured in CUDA graphs write it too).
+
+- Allocated at the first KV write from the cache's geometry (vLLM binds the KV cache after the model is
+  built, so its block count is only known there), indexed by *physical* cache block.
+- Index channels are calibrated once per layer from the keys of the first real KV write (the first
+  prefill chunk the engine serves): the channels with the largest mean |k| (or spread) per kv head,
+  Double Sparsity's offline calibration done online. vLLM's dummy runs write no slot (all slots are
+  -1), so they never calibrate. Calibration selects the valid rows with a data-dependent shape, which
+  costs one host synchronisation per layer, once; it never runs while a CUDA graph is being captured.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from asynctls_tip_kernels import sparse_decode_reference as ref
+
+logger = logging.getLogger("vllm_asynctls")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class LayerIndex:
+    """One layer's `SparseIndex`, allocated at the first KV write and calibrated on the first real one."""
+
+    def __init__(self, sparse_config, num_kv_heads: int, head_dim: int, is_mla: bool) -> None:
+        self.config = sparse_config
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.is_mla = is_mla
+        self.index: ref.SparseIndex | None = None
+        self.calibrated = False
+        self._write_workspace = None  # Triton path: the claim buffer, allocated with the index
+
+    def ensure(self, num_cache_blocks: int, cache_block_size: int, dtype: torch.dtype, device) -> ref.SparseIndex:
+        idx = self.index
+        if idx is not None and idx.block_min.shape[0] == num_cache_blocks and idx.block_min.device == device:
+            return idx
+        if _capturing():
+            raise RuntimeError(
+                "asynctls: the index would be allocated inside a CUDA graph capture; vLLM's warm-up runs "
+                "should have allocated it first (run with enforce_eager=True and report this)"
+            )
+        self.index = ref.allocate_index(
+            num_cache_blocks, cache_block_size, self.num_kv_heads, self.head_dim, self.config, dtype, device
+        )
+        if self.index.block_min.is_cuda:
+            from asynctls_tip_kernels.index_write import IndexWriteWorkspace
+
+            self._write_workspace = IndexWriteWorkspace(
+                num_cache_blocks, self.index.block_min.shape[1], self.index.block_min.device
+            )
+        self.calibrated = False
+        nbytes = sum(t.numel() * t.element_size() for t in (self.index.block_min, self.index.block_max,
+                                                           self.index.codes, self.index.scales) if t is not None)
+        logger.info(
+            "asynctls: index for %d cache blocks x %d tokens (%d kv heads, key dim %d): %.1f MiB per layer",
+            num_cache_blocks, cache_block_size, self.num_kv_heads, self.head_dim, nbytes / 2**20,
+        )
+        return self.index
+
+    def _calibrate(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        valid = slot_mapping >= 0
+        calib = key[valid]  # data-dependent shape: once per layer, never inside a graph capture
+        if calib.shape[0] > 0:
+            ref.set_index_channels(self.index, ref.choose_index_channels(
+                calib, self.config.index_channels, metric=self.config.index_channel_metric
+            ))
+            self.calibrated = True
+
+    def write(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """key (N, Hkv, D), possibly padded past slot_mapping's length; slot_mapping (N,) (negative =
+        padding)."""
+        n = min(key.shape[0], slot_mapping.shape[0])
+        key, slot_mapping = key[:n], slot_mapping[:n]
+        if not self.calibrated and self.config.index_bits != 16 and not _capturing():
+            self._calibrate(key, slot_mapping)
+        if self._write_workspace is not None:
+            from asynctls_tip_kernels.index_write import write_index_triton
+
+            write_index_triton(self.index, key, slot_mapping.to(torch.int64), self.config,
+                               workspace=self._write_workspace)
+        else:
+            ref.write_index(self.index, key, slot_mapping, self.config)
