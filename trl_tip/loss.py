@@ -24,6 +24,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.distributed.tensor import Partial
 from trl.kernels.chunked_divergence import (
     TOKEN_CHUNK_SIZE,
     VOCAB_CHUNK_SIZE,
@@ -74,9 +75,17 @@ def _kernel_args(temperature: float, student: LogitTransform, teacher: LogitTran
 
 
 def _full_tensor(weight: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    # Under FSDP2 the head is a DTensor; gather it once, as TRL's `_chunked_divergence_loss` does.
+    """The whole of a head weight that FSDP2 holds sharded (a DTensor), gathered once; other tensors unchanged.
+
+    The head is a DTensor here when FSDP2 wraps it in a unit of its own (an `lm_head` or tied embedding wrapped
+    apart from the root): that unit's forward never runs, since the loss reads the weight directly, so FSDP's own
+    gradient reduce-scatter never fires either. The gradient of the gathered weight holds this process's
+    contribution only, so it is declared `Partial("avg")`: the backward reduce-scatters and averages it into the
+    shards, as FSDP2 does for every other parameter. (A plain `full_tensor()`, as in TRL 1.16's
+    `_chunked_divergence_loss`, assumes a replicated gradient: each shard would keep its own process's part only.)
+    """
     if weight is not None and isinstance(weight, torch.distributed.tensor.DTensor):
-        weight = weight.full_tensor()
+        weight = weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
         if dtype is not None:
             weight = weight.to(dtype)
     return weight

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers.integrations import is_fsdp_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl import DistillationTrainer
 from trl.experimental.gkd import GKDTrainer
@@ -75,6 +76,41 @@ def _check_selection_args(args, expected: type) -> None:
         raise TypeError(f"args must be a {expected.__name__} (it carries the selection fields), got {type(args).__name__}.")
 
 
+@torch.no_grad()
+def _broadcast_from_main_process(model: torch.nn.Module) -> None:
+    """Copy process 0's parameters and buffers into every process's copy of an unsharded model (in place)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if isinstance(tensor, torch.distributed.tensor.DTensor):
+            raise NotImplementedError(
+                "The teacher has DTensor (sharded) parameters under FSDP; pass an unsharded teacher (a path or a plain "
+                "`PreTrainedModel`): the trainer keeps one full copy of it per process, as its TRL parent does."
+            )
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _place_teacher_under_fsdp(trainer) -> None:
+    """Under FSDP: put the teacher on this process's device, with process 0's weights.
+
+    The TRL parents prepare the teacher with `prepare_model(evaluation_mode=True)`, which under FSDP neither wraps
+    nor moves it (TRL issue #2580), so two fixes, for a teacher kept whole on every process as under DDP:
+    - placement: the teacher stays where `from_pretrained` left it (the CPU) while the student is on the GPU;
+    - weights: with FSDP's CPU-RAM-efficient loading (`FSDP_CPU_RAM_EFFICIENT_LOADING=true`, accelerate's default
+      for `--use_fsdp`), transformers reads the checkpoint on each node's first process only and fills the other
+      copies with zeros, counting on FSDP's wrapping to broadcast from process 0; the unwrapped teacher never gets
+      that broadcast, and every other process would distil from an all-zero (uniform) teacher. One broadcast at
+      start-up. `transformers.integrations.is_fsdp_enabled` is transformers' own test for that loading mode (it also
+      holds when accelerate falls back to DDP, as it does on a CPU process group).
+    """
+    if trainer.teacher_model is None or trainer.accelerator.num_processes == 1 or trainer.is_deepspeed_enabled:
+        return  # (DeepSpeed: the parents partition the teacher with `prepare_deepspeed`)
+    if not (trainer.is_fsdp_enabled or is_fsdp_enabled()):
+        return
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    if getattr(teacher, "hf_device_map", None) is None:  # a `device_map` placement is the user's
+        teacher.to(trainer.accelerator.device)
+    _broadcast_from_main_process(teacher)
+
+
 class _TIPMetricsMixin:
     """Logs the selection summary through the trainer's `_metrics` (TRL's per-step metrics)."""
 
@@ -101,6 +137,7 @@ class TIPTrainer(_TIPMetricsMixin, DistillationTrainer):
             raise ValueError("TIPTrainer needs `args=TIPConfig(...)`: the selection rule and ratio live there.")
         _check_selection_args(config, TIPConfig)
         super().__init__(*args, **kwargs)
+        _place_teacher_under_fsdp(self)
         self.selection_rule = config.selection_rule
         self.selection_ratio = config.selection_ratio
         self._selection_generator = _selection_generator(config, self.accelerator)
@@ -217,6 +254,7 @@ class TIPGKDTrainer(_TIPMetricsMixin, GKDTrainer):
             raise ValueError("TIPGKDTrainer needs `args=TIPGKDConfig(...)`: the selection rule and ratio live there.")
         _check_selection_args(config, TIPGKDConfig)
         super().__init__(*args, **kwargs)
+        _place_teacher_under_fsdp(self)
         self.selection_rule = config.selection_rule
         self.selection_ratio = config.selection_ratio
         self._selection_generator = _selection_generator(config, self.accelerator)
