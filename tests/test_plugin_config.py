@@ -56,6 +56,11 @@ def test_from_additional_config_reads_the_asynctls_entry():
         ({"dense_threshold": 1.5}, "dense_threshold", ">= 0"),
         ({"mode": "fast"}, "mode", "asynctls"),
         ({"token_budget": 4096, "num_blocks": 8}, "token_budget", "num_blocks * selection_block_size"),
+        ({"offload": "yes"}, "offload", "true or false"),
+        ({"offload": 1}, "offload", "true or false"),
+        ({"offload_hot_blocks": 0}, "offload_hot_blocks", ">= 1"),
+        ({"offload_hot_blocks": 2.5}, "offload_hot_blocks", ">= 1"),
+        ({"offload_prefetch_depth": 0}, "offload_prefetch_depth", ">= 1"),
     ],
 )
 def test_each_bad_knob_names_itself_and_its_range(knobs, knob, allowed):
@@ -71,6 +76,52 @@ def test_unknown_knob_and_wrong_type_are_errors():
         AsyncTLSConfig.from_dict({"token_budgt": 10})
     with pytest.raises(ValueError, match="must be a JSON object"):
         AsyncTLSConfig.from_additional_config({"asynctls": 5})
+
+
+def test_offload_knobs():
+    cfg = AsyncTLSConfig.from_dict({"offload": True, "offload_hot_blocks": 24, "offload_prefetch_depth": 2})
+    assert cfg.offload_config().offload and cfg.offload_config().offload_hot_blocks == 24
+    assert AsyncTLSConfig().offload is False  # off unless asked for
+    # The selection must not read full keys (they live in host memory): index-only modes and bits.
+    for knobs, got in (({"mode": "exact_topk"}, "mode='exact_topk'"), ({"mode": "dense"}, "mode='dense'"),
+                       ({"index_bits": 16}, "index_bits=16")):
+        with pytest.raises(ValueError, match=r"offload=true needs mode in \['asynctls', 'block_only'\] and "
+                                             r"index_bits in \[4, 8\].*got .*" + got):
+            AsyncTLSConfig.from_dict({"offload": True, **knobs})
+        AsyncTLSConfig.from_dict(knobs)  # fine without offload
+    # The hot cache must hold one step's blocks (checked against the cache block size at start-up).
+    with pytest.raises(ValueError, match=r"offload_hot_blocks must be >= 11 .*got 10"):
+        AsyncTLSConfig(offload=True, offload_hot_blocks=10).offload_config().check_against(
+            token_budget=128, num_blocks=8, selection_block_size=16, sink_tokens=16, local_tokens=16, block_size=32)
+
+
+def test_offload_start_up_checks_against_the_engine():
+    from types import SimpleNamespace
+
+    from vllm_asynctls.offload.connector import check_offload_config, kv_transfer_config
+
+    knobs = {"offload": True, "offload_hot_blocks": 11, "token_budget": 128, "num_blocks": 8,
+             "sink_tokens": 16, "local_tokens": 16}
+
+    def engine(ktc, use_mla=False, block_size=32, knobs=knobs):
+        return SimpleNamespace(
+            additional_config={"asynctls": knobs},
+            kv_transfer_config=None if ktc is None else SimpleNamespace(**ktc),
+            model_config=SimpleNamespace(use_mla=use_mla), cache_config=SimpleNamespace(block_size=block_size),
+        )
+
+    check_offload_config(engine(kv_transfer_config()))
+    check_offload_config(engine(None, knobs={}))  # offload off: nothing to check
+    with pytest.raises(ValueError, match=r"offload=true needs the offload KV connector: pass kv_transfer_config="
+                                         r".*AsyncTLSOffloadConnector.*got kv_transfer_config=None"):
+        check_offload_config(engine(None))
+    with pytest.raises(NotImplementedError, match="GQA/MHA models; this is an MLA model"):
+        check_offload_config(engine(kv_transfer_config(), use_mla=True))
+    # 16-token cache blocks: 8 selected + 1 sink + 2 local blocks = 11 fit. 8-token blocks: each 16-token
+    # selection block spans 2 of them, so 16 selected + 2 sink + 3 local = 21.
+    check_offload_config(engine(kv_transfer_config(), block_size=16))
+    with pytest.raises(ValueError, match=r"offload_hot_blocks must be >= 21 .*block size 8\); got 11"):
+        check_offload_config(engine(kv_transfer_config(), block_size=8))
 
 
 def test_model_dependent_checks():

@@ -199,7 +199,17 @@ def validate_vllm_config(vllm_config) -> None:
                 )
         elif is_mla:
             check_cpu_mla_dense_threshold(head_dim, cfg.dense_threshold)
-        reserve_index_memory(vllm_config, cfg, head_dim, is_mla)
+        if cfg.offload:
+            if _on_cuda():
+                raise NotImplementedError(
+                    "asynctls knob offload=true runs on the CPU platform only in this version (the GPU "
+                    "backend has no offload path yet); got offload=true on CUDA"
+                )
+            from vllm_asynctls.offload.connector import check_offload_config
+
+            check_offload_config(vllm_config, cfg)  # the index is then sized by the host pool
+        else:
+            reserve_index_memory(vllm_config, cfg, head_dim, is_mla)
     logger.info("asynctls: %s", cfg)
 
 
@@ -251,4 +261,7 @@ def install() -> None:
     register_custom_override()
     if current_platform.is_cpu():
         patch_cpu_platform()
+        from vllm_asynctls import offload
+
+        offload.register()  # the offload KV-cache spec (it also registers itself when unpickled)
     patch_platform_config_check()

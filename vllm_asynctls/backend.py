@@ -25,6 +25,12 @@ Design
 - Counters (`vllm_asynctls.counters`): decode tokens served sparse vs dense per step (builder), and
   tokens the sparse path read (impl, accumulated on device).
 
+- KV offload (`offload` knob, GQA/MHA only; design in `vllm_asynctls.offload.connector`): the layers
+  report `AsyncTLSOffloadSpec` (`customize_spec`), so the scheduler frees a long decoding request's
+  blocks and the device pool holds the hot caches; every KV write also goes to the host pool, the
+  index (indexed by host block, since the paged blocks of an offloaded request are gone) and any
+  resident hot slot; long decode tokens select on the index and attend through the hot cache.
+
 Not supported (start-up errors or a logged dense fallback, see `_vllm_compat`): sliding-window,
 encoder and cross attention layers stay dense; ALiBi, soft-capping, learned sinks and quantised KV
 caches raise. The paper's lagged (pipelined) selection needs per-request state across steps and is
@@ -57,68 +63,13 @@ from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 from vllm_asynctls._vllm_compat import BACKEND_NAME, check_cpu_mla_dense_threshold
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
+from vllm_asynctls.layer_index import LayerIndex
 
 logger = logging.getLogger("vllm_asynctls")
 
 
 def _asynctls_config(vllm_config: VllmConfig | None = None) -> AsyncTLSConfig:
     return AsyncTLSConfig.from_vllm_config(vllm_config or get_current_vllm_config())
-
-
-def _is_dummy_run() -> bool:
-    """vLLM's profiling / warm-up runs carry no attention metadata; their keys are not real."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    return not is_forward_context_available() or get_forward_context().attn_metadata is None
-
-
-# ==============================================================================================
-# Per-layer index state
-# ==============================================================================================
-
-
-class LayerIndex:
-    """One layer's `SparseIndex`, allocated at the first KV write from the cache's geometry and
-    calibrated (index channels) on the first real prefill."""
-
-    def __init__(self, sparse_config, num_kv_heads: int, head_dim: int, is_mla: bool) -> None:
-        self.config = sparse_config
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.is_mla = is_mla
-        self.index: ref.SparseIndex | None = None
-        self.calibrated = False
-
-    def ensure(self, num_cache_blocks: int, cache_block_size: int, dtype: torch.dtype, device) -> ref.SparseIndex:
-        idx = self.index
-        if idx is not None and idx.block_min.shape[0] == num_cache_blocks and idx.block_min.device == device:
-            return idx
-        self.index = ref.allocate_index(
-            num_cache_blocks, cache_block_size, self.num_kv_heads, self.head_dim, self.config, dtype, device
-        )
-        self.calibrated = False
-        nbytes = sum(t.numel() * t.element_size() for t in (self.index.block_min, self.index.block_max,
-                                                           self.index.codes, self.index.scales) if t is not None)
-        logger.info(
-            "asynctls: index for %d cache blocks x %d tokens (%d kv heads, key dim %d): %.1f MiB per layer",
-            num_cache_blocks, cache_block_size, self.num_kv_heads, self.head_dim, nbytes / 2**20,
-        )
-        return self.index
-
-    def write(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """key (N, Hkv, D); slot_mapping (N,) (negative = padding)."""
-        n = min(key.shape[0], slot_mapping.shape[0])
-        key, slot_mapping = key[:n], slot_mapping[:n]
-        if not self.calibrated and self.config.index_bits != 16 and not _is_dummy_run():
-            valid = slot_mapping >= 0
-            # Data-dependent shape: the CPU path tolerates it; calibration runs once per layer.
-            calib = key[valid]
-            if calib.shape[0] > 0:
-                ref.set_index_channels(self.index, ref.choose_index_channels(
-                    calib, self.config.index_channels, metric=self.config.index_channel_metric
-                ))
-                self.calibrated = True
-        ref.write_index(self.index, key, slot_mapping, self.config)
 
 
 # ==============================================================================================
@@ -140,15 +91,43 @@ class SparseDecodeBatch:
 
 
 @dataclass
+class OffloadTokens:
+    """Where this step's new tokens go in the offload's host rows (offload on only).
+
+    token_block0: (N,) int64 first KV block of each token's request (the worker's request key);
+    token_pos: (N,) int64 logical position of each token; sparse_block0: (Bs,) int64 the same key for
+    the sparse decode tokens. Rows are looked up at forward time (`rows`), after the connector applied
+    this step's row table."""
+
+    token_block0: torch.Tensor
+    token_pos: torch.Tensor
+    sparse_block0: torch.Tensor | None
+    _rows: tuple | None = None
+
+    def rows(self, runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token rows (N,), sparse rows (Bs,) or None), computed once per step (layers share it)."""
+        if self._rows is None:
+            tokens = runtime.rows_of(self.token_block0)
+            # Host check (CPU path): a request without a row would silently read another row's data.
+            if bool((tokens < 0).any()):
+                raise RuntimeError("asynctls offload: a scheduled request has no hot-cache row (the connector "
+                                   "metadata did not map its first block)")
+            sparse = None if self.sparse_block0 is None else runtime.rows_of(self.sparse_block0)
+            self._rows = (tokens, sparse)
+        return self._rows
+
+
+@dataclass
 class AsyncTLSMetadata:
     """dense: CPU_ATTN metadata of the tokens served dense (None when none are);
     dense_token_ids: (Nd,) rows of those tokens, None meaning all rows in order (no gather);
-    sparse: the long decode tokens, None when none."""
+    sparse: the long decode tokens, None when none; offload: host-row addressing (offload on)."""
 
     num_actual_tokens: int
     dense: CPUAttentionMetadata | None
     dense_token_ids: torch.Tensor | None = None
     sparse: SparseDecodeBatch | None = None
+    offload: OffloadTokens | None = None
 
 
 def _split_requests(query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, dense_threshold: int):
@@ -163,6 +142,10 @@ class AsyncTLSMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.asynctls = _asynctls_config(vllm_config)
         self.asynctls.check_cache_block_size(kv_cache_spec.block_size)
+        if self.asynctls.offload:
+            from vllm_asynctls.offload.connector import check_offload_config
+
+            check_offload_config(vllm_config, self.asynctls)
         if self.isa not in CPU_ATTN_TRANSPOSED_KEY_ISAS:
             raise NotImplementedError(
                 f"--attention-backend asynctls reads CPU_ATTN's KV cache layout for ISAs "
@@ -184,8 +167,10 @@ class AsyncTLSMetadataBuilder(CPUAttentionMetadataBuilder):
             dense_context_lens=seq_lens_cpu[decode & ~sparse].tolist(),
             sparse_context_lens=seq_lens_cpu[sparse].tolist(),
         )
+        offload = self._offload_tokens(cm, query_lens, seq_lens_cpu, sparse) if self.asynctls.offload else None
         if not bool(sparse.any()):
-            return AsyncTLSMetadata(cm.num_actual_tokens, super().build(common_prefix_len, cm, fast_build))
+            return AsyncTLSMetadata(cm.num_actual_tokens, super().build(common_prefix_len, cm, fast_build),
+                                    offload=offload)
 
         sparse_reqs = sparse.nonzero().squeeze(1)
         device = cm.query_start_loc.device
@@ -196,10 +181,27 @@ class AsyncTLSMetadataBuilder(CPUAttentionMetadataBuilder):
         )
         dense_reqs = (~sparse).nonzero().squeeze(1)
         if dense_reqs.numel() == 0:
-            return AsyncTLSMetadata(cm.num_actual_tokens, None, None, sparse_batch)
+            return AsyncTLSMetadata(cm.num_actual_tokens, None, None, sparse_batch, offload)
         sub_cm, token_ids = _subset_requests(cm, dense_reqs, query_lens, seq_lens_cpu)
         dense = super().build(0, sub_cm, fast_build)
-        return AsyncTLSMetadata(cm.num_actual_tokens, dense, token_ids.to(device), sparse_batch)
+        return AsyncTLSMetadata(cm.num_actual_tokens, dense, token_ids.to(device), sparse_batch, offload)
+
+    def _offload_tokens(self, cm: CommonAttentionMetadata, query_lens, seq_lens_cpu, sparse) -> OffloadTokens:
+        """Host-row addressing of this step's tokens (host tensors, moved to the cache's device)."""
+        n = cm.num_actual_tokens
+        _check_prefill_reads_resident_blocks(cm, query_lens, seq_lens_cpu, self.kv_cache_spec.block_size)
+        reqs = torch.arange(query_lens.shape[0])
+        token_req = torch.repeat_interleave(reqs, query_lens)[:n]  # (N,)
+        start = (seq_lens_cpu - query_lens).long()  # (R,) tokens computed before this step
+        token_pos = start[token_req] + torch.arange(n) - cm.query_start_loc_cpu[token_req].long()  # (N,)
+        device = cm.block_table_tensor.device
+        block0 = cm.block_table_tensor[:, 0].long()  # (R,) the worker's request key (never freed)
+        token_req = token_req.to(device)
+        return OffloadTokens(
+            token_block0=block0[token_req],
+            token_pos=token_pos.to(device),
+            sparse_block0=block0[sparse.nonzero().squeeze(1).to(device)] if bool(sparse.any()) else None,
+        )
 
 
 def _subset_requests(cm: CommonAttentionMetadata, reqs: torch.Tensor, query_lens: torch.Tensor, seq_lens_cpu):
@@ -246,6 +248,31 @@ def _subset_requests(cm: CommonAttentionMetadata, reqs: torch.Tensor, query_lens
         _token_to_req_indices_cache=None,
     )
     return sub, token_ids
+
+
+def _check_prefill_reads_resident_blocks(cm: CommonAttentionMetadata, query_lens, seq_lens_cpu,
+                                        block_size: int) -> None:
+    """A prefill chunk (dense, CPU_ATTN) reads every earlier block from the paged cache. The offload
+    manager frees blocks only once a request has computed its prompt (or, re-admitted after
+    preemption, its whole recompute) and decodes sparse; should that invariant ever break, fail
+    loudly (block id 0 is vLLM's null block) instead of attending over zeros. Host tensors on CPU."""
+    prefill = query_lens > 1
+    if not bool(prefill.any()):
+        return
+    start = (seq_lens_cpu - query_lens)[prefill].view(-1, 1)  # (Rp, 1) tokens before this chunk
+    table = cm.block_table_tensor[prefill.nonzero().squeeze(1).to(cm.block_table_tensor.device)].cpu()  # (Rp, W)
+    cols = torch.arange(table.shape[1]).view(1, -1)
+    read = (cols >= 1) & (cols * block_size < start)  # earlier blocks but the first (never freed)
+    if bool(((table == 0) & read).any()):
+        raise RuntimeError(
+            "asynctls offload: a prefill chunk would read KV blocks already moved to the host pool (the offload "
+            "manager freed them before the request's prefill was done); this is a bug, please report it"
+        )
+
+
+# Offload fields of this process's model, recorded by the impl at model construction and read by
+# `AsyncTLSAttentionBackend.customize_spec` (a classmethod vLLM calls without a config afterwards).
+_OFFLOAD_SPEC_FIELDS: dict | None = None
 
 
 # CPU_ATTN ISAs whose cache layout the sparse path reads (checked against vLLM 0.32.0's
@@ -313,14 +340,67 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
             self.asynctls.check_cache_block_size(vllm_config.cache_config.block_size)
         self.sparse_config = self.asynctls.sparse_config(head_dim=head_size, is_mla=False)
         self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False)
+        self.offload = self.asynctls.offload
+        global _OFFLOAD_SPEC_FIELDS
+        _OFFLOAD_SPEC_FIELDS = None
+        if self.offload:
+            from vllm_asynctls.offload.connector import check_offload_config
+
+            check_offload_config(vllm_config, self.asynctls)
+            a = self.asynctls
+            _OFFLOAD_SPEC_FIELDS = dict(
+                offload_threshold=a.dense_threshold,
+                hot_rows=vllm_config.scheduler_config.max_num_seqs,
+                hot_blocks=a.offload_hot_blocks,
+                max_model_len=vllm_config.model_config.max_model_len,
+            )
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if kv_cache.numel() == 0:
             return
+        if self.offload:
+            self._offload_kv_update(layer, key, value, kv_cache)
+            return
         num_blocks, _, block_size, _ = kv_cache.shape
         self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
         self.layer_index.write(key, slot_mapping)
+
+    def _offload_kv_update(self, layer, key, value, kv_cache) -> None:
+        """Write-through of the step's new tokens (before attention reads them): host pool, resident
+        hot slots, and the index at host slots (the index outlives the freed paged blocks)."""
+        from vllm.model_executor.layers.attention.attention import get_attention_context
+
+        from vllm_asynctls.offload.connector import get_runtime
+
+        md, *_ = get_attention_context(layer.layer_name)
+        runtime = get_runtime()
+        if md is None or runtime is None or md.offload is None:  # profiling / warm-up runs
+            return
+        n = md.num_actual_tokens
+        rows, _ = md.offload.rows(runtime)
+        positions = md.offload.token_pos
+        runtime.write_through(layer.layer_name, rows, positions, key[:n], value[:n])
+        host_blocks = runtime.pool.num_blocks
+        self.layer_index.ensure(host_blocks, runtime.block_size, kv_cache.dtype, kv_cache.device)
+        self.layer_index.write(key[:n], runtime.host_slots(rows, positions))
+
+    def _offload_sparse_decode(self, layer, q, md: AsyncTLSMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selection on the host-indexed index, attention through the hot cache.
+        q (Bs, Hq, D) -> (output (Bs, Hq, D), positions (Bs, Hkv, P))."""
+        from vllm_asynctls.offload.connector import get_runtime
+
+        runtime = get_runtime()
+        _, rows = md.offload.rows(runtime)
+        sp, cfg, index = md.sparse, self.sparse_config, self.layer_index.index
+        host_table = runtime.host_block_table(rows)  # (Bs, W): the index is addressed by host block
+        if cfg.mode == "block_only":
+            positions = ref.block_only_positions(q, index, host_table, sp.seq_lens, cfg)
+        else:  # "asynctls" (the config refuses other modes with offload)
+            block_ids = ref.select_blocks(q, index, host_table, sp.seq_lens, cfg)
+            selected = ref.select_tokens(q, index, None, host_table, sp.seq_lens, block_ids, cfg)
+            positions = ref.attended_positions(selected, sp.seq_lens, cfg)
+        return runtime.attend(layer.layer_name, q, rows, positions, self.scale), positions
 
     def forward(
         self, layer, query, key, value, kv_cache, attn_metadata: AsyncTLSMetadata | None, output,
@@ -338,12 +418,15 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
                             output_scale, output_block_scale)
             output[ids] = out_dense
         sp = md.sparse
-        key_cache, value_cache = _paged_kv_views(kv_cache)  # (nb, bs, Hkv, D)
         q = query[sp.token_ids]  # (Bs, Hq, D)
-        out, positions, _ = ref.sparse_decode(
-            q, key_cache, value_cache, sp.block_table, sp.seq_lens, self.layer_index.index,
-            self.sparse_config, self.scale,
-        )
+        if self.offload:
+            out, positions = self._offload_sparse_decode(layer, q, md)
+        else:
+            key_cache, value_cache = _paged_kv_views(kv_cache)  # (nb, bs, Hkv, D)
+            out, positions, _ = ref.sparse_decode(
+                q, key_cache, value_cache, sp.block_table, sp.seq_lens, self.layer_index.index,
+                self.sparse_config, self.scale,
+            )
         output[sp.token_ids] = out.to(output.dtype)  # (Bs, Hq, Dv)
         COUNTERS.record_sparse_reads(positions)
         return output
@@ -366,6 +449,23 @@ class AsyncTLSAttentionBackend(CPUAttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """With offload on, the layers' full-attention spec becomes `AsyncTLSOffloadSpec`, whose
+        scheduler-side manager frees offloaded blocks and reserves the hot caches."""
+        spec = super().customize_spec(spec)
+        if _OFFLOAD_SPEC_FIELDS is None:
+            return spec
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from vllm_asynctls.offload.spec import AsyncTLSOffloadSpec
+
+        if isinstance(spec, AsyncTLSOffloadSpec):
+            return spec
+        if type(spec) is not FullAttentionSpec:
+            raise NotImplementedError(f"asynctls offload covers full-attention layers only; got {type(spec).__name__}")
+        return AsyncTLSOffloadSpec.from_spec(spec, **_OFFLOAD_SPEC_FIELDS)
 
     @staticmethod
     def get_impl_cls() -> type[AsyncTLSAttentionImpl]:
@@ -439,6 +539,11 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
         vllm_config = get_current_vllm_config()
         self.asynctls = _asynctls_config(vllm_config)
+        if self.asynctls.offload:
+            raise NotImplementedError(
+                "asynctls knob offload=true is implemented for GQA/MHA models; this is an MLA model. "
+                "Serve it with offload=false"
+            )
         key_dim = self.kv_lora_rank + self.qk_rope_head_dim
         check_cpu_mla_dense_threshold(key_dim, self.asynctls.dense_threshold)
         if vllm_config.cache_config is not None:

@@ -23,6 +23,8 @@ ADDITIONAL_CONFIG_KEY = "asynctls"
 # Paper defaults (secondary accounts): 32 index channels for GQA models, 128 for MLA.
 GQA_INDEX_CHANNELS = 32
 MLA_INDEX_CHANNELS = 128
+# Selection modes that choose positions from the index alone ("exact_topk" and "dense" read every key).
+OFFLOAD_MODES = ("asynctls", "block_only")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ class AsyncTLSConfig:
         attention (so short-context serving costs nothing extra); 0 sends every decode token to the
         sparse path (>= 0).
     mode: "asynctls" (two levels), "block_only" (Quest), "exact_topk" (oracle) or "dense".
+    offload: keep every request's K/V in a host pool and serve long decode tokens through a per-request
+        hot cache of `offload_hot_blocks` blocks (true / false; see `vllm_asynctls.offload.connector`).
+        Needs mode "asynctls" or "block_only" with index_bits 4 or 8 (selection must not read full keys).
+    offload_hot_blocks: hot-cache slots per request and kv head, in KV cache blocks (>= 1); must cover
+        the blocks one decode step reads (checked against the cache block size at start-up).
+    offload_prefetch_depth: layers prefetched ahead of the computing one (>= 1).
     """
 
     token_budget: int = 2048
@@ -59,6 +67,9 @@ class AsyncTLSConfig:
     index_channel_metric: str = "mean_abs"
     dense_threshold: int = 4096
     mode: str = "asynctls"
+    offload: bool = False
+    offload_hot_blocks: int = 64
+    offload_prefetch_depth: int = 1
 
     def __post_init__(self) -> None:
         t = self.dense_threshold
@@ -74,6 +85,14 @@ class AsyncTLSConfig:
             )
         # The selection knobs' ranges live in SparseAttentionConfig; build one to validate them.
         self.sparse_config(head_dim=None, is_mla=False)
+        # The offload knobs' ranges live in OffloadConfig.
+        self.offload_config()
+        if self.offload and (self.mode not in OFFLOAD_MODES or self.index_bits == 16):
+            raise ValueError(
+                f"asynctls knob offload=true needs mode in {list(OFFLOAD_MODES)} and index_bits in [4, 8] "
+                f"(the selection must run on the index, not on keys that live in host memory); got "
+                f"mode={self.mode!r}, index_bits={self.index_bits!r}"
+            )
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -117,6 +136,16 @@ class AsyncTLSConfig:
             return default
         channels = min(default, head_dim)
         return channels - (channels % 2) if self.index_bits == 4 and channels > 1 else channels
+
+    def offload_config(self):
+        """The offload knobs as `vllm_asynctls.offload.OffloadConfig` (validated there)."""
+        from vllm_asynctls.offload.config import OffloadConfig
+
+        return OffloadConfig(
+            offload=self.offload,
+            offload_hot_blocks=self.offload_hot_blocks,
+            offload_prefetch_depth=self.offload_prefetch_depth,
+        )
 
     def sparse_config(self, head_dim: int | None, is_mla: bool) -> SparseAttentionConfig:
         """The kernels' config for a layer with key head dim `head_dim` (the latent + rope width for

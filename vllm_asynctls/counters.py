@@ -10,7 +10,9 @@ live there). Read them from the driver with
 or set `VLLM_ASYNCTLS_COUNTERS_FILE=/path/counters.json` (e.g. under `vllm serve`): each worker
 process then rewrites `/path/counters.json.<pid>` (atomically) after every scheduler step (that
 snapshot reads the device accumulator: one host sync per step, only when the variable is set),
-or `snapshot()` inside the worker process (e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0). Request-level
+or `snapshot()` inside the worker process (e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0). With the KV
+offload on, the snapshot also carries the offload's `offload_*` metrics (hot-cache hit rate, bytes
+copied per step, exposed copy time; see `vllm_asynctls.offload.prefetch.OffloadMetrics`). Request-level
 counts are updated by the metadata builder once per scheduler step (host integers it already has);
 the tokens the sparse path reads are summed into a tensor on the device of the KV cache, so the
 decode path never synchronises with the host just to count.
@@ -49,8 +51,18 @@ class AsyncTLSCounters:
         self.decode_tokens_dense = 0
         self.dense_context_tokens = 0  # sum of context lengths of dense decode tokens
         self.sparse_context_tokens = 0  # sum of context lengths of sparse decode tokens
+        self.max_sparse_decodes_per_step = 0  # most long requests decoding sparse in one step
         self._sparse_positions_read: torch.Tensor | None = None  # sum over (token, kv head, layer)
         self._sparse_row_layers = 0  # (token, kv head, layer) triples summed above
+        offload = getattr(self, "_offload", None)
+        if offload is not None:
+            offload.reset()
+
+    def attach_offload_metrics(self, metrics: Any) -> None:
+        """The KV offload's `OffloadMetrics` (hit rate, bytes copied per step, exposed copy time): its
+        `offload_*` entries join `snapshot()` and `reset()` resets it (attached by the offload connector)."""
+        with self._lock:
+            self._offload = metrics
 
     # --- updated by the metadata builder (host integers) ---------------------------------------
     def record_step(self, prefill_tokens: int, dense_context_lens: list[int], sparse_context_lens: list[int]) -> None:
@@ -63,6 +75,7 @@ class AsyncTLSCounters:
             self.sparse_context_tokens += sum(sparse_context_lens)
             if sparse_context_lens:
                 self.steps_with_sparse += 1
+            self.max_sparse_decodes_per_step = max(self.max_sparse_decodes_per_step, len(sparse_context_lens))
         path = os.environ.get(COUNTERS_FILE_ENV)
         if path:
             self.dump(f"{path}.{os.getpid()}")
@@ -89,7 +102,8 @@ class AsyncTLSCounters:
         with self._lock:
             sparse_read = int(self._sparse_positions_read.item()) if self._sparse_positions_read is not None else 0
             decode = self.decode_tokens_sparse + self.decode_tokens_dense
-            return {
+            offload = getattr(self, "_offload", None)
+            return ({"offload": False} if offload is None else {"offload": True, **offload.snapshot()}) | {
                 "steps": self.steps,
                 "steps_with_sparse": self.steps_with_sparse,
                 "prefill_tokens": self.prefill_tokens,
@@ -106,6 +120,7 @@ class AsyncTLSCounters:
                 "tokens_read_per_dense_decode": self.dense_context_tokens / self.decode_tokens_dense
                 if self.decode_tokens_dense
                 else 0.0,
+                "max_sparse_decodes_per_step": self.max_sparse_decodes_per_step,
             }
 
 

@@ -8,8 +8,8 @@ captured in CUDA graphs write it too).
   built, so its block count is only known there), indexed by *physical* cache block.
 - Index channels are calibrated once per layer from the keys of the first real KV write (the first
   prefill chunk the engine serves): the channels with the largest mean |k| (or spread) per kv head,
-  Double Sparsity's offline calibration done online. vLLM's dummy runs write no slot (all slots are
-  -1), so they never calibrate. Calibration selects the valid rows with a data-dependent shape, which
+  Double Sparsity's offline calibration done online. vLLM's dummy runs (no attention metadata, or all
+  slots -1) never calibrate. Calibration selects the valid rows with a data-dependent shape, which
   costs one host synchronisation per layer, once; it never runs while a CUDA graph is being captured.
 """
 
@@ -26,6 +26,13 @@ logger = logging.getLogger("vllm_asynctls")
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _is_dummy_run() -> bool:
+    """vLLM's profiling / warm-up runs carry no attention metadata; their keys are not real."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return not is_forward_context_available() or get_forward_context().attn_metadata is None
 
 
 class LayerIndex:
@@ -81,7 +88,7 @@ class LayerIndex:
         padding)."""
         n = min(key.shape[0], slot_mapping.shape[0])
         key, slot_mapping = key[:n], slot_mapping[:n]
-        if not self.calibrated and self.config.index_bits != 16 and not _capturing():
+        if not self.calibrated and self.config.index_bits != 16 and not _capturing() and not _is_dummy_run():
             self._calibrate(key, slot_mapping)
         if self._write_workspace is not None:
             from asynctls_tip_kernels.index_write import write_index_triton

@@ -2,9 +2,9 @@
 
     --additional-config '{"asynctls": {"offload": true, "offload_hot_blocks": 48}}'
 
-`OffloadConfig.from_knobs` takes the `"asynctls"` dict and reads only the `offload*` knobs;
-`AsyncTLSConfig` (vllm_asynctls/config.py) should grow the same two fields and hand them here (not
-done yet: that file is owned elsewhere; until then `from_knobs` is the parser and validator).
+`AsyncTLSConfig` (vllm_asynctls/config.py) carries the same fields and builds an `OffloadConfig` to
+validate them (`AsyncTLSConfig.offload_config()`); `from_knobs` serves callers without vLLM (the
+benchmark). `hot_cache_blocks_needed` is the one formula for "the blocks one decode step reads".
 """
 
 from __future__ import annotations
@@ -12,16 +12,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["OffloadConfig", "OFFLOAD_KNOBS"]
+__all__ = ["OffloadConfig", "OFFLOAD_KNOBS", "hot_cache_blocks_needed"]
 
 OFFLOAD_KNOBS = ("offload", "offload_hot_blocks", "offload_prefetch_depth")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def hot_cache_blocks_needed(token_budget: int, num_blocks: int, selection_block_size: int, sink_tokens: int,
+                            local_tokens: int, block_size: int) -> tuple[int, int]:
+    """Distinct KV cache blocks one decode step can read per kv head: (selected, sink + local).
+
+    Selected tokens lie in at most `num_blocks` selection blocks, each spanning
+    `max(1, selection_block_size // block_size)` cache blocks, and in at most `token_budget` blocks
+    (one token each); the sinks take `ceil(sink / block_size)` blocks and the local window
+    `ceil(local / block_size) + 1` (it straddles a block boundary)."""
+    selected = min(token_budget, num_blocks * max(1, selection_block_size // block_size))
+    pinned = _cdiv(sink_tokens, block_size) + (_cdiv(local_tokens, block_size) + 1 if local_tokens else 0)
+    return selected, pinned
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
-    """offload: keep long requests' K/V in pinned host memory, a hot cache on the GPU.
-    offload_hot_blocks: GPU slots per request and kv head, in KV cache blocks (>= 1); must cover
-        the blocks one step reads (token budget / block size, sinks, local window) plus slack.
+    """offload: keep long requests' K/V in host memory, a hot cache on the device (true / false).
+    offload_hot_blocks: device slots per request and kv head, in KV cache blocks (>= 1); must cover
+        the blocks one step reads (`hot_cache_blocks_needed`), checked by `check_against`.
     offload_prefetch_depth: layers prefetched ahead of the computing layer (>= 1).
     """
 
@@ -41,19 +58,18 @@ class OffloadConfig:
     def from_knobs(cls, knobs: Mapping[str, Any] | None) -> "OffloadConfig":
         return cls(**{k: v for k, v in (knobs or {}).items() if k in OFFLOAD_KNOBS})
 
-    def check_against(self, token_budget: int, sink_tokens: int, local_tokens: int, block_size: int,
-                      selection_block_size: int) -> None:
-        """The hot cache must hold one step's blocks: ValueError naming the knob otherwise.
-
-        Worst case per kv head: every selected token in its own block (bounded by token_budget and by
-        the selection granularity), plus the sink blocks and the local window's blocks (+1: the window
-        straddles a block boundary)."""
-        selected = token_budget if selection_block_size < block_size else -(-token_budget // block_size)
-        pinned = -(-sink_tokens // block_size) + -(-local_tokens // block_size) + 1
+    def check_against(self, token_budget: int, num_blocks: int, selection_block_size: int, sink_tokens: int,
+                      local_tokens: int, block_size: int) -> int:
+        """ValueError naming the knob when the hot cache cannot hold one step's blocks; returns the
+        blocks one step reads per kv head (selected + sink/local)."""
+        selected, pinned = hot_cache_blocks_needed(token_budget, num_blocks, selection_block_size, sink_tokens,
+                                                   local_tokens, block_size)
         need = selected + pinned
         if self.offload and self.offload_hot_blocks < need:
             raise ValueError(
-                f"asynctls knob offload_hot_blocks must be >= {need} (selected blocks {selected} + sink/local "
-                f"blocks {pinned} with token_budget={token_budget}, block size {block_size}); got "
-                f"{self.offload_hot_blocks}"
+                f"asynctls knob offload_hot_blocks must be >= {need} (up to {selected} selected blocks + "
+                f"{pinned} sink/local blocks per kv head with token_budget={token_budget}, "
+                f"num_blocks={num_blocks}, KV cache block size {block_size}); got {self.offload_hot_blocks}. "
+                f"Raise offload_hot_blocks or lower token_budget / num_blocks"
             )
+        return need

@@ -74,7 +74,8 @@ class HotBlockCache:
 
     def __init__(self, num_layers: int, max_requests: int, num_kv_heads: int, hot_blocks: int, block_size: int,
                  head_dim: int, max_blocks_per_seq: int, pinned_blocks: int, max_blocks_per_step: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 allocate_storage: bool = True) -> None:
         if hot_blocks < max_blocks_per_step + pinned_blocks:
             raise ValueError(
                 f"offload_hot_blocks must be >= the blocks one step reads per kv head ({max_blocks_per_step}) "
@@ -85,8 +86,15 @@ class HotBlockCache:
         self.num_layers, self.max_requests, self.num_kv_heads = L, R, H
         self.hot_blocks, self.block_size, self.head_dim, self.max_blocks_per_seq = S, block_size, head_dim, W
         self.device = torch.device(device)
-        self.key = torch.zeros(L, R * H * S, block_size, 1, head_dim, dtype=dtype, device=device)
-        self.value = torch.zeros_like(self.key)
+        self.dtype = dtype
+        # Slot contents: one (R * H * S, block_size, 1, D) tensor per layer for K and for V. Either
+        # allocated here, or bound later to memory the caller owns (`bind_storage`: inside vLLM, KV
+        # cache blocks the scheduler reserved for the hot caches, so they count in its budget).
+        self.key: list[Tensor] | Tensor | None = None
+        self.value: list[Tensor] | Tensor | None = None
+        if allocate_storage:
+            self.key = torch.zeros(L, R * H * S, block_size, 1, head_dim, dtype=dtype, device=device)
+            self.value = torch.zeros_like(self.key)
         self.block_slot = torch.full((L, R, H, W + 1), -1, dtype=torch.int32, device=device)
         self.slot_block = torch.full((L, R, H, S + 1), -1, dtype=torch.int32, device=device)
         self.last_used = torch.full((L, R, H, S + 1), -1, dtype=torch.int64, device=device)
@@ -99,8 +107,27 @@ class HotBlockCache:
         self._slot_base = (torch.arange(R * H, device=device, dtype=torch.int64) * S).view(R, H)
 
     @property
+    def slot_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one layer's K (or V) slots: (R * Hkv * S, block_size, 1, D)."""
+        return (self.max_requests * self.num_kv_heads * self.hot_blocks, self.block_size, 1, self.head_dim)
+
+    @property
     def nbytes(self) -> int:
-        return 2 * self.key.numel() * self.key.element_size()
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        slots = self.max_requests * self.num_kv_heads * self.hot_blocks
+        return self.num_layers * 2 * slots * self.block_size * self.head_dim * itemsize
+
+    def bind_storage(self, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Use caller-owned memory for the slot contents: per layer a K and a V tensor of
+        `slot_shape`, this cache's dtype and device (any strides)."""
+        if len(keys) != self.num_layers or len(values) != self.num_layers:
+            raise ValueError(f"HotBlockCache.bind_storage: {self.num_layers} layers expected; got "
+                             f"{len(keys)} key and {len(values)} value tensors")
+        for t in (*keys, *values):
+            if tuple(t.shape) != self.slot_shape or t.dtype != self.dtype or t.device != self.device:
+                raise ValueError(f"HotBlockCache.bind_storage: each tensor must be {self.slot_shape} "
+                                 f"{self.dtype} on {self.device}; got {tuple(t.shape)} {t.dtype} on {t.device}")
+        self.key, self.value = list(keys), list(values)
 
     def advance(self) -> None:
         """Start a new step (device op: graph-capturable)."""
@@ -194,6 +221,25 @@ class HotBlockCache:
         local = torch.where(slot >= 0, slot.long() - self._slot_base[rows.long()].unsqueeze(-1), S)
         lu = self.last_used[layer]
         lu[r, h, local] = torch.where(slot >= 0, self.demand_stamp(), PINNED)
+
+    def write_through(self, layer: int, rows: Tensor, positions: Tensor, key: Tensor, value: Tensor) -> None:
+        """Keep resident slots coherent with new tokens: token n of cache row `rows[n]` at logical
+        `positions[n]` lands in the hot slot of its block for every kv head where that block is
+        resident (a tail block copied in earlier would otherwise miss the tokens written since).
+
+        rows, positions: (N,) int64; key, value: (N, Hkv, D). The masked write has a data-dependent
+        shape: fine on CPU (the only caller today); a CUDA-graph version would write masked entries
+        to a scratch slot instead."""
+        W = self.max_blocks_per_seq
+        blocks = (positions // self.block_size).clamp(max=W).view(-1, 1)  # (N, 1)
+        slot = self.block_slot[layer][rows.long().view(-1, 1), self._heads.view(1, -1), blocks]  # (N, Hkv)
+        resident = slot >= 0
+        if not bool(resident.any()):  # CPU path: a host branch is free here
+            return
+        offs = (positions % self.block_size).view(-1, 1).expand_as(slot)
+        hot_k, hot_v = self.layer_cache(layer)  # (R * Hkv * S, bs, 1, D)
+        hot_k[slot[resident].long(), offs[resident], 0] = key[resident].to(hot_k.dtype)
+        hot_v[slot[resident].long(), offs[resident], 0] = value[resident].to(hot_v.dtype)
 
     def block_table(self, layer: int, rows: Tensor) -> Tensor:
         """(B * Hkv, W) int32 global slots of each logical block (-1 = not resident): the block

@@ -27,11 +27,13 @@ On CPU the same bookkeeping runs and the copy is an indexed assignment, synchron
 Metrics: hit rate and copied bytes come from `HotBlockCache.counters` (device accumulators);
 with `measure_stalls=True` (eager only: timing events cannot be captured) the time the compute stream
 spends waiting in `acquire` is measured with CUDA events: the copy time not hidden behind compute.
+On CPU (synchronous copies) the wall time of `acquire` is counted, always: all of it is exposed.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import nullcontext as _nullcontext
 from typing import Any
 
@@ -137,6 +139,7 @@ class Prefetcher:
         self.ready = [torch.cuda.Event() for _ in range(cache.num_layers)] if on_cuda else None
         self.measure_stalls = measure_stalls and on_cuda
         self._stall_events: list[tuple[Any, Any]] = []
+        self._cpu_stall_ms = 0.0
         self.metrics = OffloadMetrics(cache, pool.block_bytes, self)
         self._rows: Tensor | None = None
         self._hints: Tensor | None = None
@@ -198,6 +201,7 @@ class Prefetcher:
     def acquire(self, layer: int, need: Tensor | None = None) -> Tensor:
         """Wait for layer `layer`'s prefetch, fetch `need`'s remaining misses, return the (B * Hkv, W)
         block table; also issues the prefetch of layer `layer + depth`."""
+        t0 = time.perf_counter() if self.stream is None else 0.0
         self.prefetch(layer)  # no-op when issued earlier; makes depth-0 callers correct
         for ahead in range(layer + 1, layer + 1 + self.depth):
             self.prefetch(ahead)
@@ -213,6 +217,9 @@ class Prefetcher:
                 compute.wait_event(self.ready[layer])
         if need is not None:
             self._fetch(layer, need, self.cache.demand_stamp())
+        if self.stream is None:
+            # CPU: copies are synchronous, so all of their time is exposed (a host clock, no sync needed).
+            self._cpu_stall_ms += 1e3 * (time.perf_counter() - t0)
         return self.cache.block_table(layer, self._rows)
 
     def end_step(self) -> None:
@@ -220,9 +227,11 @@ class Prefetcher:
             torch.cuda.current_stream(self.cache.device).wait_stream(self.stream)
 
     def take_stall_ms(self) -> float:
-        """Sum of measured waits since the last call (synchronises: call off the hot path)."""
+        """Sum of measured waits since the last call (synchronises: call off the hot path). On CPU:
+        the wall time of `acquire` (resolution and synchronous copies)."""
+        cpu, self._cpu_stall_ms = self._cpu_stall_ms, 0.0
         if not self._stall_events:
-            return 0.0
+            return cpu
         self._stall_events[-1][1].synchronize()
         total = sum(a.elapsed_time(b) for a, b in self._stall_events)
         self._stall_events.clear()
@@ -243,6 +252,8 @@ class OffloadMetrics:
             self.cache.counters.zero_()
             self.steps = 0
             self.exposed_copy_ms = 0.0
+            if self.prefetcher is not None:
+                self.prefetcher.take_stall_ms()  # drop what was measured before the reset
 
     def snapshot(self) -> dict[str, Any]:
         """One host sync (reads the device counters)."""
