@@ -2,6 +2,8 @@
 decode throughput against vLLM's default backend (FlashAttention 3, CUDA graphs), same machine.
 
     python benchmarks/bench_vllm_e2e.py --stage check --out OUT       # small model, ~5 engine starts
+    python benchmarks/bench_vllm_e2e.py --stage check --runs asynctls_cover,asynctls_cover_nograph --out OUT
+    python benchmarks/bench_vllm_e2e.py --stage check --runs asynctls_cover,asynctls_cover_tp2,flash_attn,flash_attn_tp2 --out OUT  # 2 GPUs
     python benchmarks/bench_vllm_e2e.py --stage dense --out OUT       # Qwen3-8B shapes, default backend
     python benchmarks/bench_vllm_e2e.py --stage asynctls --out OUT    # same shapes, budgets 2048 and 1024
 
@@ -12,8 +14,9 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     saved in bf16; no download), 4 prompts of 3,000 tokens and one of 100, greedy, 24 tokens with
     logprobs. Engines: FLASH_ATTN and TRITON_ATTN (the dense-vs-dense spread), asynctls with a budget
     covering the context (must agree with FLASH_ATTN within that spread), the same eager
-    (`enforce_eager=True`: must equal the CUDA-graph run), and asynctls at a 256-token budget (must
-    have run sparse: its counters).
+    (`enforce_eager=True`, which also drops torch.compile), the same compiled without CUDA graphs
+    (`cudagraph_mode=NONE`: isolates graph capture), asynctls at a 256-token budget (must have run
+    sparse: its counters), and on 2 GPUs asynctls and FLASH_ATTN at tensor parallelism 2.
 throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy weights, bf16,
     contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16). Each context:
     one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
@@ -97,7 +100,7 @@ def worker_check(a) -> dict:
     extra = {"compilation_config": {"cudagraph_mode": a.cudagraph_mode}} if a.cudagraph_mode else {}
     llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, max_model_len=4096,
                gpu_memory_utilization=0.3, max_num_seqs=8, enable_prefix_caching=False,
-               enforce_eager=a.eager, block_size=16, **extra)
+               enforce_eager=a.eager, block_size=16, tensor_parallel_size=a.tp, **extra)
     sp = SamplingParams(temperature=0.0, max_tokens=24, logprobs=5, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
     result = []
@@ -231,17 +234,20 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
              "local_tokens": 64, "dense_threshold": 0}
     small = {"token_budget": 256, "num_blocks": 64, "selection_block_size": 16, "sink_tokens": 16,
              "local_tokens": 16, "dense_threshold": 0}
+    default_runs = ["asynctls_cover", "flash_attn", "triton_attn", "asynctls_cover_eager", "asynctls_256"]
     runs = {
         "asynctls_cover": dict(backend="asynctls", knobs=json.dumps(cover)),
         "flash_attn": dict(backend="FLASH_ATTN"),
         "triton_attn": dict(backend="TRITON_ATTN"),
         "asynctls_cover_eager": dict(backend="asynctls", knobs=json.dumps(cover), eager=True),
+        # Tensor parallelism (needs 2 GPUs): each rank selects over its own kv heads.
+        "asynctls_cover_tp2": dict(backend="asynctls", knobs=json.dumps(cover), tp=2),
+        "flash_attn_tp2": dict(backend="FLASH_ATTN", tp=2),
         # Same torch.compile'd model without CUDA graphs: isolates what graph capture changes.
         "asynctls_cover_nograph": dict(backend="asynctls", knobs=json.dumps(cover), cudagraph_mode="NONE"),
         "asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_256")),
     }
-    if only:
-        runs = {k: v for k, v in runs.items() if k in only}
+    runs = {k: v for k, v in runs.items() if k in (only or default_runs)}
     res, t0 = {}, time.perf_counter()
     for name, kw in runs.items():
         left = budget_s - (time.perf_counter() - t0)
@@ -259,6 +265,10 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
             summary[f"{name}_vs_flash_attn"] = _compare(ref, r)
     if res.get("asynctls_cover") and res.get("asynctls_cover_eager"):
         summary["asynctls_graph_vs_eager"] = _compare(res["asynctls_cover_eager"], res["asynctls_cover"])
+    if res.get("asynctls_cover") and res.get("asynctls_cover_tp2"):
+        summary["asynctls_tp2_vs_tp1"] = _compare(res["asynctls_cover"], res["asynctls_cover_tp2"])
+    if res.get("flash_attn") and res.get("flash_attn_tp2"):
+        summary["flash_attn_tp2_vs_tp1"] = _compare(res["flash_attn"], res["flash_attn_tp2"])
     if res.get("asynctls_cover") and res.get("asynctls_cover_nograph"):
         summary["asynctls_graph_vs_nograph"] = _compare(res["asynctls_cover_nograph"], res["asynctls_cover"])
     counters = sorted(out.glob("counters_256.*"))
@@ -311,6 +321,7 @@ def main() -> None:
     p.add_argument("--time-budget", type=float, default=560.0, help="seconds the check stage may take")
     p.add_argument("--runs", help="check stage: comma-separated subset of its engine runs")
     p.add_argument("--cudagraph-mode", help="check worker: vLLM compilation_config cudagraph_mode")
+    p.add_argument("--tp", type=int, default=1, help="check worker: tensor_parallel_size")
     # worker arguments
     p.add_argument("--worker", action="store_true")
     p.add_argument("--role", choices=["check", "throughput"])
