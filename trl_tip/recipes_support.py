@@ -20,10 +20,21 @@ Design note
   not work without CUDA: `VLLMClient.init_communicator` raises NotImplementedError because TRL's weight sync runs
   on vLLM's NCCL weight-transfer engine; generation through the server alone would work, but the served student
   could then never be updated, which is not on-policy distillation.
+- Rollouts from a vLLM OpenAI-compatible server (`ServerRollouts`, the long-rollouts recipe): TRL's trainer asks
+  its `vllm_generation` object for two things, `sync_weights()` when the optimizer step changed and
+  `generate(prompt_ids, ...)` for completion ids. `ServerRollouts` answers both against any server object with
+  `complete_ids(prompt_ids, max_tokens, temperature, ...)` and `reload_weights(folder)` (e.g.
+  `vllm_asynctls.recipes_support.OpenAIServer(..., dev_mode=True)`, which may serve with asynctls): the student is
+  saved as safetensors into one folder and the server reloads it in place, so every rollout is sampled by the
+  current student (on-policy, as TRL's colocate mode), through the server's own attention backend. The sampling
+  settings are the trainer's (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`,
+  `max_completion_length`). One process only: the rollouts of all processes would have to be gathered as TRL's
+  server mode does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -45,6 +56,10 @@ __all__ = [
     "train_rule",
     "plot_rule_runs",
     "memory_bytes",
+    "text_prompt_dataset",
+    "ServerRollouts",
+    "plot_server_rollout_run",
+    "greedy_completion",
 ]
 
 _SUBJECTS = (
@@ -103,6 +118,16 @@ def _prompts(n: int, seed: int) -> list[str]:
     return [t.format(s) for t, s in pairs[:n]]
 
 
+def text_prompt_dataset(prompts: Sequence[str]):
+    """A standard (not conversational) `datasets.Dataset` of `prompts` used as given: for prompts that already carry
+    the chat template (TRL tokenises them as they are)."""
+    from datasets import Dataset
+
+    if not prompts:
+        raise ValueError("prompts must not be empty.")
+    return Dataset.from_list([{"prompt": p} for p in prompts])
+
+
 def prompt_dataset(n: int, seed: int = 0, heldout: int = 0):
     """`(train, heldout_prompts)`: a conversational `datasets.Dataset` of `n` prompts and `heldout` other prompts.
 
@@ -127,10 +152,14 @@ class HeldoutSet:
     eos_token_id: int
 
 
-def heldout_set(tokenizer, prompts: Sequence[str], max_new_tokens: int = 32) -> HeldoutSet:
-    """Tokenise held-out `prompts` as chat turns (generation prompt added), left-padded."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+def heldout_set(tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, chat: bool = True) -> HeldoutSet:
+    """Tokenise held-out `prompts`, left-padded: as chat turns (generation prompt added) if `chat`, else as given
+    (prompts that already carry the chat template, e.g. the long-context suite's)."""
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    else:
+        texts = list(prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -164,6 +193,23 @@ def heldout_divergence(student, teacher, heldout: HeldoutSet) -> float:
     kl = (s.exp() * (s - t)).sum(-1)  # (B, C)
     weights = completion_mask.to(kl.dtype)
     return float((kl * weights).sum() / weights.sum())
+
+
+@torch.no_grad()
+def greedy_completion(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int) -> list[int]:
+    """`model`'s greedy completion of one prompt (token ids), through the first EOS (included), as vLLM returns it:
+    to check that a server serves the weights the trainer holds."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids = torch.tensor([list(prompt_ids)], device=device)  # (1, P)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)  # (1, P + C)
+    finally:
+        model.train(was_training)
+    completion = out[0, ids.shape[1]:].tolist()
+    return completion[: completion.index(eos_token_id) + 1] if eos_token_id in completion else completion
 
 
 def memory_bytes() -> int:
@@ -226,6 +272,73 @@ def share_vllm_generation(trainer, donor) -> None:
     trainer._last_loaded_step = -1
 
 
+class ServerRollouts:
+    """TRL's `vllm_generation` interface (`sync_weights`, `generate`) served by an external server.
+
+    `server` needs `complete_ids(prompt_ids, max_tokens, temperature=, top_p=, top_k=, min_p=, repetition_penalty=)`
+    and `reload_weights(folder)`. `attach(trainer)` plugs it into a TRL `DistillationTrainer` (or `TIPTrainer`) built
+    with `use_vllm=False`. Records, per call: rollout seconds, prompt and completion tokens; per sync: seconds to
+    save the student and to reload it in the server.
+    """
+
+    def __init__(self, server, weights_dir: str | os.PathLike):
+        self.server = server
+        self.weights_dir = Path(weights_dir)
+        self.trainer = None
+        self.rollout_seconds: list[float] = []
+        self.prompt_tokens: list[int] = []
+        self.completion_tokens: list[int] = []
+        self.save_seconds: list[float] = []
+        self.reload_seconds: list[float] = []
+
+    def attach(self, trainer) -> "ServerRollouts":
+        if trainer.args.use_vllm:
+            raise ValueError("build the trainer with use_vllm=False: it would start its own vLLM engine otherwise.")
+        if trainer.accelerator.num_processes != 1:
+            raise NotImplementedError("ServerRollouts covers one training process (rollouts are not gathered).")
+        if hasattr(trainer.model, "peft_config"):
+            raise NotImplementedError("ServerRollouts syncs full checkpoints; merge a PEFT student's adapters first "
+                                      "(save_pretrained would write the adapter only).")
+        self.trainer = trainer
+        trainer.vllm_generation = self
+        trainer.use_vllm = True
+        trainer.vllm_mode = "server"
+        trainer._last_loaded_step = -1  # TRL syncs before the first rollout
+        return self
+
+    def sync_weights(self) -> None:
+        """Save the trainer's student into `weights_dir` and have the server load it in place."""
+        start = time.perf_counter()
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        model.save_pretrained(self.weights_dir)
+        self.save_seconds.append(time.perf_counter() - start)
+        self.reload_seconds.append(self.server.reload_weights(self.weights_dir))
+
+    def generate(self, prompts, images=None, num_generations: int = 1, profiler=None):
+        """TRL's `VLLMGeneration.generate` contract: `(prompt_ids, completion_ids, logprobs, logprob_token_ids)`;
+        logprobs are not requested (distillation scores with the teacher)."""
+        if images is not None and any(i is not None for i in images):
+            raise NotImplementedError("ServerRollouts sends token ids only (no images).")
+        if num_generations != 1:
+            raise NotImplementedError(f"num_generations must be 1 for distillation, got {num_generations}.")
+        args = self.trainer.args
+        start = time.perf_counter()
+        with profiler or contextlib.nullcontext():  # TRL's "vLLM.generate" profiling context
+            completion_ids = self.server.complete_ids(
+                prompts,
+                max_tokens=args.max_completion_length,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty,
+            )
+        self.rollout_seconds.append(time.perf_counter() - start)
+        self.prompt_tokens.append(sum(len(p) for p in prompts))
+        self.completion_tokens.append(sum(len(c) for c in completion_ids))
+        return [list(p) for p in prompts], completion_ids, None, None
+
+
 @dataclass
 class RuleRun:
     """One rule's training run: per-step logs, held-out divergence before and after, step times and memory."""
@@ -285,6 +398,7 @@ def train_rule(
     output_dir: str | os.PathLike,
     vllm_donor=None,
     use_vllm: bool = True,
+    rollouts: ServerRollouts | None = None,
     eval_every: int = 0,
     train_embeddings: bool = False,
     **config_kwargs: Any,
@@ -293,16 +407,18 @@ def train_rule(
 
     `config_kwargs` go to `TIPConfig` (steps, batch size, learning rate, completion length, seed...). With
     `use_vllm=True` the rollouts come from TRL's colocated vLLM engine: a new one, or `vllm_donor`'s (another
-    trainer from this function) when given. The held-out divergence is measured before training and at the end
-    (and every `eval_every` steps if > 0). `train_embeddings=False` freezes the (tied) embedding/head matrix the
-    truncated student shares with the teacher, so only its decoder layers and final norm train.
+    trainer from this function) when given. With `rollouts` (a `ServerRollouts`) they come from its server instead,
+    synced with the student every step (`use_vllm` and `vllm_donor` are then ignored). The held-out divergence is
+    measured before training and at the end (and every `eval_every` steps if > 0). `train_embeddings=False` freezes
+    the (tied) embedding/head matrix the truncated student shares with the teacher, so only its decoder layers and
+    final norm train.
     """
     from transformers import AutoModelForCausalLM
 
     from .config import TIPConfig
     from .trainer import TIPTrainer
 
-    own_engine = use_vllm and vllm_donor is None
+    own_engine = use_vllm and vllm_donor is None and rollouts is None
     args = TIPConfig(
         str(output_dir),
         selection_rule=rule,
@@ -326,7 +442,9 @@ def train_rule(
         processing_class=tokenizer,
         callbacks=[StepRecorder(run, teacher, heldout, eval_every)],
     )
-    if use_vllm and vllm_donor is not None:
+    if rollouts is not None:
+        rollouts.attach(trainer)
+    elif use_vllm and vllm_donor is not None:
         share_vllm_generation(trainer, vllm_donor)
     use_reload_weight_sync(trainer)
     trainer.train()
@@ -375,6 +493,53 @@ def plot_rule_runs(runs: Sequence[RuleRun], path: str | os.PathLike | None = Non
     ax2 = ax.twinx()
     ax2.plot(labels, [max(r.memory) / 2**30 for r in runs], "o", color="tab:red")
     ax2.set_ylabel("GiB (CUDA peak, or CPU RSS)", color="tab:red")
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+    return fig
+
+
+def plot_server_rollout_run(run: RuleRun, rollouts: ServerRollouts, counters: dict,
+                            path: str | os.PathLike | None = None):
+    """Three panels for the long-rollouts recipe: training loss and held-out divergence over steps; where each step's
+    time goes (server rollouts, weight sync, the rest of the step: teacher and student passes, optimizer); what the
+    server's decode steps read (tokens per kv head and layer, from its asynctls counters) against the context they
+    attend over. Saves a PNG at `path` when given; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    ax = axes[0]
+    ax.plot([e["step"] for e in run.logs], [e["loss"] for e in run.logs], "o-", ms=3, label=f"loss ({run.label})")
+    ax.set(title="TIP training on server rollouts", xlabel="step", ylabel="loss (selected tokens)")
+    ax2 = ax.twinx()
+    ax2.plot([s for s, _ in run.divergence], [d for _, d in run.divergence], "s--", color="tab:red",
+             label="held-out KL")
+    ax2.set_ylabel("held-out KL(student || teacher), nats/token", color="tab:red")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+    ax = axes[1]
+    steps = range(1, len(run.step_seconds) + 1)
+    n = len(run.step_seconds)
+    rollout = rollouts.rollout_seconds[:n]
+    sync = [a + b for a, b in zip(rollouts.save_seconds, rollouts.reload_seconds)][:n]
+    rest = [max(0.0, t - r - y) for t, r, y in zip(run.step_seconds, rollout, sync)]
+    ax.bar(steps, rollout, label="rollouts (asynctls server)", color="tab:blue")
+    ax.bar(steps, sync, bottom=rollout, label="weight sync (save + reload)", color="tab:orange")
+    ax.bar(steps, rest, bottom=[a + b for a, b in zip(rollout, sync)], label="teacher + student passes, optimizer",
+           color="tab:gray")
+    ax.set(title="where a step's time goes", xlabel="step", ylabel="s")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    read, context = counters["tokens_read_per_sparse_decode"], counters["context_per_sparse_decode"]
+    ax.bar(["asynctls (read)", "dense (context)"], [read, context], color=["tab:blue", "tab:gray"])
+    ax.set(title=f"per decode step, kv head, layer ({counters['decode_tokens_sparse']} sparse decode tokens)",
+           ylabel="tokens")
+    ax.title.set_fontsize(9)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

