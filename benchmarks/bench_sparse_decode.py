@@ -300,9 +300,15 @@ def structured_keys(B, L, Hkv, D, G, gen):
     return keys, q.reshape(B, Hkv * G, D)
 
 
-def recall_rows(L, budgets, B=2, seed=0, device="cuda"):
+def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_channel_metric=None,
+                num_blocks=128, index_channels=None):
     """Recall rows; on the GPU through the Triton operator (and the reference beside it), with
-    device="cpu" through the reference alone (same generator, same settings)."""
+    device="cpu" through the reference alone (same generator, same settings).
+
+    Besides the three modes (all under the config's `group_score`, default or `group_score`), each row
+    holds two references for the exact top-k: `exact_topk_max_rule` (exact scores, the group's max:
+    the oracle as first defined, for comparison with older rows) and `mass_optimal` (the candidates
+    holding the most dense attention mass: no selection of the budget holds more)."""
     on_gpu = device == "cuda"
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
     G = Hq // Hkv
@@ -318,7 +324,13 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda"):
     scale = 1.0 / math.sqrt(D)
     rows = []
     for budget in budgets:
-        config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=budget)
+        config = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=budget)
+        if index_channels is not None:
+            config = config.with_(index_channels=index_channels)
+        if group_score is not None:
+            config = config.with_(group_score=group_score)
+        if index_channel_metric is not None:
+            config = config.with_(index_channel_metric=index_channel_metric)
         index = ref.allocate_index(B * W, CACHE_BLOCK, Hkv, D, config, torch.bfloat16, device)
         flat = keys.reshape(B * L, Hkv, D).to(torch.bfloat16)
         ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels, metric=config.index_channel_metric))
@@ -327,7 +339,9 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda"):
             write_index_triton(index, flat, slots, config)
         else:
             ref.write_index(index, flat, slots, config)
-        row = dict(kind="recall", context=L, budget=budget, B=B)
+        row = dict(kind="recall", context=L, budget=budget, B=B, group_score=config.group_score,
+                   index_channel_metric=config.index_channel_metric, num_blocks=config.num_blocks,
+                   index_channels=config.index_channels)
         decode = sparse_decode_triton if on_gpu else ref.sparse_decode
         for mode in ("asynctls", "block_only", "exact_topk"):
             _, pos, _ = decode(query, key_cache, value_cache, table, seq_lens, index, config.with_(mode=mode), scale)
@@ -335,11 +349,20 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda"):
         ref_pos = ref.sparse_decode(query, key_cache, value_cache, table, seq_lens, index, config, scale)[1]
         row["asynctls_reference"] = float(ref.attention_mass_recall(query, key_cache, table, seq_lens, ref_pos,
                                                                     scale).mean())
+        max_rule = ref.exact_topk_positions(query, key_cache, table, seq_lens, config.with_(group_score="max"), scale)
+        row["exact_topk_max_rule"] = float(ref.attention_mass_recall(query, key_cache, table, seq_lens, max_rule,
+                                                                     scale).mean())
+        best = ref.mass_optimal_positions(query, key_cache, table, seq_lens, config, scale)
+        row["mass_optimal"] = float(ref.attention_mass_recall(query, key_cache, table, seq_lens, best, scale).mean())
         row["asynctls_over_exact"] = row["asynctls"] / row["exact_topk"]
+        row["asynctls_over_exact_max_rule"] = row["asynctls"] / row["exact_topk_max_rule"]
+        row["asynctls_over_mass_optimal"] = row["asynctls"] / row["mass_optimal"]
         rows.append(row)
-        print(f"  recall L={L} budget={budget}: asynctls {row['asynctls']:.4f} (reference "
-              f"{row['asynctls_reference']:.4f}), block_only {row['block_only']:.4f}, exact_topk "
-              f"{row['exact_topk']:.4f}", flush=True)
+        print(f"  recall L={L} budget={budget} group_score={config.group_score}: asynctls {row['asynctls']:.4f} "
+              f"(reference {row['asynctls_reference']:.4f}), block_only {row['block_only']:.4f}, exact_topk "
+              f"{row['exact_topk']:.4f}; asynctls / exact_topk {row['asynctls_over_exact']:.3f}, / exact_topk "
+              f"(max rule, {row['exact_topk_max_rule']:.4f}) {row['asynctls_over_exact_max_rule']:.3f}, / mass "
+              f"optimal ({row['mass_optimal']:.4f}) {row['asynctls_over_mass_optimal']:.3f}", flush=True)
     return rows
 
 
@@ -365,11 +388,15 @@ def markdown(results) -> str:
                    f"{'-' if err is None else f'{err:.2e}'} | {'-' if eq is None else f'{eq:.4f}'} |")
     rec = [r for r in results["rows"] if r["kind"] == "recall"]
     if rec:
-        out += ["", "| recall context | budget | asynctls | asynctls (reference) | block_only | exact_topk | "
-                "asynctls / exact |", "|---|---|---|---|---|---|---|"]
+        out += ["", "| recall context | budget | group_score | asynctls | asynctls (reference) | block_only | "
+                "exact_topk | asynctls / exact | exact_topk (max rule) | asynctls / it | mass optimal | "
+                "asynctls / it |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rec:
-            out.append(f"| {r['context']} | {r['budget']} | {r['asynctls']:.4f} | {r['asynctls_reference']:.4f} | "
-                       f"{r['block_only']:.4f} | {r['exact_topk']:.4f} | {r['asynctls_over_exact']:.3f} |")
+            out.append(f"| {r['context']} | {r['budget']} | {r['group_score']} | {r['asynctls']:.4f} | "
+                       f"{r['asynctls_reference']:.4f} | {r['block_only']:.4f} | {r['exact_topk']:.4f} | "
+                       f"{r['asynctls_over_exact']:.3f} | {r['exact_topk_max_rule']:.4f} | "
+                       f"{r['asynctls_over_exact_max_rule']:.3f} | {r['mass_optimal']:.4f} | "
+                       f"{r['asynctls_over_mass_optimal']:.3f} |")
     return "\n".join(out)
 
 
@@ -387,6 +414,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: recall through the reference only")
     p.add_argument("--recall-context", type=int, default=None, help="recall context (default 16384; 8192 with --quick)")
     p.add_argument("--recall-batch", type=int, default=2, help="sequences in the recall rows")
+    p.add_argument("--group-score", default=None, choices=("lse", "max"),
+                   help="recall rows: how a GQA group combines its heads' scores (default: the config's)")
+    p.add_argument("--index-channel-metric", default=None, choices=("mean_abs", "std"),
+                   help="recall rows: how the token index's channels are chosen (default: the config's)")
+    p.add_argument("--num-blocks", type=int, default=128, help="recall rows: blocks kept by the coarse level")
+    p.add_argument("--index-channels", type=int, default=None, help="recall rows: token index channels")
     p.add_argument("--breakdown", action="store_true", help="time each stage alone at B=1, 8 (16K, 64K, 128K) and exit")
     p.add_argument("--sweep", action="store_true", help="time stages over launch settings at B=8, 64K (with --breakdown)")
     p.add_argument("--tune", action="store_true",
@@ -394,7 +427,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     recall_context = args.recall_context or (16384 if not args.quick else 8192)
     if args.recall_only:
-        rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device)
+        rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device,
+                           group_score=args.group_score, index_channel_metric=args.index_channel_metric,
+                           num_blocks=args.num_blocks, index_channels=args.index_channels)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(device=args.device, command=" ".join(["python"] + sys.argv), rows=rows), f, indent=1)
@@ -445,7 +480,9 @@ def main(argv=None):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,
                                              check=not args.no_check))
     if not args.no_recall:
-        results["rows"] += recall_rows(recall_context, args.budgets, B=args.recall_batch)
+        results["rows"] += recall_rows(recall_context, args.budgets, B=args.recall_batch, group_score=args.group_score,
+                                       index_channel_metric=args.index_channel_metric, num_blocks=args.num_blocks,
+                                       index_channels=args.index_channels)
     md = markdown(results)
     print(md)
     if args.out:

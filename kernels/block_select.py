@@ -4,7 +4,8 @@ Design
 - `_block_score_kernel`: one program per (sequence, kv head, tile of BLOCK_J selection blocks). The
   Quest bound `sum_d max(q_d min_d, q_d max_d)` equals `q+ . max + q- . min`, two small matrix
   products (the group's q heads x the tile's summaries), so the summaries are read once per kv head and
-  the group's heads share them; the group score is the max over its heads. Blocks past the sequence,
+  the group's heads share them; the group score combines its heads by `config.group_score` ("lse":
+  `max + log(sum_h exp(t (s_h - max))) / t` with t the softmax scale; "max"). Blocks past the sequence,
   or wholly inside the sink region or the local window, score -inf (they are attended anyway).
 - `topk_rows`: one program per row finds the k-th largest score on the order-preserving integer image
   of the float32 scores (held in registers) by a bracketing search, one counting reduction per pass:
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import float32_dots, require_triton_device
+from .sparse_decode_reference import group_temperature
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 BLOCK_SCORE_TILE = 64  # selection blocks per program (group of <= 32 q heads)
@@ -33,6 +35,16 @@ BLOCK_SCORE_DK = 128  # key channels per step (< head dim: a pipelined loop over
 BLOCK_SCORE_STAGES = 2
 TOPK_INTERP_PASSES = 24  # value-space (interpolation / midpoint) passes before integer bisection
 TOPK_WARPS_LARGE = 8  # warps for rows of more than 2048 entries (H100 sweep: 8 < 16 < 32 us)
+
+
+@triton.jit
+def _combine_heads(s, TEMP, LSE: tl.constexpr):
+    # s: (BLOCK_H, N) float32 per-head scores, -inf on padded head rows (at least one row is real).
+    # Returns (N,): max_h s ("max") or max + log(sum_h exp(TEMP (s_h - max))) / TEMP ("lse").
+    top = tl.max(s, axis=0)
+    if LSE:
+        top = top + tl.log(tl.sum(tl.exp((s - top[None, :]) * TEMP), axis=0)) / TEMP
+    return top
 
 
 @triton.jit
@@ -46,6 +58,7 @@ def _block_score_kernel(
     N_SEL,  # int: selection blocks per row of scores (>= cdiv(max seq len, SBS))
     SINK,  # int: sink tokens
     LOCAL,  # int: local window tokens
+    TEMP,  # float: the "lse" temperature (softmax scale), > 0; unused with LSE = False
     stride_qb, stride_qh, stride_qd,
     stride_mb, stride_ms, stride_mh, stride_md,
     stride_btb,
@@ -58,9 +71,12 @@ def _block_score_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     IEEE: tl.constexpr,
+    LSE: tl.constexpr,  # group_score "lse" (else "max")
 ):
     # bound[h, j] = sum_d max(q[h,d] * min[j,d], q[h,d] * max[j,d]) = q+[h] . max[j] + q-[h] . min[j]
-    # score[j] = max_{h in group} bound[h, j]; -inf unless block j (tokens [j*SBS, (j+1)*SBS)) holds a
+    # score[j] = max_{h in group} bound[h, j]                                          ("max")
+    #          = m + log(sum_{h in group} exp(TEMP (bound[h, j] - m))) / TEMP, m the max  ("lse");
+    # -inf unless block j (tokens [j*SBS, (j+1)*SBS)) holds a
     # candidate position, i.e. one in [SINK, L - LOCAL).
     pid_bg = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -101,7 +117,7 @@ def _block_score_kernel(
             s += tl.dot(q_pos.to(mx.dtype), tl.trans(mx))
             s += tl.dot(q_neg.to(mn.dtype), tl.trans(mn))
     s = tl.where(h_mask[:, None], s, float("-inf"))
-    score = tl.max(s, axis=0)
+    score = _combine_heads(s, TEMP, LSE)
     score = tl.where(candidate, score, float("-inf"))
     tl.store(scores_ptr + pid_bg * N_SEL + offs_j, score, mask=offs_j < N_SEL)
 
@@ -296,9 +312,10 @@ def _topk_rows_torch(scores, k, out, block_map, map_block_size, seq_lens, sink_t
 
 
 def block_scores_triton(query, index, block_table, seq_lens, config, num_selection_blocks: int,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
     """Group bound of every selection block -> (B, Hkv, num_selection_blocks) float32, -inf where a
-    block is not a candidate. `num_selection_blocks` >= cdiv(max seq len, selection_block_size)."""
+    block is not a candidate. `num_selection_blocks` >= cdiv(max seq len, selection_block_size).
+    softmax_scale: the "lse" temperature (default 1 / sqrt(Dk)), as in the reference's `score_blocks`."""
     require_triton_device("block_scores", query, index.block_min)
     bmin, bmax = index.block_min, index.block_max
     if bmin.shape != bmax.shape or bmin.stride() != bmax.stride() or bmin.dim() != 4:
@@ -313,6 +330,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     sbs = config.selection_block_size
     cbs = bmin.shape[1] * sbs
     group = Hq // Hkv
+    temperature = group_temperature(softmax_scale, Dk)
     if out is None:
         out = torch.empty(B, Hkv, num_selection_blocks, dtype=torch.float32, device=query.device)
     block_h = max(16, triton.next_power_of_2(group))
@@ -321,20 +339,21 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     grid = (B * Hkv, triton.cdiv(num_selection_blocks, block_j))
     _block_score_kernel[grid](
         query, bmin, bmax, block_table, seq_lens, out,
-        num_selection_blocks, config.sink_tokens, config.local_tokens,
+        num_selection_blocks, config.sink_tokens, config.local_tokens, temperature,
         query.stride(0), query.stride(1), query.stride(2),
         bmin.stride(0), bmin.stride(1), bmin.stride(2), bmin.stride(3),
         block_table.stride(0),
         HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
         BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
-        IEEE=float32_dots(bmin.dtype),
+        IEEE=float32_dots(bmin.dtype), LSE=config.group_score == "lse",
         num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,
     )
     return out
 
 
 def select_blocks_triton(query, index, block_table, seq_lens, config,
-                         scores: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                         scores: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                         softmax_scale: float | None = None) -> torch.Tensor:
     """Top `config.num_blocks` selection blocks per (sequence, kv head) -> (B, Hkv, num_blocks) int32
     logical selection-block ids, ascending, -1 padded. Same set as the reference's `select_blocks`."""
     B = query.shape[0]
@@ -342,7 +361,8 @@ def select_blocks_triton(query, index, block_table, seq_lens, config,
     sbs = config.selection_block_size
     cbs = index.block_min.shape[1] * sbs
     n_sel = block_table.shape[1] * cbs // sbs  # every block the table can address: shape-only
-    scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel, out=scores)
+    scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel, out=scores,
+                                 softmax_scale=softmax_scale)
     ids = topk_rows(scores.view(B * Hkv, n_sel), config.num_blocks,
                     out=None if out is None else out.view(B * Hkv, config.num_blocks))
     return ids.view(B, Hkv, config.num_blocks)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 SPARSE_MODES = ("asynctls", "block_only", "exact_topk", "dense")
 INDEX_BITS = (4, 8, 16)
 INDEX_CHANNEL_METRICS = ("mean_abs", "std")
+GROUP_SCORES = ("lse", "max")
 MAX_SELECTION_BLOCK_SIZE = 1024
 
 
@@ -41,6 +42,15 @@ class SparseAttentionConfig:
         "mean_abs" (mean |k|, default) or "std" (spread over the calibration tokens: what can move
         the ranking; best with calibration queries). Only the chosen channel ids change, so the
         reference and the Triton kernels score the same way whichever is used.
+    group_score: how the q heads of a GQA group combine their scores into the one score per kv head
+        that every selection ranks by (block bounds, token-index scores and the exact top-k oracle):
+        "lse" (default): `logsumexp_h(scale * s_h) / scale` with the softmax scale, i.e. the log of
+        the group's summed unnormalised attention weight, so a token counts by the attention mass it
+        would get across the group; "max": the largest head's score (a token counts if any head of
+        the group scores it high). Both keep the block bound an upper bound of every token's group
+        score in the block (each is monotone in every head's score). Measured (benchmarks/RESULTS.md,
+        `bench_sparse_decode.py --recall-only`): "lse" holds more attention mass on the benchmark's
+        planted keys and on SmolLM2-135M's own keys, at no extra bytes.
     """
 
     selection_block_size: int = 64
@@ -53,6 +63,7 @@ class SparseAttentionConfig:
     mode: str = "asynctls"
     lagged_selection: bool = False
     index_channel_metric: str = "mean_abs"
+    group_score: str = "lse"
 
     def __post_init__(self) -> None:
         s = self.selection_block_size
@@ -78,6 +89,8 @@ class SparseAttentionConfig:
             raise ValueError(
                 f"index_channel_metric must be one of {INDEX_CHANNEL_METRICS}; got {self.index_channel_metric!r}"
             )
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {GROUP_SCORES}; got {self.group_score!r}")
         if not isinstance(self.lagged_selection, bool):
             raise ValueError(f"lagged_selection must be a bool; got {self.lagged_selection!r}")
         if self.num_blocks * self.selection_block_size < self.token_budget:

@@ -164,7 +164,8 @@ def sparse_decode_triton(
         # The oracle: exact scores (index_bits=16) for every addressable position, one top-k.
         every_block = torch.arange(n_sel, device=device, dtype=torch.int32).expand(B, Hkv, n_sel).contiguous()
         exact = config.with_(index_bits=16, num_blocks=max(n_sel, 1), token_budget=min(config.token_budget, n_sel * S))
-        scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, every_block, exact)
+        scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, every_block, exact,
+                                     softmax_scale=scale)
         positions = topk_rows(scores.view(B * Hkv, n_sel * S), config.token_budget, seq_lens=seq_lens,
                               sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
                               rows_per_seq=Hkv).view(B, Hkv, config.attended_tokens)
@@ -173,7 +174,7 @@ def sparse_decode_triton(
         return out, positions, no_blocks
 
     block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel,
-                                       out=None if ws is None else ws.block_scores)
+                                       out=None if ws is None else ws.block_scores, softmax_scale=scale)
     positions_out = None if ws is None else ws.positions.view(B * Hkv, config.attended_tokens)
 
     if config.mode == "block_only":
@@ -202,7 +203,7 @@ def sparse_decode_triton(
                                  f"{previous_block_ids.dtype} {tuple(previous_block_ids.shape)}")
             token_blocks = previous_block_ids.contiguous()
         token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
-                                           out=None if ws is None else ws.token_scores)
+                                           out=None if ws is None else ws.token_scores, softmax_scale=scale)
         positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,
                               out=positions_out, block_map=token_blocks.view(B * Hkv, config.num_blocks),
                               map_block_size=S, seq_lens=seq_lens, sink_tokens=config.sink_tokens,

@@ -17,8 +17,14 @@ in two levels from the rest (the *candidates* `[sink_tokens, L - local_tokens)`)
    numerics (so with a budget covering the whole context the output equals `dense_decode_attention`).
 
 GQA: the `Hq // Hkv` query heads of a group share one selection per kv head (one set of K/V reads);
-every score (block bound and token score) is the max over the group's heads, because a block or token
-matters if any head of the group may attend to it. q head `h` uses kv head `h // (Hq // Hkv)`.
+every score (block bound, token score, and the exact oracle's score) combines the group's heads by
+`config.group_score` (`_combine_group`): "lse" (default), `logsumexp_h(scale * s_h) / scale` with the
+softmax scale, the log of the group's summed unnormalised attention weight, so a token ranks by the
+mass it would draw across the group; or "max", a token matters if any head of the group scores it
+high. Both are monotone in every head's score, so a block's combined bound still bounds the combined
+score of every token in it. q head `h` uses kv head `h // (Hq // Hkv)`. The selection functions take
+`softmax_scale` (the attention's scale; default `1 / sqrt(Dk)`, which is what `sparse_decode` passes
+for standard attention), used only as the "lse" temperature.
 
 MLA is the same code with `Hkv = 1`: the key is the latent + rope vector (`kv_lora_rank + rope_dim`),
 the query is the absorbed query of the same width, and `value_cache` is a view of the first
@@ -38,6 +44,7 @@ the price of having the blocks one step early.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -65,6 +72,8 @@ __all__ = [
     "exact_topk_positions",
     "sparse_decode",
     "attention_mass_recall",
+    "mass_optimal_positions",
+    "group_temperature",
 ]
 
 NEG_INF = float("-inf")
@@ -151,7 +160,7 @@ def choose_index_channels(
       information mean |k| carries.
     With `queries`, the statistic is multiplied by each channel's root mean square over the group's
     calibration queries, i.e. "std" ranks channels by the spread `|q_c| std_c` of their q.k term.
-    Measured (recall relative to exact top-k, 4-bit index, 1/4 of the channels):
+    Measured (recall relative to exact top-k, 4-bit index, 1/4 of the channels, group_score "max"):
       benchmark's planted-structure keys, 16K, budgets 2048/1024/512: mean_abs 0.88/0.86/0.85,
         std 0.92/0.93/0.93 (their heavy channels are pure constant offsets);
       SmolLM2-135M's own keys/queries, 4K, budgets 512/128: mean_abs 0.965/0.968, std 0.956/0.953,
@@ -307,6 +316,23 @@ def _gather_tokens(cache: Tensor, block_table: Tensor, positions: Tensor) -> Ten
     return cache[physical, pos % cache_block_size, heads]
 
 
+def group_temperature(softmax_scale: float | None, head_dim: int) -> float:
+    """The "lse" temperature: the attention's softmax scale, `1 / sqrt(head_dim)` when not given."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a float > 0; got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _combine_group(scores: Tensor, config: SparseAttentionConfig, temperature: float) -> Tensor:
+    """Per-head scores (B, Hkv, G, N) float32 -> one score per kv head (B, Hkv, N) by `config.group_score`:
+    "lse" `logsumexp_h(t * s_h) / t` (in q.k units, t the softmax scale), "max" `max_h s_h`."""
+    if config.group_score == "max":
+        return scores.amax(dim=2)
+    return (scores * temperature).logsumexp(dim=2) / temperature
+
+
 def _is_candidate(positions: Tensor, seq_lens: Tensor, config: SparseAttentionConfig) -> Tensor:
     """positions (B, Hkv, P) -> bool: inside [sink_tokens, L - local_tokens), the selectable range."""
     end = (seq_lens.long() - config.local_tokens).view(-1, 1, 1)
@@ -333,11 +359,13 @@ def _topk_ids(scores: Tensor, ids: Tensor, k: int, width: int) -> Tensor:
 
 
 def score_blocks(
-    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig,
+    softmax_scale: float | None = None,
 ) -> Tensor:
-    """Quest bound of every logical selection block, max over the GQA group.
+    """Quest bound of every logical selection block, combined over the GQA group (`config.group_score`).
 
-    query: (B, Hq, Dk); block_table: (B, W) int32; seq_lens: (B,) int32.
+    query: (B, Hq, Dk); block_table: (B, W) int32; seq_lens: (B,) int32; softmax_scale: the "lse"
+    temperature (default 1 / sqrt(Dk)).
     Returns (B, Hkv, W * cache_block_size // selection_block_size) float32; -inf for blocks holding
     no candidate position (beyond seq_len, or wholly inside the sinks / local window).
     """
@@ -352,7 +380,7 @@ def score_blocks(
     bound = torch.einsum("bhgd,bnhd->bhgn", q.clamp(min=0), maxs) + torch.einsum(
         "bhgd,bnhd->bhgn", q.clamp(max=0), mins
     )  # (B, Hkv, G, NS)
-    bound = bound.amax(dim=2)  # (B, Hkv, NS)
+    bound = _combine_group(bound, config, group_temperature(softmax_scale, head_dim))  # (B, Hkv, NS)
 
     start = torch.arange(W * per_block, device=query.device).view(1, -1) * S  # (1, NS)
     first = torch.clamp(start, min=config.sink_tokens)
@@ -362,11 +390,12 @@ def score_blocks(
 
 
 def select_blocks(
-    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig,
+    softmax_scale: float | None = None,
 ) -> Tensor:
     """Top `num_blocks` selection blocks by bound: (B, Hkv, num_blocks) int32 logical block ids
     (block j holds positions [j S, (j+1) S)), ascending, -1 padded."""
-    scores = score_blocks(query, index, block_table, seq_lens, config)
+    scores = score_blocks(query, index, block_table, seq_lens, config, softmax_scale)
     ids = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
     return _topk_ids(scores, ids, config.num_blocks, config.num_blocks)
 
@@ -378,9 +407,9 @@ def select_blocks(
 
 def _index_scores(
     query: Tensor, index: SparseIndex, key_cache: Tensor, block_table: Tensor, positions: Tensor,
-    config: SparseAttentionConfig,
+    config: SparseAttentionConfig, softmax_scale: float | None = None,
 ) -> Tensor:
-    """Token-index score of valid `positions` (B, Hkv, P), max over the group: (B, Hkv, P) float32."""
+    """Token-index score of valid `positions` (B, Hkv, P), combined over the group: (B, Hkv, P) float32."""
     num_kv_heads = positions.shape[1]
     q = _grouped_query(query, num_kv_heads)  # (B, Hkv, G, D)
     if config.index_bits == 16:
@@ -394,12 +423,12 @@ def _index_scores(
         channels = index.channel_ids.view(1, num_kv_heads, 1, C).expand(q.shape[0], -1, q.shape[2], -1)
         q_c = q.gather(-1, channels)  # (B, Hkv, G, C)
         scores = torch.einsum("bhgc,bhpc->bhgp", q_c, approx)
-    return scores.amax(dim=2)
+    return _combine_group(scores, config, group_temperature(softmax_scale, query.shape[-1]))
 
 
 def score_tokens(
     query: Tensor, index: SparseIndex, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-    block_ids: Tensor, config: SparseAttentionConfig,
+    block_ids: Tensor, config: SparseAttentionConfig, softmax_scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token scores inside the kept blocks.
 
@@ -417,18 +446,19 @@ def score_tokens(
     )
     candidate = real & _is_candidate(positions, seq_lens, config)
     safe = torch.where(candidate, positions, torch.zeros_like(positions))
-    scores = _index_scores(query, index, key_cache, block_table, safe, config).masked_fill(~candidate, NEG_INF)
+    scores = _index_scores(query, index, key_cache, block_table, safe, config, softmax_scale)
+    scores = scores.masked_fill(~candidate, NEG_INF)
     positions = torch.where(real, positions, torch.full_like(positions, -1)).to(torch.int32)
     return positions, scores
 
 
 def select_tokens(
     query: Tensor, index: SparseIndex, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-    block_ids: Tensor, config: SparseAttentionConfig,
+    block_ids: Tensor, config: SparseAttentionConfig, softmax_scale: float | None = None,
 ) -> Tensor:
     """Top `token_budget` candidates inside `block_ids`: (B, Hkv, token_budget) int32 positions,
     ascending, -1 padded."""
-    positions, scores = score_tokens(query, index, key_cache, block_table, seq_lens, block_ids, config)
+    positions, scores = score_tokens(query, index, key_cache, block_table, seq_lens, block_ids, config, softmax_scale)
     return _topk_ids(scores, positions, config.token_budget, config.token_budget)
 
 
@@ -511,13 +541,14 @@ def dense_decode_attention(
 
 
 def _block_only_selection(
-    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig,
+    softmax_scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Quest: keep `token_budget // S` blocks by bound and every candidate in them.
     Returns (selected (B, Hkv, token_budget), block_ids (B, Hkv, num_blocks)), int32, -1 padded."""
     S = config.selection_block_size
     kept = config.token_budget // S
-    scores = score_blocks(query, index, block_table, seq_lens, config)
+    scores = score_blocks(query, index, block_table, seq_lens, config, softmax_scale)
     ids = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
     blocks = _topk_ids(scores, ids, kept, kept)  # (B, Hkv, kept)
     B, Hkv, _ = blocks.shape
@@ -531,23 +562,27 @@ def _block_only_selection(
 
 
 def block_only_positions(
-    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+    query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig,
+    softmax_scale: float | None = None,
 ) -> Tensor:
     """Quest at the same token budget: (B, Hkv, attended_tokens) int32 positions like `attended_positions`."""
-    selected, _ = _block_only_selection(query, index, block_table, seq_lens, config)
+    selected, _ = _block_only_selection(query, index, block_table, seq_lens, config, softmax_scale)
     return attended_positions(selected, seq_lens, config)
 
 
 def exact_topk_positions(
-    query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig
+    query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig,
+    softmax_scale: float | None = None,
 ) -> Tensor:
-    """The oracle: exact `q . k` (max over the group) over every candidate, top `token_budget`.
+    """The oracle: exact `q . k` (combined over the group by `config.group_score`) over every
+    candidate, top `token_budget`.
     Returns (B, Hkv, attended_tokens) int32 positions like `attended_positions`."""
     B, W = block_table.shape
     Hkv = key_cache.shape[2]
     T = W * key_cache.shape[1]
     keys = _whole_sequences(key_cache, block_table).float()  # (B, Hkv, T, Dk)
-    scores = torch.einsum("bhgd,bhtd->bhgt", _grouped_query(query, Hkv), keys).amax(dim=2)  # (B, Hkv, T)
+    scores = torch.einsum("bhgd,bhtd->bhgt", _grouped_query(query, Hkv), keys)  # (B, Hkv, G, T)
+    scores = _combine_group(scores, config, group_temperature(softmax_scale, query.shape[-1]))  # (B, Hkv, T)
     positions = torch.arange(T, device=query.device).expand(B, Hkv, T)
     scores = scores.masked_fill(~_is_candidate(positions, seq_lens, config), NEG_INF)
     selected = _topk_ids(scores, positions, config.token_budget, config.token_budget)
@@ -582,17 +617,17 @@ def sparse_decode(
         out = dense_decode_attention(query, key_cache, value_cache, block_table, seq_lens, scale)
         return out, positions, no_blocks
     if config.mode == "exact_topk":
-        positions = exact_topk_positions(query, key_cache, block_table, seq_lens, config)
+        positions = exact_topk_positions(query, key_cache, block_table, seq_lens, config, scale)
         block_ids = no_blocks
     elif config.mode == "block_only":
-        selected, block_ids = _block_only_selection(query, index, block_table, seq_lens, config)
+        selected, block_ids = _block_only_selection(query, index, block_table, seq_lens, config, scale)
         positions = attended_positions(selected, seq_lens, config)
     else:  # "asynctls"
-        block_ids = select_blocks(query, index, block_table, seq_lens, config)
+        block_ids = select_blocks(query, index, block_table, seq_lens, config, scale)
         token_blocks = block_ids
         if config.lagged_selection and previous_block_ids is not None:
             token_blocks = previous_block_ids
-        selected = select_tokens(query, index, key_cache, block_table, seq_lens, token_blocks, config)
+        selected = select_tokens(query, index, key_cache, block_table, seq_lens, token_blocks, config, scale)
         positions = attended_positions(selected, seq_lens, config)
     out = sparse_attention(query, key_cache, value_cache, block_table, positions, scale)
     return out, positions, block_ids
@@ -613,3 +648,23 @@ def attention_mass_recall(
     attended = torch.zeros(B, Hkv, T + 1, device=query.device)
     attended.scatter_(-1, torch.where(positions >= 0, positions.long(), T), 1.0)
     return (probs * attended[..., :T].unsqueeze(2)).sum(-1).mean(dim=2)
+
+
+def mass_optimal_positions(
+    query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig,
+    scale: float,
+) -> Tensor:
+    """An evaluation bound, not a selection method (it needs the dense softmax): the `token_budget`
+    candidates holding the most dense attention mass summed over the group's q heads. Recall is that
+    mass averaged over the heads, so no selection of `token_budget` candidates (with the same sinks and
+    local window) holds more. Returns (B, Hkv, attended_tokens) int32 like `attended_positions`."""
+    B, W = block_table.shape
+    keys = _whole_sequences(key_cache, block_table).float()  # (B, Hkv, T, Dk)
+    Hkv, T = keys.shape[1], keys.shape[2]
+    logits = torch.einsum("bhgd,bhtd->bhgt", _grouped_query(query, Hkv), keys) * scale
+    positions = torch.arange(T, device=query.device).expand(B, Hkv, T)
+    in_seq = positions < seq_lens.long().view(B, 1, 1)
+    mass = torch.softmax(logits.masked_fill(~in_seq.unsqueeze(2), NEG_INF), dim=-1).sum(dim=2)  # (B, Hkv, T)
+    mass = mass.masked_fill(~_is_candidate(positions, seq_lens, config), NEG_INF)
+    selected = _topk_ids(mass, positions, config.token_budget, config.token_budget)
+    return attended_positions(selected, seq_lens, config)

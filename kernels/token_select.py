@@ -6,7 +6,8 @@ Design
   `score_tokens`. The program gathers the tile's index codes (C * bits / 8 bytes per token, through
   the block table) and scales, decodes the integers `code - (qmax + 1)` (exact in bf16) and multiplies
   them by the group's q heads restricted to the index channels in one `tl.dot` (even and odd nibbles
-  as two dots for 4 bits), then by the token scale; the group score is the max over heads. With
+  as two dots for 4 bits), then by the token scale; the group score combines the heads by
+  `config.group_score` (`_combine_heads` of block_select.py: "lse" or "max"). With
   `index_bits == 16` the program reads the full keys instead (exact `q . k`).
 - Reads per candidate: C * bits / 8 bytes of codes + 4 bytes of scale (20 bytes at 32 channels, 4 bits),
   versus 2 * Dk bytes for the key.
@@ -20,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_select import topk_rows
+from .block_select import _combine_heads, topk_rows
+from .sparse_decode_reference import group_temperature
 from .sparse_attention import float32_dots, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
@@ -42,6 +44,7 @@ def _token_score_kernel(
     NB,  # int: kept blocks per row
     SINK,  # int
     LOCAL,  # int
+    TEMP,  # float: the "lse" temperature (softmax scale), > 0; unused with LSE = False
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_ct, stride_ch, stride_cc,
     stride_sb, stride_st, stride_sh,
@@ -59,11 +62,13 @@ def _token_score_kernel(
     BLOCK_C: tl.constexpr,  # >= C // 2 (4 bits) or C (8 bits); >= 16 for tl.dot
     BLOCK_DK: tl.constexpr,  # BITS 16: key chunk
     IEEE: tl.constexpr,
+    LSE: tl.constexpr,  # group_score "lse" (else "max")
 ):
     # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
     # p < L, SINK <= p < L - LOCAL);
-    # score[c] = max_{h in group} scale_p * sum_i q[h, ch[i]] * (stored_i(p) - qmax - 1)   (4/8 bits)
-    #          = max_{h in group} q[h] . K[p]                                               (16 bits)
+    # s[h, c] = scale_p * sum_i q[h, ch[i]] * (stored_i(p) - qmax - 1)   (4/8 bits)
+    #         = q[h] . K[p]                                               (16 bits)
+    # score[c] = max_{h in group} s[h, c] ("max"), or m + log(sum_h exp(TEMP (s[h, c] - m))) / TEMP ("lse")
     pid_bg = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = pid_bg // HKV
@@ -132,14 +137,15 @@ def _token_score_kernel(
                 s = tl.dot(q, tl.trans(val.to(q.dtype)))
         s = s * scale[None, :]
     s = tl.where(h_mask[:, None], s, float("-inf"))
-    score = tl.where(cand, tl.max(s, axis=0), float("-inf"))
+    score = tl.where(cand, _combine_heads(s, TEMP, LSE), float("-inf"))
     tl.store(scores_ptr + pid_bg * (NB * SBS) + offs_c, score, mask=in_row)
 
 
 def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
     """Index score of every candidate inside `block_ids` (B, Hkv, NB) -> (B, Hkv, NB * S) float32,
-    -inf where the slot is not a candidate; equals the scores of the reference's `score_tokens`."""
+    -inf where the slot is not a candidate; equals the scores of the reference's `score_tokens`
+    (softmax_scale: the "lse" temperature, default 1 / sqrt(Dk))."""
     require_triton_device("token_scores", query, key_cache, block_ids)
     bits = config.index_bits
     B, Hq, Dk = query.shape
@@ -154,6 +160,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     sbs = config.selection_block_size
     NB = block_ids.shape[2]
     group = Hq // Hkv
+    temperature = group_temperature(softmax_scale, Dk)
     # index_bits=16 reads full keys: channel ids unused (and the index may be absent).
     channel_ids = index.channel_ids.contiguous() if bits != 16 else block_ids
     C = channel_ids.shape[1] if bits != 16 else 1
@@ -174,7 +181,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     grid = (B * Hkv, triton.cdiv(NB * sbs, block_t))
     _token_score_kernel[grid](
         query, codes, scales, key_cache, channel_ids, block_table, seq_lens, block_ids, out,
-        NB, config.sink_tokens, config.local_tokens,
+        NB, config.sink_tokens, config.local_tokens, temperature,
         query.stride(0), query.stride(1), query.stride(2),
         cs[0], cs[1], cs[2], cs[3],
         ss[0], ss[1], ss[2],
@@ -183,18 +190,20 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         HKV=Hkv, GROUP=group, DK=Dk, C=C, BITS=bits, SBS=sbs, CBS=key_cache.shape[1],
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c,
         BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
-        IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype),
+        IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
         num_warps=TOKEN_SCORE_WARPS if block_h <= 32 else 8,
     )
     return out
 
 
 def select_tokens_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
-                         scores: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                         scores: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                         softmax_scale: float | None = None) -> torch.Tensor:
     """Top `config.token_budget` candidates inside `block_ids` -> (B, Hkv, token_budget) int32
     positions, ascending, -1 padded; the same set as the reference's `select_tokens`."""
     B, Hkv, NB = block_ids.shape
-    scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config, out=scores)
+    scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config, out=scores,
+                                 softmax_scale=softmax_scale)
     sbs = config.selection_block_size
     pos = topk_rows(scores.view(B * Hkv, NB * sbs), config.token_budget,
                     out=None if out is None else out.view(B * Hkv, config.token_budget),

@@ -52,6 +52,7 @@ def test_from_additional_config_reads_the_asynctls_entry():
         ({"index_channels": 33}, "index_channels", "even"),
         ({"index_bits": 3}, "index_bits", "(4, 8, 16)"),
         ({"index_channel_metric": "max"}, "index_channel_metric", "mean_abs"),
+        ({"group_score": "mean"}, "group_score", "lse"),
         ({"dense_threshold": -1}, "dense_threshold", ">= 0"),
         ({"dense_threshold": 1.5}, "dense_threshold", ">= 0"),
         ({"mode": "fast"}, "mode", "asynctls"),

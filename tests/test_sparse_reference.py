@@ -124,7 +124,17 @@ def is_candidate(p, L, config):
     return config.sink_tokens <= p < L - config.local_tokens
 
 
-def brute_block_scores(case: Case, config: SparseAttentionConfig):
+def brute_combine(scores, config, head_dim, softmax_scale=None):
+    """The group's heads' scores (a list of floats) combined as `config.group_score` says, in float64:
+    "max" the largest; "lse" log(sum_h exp(t s_h)) / t, t the softmax scale (default 1 / sqrt(D))."""
+    if config.group_score == "max":
+        return max(scores)
+    t = softmax_scale or 1.0 / math.sqrt(head_dim)
+    top = max(scores)
+    return top + math.log(sum(math.exp(t * (s - top)) for s in scores)) / t
+
+
+def brute_block_scores(case: Case, config: SparseAttentionConfig, softmax_scale=None):
     """{(b, h): {block: bound}} over blocks that hold a candidate, from the logical keys."""
     S, G = config.selection_block_size, case.group
     out = {}
@@ -142,13 +152,13 @@ def brute_block_scores(case: Case, config: SparseAttentionConfig):
                 for g in range(G):
                     q = case.query[b, h * G + g]
                     bounds.append(sum(max(q[d] * kmin[d], q[d] * kmax[d]).item() for d in range(q.shape[0])))
-                scores[j] = max(bounds)
+                scores[j] = brute_combine(bounds, config, case.query.shape[-1], softmax_scale)
             out[b, h] = scores
     return out
 
 
-def brute_token_score(case, config, channel_ids, b, h, p):
-    """Max over the group of q . k (exact) or q_c . dequant(k_c) (quantised), quantisation redone here."""
+def brute_token_score(case, config, channel_ids, b, h, p, softmax_scale=None):
+    """The group's combined q . k (exact) or q_c . dequant(k_c) (quantised), quantisation redone here."""
     k = case.keys[b][p, h]
     if config.index_bits == 16:
         approx, chans = k, torch.arange(k.shape[0])
@@ -159,7 +169,8 @@ def brute_token_score(case, config, channel_ids, b, h, p):
         scale = kc.abs().max() / qmax
         approx = torch.zeros_like(kc) if scale == 0 else torch.clamp(torch.round(kc / scale), -qmax, qmax) * scale
     G = case.group
-    return max(float((case.query[b, h * G + g][chans] * approx).sum()) for g in range(G))
+    heads = [float((case.query[b, h * G + g][chans] * approx).sum()) for g in range(G)]
+    return brute_combine(heads, config, case.query.shape[-1], softmax_scale)
 
 
 def assert_topk_set(got: set, scored: dict, k: int, tol=1e-4):
@@ -220,6 +231,7 @@ def masked_dense(case: Case, attended: dict, scale: float) -> torch.Tensor:
         (dict(mode="quest"), "mode"),
         (dict(lagged_selection="yes"), "lagged_selection"),
         (dict(index_channel_metric="q*k"), "index_channel_metric"),
+        (dict(group_score="mean"), "group_score"),
         (dict(num_blocks=4, selection_block_size=64, token_budget=257), "token_budget"),
     ],
 )
@@ -406,17 +418,21 @@ def test_sparse_attention_with_nothing_to_attend_gives_zeros():
 # ----------------------------------------------------------------------------------------------
 
 
+GROUP_RULES = [("lse", None), ("lse", 0.37), ("max", None)]  # (group_score, softmax_scale passed)
+
+
+@pytest.mark.parametrize("group_score, softmax_scale", GROUP_RULES)
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_block_stage_matches_brute_force(name):
-    case, config = shape_case(name)
+def test_block_stage_matches_brute_force(name, group_score, softmax_scale):
+    case, config = shape_case(name, group_score=group_score)
     index = build_index(case, config)
-    scores = ref.score_blocks(case.query, index, case.block_table, case.seq_lens, config)
+    scores = ref.score_blocks(case.query, index, case.block_table, case.seq_lens, config, softmax_scale)
     cbs, S = case.key_cache.shape[1], config.selection_block_size
     assert scores.shape == (3, case.key_cache.shape[2], case.block_table.shape[1] * cbs // S)
     assert scores.dtype == torch.float32
-    selected = ref.select_blocks(case.query, index, case.block_table, case.seq_lens, config)
+    selected = ref.select_blocks(case.query, index, case.block_table, case.seq_lens, config, softmax_scale)
     assert selected.shape == (3, case.key_cache.shape[2], config.num_blocks) and selected.dtype == torch.int32
-    for (b, h), want in brute_block_scores(case, config).items():
+    for (b, h), want in brute_block_scores(case, config, softmax_scale).items():
         got = {j: float(s) for j, s in enumerate(scores[b, h]) if s > float("-inf")}
         assert set(got) == set(want)
         for j in want:
@@ -424,22 +440,24 @@ def test_block_stage_matches_brute_force(name):
         assert_topk_set(ids(selected[b, h]), want, config.num_blocks)
 
 
+@pytest.mark.parametrize("group_score, softmax_scale", GROUP_RULES)
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_token_stage_matches_brute_force(name):
-    case, config = shape_case(name)
+def test_token_stage_matches_brute_force(name, group_score, softmax_scale):
+    case, config = shape_case(name, group_score=group_score)
     index = build_index(case, config)
-    blocks = ref.select_blocks(case.query, index, case.block_table, case.seq_lens, config)
+    blocks = ref.select_blocks(case.query, index, case.block_table, case.seq_lens, config, softmax_scale)
     positions, scores = ref.score_tokens(case.query, index, case.key_cache, case.block_table, case.seq_lens,
-                                         blocks, config)
+                                         blocks, config, softmax_scale)
     S = config.selection_block_size
     assert positions.shape == scores.shape == (3, case.key_cache.shape[2], config.num_blocks * S)
-    selected = ref.select_tokens(case.query, index, case.key_cache, case.block_table, case.seq_lens, blocks, config)
+    selected = ref.select_tokens(case.query, index, case.key_cache, case.block_table, case.seq_lens, blocks, config,
+                                 softmax_scale)
     assert selected.shape == (3, case.key_cache.shape[2], config.token_budget) and selected.dtype == torch.int32
     for b, k in enumerate(case.keys):
         L = k.shape[0]
         for h in range(k.shape[1]):
             want = {
-                p: brute_token_score(case, config, index.channel_ids, b, h, p)
+                p: brute_token_score(case, config, index.channel_ids, b, h, p, softmax_scale)
                 for j in ids(blocks[b, h])
                 for p in range(j * S, min((j + 1) * S, L))
                 if is_candidate(p, L, config)
@@ -474,6 +492,46 @@ def test_neighbours_match_brute_force(name):
             kept = sorted(blocks[b, h].items(), key=lambda kv: -kv[1])[: config.token_budget // S]
             want = {p for j, _ in kept for p in range(j * S, min((j + 1) * S, L)) if is_candidate(p, L, config)}
             assert got - always == want
+
+
+@pytest.mark.parametrize("group_score", ["lse", "max"])
+def test_group_block_bound_bounds_every_token_group_score(group_score):
+    # Combining the heads keeps the coarse level sound: a block's combined bound is >= the combined
+    # exact score of every candidate in it, whatever the rule.
+    case, config = shape_case("c64s16-gqa4-4bit", group_score=group_score, index_bits=16)
+    index = build_index(case, config)
+    scale = 0.2
+    bounds = ref.score_blocks(case.query, index, case.block_table, case.seq_lens, config, scale)  # (B, Hkv, NS)
+    S = config.selection_block_size
+    every = torch.arange(bounds.shape[-1], dtype=torch.int32).expand(*bounds.shape[:2], -1).contiguous()
+    positions, scores = ref.score_tokens(case.query, index, case.key_cache, case.block_table, case.seq_lens,
+                                         every, config, scale)  # (B, Hkv, NS * S)
+    finite = torch.isfinite(scores)
+    assert finite.any()
+    block_of = (positions.long().clamp(min=0) // S)
+    assert (scores[finite] <= bounds.gather(-1, block_of)[finite] + 1e-4).all()
+
+
+def test_lse_group_score_lies_between_max_and_max_plus_log_group():
+    # lse = max + log(sum_h exp(t (s_h - max))) / t, in [max, max + log(G) / t]; for G = 1 it is the max.
+    case, config = shape_case("c64s16-gqa4-4bit", index_bits=16)
+    index = build_index(case, config)
+    blocks = ref.select_blocks(case.query, index, case.block_table, case.seq_lens, config.with_(group_score="max"))
+    t, G = 0.5, case.group
+    _, lse = ref.score_tokens(case.query, index, case.key_cache, case.block_table, case.seq_lens, blocks, config, t)
+    _, top = ref.score_tokens(case.query, index, case.key_cache, case.block_table, case.seq_lens, blocks,
+                              config.with_(group_score="max"), t)
+    finite = torch.isfinite(top)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] >= top[finite] - 1e-5).all() and (lse[finite] <= top[finite] + math.log(G) / t + 1e-5).all()
+    assert (lse[finite] > top[finite] + 1e-3).any()  # the other heads count
+    mha, mha_config = shape_case("c64s16-hkv4-4bit", index_bits=16)
+    mha_index = build_index(mha, mha_config)
+    a = ref.score_blocks(mha.query, mha_index, mha.block_table, mha.seq_lens, mha_config, t)
+    b = ref.score_blocks(mha.query, mha_index, mha.block_table, mha.seq_lens, mha_config.with_(group_score="max"), t)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        ref.score_blocks(mha.query, mha_index, mha.block_table, mha.seq_lens, mha_config, -1.0)
 
 
 def test_attended_positions_layout():
@@ -571,6 +629,15 @@ def test_recall_ordering_on_planted_structure(group):
                                                   positions, scale).mean().item()
     assert recalls["exact_topk"] >= recalls["asynctls"] >= recalls["block_only"], recalls
     assert recalls["asynctls"] > recalls["block_only"] + 0.05, recalls  # the gap the method exists for
+    # The mass-optimal selection bounds every selection of the budget, the exact oracle under either rule.
+    best = ref.mass_optimal_positions(case.query, case.key_cache, case.block_table, case.seq_lens, config, scale)
+    assert best.shape == positions.shape
+    bound = ref.attention_mass_recall(case.query, case.key_cache, case.block_table, case.seq_lens, best, scale)
+    for rule in ("lse", "max"):
+        _, exact, _ = ref.sparse_decode(case.query, case.key_cache, case.value_cache, case.block_table,
+                                        case.seq_lens, index, config.with_(mode="exact_topk", group_score=rule), scale)
+        got = ref.attention_mass_recall(case.query, case.key_cache, case.block_table, case.seq_lens, exact, scale)
+        assert (bound >= got - 1e-6).all(), rule
 
 
 def test_lagged_selection_uses_previous_blocks():

@@ -171,40 +171,48 @@ def test_write_index_matches_reference(name):
     assert torch.equal(gpu.block_max.cpu(), fresh.block_max)
 
 
+# (config.group_score, softmax_scale passed): the combination of a GQA group's heads, and its "lse"
+# temperature both defaulted (1 / sqrt(Dk)) and given.
+GROUP_RULES = [("lse", None), ("lse", 0.3), ("max", None)]
+
+
+@pytest.mark.parametrize("group_score, softmax_scale", GROUP_RULES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_block_selection_matches_reference(name):
+def test_block_selection_matches_reference(name, group_score, softmax_scale):
     c = build(name, seed=2)
-    args = (c["query"], c["index"], c["block_table"], c["seq_lens"], c["config"])
-    want_scores = ref.score_blocks(*args)
+    args = (c["query"], c["index"], c["block_table"], c["seq_lens"], c["config"].with_(group_score=group_score))
+    want_scores = ref.score_blocks(*args, softmax_scale)
     n_sel = want_scores.shape[-1]
-    got_scores = block_scores_triton(*args, n_sel)
+    got_scores = block_scores_triton(*args, n_sel, softmax_scale=softmax_scale)
     finite = torch.isfinite(want_scores)
     assert torch.equal(finite, torch.isfinite(got_scores))
     span = want_scores[finite].abs().max()
     torch.testing.assert_close(got_scores[finite], want_scores[finite], rtol=0,
                                atol=float(SCORE_TOL[c["dtype"]] * span))
-    got = select_blocks_triton(*args)
-    want = ref.select_blocks(*args)
+    got = select_blocks_triton(*args, softmax_scale=softmax_scale)
+    want = ref.select_blocks(*args, softmax_scale)
     B, Hkv, _ = want.shape
     ids = torch.arange(n_sel).expand(B * Hkv, n_sel)
     assert_same_selection(got.view(B * Hkv, -1), want.view(B * Hkv, -1), want_scores.view(B * Hkv, -1), ids,
                           SCORE_TOL[c["dtype"]])
 
 
+@pytest.mark.parametrize("group_score, softmax_scale", GROUP_RULES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_token_selection_matches_reference(name):
+def test_token_selection_matches_reference(name, group_score, softmax_scale):
     c = build(name, seed=3)
-    q, index, kc, bt, sl, config = c["query"], c["index"], c["key_cache"], c["block_table"], c["seq_lens"], c["config"]
-    block_ids = ref.select_blocks(q, index, bt, sl, config)
-    want_pos, want_scores = ref.score_tokens(q, index, kc, bt, sl, block_ids, config)
-    got_scores = token_scores_triton(q, index, kc, bt, sl, block_ids, config)
+    q, index, kc, bt, sl = c["query"], c["index"], c["key_cache"], c["block_table"], c["seq_lens"]
+    config = c["config"].with_(group_score=group_score)
+    block_ids = ref.select_blocks(q, index, bt, sl, config, softmax_scale)
+    want_pos, want_scores = ref.score_tokens(q, index, kc, bt, sl, block_ids, config, softmax_scale)
+    got_scores = token_scores_triton(q, index, kc, bt, sl, block_ids, config, softmax_scale=softmax_scale)
     finite = torch.isfinite(want_scores)
     assert torch.equal(finite, torch.isfinite(got_scores))
     span = want_scores[finite].abs().max()
     torch.testing.assert_close(got_scores[finite], want_scores[finite], rtol=0,
                                atol=float(SCORE_TOL[c["dtype"]] * span))
-    got = select_tokens_triton(q, index, kc, bt, sl, block_ids, config)
-    want = ref.select_tokens(q, index, kc, bt, sl, block_ids, config)
+    got = select_tokens_triton(q, index, kc, bt, sl, block_ids, config, softmax_scale=softmax_scale)
+    want = ref.select_tokens(q, index, kc, bt, sl, block_ids, config, softmax_scale)
     B, Hkv, _ = want.shape
     assert_same_selection(got.view(B * Hkv, -1), want.view(B * Hkv, -1), want_scores.view(B * Hkv, -1),
                           want_pos.view(B * Hkv, -1), SCORE_TOL[c["dtype"]])
@@ -232,11 +240,12 @@ def test_sparse_attention_matches_reference(name):
                                ref.dense_decode_attention(q, kc, vc, bt, sl, c["scale"]).float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("mode", ["asynctls", "block_only", "exact_topk", "dense"])
+@pytest.mark.parametrize("mode, group_score", [("asynctls", "lse"), ("asynctls", "max"), ("block_only", "lse"),
+                                               ("exact_topk", "lse"), ("exact_topk", "max"), ("dense", "lse")])
 @pytest.mark.parametrize("name", list(CASES))
-def test_sparse_decode_matches_reference(name, mode):
+def test_sparse_decode_matches_reference(name, mode, group_score):
     c = build(name, seed=5)
-    config = c["config"].with_(mode=mode)
+    config = c["config"].with_(mode=mode, group_score=group_score)
     args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
             c["scale"])
     want_out, want_pos, want_blocks = ref.sparse_decode(*args)

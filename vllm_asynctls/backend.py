@@ -395,10 +395,11 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
         sp, cfg, index = md.sparse, self.sparse_config, self.layer_index.index
         host_table = runtime.host_block_table(rows)  # (Bs, W): the index is addressed by host block
         if cfg.mode == "block_only":
-            positions = ref.block_only_positions(q, index, host_table, sp.seq_lens, cfg)
+            positions = ref.block_only_positions(q, index, host_table, sp.seq_lens, cfg, softmax_scale=self.scale)
         else:  # "asynctls" (the config refuses other modes with offload)
-            block_ids = ref.select_blocks(q, index, host_table, sp.seq_lens, cfg)
-            selected = ref.select_tokens(q, index, None, host_table, sp.seq_lens, block_ids, cfg)
+            block_ids = ref.select_blocks(q, index, host_table, sp.seq_lens, cfg, softmax_scale=self.scale)
+            selected = ref.select_tokens(q, index, None, host_table, sp.seq_lens, block_ids, cfg,
+                                         softmax_scale=self.scale)
             positions = ref.attended_positions(selected, sp.seq_lens, cfg)
         return runtime.attend(layer.layer_name, q, rows, positions, self.scale), positions
 

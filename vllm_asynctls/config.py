@@ -45,6 +45,8 @@ class AsyncTLSConfig:
     index_channel_metric: how the index channels are ranked at calibration: "mean_abs" (largest mean
         |k|, the default: best measured on SmolLM2's keys) or "std" (largest spread; skips channels
         that only add a constant offset to every score).
+    group_score: how a GQA group's q heads combine into the one score per kv head that selection ranks
+        by: "lse" (log of the group's summed attention weight, the default) or "max" (the largest head).
     dense_threshold: decode tokens whose context is at most this many tokens use the platform's dense
         attention (so short-context serving costs nothing extra); 0 sends every decode token to the
         sparse path (>= 0).
@@ -65,6 +67,7 @@ class AsyncTLSConfig:
     index_channels: int | None = None
     index_bits: int = 4
     index_channel_metric: str = "mean_abs"
+    group_score: str = "lse"
     dense_threshold: int = 4096
     mode: str = "asynctls"
     offload: bool = False
@@ -160,6 +163,7 @@ class AsyncTLSConfig:
                 index_channels=self.resolved_index_channels(head_dim, is_mla),
                 index_bits=self.index_bits,
                 index_channel_metric=self.index_channel_metric,
+                group_score=self.group_score,
                 mode=self.mode,
                 lagged_selection=False,
             )
