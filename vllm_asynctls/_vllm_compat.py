@@ -127,6 +127,64 @@ def unsupported_reason(attn_selector_config) -> str | None:
     return None
 
 
+def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype,
+                              kv_sharing_target_layer_name=None) -> list[str]:
+    """What an attention layer asks for that the sparse path lacks (empty when nothing); the impls of
+    both backends raise NotImplementedError listing these."""
+    from vllm.v1.attention.backend import AttentionType
+
+    problems = []
+    if alibi_slopes is not None:
+        problems.append("ALiBi slopes")
+    if logits_soft_cap:
+        problems.append(f"logits soft-capping ({logits_soft_cap})")
+    if sinks is not None:
+        problems.append("learned attention sinks")
+    if sliding_window is not None:
+        problems.append(f"sliding window ({sliding_window})")
+    if attn_type != AttentionType.DECODER:
+        problems.append(f"attention type {attn_type}")
+    if kv_cache_dtype != "auto":
+        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (only 'auto')")
+    if kv_sharing_target_layer_name is not None:
+        problems.append(f"KV sharing with layer {kv_sharing_target_layer_name} (its index is never written)")
+    return problems
+
+
+def check_cuda_engine(vllm_config, cfg, sparse) -> None:
+    """Start-up checks of the GPU backend against the engine (ValueError / NotImplementedError naming
+    the setting)."""
+    if cfg.mode != "asynctls":
+        raise ValueError(
+            f"asynctls knob mode must be 'asynctls' on GPU (the 'block_only', 'exact_topk' and 'dense' "
+            f"baselines run on the CPU platform); got {cfg.mode!r}"
+        )
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise NotImplementedError(
+            "--attention-backend asynctls on GPU does not support speculative decoding (its multi-token "
+            "verification queries would all take the dense path); drop --speculative-config"
+        )
+    if getattr(vllm_config.parallel_config, "enable_dbo", False):
+        raise NotImplementedError("--attention-backend asynctls does not support dual-batch overlap (--enable-dbo)")
+    if not getattr(vllm_config.cache_config, "kv_cache_memory_bytes", None):
+        logger.warning(
+            "asynctls on GPU: the index (about %.1f%% of the KV cache) is allocated after vLLM sizes "
+            "the KV cache from gpu_memory_utilization, i.e. beyond it. Pass --kv-cache-memory-bytes "
+            "(vLLM logs the value that fits) and the plugin takes the index out of that budget",
+            100 * cfg.index_fraction(vllm_config.model_config.get_head_size(), False, 2),
+        )
+    S = sparse.selection_block_size
+    covers = sparse.num_blocks * S >= sparse.token_budget + 2 * S
+    logger.info(
+        "asynctls on GPU: every decode token runs the sparse operator; contexts up to %d tokens "
+        "(token_budget + sink_tokens + local_tokens) are attended in full%s (dense_threshold=%d)",
+        sparse.attended_tokens,
+        "" if covers else " only if the coarse level keeps all their blocks: num_blocks * "
+        "selection_block_size < token_budget + 2 * selection_block_size here, so some may not be",
+        cfg.dense_threshold,
+    )
+
+
 def check_model_supported(attn_selector_config) -> None:
     """Raise at start-up for combinations the sparse kernels lack."""
     if attn_selector_config.use_sparse:
@@ -184,19 +242,7 @@ def validate_vllm_config(vllm_config) -> None:
         head_dim = model_config.get_head_size()
         sparse = cfg.sparse_config(head_dim=head_dim, is_mla=is_mla)
         if _on_cuda():
-            if not getattr(vllm_config.cache_config, "kv_cache_memory_bytes", None):
-                logger.warning(
-                    "asynctls on GPU: the index (about %.1f%% of the KV cache) is allocated after vLLM sizes "
-                    "the KV cache from gpu_memory_utilization, i.e. beyond it. Pass --kv-cache-memory-bytes "
-                    "(vLLM logs the value that fits) and the plugin takes the index out of that budget",
-                    100 * cfg.index_fraction(head_dim, is_mla, 2),
-                )
-            if cfg.dense_threshold > sparse.attended_tokens:
-                logger.info(
-                    "asynctls on GPU: decode steps run the sparse operator, which is exact for contexts up "
-                    "to token_budget + sink_tokens + local_tokens = %d tokens; dense_threshold=%d is "
-                    "honoured up to that size", sparse.attended_tokens, cfg.dense_threshold,
-                )
+            check_cuda_engine(vllm_config, cfg, sparse)
         elif is_mla:
             check_cpu_mla_dense_threshold(head_dim, cfg.dense_threshold)
         if cfg.offload:

@@ -60,7 +60,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from vllm_asynctls._vllm_compat import BACKEND_NAME, check_cpu_mla_dense_threshold
+from vllm_asynctls._vllm_compat import BACKEND_NAME, check_cpu_mla_dense_threshold, unsupported_impl_features
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
@@ -312,19 +312,8 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
         kv_sharing_target_layer_name: str | None = None,
         sinks: torch.Tensor | None = None,
     ) -> None:
-        problems = []
-        if alibi_slopes is not None:
-            problems.append("ALiBi slopes")
-        if logits_soft_cap:
-            problems.append(f"logits soft-capping ({logits_soft_cap})")
-        if sinks is not None:
-            problems.append("learned attention sinks")
-        if sliding_window is not None:
-            problems.append(f"sliding window ({sliding_window})")
-        if attn_type != AttentionType.DECODER:
-            problems.append(f"attention type {attn_type}")
-        if kv_cache_dtype != "auto":
-            problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (only 'auto')")
+        problems = unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
+                                             kv_cache_dtype, kv_sharing_target_layer_name)
         if problems:
             raise NotImplementedError(
                 "--attention-backend asynctls does not support " + ", ".join(problems)

@@ -5,27 +5,34 @@ Design
 - Subclasses of vLLM's FLASH_ATTN backend, metadata builder and impl. Prefill, chunked prefill and
   mixed prefill/decode batches are built and run by FlashAttention unchanged (and run eagerly between
   vLLM's piecewise CUDA graphs).
-- A decode-only batch (every request has one query token; `max_query_len == 1`, a host integer) gets
-  `AsyncTLSDecodeMetadata` instead: the block table and sequence lengths vLLM already keeps on the
-  device, and a `SparseDecodeWorkspace` (every intermediate buffer, allocated once per batch size by
-  the builder, outside any capture). The impl runs `asynctls_tip_kernels.sparse_decode.sparse_decode_triton`
+- The builder asks vLLM to put one-token queries first in every batch (`reorder_batch_threshold = 1`,
+  vLLM's own batch reordering). A decode-only batch (`max_query_len == 1`, a host integer) gets
+  `AsyncTLSDecodeMetadata`: the block table and sequence lengths vLLM already keeps on the device, and
+  a `SparseDecodeWorkspace` (every intermediate buffer, carved once per batch size from one arena by
+  the builder, outside any capture). A mixed batch gets `AsyncTLSMixedMetadata`: the same for its
+  leading one-token queries, and FlashAttention metadata for the rest (a suffix of the batch). The impl runs `asynctls_tip_kernels.sparse_decode.sparse_decode_triton`
   on vLLM's paged cache views (no copy): fixed shapes, no host synchronisation, so the builder
   declares `UNIFORM_SINGLE_TOKEN_DECODE` CUDA-graph support and vLLM captures decode in full graphs
   (`enforce_eager=False`, the default) with the same kernels eager mode runs.
 - dense_threshold on GPU. Which kernels a captured graph runs cannot depend on the context lengths of
   the step that replays it, so every decode-only step takes the sparse operator. It attends to every
   token of a context that fits its selection (`token_budget + sink_tokens + local_tokens`), i.e. it
-  is exact there; `dense_threshold` is therefore honoured up to that size (a larger value is logged
-  and capped at start-up). Decode tokens inside mixed batches are served by FlashAttention.
+  is exact there when the coarse level keeps every block such a context touches
+  (`num_blocks * selection_block_size >= token_budget + 2 * selection_block_size`, true of the defaults
+  and the paper's settings); `dense_threshold` is therefore honoured up to that size (a larger value
+  is logged at start-up). Decode tokens inside mixed batches take the same sparse path (eagerly:
+  mixed batches run between vLLM's piecewise graphs), so a request's tokens do not depend on what
+  else shares its batch.
 - The index is written in `do_kv_cache_update` right after vLLM's `reshape_and_cache_flash`, by the
   fused Triton index-write kernel (inside the decode graphs too); see `layer_index.py`.
 - Counters: request-level counts come from host integers the builder already has
   (`seq_lens_cpu_upper_bound`); the per-token read count of the CPU path is not kept on GPU, because
   a captured graph cannot update host-side tallies.
 
-Not supported: MLA models on GPU (the CPU backend serves them), sliding-window layers, ALiBi,
-soft-capping, learned sinks, quantised KV caches, cascade attention (never chosen), decode context
-parallelism.
+Not supported (start-up errors naming the feature): MLA models on GPU (the CPU backend serves them),
+sliding-window layers, ALiBi, soft-capping, learned sinks, quantised KV caches, KV-sharing layers, KV
+connectors (they would load blocks past the index write), speculative decoding, batch-invariant mode,
+decode context parallelism, modes other than "asynctls"; cascade attention is never chosen.
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonA
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
+    FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_asynctls._vllm_compat import BACKEND_NAME
+from vllm_asynctls._vllm_compat import BACKEND_NAME, unsupported_impl_features
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
@@ -65,21 +74,43 @@ class AsyncTLSDecodeMetadata:
     workspace: SparseDecodeWorkspace
 
 
-def _unsupported(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype) -> list[str]:
-    problems = []
-    if alibi_slopes is not None:
-        problems.append("ALiBi slopes")
-    if logits_soft_cap:
-        problems.append(f"logits soft-capping ({logits_soft_cap})")
-    if sinks is not None:
-        problems.append("learned attention sinks")
-    if sliding_window is not None:
-        problems.append(f"sliding window ({sliding_window})")
-    if attn_type != AttentionType.DECODER:
-        problems.append(f"attention type {attn_type}")
-    if kv_cache_dtype != "auto":
-        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (only 'auto')")
-    return problems
+@dataclass
+class AsyncTLSMixedMetadata:
+    """A batch with prefill tokens: its first `decode.num_reqs` requests (one query token each, first
+    thanks to vLLM's reordering) decode sparse; the rest is FlashAttention's `dense`, whose token rows
+    start at `decode.num_actual_tokens`."""
+
+    num_actual_tokens: int
+    decode: AsyncTLSDecodeMetadata
+    dense: FlashAttentionMetadata
+
+
+def _prefill_suffix(cm: CommonAttentionMetadata, num_decodes: int, num_decode_tokens: int) -> CommonAttentionMetadata:
+    """The batch without its first `num_decodes` requests (views and small eager ops, no host sync)."""
+
+    def rows(x):
+        return None if x is None else x[num_decodes:]
+
+    return cm.replace(
+        query_start_loc=cm.query_start_loc[num_decodes:] - num_decode_tokens,
+        query_start_loc_cpu=cm.query_start_loc_cpu[num_decodes:] - num_decode_tokens,
+        seq_lens=cm.seq_lens[num_decodes:],
+        num_reqs=cm.num_reqs - num_decodes,
+        num_actual_tokens=cm.num_actual_tokens - num_decode_tokens,
+        block_table_tensor=cm.block_table_tensor[num_decodes:],
+        slot_mapping=cm.slot_mapping[num_decode_tokens:],
+        positions=None if cm.positions is None else cm.positions[num_decode_tokens:],
+        is_prefilling=rows(cm.is_prefilling),
+        seq_lens_cpu_upper_bound=rows(cm.seq_lens_cpu_upper_bound),
+        _seq_lens_cpu=rows(cm._seq_lens_cpu),
+        _num_computed_tokens_cpu=rows(cm._num_computed_tokens_cpu),
+        _num_computed_tokens_cache=None,
+        _token_to_req_indices_cache=None,
+        logits_indices_padded=None,
+        num_logits_indices=None,
+        mm_req_doc_ranges=None,
+        rswa_prefix_lens=None,
+    )
 
 
 class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -95,6 +126,7 @@ class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)  # one-token queries first: they decode sparse
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
         self.sparse_config = self.asynctls.sparse_config(head_dim=self.headdim, is_mla=False)
         self.asynctls.check_cache_block_size(kv_cache_spec.block_size)
@@ -129,47 +161,46 @@ class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):
         cm = common_attn_metadata
-        if cm.max_query_len != 1:
-            self._count_mixed(cm)
+        if cm.max_query_len == 1:
+            if cm.num_actual_tokens != cm.num_reqs:
+                raise RuntimeError(
+                    f"asynctls: a decode-only batch must have one token per request; got "
+                    f"{cm.num_actual_tokens} tokens for {cm.num_reqs} requests"
+                )
+            self._count(cm, cm.num_reqs)
+            return self._decode_metadata(cm, cm.num_reqs)
+        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        self._count(cm, num_decodes)
+        if num_decodes == 0:
             return super().build(common_prefix_len, cm, fast_build)
-        if cm.num_actual_tokens != cm.num_reqs:
-            raise RuntimeError(
-                f"asynctls: a decode-only batch must have one token per request; got "
-                f"{cm.num_actual_tokens} tokens for {cm.num_reqs} requests"
-            )
-        self._count_decode(cm)
+        dense = super().build(0, _prefill_suffix(cm, num_decodes, num_decode_tokens), fast_build)
+        return AsyncTLSMixedMetadata(cm.num_actual_tokens, self._decode_metadata(cm, num_decodes), dense)
+
+    def _decode_metadata(self, cm: CommonAttentionMetadata, num_decodes: int) -> AsyncTLSDecodeMetadata:
         block_table = cm.block_table_tensor  # (B, W) int32, vLLM's persistent device buffer
         return AsyncTLSDecodeMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            num_reqs=cm.num_reqs,
-            block_table=block_table,
-            seq_lens=cm.seq_lens,
-            workspace=self._workspace(cm.num_reqs, block_table.shape[1]),
+            num_actual_tokens=num_decodes,
+            num_reqs=num_decodes,
+            block_table=block_table[:num_decodes],
+            seq_lens=cm.seq_lens[:num_decodes],
+            workspace=self._workspace(num_decodes, block_table.shape[1]),
         )
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         return False
 
     @staticmethod
-    def _count_decode(cm: CommonAttentionMetadata) -> None:
-        lens = cm.seq_lens_cpu_upper_bound  # host tensor (padded rows hold 0)
-        if lens is None:
-            return
-        lens = lens[: cm.num_reqs]
-        COUNTERS.record_step(prefill_tokens=0, dense_context_lens=[], sparse_context_lens=lens[lens > 0].tolist())
-
-    @staticmethod
-    def _count_mixed(cm: CommonAttentionMetadata) -> None:
+    def _count(cm: CommonAttentionMetadata, num_decodes: int) -> None:
+        """Counters from host tensors vLLM already has (no device read). Padded rows hold 0."""
         lens = cm.seq_lens_cpu_upper_bound
         if lens is None:
             return
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
-        qlens = qsl[1:] - qsl[:-1]
-        decode = (qlens == 1) & (lens[: cm.num_reqs] > 0)
+        decode_lens = lens[:num_decodes]
         COUNTERS.record_step(
-            prefill_tokens=int(qlens[qlens > 1].sum()),
-            dense_context_lens=lens[: cm.num_reqs][decode].tolist(),
-            sparse_context_lens=[],
+            prefill_tokens=int(qsl[-1] - qsl[num_decodes]),
+            dense_context_lens=[],
+            sparse_context_lens=decode_lens[decode_lens > 0].tolist(),
         )
 
 
@@ -180,7 +211,8 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
-        problems = _unsupported(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype)
+        problems = unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
+                                             kv_cache_dtype, kv_sharing_target_layer_name)
         if problems:
             raise NotImplementedError(
                 "--attention-backend asynctls does not support " + ", ".join(problems)
@@ -205,12 +237,20 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        if not isinstance(attn_metadata, AsyncTLSDecodeMetadata):
+        if isinstance(attn_metadata, AsyncTLSDecodeMetadata):
+            return self._sparse_decode(query, kv_cache, attn_metadata, output)
+        if not isinstance(attn_metadata, AsyncTLSMixedMetadata):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("asynctls: fused output quantization is not supported")
         md = attn_metadata
+        self._sparse_decode(query, kv_cache, md.decode, output)
+        n = md.decode.num_actual_tokens
+        super().forward(layer, query[n:], key[n:], value[n:], kv_cache, md.dense, output[n:],
+                        output_scale, output_block_scale)
+        return output
+
+    def _sparse_decode(self, query, kv_cache, md: AsyncTLSDecodeMetadata, output) -> torch.Tensor:
+        """Rows [0, md.num_reqs) of `output` from the sparse operator (one query token per request)."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # (nb, bs, Hkv, D)
         B = md.num_reqs
         out, _, _ = sparse_decode_triton(
@@ -247,6 +287,14 @@ class AsyncTLSFlashAttentionBackend(FlashAttentionBackend):
     def supports_mm_prefix(cls) -> bool:
         return False
 
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False  # the sparse operator's split count depends on the batch size
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # a connector would load blocks without writing their index
+
     @staticmethod
     def get_impl_cls() -> type[AsyncTLSFlashAttentionImpl]:
         return AsyncTLSFlashAttentionImpl
@@ -262,4 +310,6 @@ class AsyncTLSFlashAttentionBackend(FlashAttentionBackend):
             reasons.append("asynctls serves MLA models on the CPU platform only (no GPU MLA path in this version)")
         if kwargs.get("use_sparse"):
             reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
+        if kwargs.get("use_kv_connector"):
+            reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
         return reasons
