@@ -58,8 +58,9 @@ asked and available. The index covers the same host blocks and is allocated besi
 
 Not covered: MLA layers (the offload path is GQA/MHA only; MLA with offload raises at start-up),
 prefix-cache reuse for offloaded requests (see spec.py), speculative decoding,
-pipeline/tensor parallelism (one worker), the GPU backend (its impl would call the same runtime;
-`HotBlockCache.write_through` needs a scratch slot instead of its masked write to be graph-safe there).
+pipeline/tensor parallelism (one worker), the GPU backend. The runtime here is CPU-only: its write-through
+reads slots on the host and `attend` compares tensors with `torch.equal`, both host synchronisations, and
+`HotBlockCache.write_through` would need a scratch slot instead of its masked write to be graph-safe.
 """
 
 from __future__ import annotations
