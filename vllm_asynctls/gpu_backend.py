@@ -27,7 +27,8 @@ Design
   fused Triton index-write kernel (inside the decode graphs too); see `layer_index.py`.
 - Counters: request-level counts come from host integers the builder already has
   (`seq_lens_cpu_upper_bound`); the per-token read count of the CPU path is not kept on GPU, because
-  a captured graph cannot update host-side tallies.
+  a captured graph cannot update host-side tallies. vLLM's warm-up and capture steps are counted too:
+  call `reset_counters` (through `collective_rpc`) after start-up before measuring.
 
 Not supported (start-up errors naming the feature): MLA models on GPU (the CPU backend serves them),
 sliding-window layers, ALiBi, soft-capping, learned sinks, quantised KV caches, KV-sharing layers, KV
