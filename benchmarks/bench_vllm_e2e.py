@@ -45,6 +45,11 @@ MAX_SEQS = 16
 # ------------------------------------------------------------------------------------------------
 
 
+def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
+    """K and V bytes one token takes over all layers of a GQA model config."""
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * dtype_bytes
+
+
 def qwen3_8b_config_dir(root: Path, max_positions: int) -> Path:
     """config.json of Qwen3-8B's shapes (no weights: vLLM's dummy load format)."""
     folder = root / "qwen3-8b-shapes"
@@ -287,7 +292,8 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int]) -
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
     kv_bytes = None
     if dense is not None:
-        kv_bytes = dense["kv_tokens"] * 36 * 8 * 128 * 2 * 2  # the dense run's K/V bytes
+        config = json.loads((model / "config.json").read_text())
+        kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config)  # the dense run's K/V bytes
     for budget in budgets:
         knobs = {"token_budget": budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
                  "local_tokens": 64, "dense_threshold": 0}

@@ -118,12 +118,9 @@ class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     """FlashAttention metadata for batches with prefill tokens; `AsyncTLSDecodeMetadata` for decode-only
     batches (built from device tensors vLLM already holds: no host synchronisation)."""
 
+    # FLASH_ATTN's get_cudagraph_support returns this class attribute.
     _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     supports_update_block_table: bool = False
-
-    @classmethod
-    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
