@@ -29,9 +29,9 @@ from .sparse_attention import float32_dots, require_triton_device
 from .sparse_decode_reference import group_temperature
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
-BLOCK_SCORE_TILE = 64  # selection blocks per program (group of <= 32 q heads)
-BLOCK_SCORE_WARPS = 2
-BLOCK_SCORE_DK = 128  # key channels per step (< head dim: a pipelined loop over chunks)
+BLOCK_SCORE_TILE = 128  # selection blocks per program (group of <= 32 q heads)
+BLOCK_SCORE_WARPS = 4
+BLOCK_SCORE_DK = 64  # key channels per step (< head dim: a pipelined loop over chunks)
 BLOCK_SCORE_STAGES = 2
 TOPK_INTERP_PASSES = 24  # value-space (interpolation / midpoint) passes before integer bisection
 TOPK_WARPS_LARGE = 8  # warps for rows of more than 2048 entries (H100 sweep: 8 < 16 < 32 us)
@@ -72,6 +72,7 @@ def _block_score_kernel(
     BLOCK_DK: tl.constexpr,
     IEEE: tl.constexpr,
     LSE: tl.constexpr,  # group_score "lse" (else "max")
+    EVEN_DK: tl.constexpr,  # BLOCK_DK divides DK: no channel mask (vectorised loads)
 ):
     # bound[h, j] = sum_d max(q[h,d] * min[j,d], q[h,d] * max[j,d]) = q+[h] . max[j] + q-[h] . min[j]
     # score[j] = max_{h in group} bound[h, j]                                          ("max")
@@ -103,8 +104,12 @@ def _block_score_kernel(
     for d0 in range(0, DK, BLOCK_DK):
         offs_d = d0 + tl.arange(0, BLOCK_DK)
         d_mask = offs_d < DK
-        q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-        m_mask = candidate[:, None] & d_mask[None, :]
+        if EVEN_DK:
+            q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None], other=0.0)
+            m_mask = candidate[:, None]
+        else:
+            q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+            m_mask = candidate[:, None] & d_mask[None, :]
         mn = tl.load(bmin_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0.0)
         mx = tl.load(bmax_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0.0)
         q = q.to(tl.float32)  # q+ / q- are exact in the summary dtype (a sign mask of q)
@@ -345,7 +350,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
         block_table.stride(0),
         HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
         BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
-        IEEE=float32_dots(bmin.dtype), LSE=config.group_score == "lse",
+        IEEE=float32_dots(bmin.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % block_dk == 0,
         num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,
     )
     return out
