@@ -1,0 +1,71 @@
+"""Per-kernel GPU time of one AsyncTLS decode step (where the operator's time goes).
+
+Builds the benchmark's random paged case (Qwen3-8B shapes, bf16, block 64, 128 blocks), times the whole
+operator replayed from a CUDA graph, then runs it eagerly under torch.profiler (CUPTI) and prints each
+kernel's mean device time. The gap between the graph time and the kernel sum is launch and drain time
+between the six dependent kernels. For hardware counters on one kernel, run this script under Nsight
+Compute, e.g. `ncu -k regex:_token_score --launch-skip 2 --launch-count 1 --section SpeedOfLight python3 ...`.
+
+Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_sparse_decode import QWEN3_8B, graph_time_ms, paged_case
+from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
+
+
+def kernel_times_us(fn, iters: int = 20) -> dict[str, float]:
+    """Mean device time per launch of every kernel `fn` launches (eager, CUPTI)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "self_device_time_total", 0)
+        if total > 0 and event.count > 0:
+            times[f"{event.key} (x{event.count // iters})"] = total / event.count
+    return times
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=65536)
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
+    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=a.budget)
+    q, kc, vc, table, seq_lens, index = paged_case(a.batch, a.context, Hq, Hkv, D, D, config, seed=1)
+    ws = SparseDecodeWorkspace(a.batch, Hq, Hkv, D, D, table.shape[1], kc.shape[1], config, q.dtype, "cuda")
+    scale = 1.0 / math.sqrt(D)
+
+    def step():
+        return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
+
+    row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget,
+               graph_us=graph_time_ms(step) * 1e3, kernels_us=kernel_times_us(step))
+    print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}: whole step from a CUDA graph "
+          f"{row['graph_us']:.1f} us")
+    for name, us in row["kernels_us"].items():
+        print(f"  {name[:60]:60s} {us:7.2f} us per launch")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(row, f, indent=1)
+    return row
+
+
+if __name__ == "__main__":
+    main()
