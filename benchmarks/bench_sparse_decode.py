@@ -211,9 +211,13 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
     )
 
 
-def bench_gqa(B, L, budgets, bw, check):
+def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None):
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
-    base = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=2048)
+    base = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=2048)
+    if index_channels is not None:
+        base = base.with_(index_channels=index_channels)
+    if index_channel_metric is not None:
+        base = base.with_(index_channel_metric=index_channel_metric)
     q, kc, vc, table, seq_lens, index = paged_case(B, L, Hq, Hkv, D, D, base, seed=B * 7 + L)
     scale = 1.0 / math.sqrt(D)
     # Dense baseline on the same data laid out contiguously (B, H, L, D).
@@ -234,7 +238,8 @@ def bench_gqa(B, L, budgets, bw, check):
                                                              workspace=ws))
         nbytes = operator_bytes(B, L, Hkv, D, D, config)
         floor_ms = nbytes / bw * 1e3
-        rows.append(dict(kind="gqa", B=B, context=L, budget=budget, dense_ms=dense_ms, ours_ms=ours_ms,
+        rows.append(dict(kind="gqa", B=B, context=L, budget=budget, num_blocks=config.num_blocks,
+                         index_channels=config.index_channels, dense_ms=dense_ms, ours_ms=ours_ms,
                          speedup=dense_ms / ours_ms, bytes=nbytes, floor_ms=floor_ms,
                          over_floor=ours_ms / floor_ms, dense_ops_err_vs_sdpa=dense_err, **checked))
         print(f"  gqa B={B} L={L} budget={budget}: dense {dense_ms:.3f} ms, ours {ours_ms:.4f} ms, "
@@ -417,9 +422,9 @@ def main(argv=None):
     p.add_argument("--group-score", default=None, choices=("lse", "max"),
                    help="recall rows: how a GQA group combines its heads' scores (default: the config's)")
     p.add_argument("--index-channel-metric", default=None, choices=("mean_abs", "std"),
-                   help="recall rows: how the token index's channels are chosen (default: the config's)")
-    p.add_argument("--num-blocks", type=int, default=128, help="recall rows: blocks kept by the coarse level")
-    p.add_argument("--index-channels", type=int, default=None, help="recall rows: token index channels")
+                   help="GQA and recall rows: how the token index's channels are chosen (default: the config's)")
+    p.add_argument("--num-blocks", type=int, default=128, help="blocks kept by the coarse level (GQA and recall rows)")
+    p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
     p.add_argument("--breakdown", action="store_true", help="time each stage alone at B=1, 8 (16K, 64K, 128K) and exit")
     p.add_argument("--sweep", action="store_true", help="time stages over launch settings at B=8, 64K (with --breakdown)")
     p.add_argument("--tune", action="store_true",
@@ -474,7 +479,9 @@ def main(argv=None):
                 print(f"  skip B={B} L={L}: does not fit", flush=True)
                 continue
             # The reference check costs memory and time: run it at B <= 8 (the same kernels serve B = 32).
-            results["rows"] += bench_gqa(B, L, args.budgets, bw, check=not args.no_check and B <= 8)
+            results["rows"] += bench_gqa(B, L, args.budgets, bw, check=not args.no_check and B <= 8,
+                                         num_blocks=args.num_blocks, index_channels=args.index_channels,
+                                         index_channel_metric=args.index_channel_metric)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,
