@@ -197,8 +197,15 @@ def test_cpu_platform_honours_asynctls_and_only_asynctls(registered, caplog):
     assert CpuPlatform.get_attn_backend_cls(None, _selector()) == E.CPU_ATTN.get_path()
     assert CpuPlatform.get_attn_backend_cls(E.CPU_ATTN, _selector()) == E.CPU_ATTN.get_path()
     # Layers the sparse path does not cover keep dense attention, with a warning.
-    with caplog.at_level(logging.WARNING, logger="vllm_asynctls"):
-        path = CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(has_sliding_window=True))
+    # The plugin logs under vLLM's logger (its handler; it does not propagate to the root logger, where
+    # caplog listens), so caplog's handler goes on the plugin's logger itself.
+    plugin_logger = logging.getLogger("vllm.asynctls")
+    plugin_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.asynctls"):
+            path = CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(has_sliding_window=True))
+    finally:
+        plugin_logger.removeHandler(caplog.handler)
     assert path == E.CPU_ATTN.get_path()
     assert "sliding-window" in caplog.text
     assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(attn_type="encoder_only")) == E.CPU_ATTN.get_path()

@@ -41,7 +41,7 @@ MLA_BACKEND_PATH = "vllm_asynctls.backend.AsyncTLSMLABackend"
 GPU_BACKEND_PATH = "vllm_asynctls.gpu_backend.AsyncTLSFlashAttentionBackend"
 OUR_BACKEND_PATHS = (GQA_BACKEND_PATH, GPU_BACKEND_PATH)
 
-logger = logging.getLogger("vllm_asynctls")
+logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
 _PATCH_MARK = "_asynctls_patched"
 

@@ -65,7 +65,7 @@ from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
 
-logger = logging.getLogger("vllm_asynctls")
+logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
 
 def _asynctls_config(vllm_config: VllmConfig | None = None) -> AsyncTLSConfig:

@@ -21,7 +21,7 @@ import torch
 
 from asynctls_tip_kernels import sparse_decode_reference as ref
 
-logger = logging.getLogger("vllm_asynctls")
+logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
 
 def _capturing() -> bool:

@@ -87,7 +87,7 @@ from .spec import AsyncTLSOffloadManager, AsyncTLSOffloadSpec
 __all__ = ["AsyncTLSOffloadConnector", "AsyncTLSOffloadMetadata", "OffloadRuntime", "get_runtime",
            "CONNECTOR_NAME", "CONNECTOR_MODULE", "kv_transfer_config", "check_offload_config"]
 
-logger = logging.getLogger("vllm_asynctls")
+logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
 CONNECTOR_NAME = "AsyncTLSOffloadConnector"
 CONNECTOR_MODULE = "vllm_asynctls.offload.connector"
