@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# `vllm serve MODEL --attention-backend asynctls` on the GPU machine: the console command users run,
+# with the CUDA build of vLLM (the kit from ../shared/tools/vllm-gpu, installed and sourced first).
+# Builds the tiny Qwen3 of tests/tiny_models.py in bf16 (random weights), serves it with vLLM's defaults
+# (torch.compile, CUDA graphs), sends one completion over a prompt past dense_threshold and checks
+# that the plugin's backend served it. Logs under $OUT (default benchmarks/out).
+# Usage: source /tmp/vllm-env.sh && bash benchmarks/run_gpu_serve_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+MODEL=$(python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny_models as t; print(t.cached_model(t.QWEN3_GQA, '/tmp/tiny_models'))")
+KNOBS='{"asynctls": {"token_budget": 128, "num_blocks": 16, "selection_block_size": 16, "sink_tokens": 16, "local_tokens": 16, "dense_threshold": 256}}'
+# The `vllm` console script, or its module (the kit puts vLLM on PYTHONPATH, not on PATH).
+if command -v vllm > /dev/null; then VLLM=(vllm); else VLLM=(python3 -m vllm.entrypoints.cli.main); fi
+"${VLLM[@]}" serve "$MODEL" --attention-backend asynctls --dtype bfloat16 --max-model-len 2048 --port 8765 \
+  --gpu-memory-utilization 0.3 --additional-config "$KNOBS" > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 150); do
+  curl -sf localhost:8765/v1/models > /dev/null && break
+  kill -0 $SERVER 2>/dev/null || { tail -40 "$OUT/serve.log"; exit 1; }
+  sleep 2
+done
+python3 - "$MODEL" "$OUT" <<'PY'
+import json, sys, urllib.request
+model, out = sys.argv[1], sys.argv[2]
+prompt = " ".join(f"w{i % 50}" for i in range(400))
+body = json.dumps(dict(model=model, prompt=prompt, max_tokens=16, temperature=0.0, ignore_eos=True)).encode()
+req = urllib.request.Request("http://localhost:8765/v1/completions", data=body, headers={"Content-Type": "application/json"})
+completion = json.load(urllib.request.urlopen(req, timeout=300))
+log = open(f"{out}/serve.log").read()
+result = dict(usage=completion["usage"], finish_reason=completion["choices"][0]["finish_reason"],
+              sparse_decode_path="asynctls: decode workspace arena" in log,  # built by the GPU decode path
+              log_lines=[l for l in log.splitlines() if "asynctls" in l and "non-default" not in l][:8])
+json.dump(result, open(f"{out}/serve_check.json", "w"), indent=1)
+print(json.dumps(result, indent=1))
+assert completion["usage"]["completion_tokens"] == 16 and result["sparse_decode_path"]
+PY
