@@ -321,6 +321,15 @@ def test_index_is_counted_in_an_explicit_kv_cache_budget():
     reserve_index_memory(vllm_config, cfg, 64, False)  # a second config check must not shrink it again
     assert vllm_config.cache_config.kv_cache_memory_bytes == shrunk
 
-    auto = SimpleNamespace(cache_config=SimpleNamespace(kv_cache_memory_bytes=None), model_config=vllm_config.model_config)
-    reserve_index_memory(auto, cfg, 64, False)
+    auto = SimpleNamespace(cache_config=SimpleNamespace(kv_cache_memory_bytes=None, gpu_memory_utilization=0.9),
+                           model_config=vllm_config.model_config)
+    reserve_index_memory(auto, cfg, 64, False)  # CPU: vLLM sizes from free memory, nothing to change
+    assert auto.cache_config.kv_cache_memory_bytes is None and auto.cache_config.gpu_memory_utilization == 0.9
+    # GPU without an explicit budget: the utilization drops by the index's share, once, whatever the
+    # number of config checks (the engine core re-runs it on the config it received).
+    reserve_index_memory(auto, cfg, 64, False, on_cuda=True)
+    lowered = auto.cache_config.gpu_memory_utilization
+    assert lowered == pytest.approx(0.9 * (1 - 52 / 564))
+    reserve_index_memory(auto, cfg, 64, False, on_cuda=True)
+    assert auto.cache_config.gpu_memory_utilization == lowered
     assert auto.cache_config.kv_cache_memory_bytes is None

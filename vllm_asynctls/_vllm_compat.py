@@ -166,13 +166,6 @@ def check_cuda_engine(vllm_config, cfg, sparse) -> None:
         )
     if getattr(vllm_config.parallel_config, "enable_dbo", False):
         raise NotImplementedError("--attention-backend asynctls does not support dual-batch overlap (--enable-dbo)")
-    if not getattr(vllm_config.cache_config, "kv_cache_memory_bytes", None):
-        logger.warning(
-            "asynctls on GPU: the index (about %.1f%% of the KV cache) is allocated after vLLM sizes "
-            "the KV cache from gpu_memory_utilization, i.e. beyond it. Pass --kv-cache-memory-bytes "
-            "(vLLM logs the value that fits) and the plugin takes the index out of that budget",
-            100 * cfg.index_fraction(vllm_config.model_config.get_head_size(), False, 2),
-        )
     S = sparse.selection_block_size
     covers = sparse.num_blocks * S >= sparse.token_budget + 2 * S
     logger.info(
@@ -255,30 +248,55 @@ def validate_vllm_config(vllm_config) -> None:
 
             check_offload_config(vllm_config, cfg)  # the index is then sized by the host pool
         else:
-            reserve_index_memory(vllm_config, cfg, head_dim, is_mla)
+            reserve_index_memory(vllm_config, cfg, head_dim, is_mla, on_cuda=_on_cuda())
     logger.info("asynctls: %s", cfg)
 
 
-def reserve_index_memory(vllm_config, cfg, head_dim: int, is_mla: bool) -> None:
-    """Count the index in vLLM's KV-cache memory: shrink an explicit KV budget
-    (`VLLM_CPU_KVCACHE_SPACE` / `--kv-cache-memory-bytes`) by the index's share, so K/V plus the
-    index fit in what the user gave. vLLM sizes the cache before any layer runs, so this is the one
-    place to do it. Without an explicit budget vLLM sizes the cache from free memory and the index
-    (about 10% of K/V at the defaults) comes out of the remaining headroom."""
+def reserve_index_memory(vllm_config, cfg, head_dim: int, is_mla: bool, on_cuda: bool = False) -> None:
+    """Count the index in vLLM's KV-cache memory. vLLM sizes the cache before any layer runs, so this
+    is the one place to do it.
+
+    - An explicit KV budget (`VLLM_CPU_KVCACHE_SPACE` / `--kv-cache-memory-bytes`) shrinks by the
+      index's share, so K/V plus the index fit in what the user gave.
+    - On GPU without one, vLLM sizes the cache from `gpu_memory_utilization`; the plugin lowers that
+      fraction by the index's share (of the whole cap, an upper bound of the index, which only takes
+      its share of the K/V part), so K/V plus the index stay inside the user's cap.
+    - On CPU without one, vLLM sizes the cache from free memory and the index comes out of the
+      remaining headroom.
+    """
     import torch
 
     cache_config = vllm_config.cache_config
-    budget = getattr(cache_config, "kv_cache_memory_bytes", None)
-    if not budget or budget == getattr(cache_config, "_asynctls_kv_bytes", None):
-        return  # no explicit budget, or already shrunk (the config check can run more than once)
     dtype = vllm_config.model_config.dtype
     dtype_bytes = torch.tensor([], dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
     share = cfg.index_fraction(head_dim, is_mla, dtype_bytes)
+    budget = getattr(cache_config, "kv_cache_memory_bytes", None)
+    if not budget:
+        if on_cuda:
+            _fit_index_under_gpu_memory_utilization(cache_config, share)
+        return
+    if budget == getattr(cache_config, "_asynctls_kv_bytes", None):
+        return  # already shrunk (the config check runs in every process the config reaches)
     cache_config.kv_cache_memory_bytes = int(budget * (1.0 - share))
     cache_config._asynctls_kv_bytes = cache_config.kv_cache_memory_bytes
     logger.info(
         "asynctls: index takes %.1f%% of the KV-cache budget; K/V get %.2f of %.2f GiB",
         100 * share, cache_config.kv_cache_memory_bytes / 2**30, budget / 2**30,
+    )
+
+
+def _fit_index_under_gpu_memory_utilization(cache_config, share: float) -> None:
+    # The user's fraction is kept on the config (it travels with it to the engine core), so a second
+    # config check lowers it from the same value instead of compounding.
+    user = getattr(cache_config, "_asynctls_user_gpu_memory_utilization", None)
+    if user is None:
+        user = cache_config.gpu_memory_utilization
+        cache_config._asynctls_user_gpu_memory_utilization = user
+    cache_config.gpu_memory_utilization = user * (1.0 - share)
+    logger.info(
+        "asynctls on GPU: the index takes about %.1f%% of the KV-cache memory; gpu_memory_utilization "
+        "%.3f -> %.3f so K/V plus the index stay inside it (or pass --kv-cache-memory-bytes: the plugin "
+        "then takes the index out of that budget)", 100 * share, user, cache_config.gpu_memory_utilization,
     )
 
 
