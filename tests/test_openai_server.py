@@ -40,7 +40,9 @@ def test_openai_server_serves_a_long_prompt_through_asynctls(qwen3_gqa_path, tmp
 
     port = _free_port()
     log_path = tmp_path / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    # INFO: the checks below read the plugin's start-up lines, and importing trl (other tests do)
+    # sets VLLM_LOGGING_LEVEL=ERROR in this process's environment, which the server would inherit.
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="INFO")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", qwen3_gqa_path,
            "--attention-backend", "asynctls", "--dtype", "float32", "--max-model-len", "2048",
            "--host", "127.0.0.1", "--port", str(port), "--additional-config", json.dumps({"asynctls": KNOBS})]
