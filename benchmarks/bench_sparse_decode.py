@@ -168,7 +168,7 @@ def sweep(B=8, L=65536, budget=2048):
         rows.append(dict(kind="sweep", stage=name, B=B, context=L, us=us, **settings))
         print(f"  sweep {name} {settings}: {us:.1f} us", flush=True)
 
-    for tile, warps, dk, stages in ((64, 2, 128, 2), (64, 4, 64, 3), (64, 4, 32, 3), (64, 8, 64, 3),
+    for tile, warps, dk, stages in ((64, 2, 128, 2), (64, 4, 64, 3), (64, 4, 32, 3), (64, 8, 64, 3), (128, 4, 64, 2),
                                     (128, 4, 64, 3), (128, 8, 64, 3), (128, 8, 32, 4), (32, 4, 32, 3)):
         run("block_scores", block_select, dict(BLOCK_SCORE_TILE=tile, BLOCK_SCORE_WARPS=warps,
                                                BLOCK_SCORE_DK=dk, BLOCK_SCORE_STAGES=stages),
