@@ -344,7 +344,10 @@ def test_openai_server_with_asynctls_answers_completions_and_chat(qwen3_gqa_path
     # Requests mla_runs only to run after the in-process engines are gone.
     port = _free_port()
     counters_file = tmp_path / "counters.json"
-    env = dict(os.environ, VLLM_ASYNCTLS_COUNTERS_FILE=str(counters_file), VLLM_CPU_KVCACHE_SPACE="1")
+    # INFO: the start-up lines are checked below, and importing trl (other tests do) sets
+    # VLLM_LOGGING_LEVEL=ERROR in this process's environment, which the server would inherit.
+    env = dict(os.environ, VLLM_ASYNCTLS_COUNTERS_FILE=str(counters_file), VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_LOGGING_LEVEL="INFO")
     knobs = {"asynctls": {**GQA_KNOBS, "dense_threshold": 0}}
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", qwen3_gqa_path,
@@ -383,6 +386,11 @@ def test_openai_server_with_asynctls_answers_completions_and_chat(qwen3_gqa_path
         assert files, "no worker wrote asynctls counters"
         c = json.loads(Path(files[0]).read_text())
         assert c["decode_tokens_sparse"] >= 14 and c["decode_tokens_dense"] == 0
+        # The plugin logs under vLLM's logger, so its start-up lines reach the server's log: the
+        # worker's backend and the knobs as given.
+        server_log = (tmp_path / "server.log").read_text()
+        assert "asynctls: using vllm_asynctls.backend.AsyncTLSAttentionBackend" in server_log
+        assert f"token_budget={GQA_KNOBS['token_budget']}, num_blocks={GQA_KNOBS['num_blocks']}" in server_log
     finally:
         proc.terminate()
         try:
