@@ -45,6 +45,29 @@ logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler,
 
 _PATCH_MARK = "_asynctls_patched"
 
+
+class AsyncTLSBackendTraits:
+    """What the GQA backends (CPU and GPU) declare to vLLM's selector, whatever backend they extend:
+    the plugin's name, the KV-cache dtype it reads, and the layer kinds the sparse path covers (decoder
+    self-attention without a sliding window). Put it first among the bases."""
+
+    supported_kv_cache_dtypes = ["auto"]
+    forward_includes_kv_cache_update: bool = False
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        from vllm.v1.attention.backend import AttentionType
+
+        return attn_type == AttentionType.DECODER
+
 # vLLM 0.32's CPU MLA decode kernel (csrc/cpu/mla_decode.cpp, CPU_MLA's dense decode path) compiles for
 # kv_lora_rank + qk_rope_head_dim = 576 only (DeepSeek-V2/V3's 512 + 64).
 CPU_MLA_DENSE_DECODE_HEAD_SIZE = 576

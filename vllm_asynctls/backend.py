@@ -60,7 +60,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
-from vllm_asynctls._vllm_compat import BACKEND_NAME, check_cpu_mla_dense_threshold, unsupported_impl_features
+from vllm_asynctls._vllm_compat import (
+    BACKEND_NAME, AsyncTLSBackendTraits, check_cpu_mla_dense_threshold, unsupported_impl_features,
+)
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
@@ -422,23 +424,8 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
         return output
 
 
-class AsyncTLSAttentionBackend(CPUAttentionBackend):
+class AsyncTLSAttentionBackend(AsyncTLSBackendTraits, CPUAttentionBackend):
     """`--attention-backend asynctls` for GQA / MHA models on the CPU platform."""
-
-    forward_includes_kv_cache_update: bool = False
-    supported_kv_cache_dtypes = ["auto"]
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
 
     @classmethod
     def customize_spec(cls, spec):

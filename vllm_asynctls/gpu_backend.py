@@ -54,7 +54,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_asynctls._vllm_compat import BACKEND_NAME, unsupported_impl_features
+from vllm_asynctls._vllm_compat import AsyncTLSBackendTraits, unsupported_impl_features
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
@@ -259,27 +259,12 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
         return output
 
 
-class AsyncTLSFlashAttentionBackend(FlashAttentionBackend):
+class AsyncTLSFlashAttentionBackend(AsyncTLSBackendTraits, FlashAttentionBackend):
     """`--attention-backend asynctls` for GQA / MHA models on CUDA GPUs (vLLM's FLASH_ATTN underneath)."""
-
-    supported_kv_cache_dtypes = ["auto"]
-    forward_includes_kv_cache_update: bool = False
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
 
     @classmethod
     def supports_sink(cls) -> bool:
         return False
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
 
     @classmethod
     def supports_mm_prefix(cls) -> bool:
