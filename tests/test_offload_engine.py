@@ -23,9 +23,9 @@ from __future__ import annotations
 import gc
 import math
 import os
-import random
 
 import pytest
+from tiny_models import random_prompts
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
@@ -48,22 +48,6 @@ ENGINE_KW = dict(
     max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=1024, num_gpu_blocks_override=DEVICE_BLOCKS,
     gpu_memory_utilization=0.3, attention_backend="asynctls",
 )
-
-
-def _prompts(model_path: str, lengths, seed: int = 0) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    import tiny_models
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    rng = random.Random(seed)
-    out = []
-    for n in lengths:
-        ids: list[int] = []
-        while len(ids) < n:
-            ids += tok(" ".join(rng.choice(tiny_models._WORDS) for _ in range(200))).input_ids
-        out.append(ids[:n])
-    return out
 
 
 def _generate(llm, prompts):
@@ -103,7 +87,7 @@ def _serve(model_path, long_prompts, short_prompt, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def prompts(qwen3_gqa_path):
-    *long, short = _prompts(qwen3_gqa_path, (*LONG_LENGTHS, SHORT_LENGTH))
+    *long, short = random_prompts(qwen3_gqa_path, (*LONG_LENGTHS, SHORT_LENGTH))
     return long, short
 
 

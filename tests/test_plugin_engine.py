@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny_models import random_prompts
 
 # Counters are read from the worker with `llm.collective_rpc(read_counters)`; vLLM only ships a
 # callable to its workers when this is set (it falls back to cloudpickle).
@@ -68,23 +68,6 @@ MLA_KNOBS = dict(
 )
 MLA_ATTENDED_MAX = 16 + 16 + 1536
 ATTENDED_MAX = 16 + 16 + 512
-
-
-def _prompts(model_path: str, lengths, seed: int = 0) -> list[list[int]]:
-    """Token-id prompts of exactly `lengths` tokens of random text from the tiny tokenizer."""
-    from transformers import AutoTokenizer
-
-    import tiny_models
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    rng = random.Random(seed)
-    out = []
-    for n in lengths:
-        ids: list[int] = []
-        while len(ids) < n:
-            ids += tok(" ".join(rng.choice(tiny_models._WORDS) for _ in range(200))).input_ids
-        out.append(ids[:n])
-    return out
 
 
 def _generate(llm, prompts, max_tokens=MAX_TOKENS) -> list[list[int]]:
@@ -127,7 +110,7 @@ def _shutdown(llm) -> None:
 
 @pytest.fixture(scope="module")
 def gqa_prompts(qwen3_gqa_path):
-    return _prompts(qwen3_gqa_path, (*SHORT_LENGTHS, LONG_LENGTH))
+    return random_prompts(qwen3_gqa_path, (*SHORT_LENGTHS, LONG_LENGTH))
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +230,7 @@ def test_mla_dense_threshold_needs_the_cpu_mla_kernel_width():
 
 @pytest.fixture(scope="module")
 def mla_prompts(deepseek_mla_path):
-    return _prompts(deepseek_mla_path, (*MLA_SHORT_LENGTHS, LONG_LENGTH), seed=1)
+    return random_prompts(deepseek_mla_path, (*MLA_SHORT_LENGTHS, LONG_LENGTH), seed=1)
 
 
 def _generate_one_by_one(llm, prompts) -> list[list[int]]:

@@ -216,3 +216,18 @@ def cached_model(spec: TinyModelSpec, cache_root: str | os.PathLike | None = Non
         except OSError:  # another process built it first
             pass
     return folder
+
+
+def random_prompts(model_path: str | os.PathLike, lengths, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of exactly `lengths` tokens of random text from a tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += tok(" ".join(rng.choice(_WORDS) for _ in range(200))).input_ids
+        out.append(ids[:n])
+    return out
