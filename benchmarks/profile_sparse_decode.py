@@ -1,9 +1,11 @@
 """Per-kernel GPU time of one AsyncTLS decode step (where the operator's time goes).
 
 Builds the benchmark's random paged case (Qwen3-8B shapes, bf16, block 64, 128 blocks), times the whole
-operator replayed from a CUDA graph, then runs it eagerly under torch.profiler (CUPTI) and prints each
-kernel's mean device time. The gap between the graph time and the kernel sum is launch and drain time
-between the six dependent kernels. For hardware counters on one kernel, run this script under Nsight
+operator replayed from a CUDA graph, with and without programmatic dependent launch (PDL: each kernel
+starts while the previous one drains) in the same run, then runs it eagerly without PDL under
+torch.profiler (CUPTI) and prints each kernel's mean device time (with PDL a kernel's time would include
+its wait for the previous one). The gap between the graph time without PDL and the kernel sum is launch
+and drain time between the six dependent kernels. For hardware counters on one kernel, run this script under Nsight
 Compute, e.g. `ncu -k regex:_token_score --launch-skip 2 --launch-count 1 --section SpeedOfLight python3 ...`.
 
 Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--out FILE]
@@ -19,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_sparse_decode import QWEN3_8B, graph_time_ms, paged_case
+from asynctls_tip_kernels import sparse_attention
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
 
@@ -55,10 +58,20 @@ def main(argv=None) -> dict:
     def step():
         return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
 
-    row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget,
-               graph_us=graph_time_ms(step) * 1e3, kernels_us=kernel_times_us(step))
+    has_pdl = hasattr(sparse_attention, "pdl_enabled")  # absent in kernels older than 2026-11-25 evening
+    row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget)
+    if has_pdl:
+        row["pdl_supported"] = sparse_attention.pdl_enabled(q)
+        sparse_attention.USE_PDL = row["pdl_supported"]
+        row["graph_us"] = graph_time_ms(step) * 1e3
+        sparse_attention.USE_PDL = False
+    row["graph_us_no_pdl"] = graph_time_ms(step) * 1e3
+    row["kernels_us"] = kernel_times_us(step)
+    if has_pdl:
+        sparse_attention.USE_PDL = None
     print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}: whole step from a CUDA graph "
-          f"{row['graph_us']:.1f} us")
+          f"{row.get('graph_us', float('nan')):.1f} us with PDL (supported: {row.get('pdl_supported')}), "
+          f"{row['graph_us_no_pdl']:.1f} us without")
     for name, us in row["kernels_us"].items():
         print(f"  {name[:60]:60s} {us:7.2f} us per launch")
     if a.out:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import float32_dots, require_triton_device
+from .sparse_attention import _pdl_wait, float32_dots, pdl_launch, require_triton_device
 from .sparse_decode_reference import group_temperature
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
@@ -34,6 +34,7 @@ BLOCK_SCORE_WARPS = 4
 BLOCK_SCORE_DK = 64  # key channels per step (< head dim: a pipelined loop over chunks)
 BLOCK_SCORE_STAGES = 2
 TOPK_INTERP_PASSES = 24  # value-space (interpolation / midpoint) passes before integer bisection
+TOPK_WARPS_SMALL = 4  # warps for rows of up to 2048 entries
 TOPK_WARPS_LARGE = 8  # warps for rows of more than 2048 entries (H100 sweep: 8 < 16 < 32 us)
 
 
@@ -73,12 +74,15 @@ def _block_score_kernel(
     IEEE: tl.constexpr,
     LSE: tl.constexpr,  # group_score "lse" (else "max")
     EVEN_DK: tl.constexpr,  # BLOCK_DK divides DK: no channel mask (vectorised loads)
+    PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
 ):
     # bound[h, j] = sum_d max(q[h,d] * min[j,d], q[h,d] * max[j,d]) = q+[h] . max[j] + q-[h] . min[j]
     # score[j] = max_{h in group} bound[h, j]                                          ("max")
     #          = m + log(sum_{h in group} exp(TEMP (bound[h, j] - m))) / TEMP, m the max  ("lse");
     # -inf unless block j (tokens [j*SBS, (j+1)*SBS)) holds a
     # candidate position, i.e. one in [SINK, L - LOCAL).
+    if PDL:
+        _pdl_wait()
     pid_bg = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = pid_bg // HKV
@@ -146,6 +150,20 @@ def _count_min_max(c0, a0, b0, c1, a1, b1):
 
 
 @triton.jit
+def _count_min_max_sums(c0, a0, b0, s0, q0, c1, a1, b1, s1, q1):
+    return c0 + c1, tl.minimum(a0, a1), tl.maximum(b0, b1), s0 + s1, q0 + q1
+
+
+@triton.jit
+def _upper_normal_quantile(p):
+    # z with P(Z > z) = p for a standard normal Z, p in (0, 1) (Abramowitz & Stegun 26.2.23, |error| < 4.5e-4).
+    q = tl.minimum(p, 1.0 - p)
+    t = tl.sqrt(-2.0 * tl.log(q))
+    z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
+    return tl.where(p < 0.5, z, -z)
+
+
+@triton.jit
 def _topk_rows_kernel(
     scores_ptr,  # float32, (R, N) contiguous; -inf = not a candidate
     out_ptr,  # int32, (R, OUT_WIDTH) contiguous: [sinks, local window,] chosen indices ascending, -1 padding
@@ -161,19 +179,28 @@ def _topk_rows_kernel(
     HKV: tl.constexpr,  # rows per sequence (for seq_lens)
     BLOCK_P: tl.constexpr,  # next power of two >= max(SINK, LOCAL)
     INTERP_PASSES: tl.constexpr,  # value-space passes before plain integer bisection takes over
+    PDL: tl.constexpr,  # programmatic dependent launch (sm90+): wait for the previous kernel here
 ):
     # key(x) = bits(x) ^ (sign(x) ? 0x7FFFFFFF : 0) orders float32 like the floats themselves.
     # T = the K-th largest valid key, found by a bracketing search on keys, one reduction per pass
     # (count of keys >= threshold, nearest key on each side of it). Invariant: lo and hi - 1 are keys
-    # of the row and count(key >= lo) >= K > count(key >= hi). Each pass tries the threshold that
-    # linear interpolation of the count between lo and hi (in value space) puts at K, strictly inside
-    # the bracket, then snaps the moved end to the nearest key: on smooth score rows this ends in 3-6
-    # passes (simulated: 5 on 8192 Gaussian scores, 3 on 1024 block bounds; the fixed 32-pass
-    # bisection this replaces cost ~26 us on the H100 at B=8, almost all serial reductions). After
-    # INTERP_PASSES, or when the float threshold is not strictly inside, integer bisection (<= 32 more
-    # passes) guarantees the exact K-th key. It stops early when a threshold counts exactly K (keeping
-    # key >= threshold is then the exact top-K). Keep every key > T, then the lowest-index ties
+    # of the row and count(key >= lo) >= K > count(key >= hi). Any threshold strictly inside the
+    # bracket keeps the invariant, so the guesses below only decide how fast it ends, never the result:
+    # - pass 0: the normal model of the row, mean + z sd with P(Z > z) = K / n_valid (mean and sd come
+    #   with the first reduction);
+    # - while one end is still the row's extreme: a Newton step on the model's density at the last
+    #   threshold, (count - K) / density;
+    # - then linear interpolation of the count between the ends, in value space.
+    # The moved end snaps to the nearest key. A guess that falls outside the bracket becomes the
+    # interpolation guess; after INTERP_PASSES, or when that is not strictly inside either, integer
+    # bisection (<= 32 more passes) guarantees the exact K-th key. It stops early when a threshold
+    # counts exactly K (keeping key >= threshold is then the exact top-K). Simulated passes (8 rows
+    # each), this search vs interpolation from the extremes alone: benchmark block bounds 2-5 vs 6-9,
+    # token scores 3-6 vs 5-8; heavy tails at K = 128 of 8192: Gumbel 4-8 vs 22-37, log-normal
+    # 10-16 vs 34-38, Student-t(3) 5-10 vs 14-22. Keep every key > T, then the lowest-index ties
     # key == T until K are kept. Fewer than K valid entries: keep them all.
+    if PDL:
+        _pdl_wait()
     OUT_WIDTH: tl.constexpr = SINK + LOCAL + K
     row = tl.program_id(0).to(tl.int64)
     out_row = out_ptr + row * OUT_WIDTH
@@ -194,21 +221,35 @@ def _topk_rows_kernel(
     # Invalid entries get INT32_MIN, below every threshold tried (thresholds > lo >= min valid key >
     # INT32_MIN: the most negative finite float maps to 0x80800000), so the counts need no mask.
     key32 = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    xv = tl.where(valid, x, 0.0)
+    n_valid, lo32, hi32, x_sum, x_sq = tl.reduce(
+        (valid.to(tl.int32), tl.where(valid, key32, 2147483647), key32, xv, xv * xv), 0, _count_min_max_sums)
 
-    lo = tl.min(tl.where(valid, key32, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(key32, axis=0).to(tl.int64) + 1
+    lo = lo32.to(tl.int64)
+    hi = hi32.to(tl.int64) + 1
     cnt_lo = n_valid
     cnt_hi = n_valid * 0
     it = n_valid * 0
     searching = n_valid > K
+    # The row's normal model (only a guess: see above).
+    n_f = tl.maximum(n_valid, 1).to(tl.float32)
+    mean = x_sum / n_f
+    sd = tl.sqrt(tl.maximum(x_sq / n_f - mean * mean, 0.0))
+    z = _upper_normal_quantile(tl.minimum(tl.maximum(K / n_f, 1e-6), 1.0 - 1e-6))
+    density = n_f * tl.exp(-0.5 * z * z) * 0.3989422804014327 / tl.maximum(sd, 1e-30)
+    last = mean + z * sd  # the threshold tried last (pass 0: the model's guess)
+    cnt = n_valid * 0 + K  # count at `last` (pass 0: no Newton step)
+    lo_moved = n_valid < 0
+    hi_moved = n_valid < 0
     while searching:
         # lo and hi - 1 are always keys of the row (snapped), so both convert to finite floats.
         lo_f = _key_to_float(lo)
         hi_f = _key_to_float(hi - 1)
         frac = (cnt_lo - K).to(tl.float32) / (cnt_lo - cnt_hi).to(tl.float32)
         frac = tl.minimum(tl.maximum(frac, 1.0 / 64), 63.0 / 64)
-        mid = _float_to_key(lo_f + (hi_f - lo_f) * frac)
+        lin = _float_to_key(lo_f + (hi_f - lo_f) * frac)
+        guess = tl.where(lo_moved & hi_moved, lin, _float_to_key(last + (cnt - K).to(tl.float32) / density))
+        mid = tl.where((guess <= lo) | (guess >= hi), lin, guess)
         use_int = (it >= INTERP_PASSES) | (mid <= lo) | (mid >= hi)
         mid = tl.where(use_int, (lo + hi) >> 1, mid)
         mid32 = mid.to(tl.int32)
@@ -217,11 +258,14 @@ def _topk_rows_kernel(
             (ge.to(tl.int32), tl.where(ge, key32, 2147483647), tl.where(ge, -2147483648, key32)), 0,
             _count_min_max)
         take = cnt >= K
+        last = _key_to_float(mid)
         # Snap to the nearest keys on each side: no key lies in [mid, above_min) or (below_max, mid).
         lo = tl.where(take, above_min.to(tl.int64), lo)
         cnt_lo = tl.where(take, cnt, cnt_lo)
         hi = tl.where(take, hi, below_max.to(tl.int64) + 1)
         cnt_hi = tl.where(take, cnt_hi, cnt)
+        lo_moved = lo_moved | take
+        hi_moved = hi_moved | (~take)
         it += 1
         searching = (hi - lo > 1) & (cnt_lo != K)
     lo = tl.where(n_valid <= K, -2147483649, lo)  # keep every valid entry
@@ -288,8 +332,8 @@ def topk_rows(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
         K=k, BLOCK_N=block_n, MAP_BLOCKS=block_map is not None, SBS=map_block_size,
         SINK=sink_tokens, LOCAL=local_tokens, HKV=rows_per_seq,
         BLOCK_P=max(16, triton.next_power_of_2(max(sink_tokens, local_tokens, 1))),
-        INTERP_PASSES=TOPK_INTERP_PASSES,
-        num_warps=4 if block_n <= 2048 else TOPK_WARPS_LARGE,
+        INTERP_PASSES=TOPK_INTERP_PASSES, **pdl_launch(scores),
+        num_warps=TOPK_WARPS_SMALL if block_n <= 2048 else TOPK_WARPS_LARGE,
     )
     return out
 
@@ -351,6 +395,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
         HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
         BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
         IEEE=float32_dots(bmin.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % block_dk == 0,
+        **pdl_launch(query),
         num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,
     )
     return out

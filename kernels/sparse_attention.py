@@ -47,6 +47,45 @@ def float32_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Programmatic dependent launch (sm90+): each decode kernel is launched so that it may start while
+# the kernel before it drains, and waits (`gdc_wait`) before it reads anything. None = on where
+# supported; False / True force it (benchmarks compare both). ASYNCTLS_PDL=0 turns it off.
+USE_PDL: bool | None = None
+_pdl_support: dict = {}
+
+
+def pdl_enabled(tensor: torch.Tensor) -> bool:
+    """Whether kernels on `tensor`'s device launch with programmatic dependent launch: CUDA capability
+    9.0 or newer, a Triton with grid dependency control, not the interpreter, not ASYNCTLS_PDL=0."""
+    if USE_PDL is not None:
+        return USE_PDL
+    if not tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ASYNCTLS_PDL") == "0":
+        return False
+    device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    if device not in _pdl_support:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+            from triton.language.extra import cuda as tl_cuda
+            has_api = hasattr(tl_cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+        except ImportError:
+            has_api = False
+        _pdl_support[device] = has_api and torch.cuda.get_device_capability(device)[0] >= 9
+    return _pdl_support[device]
+
+
+def pdl_launch(tensor: torch.Tensor) -> dict:
+    """Launch keyword arguments and the kernels' `PDL` constexpr for `tensor`'s device."""
+    on = pdl_enabled(tensor)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def _pdl_wait():
+    # Wait for the previous kernel's writes, then let the next kernel launch as this one drains.
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.jit
 def _sparse_attn_split_kernel(
     q_ptr,  # query dtype (bf16/fp16/fp32), (B, Hq, DK), any strides
@@ -77,11 +116,14 @@ def _sparse_attn_split_kernel(
     SPLIT_LEN: tl.constexpr,  # positions per split (multiple of BLOCK_N)
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,  # float32 cache: exact float32 dots
+    PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
 ):
     # For q head h of kv group g and positions p_1..p_n of this split:
     #   s_i = scale * q_h . K[p_i]        (K[p] = key_cache[block_table[b, p // CBS], p % CBS, g])
     #   m = max_i s_i,  l = sum_i exp(s_i - m),  acc = sum_i exp(s_i - m) V[p_i]
     # (kept in base 2: s is pre-multiplied by log2(e)). The merge kernel combines the splits.
+    if PDL:
+        _pdl_wait()
     pid_bg = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -154,9 +196,12 @@ def _sparse_attn_merge_kernel(
     BLOCK_DV: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s; a head that saw no
     # valid position (every m_s = -inf) gets zeros instead of 0/0.
+    if PDL:
+        _pdl_wait()
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
@@ -263,6 +308,7 @@ def sparse_attention_triton(
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
     grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])
+    pdl = pdl_launch(query)
     _sparse_attn_split_kernel[grid](
         query, key_cache, value_cache, block_table, positions,
         workspace.m, workspace.l, workspace.acc,
@@ -275,14 +321,14 @@ def sparse_attention_triton(
         HQ=Hq, HKV=Hkv, GROUP=Hq // Hkv, DK=Dk, DV=Dv, CBS=key_cache.shape[1],
         BLOCK_H=plan["BLOCK_H"], BLOCK_N=plan["BLOCK_N"], BLOCK_DK=plan["BLOCK_DK"], BLOCK_DV=plan["BLOCK_DV"],
         SPLIT_LEN=plan["SPLIT_LEN"], NUM_SPLITS=plan["NUM_SPLITS"],
-        IEEE=float32_dots(key_cache.dtype),
+        IEEE=float32_dots(key_cache.dtype), **pdl,
         num_warps=plan["num_warps"], num_stages=ATTN_NUM_STAGES,
     )
     _sparse_attn_merge_kernel[(B * Hq,)](
         workspace.m, workspace.l, workspace.acc, out,
         out.stride(0), out.stride(1), out.stride(2),
         HQ=Hq, DV=Dv, BLOCK_DV=plan["BLOCK_DV"], NUM_SPLITS=plan["NUM_SPLITS"],
-        BLOCK_S=triton.next_power_of_2(plan["NUM_SPLITS"]),
+        BLOCK_S=triton.next_power_of_2(plan["NUM_SPLITS"]), **pdl,
         num_warps=4,
     )
     return out

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .block_select import _combine_heads, topk_rows
 from .sparse_decode_reference import group_temperature
-from .sparse_attention import float32_dots, require_triton_device
+from .sparse_attention import _pdl_wait, float32_dots, pdl_launch, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
@@ -63,12 +63,15 @@ def _token_score_kernel(
     BLOCK_DK: tl.constexpr,  # BITS 16: key chunk
     IEEE: tl.constexpr,
     LSE: tl.constexpr,  # group_score "lse" (else "max")
+    PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
 ):
     # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
     # p < L, SINK <= p < L - LOCAL);
     # s[h, c] = scale_p * sum_i q[h, ch[i]] * (stored_i(p) - qmax - 1)   (4/8 bits)
     #         = q[h] . K[p]                                               (16 bits)
     # score[c] = max_{h in group} s[h, c] ("max"), or m + log(sum_h exp(TEMP (s[h, c] - m))) / TEMP ("lse")
+    if PDL:
+        _pdl_wait()
     pid_bg = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = pid_bg // HKV
@@ -191,6 +194,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c,
         BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
         IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
+        **pdl_launch(query),
         num_warps=TOKEN_SCORE_WARPS if block_h <= 32 else 8,
     )
     return out
