@@ -268,13 +268,16 @@ def _topk_rows_kernel(
         hi_moved = hi_moved | (~take)
         it += 1
         searching = (hi - lo > 1) & (cnt_lo != K)
-    lo = tl.where(n_valid <= K, -2147483649, lo)  # keep every valid entry
-    key = key32.to(tl.int64)
-    above = valid & (key > lo)
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    tie = valid & (key == lo)
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based among ties
-    keep = above | (tie & (tie_rank <= K - n_above))
+    # T as an int32 key; INT32_MIN (below every valid key) keeps every valid entry when there are <= K.
+    t32 = tl.where(n_valid <= K, -2147483648, lo).to(tl.int32)
+    if (cnt_lo == K) | (n_valid <= K):
+        keep = valid & (key32 >= t32)  # exactly K (or all): no tie to break, no second scan
+    else:
+        above = valid & (key32 > t32)
+        n_above = tl.sum(above.to(tl.int32), axis=0)
+        tie = valid & (key32 == t32)
+        tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based among ties
+        keep = above | (tie & (tie_rank <= K - n_above))
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     if MAP_BLOCKS:
         blk = tl.load(map_ptr + row * (N // SBS) + offs // SBS, mask=keep, other=0)

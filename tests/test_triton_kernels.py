@@ -7,9 +7,9 @@ benchmark's shapes scaled down. Selections are compared as sets of reference sco
 swap two ids whose scores differ by float32 rounding; any other difference fails), outputs with a
 per-dtype tolerance.
 
-GPU only (`@pytest.mark.gpu`), skipped without CUDA. For a CPU check of the kernels' logic, run
-`TRITON_INTERPRET=1 ASYNCTLS_TEST_INTERPRET=1 pytest tests/test_triton_kernels.py -m gpu -k small`
-(minutes: the interpreter is slow).
+Compiled on a CUDA device (`@pytest.mark.gpu`). Without CUDA, `tests/test_triton_kernels_interpreted.py`
+runs this file under Triton's interpreter in a child process (what CI does, about 90 s), or by hand:
+`TRITON_INTERPRET=1 ASYNCTLS_TEST_INTERPRET=1 pytest tests/test_triton_kernels.py`.
 """
 
 from __future__ import annotations
