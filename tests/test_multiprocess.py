@@ -25,7 +25,6 @@ rank). On the tiny GQA model (2 kv heads, so 1 kv head per rank) asynctls at TP=
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from vllm_engines import shutdown_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "benchmarks" / "tip_multiprocess_check.py"
@@ -296,12 +297,7 @@ def _tp_engine_run(model_path: str, tp: int, prompts) -> tuple[list[list[int]], 
         )
         return [list(o.outputs[0].token_ids) for o in outputs], llm.collective_rpc(read_counters)
     finally:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # best effort: the engine processes go away with the object anyway
-            pass
-        del llm
-        gc.collect()
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,12 @@ What is shown:
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 
 import pytest
 from tiny_models import random_prompts
+from vllm_engines import shutdown_engine
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
@@ -77,12 +77,7 @@ def _serve(model_path, long_prompts, short_prompt, **kw) -> dict:
         (short_counters,) = llm.collective_rpc(read_counters)
         return {"long": (long_out, long_counters), "short": (short_out, short_counters)}
     finally:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # best effort: the engine process goes away with the object anyway
-            pass
-        del llm
-        gc.collect()
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ What is shown:
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import socket
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import pytest
 from tiny_models import random_prompts
+from vllm_engines import shutdown_engine
 
 # Counters are read from the worker with `llm.collective_rpc(read_counters)`; vLLM only ships a
 # callable to its workers when this is set (it falls back to cloudpickle).
@@ -94,15 +94,6 @@ def _reset_counters(llm) -> None:
     llm.collective_rpc(reset_counters)
 
 
-def _shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # best effort: the engine process goes away with the object anyway
-        pass
-    del llm
-    gc.collect()
-
-
 # ----------------------------------------------------------------------------------------------
 # GQA
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +113,7 @@ def gqa_default_tokens(qwen3_gqa_path, gqa_prompts):
     try:
         return _generate(llm, gqa_prompts)
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +143,7 @@ def gqa_runs(qwen3_gqa_path, gqa_prompts, gqa_default_tokens):
         runs["alone"] = (_generate(llm, gqa_prompts[-1:], max_tokens=8), _counters(llm))
         return runs
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
 
 
 def test_gqa_budget_covering_context_equals_default_backend(gqa_runs, gqa_default_tokens):
@@ -252,7 +243,7 @@ def mla_default_tokens(deepseek_mla_path, mla_prompts, gqa_runs):
     try:
         return _generate_one_by_one(llm, mla_prompts[: len(MLA_SHORT_LENGTHS)])
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +266,7 @@ def mla_runs(deepseek_mla_path, mla_prompts, mla_default_tokens):
         runs["alone"] = (_generate(llm, mla_prompts[-1:], max_tokens=8), _counters(llm))
         return runs
     finally:
-        _shutdown(llm)
+        shutdown_engine(llm)
 
 
 def test_mla_budget_covering_context_equals_default_backend(mla_runs, mla_default_tokens):
