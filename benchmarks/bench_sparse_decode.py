@@ -98,7 +98,7 @@ def operator_bytes(B, L, Hkv, Dk, Dv, config, elem=2) -> int:
     """Bytes the operator must read: summaries of the sequence's blocks, index of the kept tokens,
     K and V of the attended rows (query, output, tables and scores are negligible and not counted)."""
     S = config.selection_block_size
-    summaries = math.ceil(L / S) * 2 * Dk * elem
+    summaries = math.ceil(L / S) * (2 * Dk + 4)  # int8 min / max codes and one float32 scale per block
     if config.index_bits == 16:
         index = config.num_blocks * S * Dk * elem
     else:
@@ -263,7 +263,7 @@ def bench_mla(B, L, H, bw, check):
                                                          workspace=ws))
     # MLA reads each attended latent row once (value = its first Dv channels): count Dk only.
     S = config.selection_block_size
-    nbytes = B * (math.ceil(L / S) * 2 * Dk * 2 + config.num_blocks * S * (config.index_channels // 2 + 4)
+    nbytes = B * (math.ceil(L / S) * (2 * Dk + 4) + config.num_blocks * S * (config.index_channels // 2 + 4)
                   + config.attended_tokens * Dk * 2)
     floor_ms = nbytes / bw * 1e3
     del q, kc, vc, index, latent

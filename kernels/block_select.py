@@ -4,9 +4,13 @@ Design
 - `_block_score_kernel`: one program per (sequence, kv head, tile of BLOCK_J selection blocks). The
   Quest bound `sum_d max(q_d min_d, q_d max_d)` equals `q+ . max + q- . min`, two small matrix
   products (the group's q heads x the tile's summaries), so the summaries are read once per kv head and
-  the group's heads share them; the group score combines its heads by `config.group_score` ("lse":
-  `max + log(sum_h exp(t (s_h - max))) / t` with t the softmax scale; "max"). Blocks past the sequence,
-  or wholly inside the sink region or the local window, score -inf (they are attended anyway).
+  the group's heads share them. Summaries are int8 codes with one float32 scale per (selection block,
+  kv head) (`SparseIndex`): the products run on the codes, converted to the query dtype (exact in
+  bf16 / fp16 for |c| <= 127; float32 queries take the IEEE float32 path), and each block's bound is
+  multiplied by its scale at the end (min and max share it): half the bytes of bf16 summaries. The
+  group score combines its heads by `config.group_score` ("lse": `max + log(sum_h exp(t (s_h -
+  max))) / t` with t the softmax scale; "max"). Blocks past the sequence, or wholly inside the sink
+  region or the local window, score -inf (they are attended anyway).
 - `topk_rows`: one program per row finds the k-th largest score on the order-preserving integer image
   of the float32 scores (held in registers) by a bracketing search, one counting reduction per pass:
   interpolation on the count between the bracket's ends (a handful of passes on real score rows),
@@ -51,8 +55,9 @@ def _combine_heads(s, TEMP, LSE: tl.constexpr):
 @triton.jit
 def _block_score_kernel(
     q_ptr,  # query dtype, (B, Hq, DK), any strides
-    bmin_ptr,  # key dtype, (num_cache_blocks, CBS // SBS, Hkv, DK), any strides
-    bmax_ptr,  # key dtype, same shape and strides as bmin
+    bmin_ptr,  # int8, (num_cache_blocks, CBS // SBS, Hkv, DK), any strides: codes of the min
+    bmax_ptr,  # int8, same shape and strides as bmin: codes of the max
+    bscale_ptr,  # float32, (num_cache_blocks, CBS // SBS, Hkv), any strides: one scale per summary row
     bt_ptr,  # int32, (B, max_blocks_per_seq)
     seq_lens_ptr,  # int32, (B,)
     scores_ptr,  # float32, (B, Hkv, N_SEL) contiguous: group bound per selection block, -inf = not a candidate
@@ -62,6 +67,7 @@ def _block_score_kernel(
     TEMP,  # float: the "lse" temperature (softmax scale), > 0; unused with LSE = False
     stride_qb, stride_qh, stride_qd,
     stride_mb, stride_ms, stride_mh, stride_md,
+    stride_sb, stride_ss, stride_sh,
     stride_btb,
     HKV: tl.constexpr,
     GROUP: tl.constexpr,
@@ -77,6 +83,7 @@ def _block_score_kernel(
     PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
 ):
     # bound[h, j] = sum_d max(q[h,d] * min[j,d], q[h,d] * max[j,d]) = q+[h] . max[j] + q-[h] . min[j]
+    #             = scale[j] * (q+[h] . cmax[j] + q-[h] . cmin[j])   (min = cmin * scale, cmin int8 codes)
     # score[j] = max_{h in group} bound[h, j]                                          ("max")
     #          = m + log(sum_{h in group} exp(TEMP (bound[h, j] - m))) / TEMP, m the max  ("lse");
     # -inf unless block j (tokens [j*SBS, (j+1)*SBS)) holds a
@@ -99,6 +106,7 @@ def _block_score_kernel(
     phys = tl.load(bt_ptr + b * stride_btb + (j_c * SBS) // CBS, mask=candidate, other=0).to(tl.int64)
     sub = (j_c * SBS % CBS) // SBS
     row_off = phys * stride_mb + sub * stride_ms + g * stride_mh  # (BLOCK_J,)
+    scale = tl.load(bscale_ptr + phys * stride_sb + sub * stride_ss + g * stride_sh, mask=candidate, other=0.0)
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
@@ -114,17 +122,19 @@ def _block_score_kernel(
         else:
             q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
             m_mask = candidate[:, None] & d_mask[None, :]
-        mn = tl.load(bmin_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0.0)
-        mx = tl.load(bmax_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0.0)
-        q = q.to(tl.float32)  # q+ / q- are exact in the summary dtype (a sign mask of q)
-        q_pos = tl.maximum(q, 0.0)
+        mn = tl.load(bmin_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0)
+        mx = tl.load(bmax_ptr + row_off[:, None] + offs_d[None, :] * stride_md, mask=m_mask, other=0)
+        q_dtype = q.dtype
+        q = q.to(tl.float32)
+        q_pos = tl.maximum(q, 0.0)  # a sign mask of q: exact back in the query dtype
         q_neg = tl.minimum(q, 0.0)
         if IEEE:
-            s += tl.dot(q_pos.to(tl.float32), tl.trans(mx.to(tl.float32)), input_precision="ieee")
-            s += tl.dot(q_neg.to(tl.float32), tl.trans(mn.to(tl.float32)), input_precision="ieee")
-        else:
-            s += tl.dot(q_pos.to(mx.dtype), tl.trans(mx))
-            s += tl.dot(q_neg.to(mn.dtype), tl.trans(mn))
+            s += tl.dot(q_pos, tl.trans(mx.to(tl.float32)), input_precision="ieee")
+            s += tl.dot(q_neg, tl.trans(mn.to(tl.float32)), input_precision="ieee")
+        else:  # int8 codes are exact in bf16 / fp16 (|c| <= 127)
+            s += tl.dot(q_pos.to(q_dtype), tl.trans(mx.to(q_dtype)))
+            s += tl.dot(q_neg.to(q_dtype), tl.trans(mn.to(q_dtype)))
+    s = s * scale[None, :]
     s = tl.where(h_mask[:, None], s, float("-inf"))
     score = _combine_heads(s, TEMP, LSE)
     score = tl.where(candidate, score, float("-inf"))
@@ -367,12 +377,22 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
                         out: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
     """Group bound of every selection block -> (B, Hkv, num_selection_blocks) float32, -inf where a
     block is not a candidate. `num_selection_blocks` >= cdiv(max seq len, selection_block_size).
-    softmax_scale: the "lse" temperature (default 1 / sqrt(Dk)), as in the reference's `score_blocks`."""
+    softmax_scale: the "lse" temperature (default 1 / sqrt(Dk)), as in the reference's `score_blocks`.
+    The index's summaries: `block_min` / `block_max` int8 (num_cache_blocks, per_block, Hkv, Dk) with
+    equal strides, `block_scale` float32 (num_cache_blocks, per_block, Hkv), any strides."""
     require_triton_device("block_scores", query, index.block_min)
-    bmin, bmax = index.block_min, index.block_max
+    bmin, bmax, bscale = index.block_min, index.block_max, index.block_scale
     if bmin.shape != bmax.shape or bmin.stride() != bmax.stride() or bmin.dim() != 4:
         raise ValueError(f"block_scores: block_min/block_max must be 4-D with equal shape and strides; got "
                          f"{tuple(bmin.shape)} / {tuple(bmax.shape)}")
+    if bmin.dtype != torch.int8 or bmax.dtype != torch.int8:
+        raise ValueError(f"block_scores: block_min/block_max must be int8 codes; got {bmin.dtype}/{bmax.dtype} "
+                         f"(allocate the index with allocate_index)")
+    if bscale.dtype != torch.float32 or bscale.shape != bmin.shape[:3]:
+        raise ValueError(f"block_scores: block_scale must be float32 of shape {tuple(bmin.shape[:3])}; got "
+                         f"{bscale.dtype} {tuple(bscale.shape)}")
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"block_scores: query must be float32, bf16 or fp16; got {query.dtype}")
     if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32 or block_table.stride(1) != 1:
         raise ValueError("block_scores: block_table (row-contiguous) and seq_lens must be int32")
     B, Hq, Dk = query.shape
@@ -390,14 +410,15 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     block_dk = min(BLOCK_SCORE_DK if block_h <= 32 else 64, triton.next_power_of_2(Dk))
     grid = (B * Hkv, triton.cdiv(num_selection_blocks, block_j))
     _block_score_kernel[grid](
-        query, bmin, bmax, block_table, seq_lens, out,
+        query, bmin, bmax, bscale, block_table, seq_lens, out,
         num_selection_blocks, config.sink_tokens, config.local_tokens, temperature,
         query.stride(0), query.stride(1), query.stride(2),
         bmin.stride(0), bmin.stride(1), bmin.stride(2), bmin.stride(3),
+        bscale.stride(0), bscale.stride(1), bscale.stride(2),
         block_table.stride(0),
         HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
         BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
-        IEEE=float32_dots(bmin.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % block_dk == 0,
+        IEEE=float32_dots(query.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % block_dk == 0,
         **pdl_launch(query),
         num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,
     )

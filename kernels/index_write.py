@@ -1,4 +1,4 @@
-"""Index write on the GPU: block min/max summaries and low-bit token codes for new keys, fused.
+"""Index write on the GPU: int8 block min/max summaries and low-bit token codes for new keys, fused.
 
 Same result as the reference's `write_index` (read its docstring for the merge rule), with masks
 instead of dropping padded slots, so nothing depends on data-dependent shapes or host syncs.
@@ -11,9 +11,13 @@ Design
   launch every touched selection block knows its lowest-indexed new token, its *leader*.
 - `_index_summary_kernel`, one program per new token; only leaders work. A leader folds every new
   token of its selection block (a scan over the call's slots, keys loaded only for matching chunks)
-  into min / max, replaces the stored summary if any of them starts the block (`offset % S == 0`)
-  and merges into it otherwise, then releases the claim (back to INT32_MAX). One writer per summary,
-  so no float atomics (bf16 has none) and no ordering between programs is needed.
+  into float32 min / max, (Hkv, D) tiles; replaces the stored summary if any of them starts the block
+  (`offset % S == 0`) and merges into it, dequantised, otherwise; requantises it (per kv head: a new
+  scale from the max over channels, min rounded down, max up, exactly the reference's
+  `quantize_summary`), then releases the claim (back to INT32_MAX). One writer per summary, so no
+  atomics on summaries and no ordering between programs is needed. Every float32 operation is the
+  reference's, one at a time (`div_rn`, no fused multiply-add), so the codes and scales agree bit for
+  bit; no libdevice, so the interpreter runs it too.
 - The claim buffer (one int32 per selection block of the cache) lives in `IndexWriteWorkspace`;
   between calls it holds INT32_MAX everywhere, an invariant the summary kernel restores.
 - The scan stops once a leader has found `S` tokens (a selection block has no more distinct slots),
@@ -28,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import require_triton_device
+from .sparse_decode_reference import SUMMARY_TOL
 
 _INT32_MAX = 2147483647
 
@@ -60,7 +65,7 @@ def _index_codes_kernel(
     SBS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr,  # >= C // 2 for 4 bits, >= C for 8 bits
-    STORE_DTYPE: tl.constexpr,  # the index dtype the reference casts keys to before quantising
+    STORE_DTYPE: tl.constexpr,  # the index's key dtype: the reference casts keys to it before quantising
 ):
     # scale = max_c |k_c| / qmax; q_c = clamp(rne(k_c / scale), -qmax, qmax) (scale 0 -> divide by 1);
     # stored_c = q_c + qmax + 1; 4 bits: byte i = stored_{2i} | stored_{2i+1} << 4.
@@ -110,31 +115,40 @@ def _index_codes_kernel(
 def _index_summary_kernel(
     key_ptr,  # key dtype, (N, Hkv, D), any strides
     slot_ptr,  # int64, (N,)
-    bmin_ptr,  # index dtype, (num_cache_blocks, CBS // SBS, Hkv, D) contiguous
-    bmax_ptr,  # index dtype, same shape, contiguous
+    bmin_ptr,  # int8, (num_cache_blocks, CBS // SBS, Hkv, D) contiguous: codes of the min
+    bmax_ptr,  # int8, same shape, contiguous: codes of the max
+    bscale_ptr,  # float32, (num_cache_blocks, CBS // SBS, Hkv) contiguous
     claim_ptr,  # int32, (num_cache_blocks * CBS // SBS,)
     N,  # int: new tokens in this call
     stride_kn, stride_kh, stride_kd,
     HKV: tl.constexpr,
     D: tl.constexpr,
     SBS: tl.constexpr,
-    BLOCK_HD: tl.constexpr,  # >= HKV * D
+    KEY_DTYPE: tl.constexpr,  # the index's key dtype: keys are cast to it, then to float32
+    TOL: tl.constexpr,  # the reference's SUMMARY_TOL, in code steps
+    BLOCK_H: tl.constexpr,  # >= HKV
+    BLOCK_D: tl.constexpr,  # >= D
     BLOCK_SCAN: tl.constexpr,  # slots tested per scan step
     BLOCK_T: tl.constexpr,  # keys loaded per inner step
 ):
-    # For selection block G of this leader, over the call's tokens T_G in G:
-    #   min_G = min_{t in T_G} k_t  if some t in T_G has offset % SBS == 0, else min(stored_G, min_t k_t)
-    # (max alike); summaries are flat (G, Hkv * D) rows because they are contiguous.
+    # For selection block G of this leader, over the call's tokens T_G in G, per kv head h:
+    #   min_G = min_{t in T_G} k_t                   if some t in T_G has offset % SBS == 0,
+    #         = min(code_min_G * scale_G, min_t k_t)  otherwise (max alike);
+    #   scale = max_d max(|min_d|, |max_d|) / 127, safe = scale or 1 when 0;
+    #   code_min = clamp(floor(min / safe + TOL), -127, 127), code_max = clamp(ceil(max / safe - TOL), ...)
+    # with ceil(x) = -floor(-x). Summaries are (G, Hkv, D) rows: contiguous, so no strides.
     i = tl.program_id(0)
     slot = tl.load(slot_ptr + i)
     if slot >= 0:
         group = slot // SBS
         if tl.load(claim_ptr + group) == i:
-            offs_hd = tl.arange(0, BLOCK_HD)
-            hd_mask = offs_hd < HKV * D
-            k_off = (offs_hd // D) * stride_kh + (offs_hd % D) * stride_kd
-            cur_min = tl.full((BLOCK_HD,), float("inf"), tl.float32)
-            cur_max = tl.full((BLOCK_HD,), float("-inf"), tl.float32)
+            offs_h = tl.arange(0, BLOCK_H)
+            offs_d = tl.arange(0, BLOCK_D)
+            h_mask = offs_h < HKV
+            hd_mask = h_mask[:, None] & (offs_d[None, :] < D)  # (BLOCK_H, BLOCK_D)
+            k_off = offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd  # (BLOCK_H, BLOCK_D)
+            cur_min = tl.full((BLOCK_H, BLOCK_D), float("inf"), tl.float32)
+            cur_max = tl.full((BLOCK_H, BLOCK_D), float("-inf"), tl.float32)
             reset = 0
             found = 0
             j0 = i  # tokens before the leader are in other groups
@@ -151,21 +165,31 @@ def _index_summary_kernel(
                     for t0 in range(0, BLOCK_SCAN, BLOCK_T):
                         offs_t = j0 + t0 + tl.arange(0, BLOCK_T)
                         s_t = tl.load(slot_ptr + offs_t, mask=offs_t < N, other=-1)
-                        m_t = (s_t >= 0) & (s_t // SBS == group)
-                        k = tl.load(key_ptr + offs_t[:, None].to(tl.int64) * stride_kn + k_off[None, :],
-                                    mask=m_t[:, None] & hd_mask[None, :], other=0.0)
-                        k = k.to(bmin_ptr.dtype.element_ty).to(tl.float32)
-                        cur_min = tl.minimum(cur_min, tl.min(tl.where(m_t[:, None], k, float("inf")), axis=0))
-                        cur_max = tl.maximum(cur_max, tl.max(tl.where(m_t[:, None], k, float("-inf")), axis=0))
+                        m_t = ((s_t >= 0) & (s_t // SBS == group))[:, None, None]  # (BLOCK_T, 1, 1)
+                        k = tl.load(key_ptr + offs_t[:, None, None].to(tl.int64) * stride_kn + k_off[None, :, :],
+                                    mask=m_t & hd_mask[None, :, :], other=0.0)  # (BLOCK_T, BLOCK_H, BLOCK_D)
+                        k = k.to(KEY_DTYPE).to(tl.float32)
+                        cur_min = tl.minimum(cur_min, tl.min(tl.where(m_t, k, float("inf")), axis=0))
+                        cur_max = tl.maximum(cur_max, tl.max(tl.where(m_t, k, float("-inf")), axis=0))
                 j0 += BLOCK_SCAN
-            row = group * (HKV * D) + offs_hd
+            row = group * (HKV * D) + offs_h[:, None] * D + offs_d[None, :]  # (BLOCK_H, BLOCK_D)
+            scale_row = group * HKV + offs_h  # (BLOCK_H,)
             if reset == 0:
-                old_min = tl.load(bmin_ptr + row, mask=hd_mask, other=0.0).to(tl.float32)
-                old_max = tl.load(bmax_ptr + row, mask=hd_mask, other=0.0).to(tl.float32)
+                old_scale = tl.load(bscale_ptr + scale_row, mask=h_mask, other=0.0)
+                old_min = tl.load(bmin_ptr + row, mask=hd_mask, other=0).to(tl.float32) * old_scale[:, None]
+                old_max = tl.load(bmax_ptr + row, mask=hd_mask, other=0).to(tl.float32) * old_scale[:, None]
                 cur_min = tl.minimum(cur_min, old_min)
                 cur_max = tl.maximum(cur_max, old_max)
-            tl.store(bmin_ptr + row, cur_min.to(bmin_ptr.dtype.element_ty), mask=hd_mask)
-            tl.store(bmax_ptr + row, cur_max.to(bmax_ptr.dtype.element_ty), mask=hd_mask)
+            amax = tl.max(tl.where(hd_mask, tl.maximum(tl.abs(cur_min), tl.abs(cur_max)), 0.0), axis=1)
+            scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))  # (BLOCK_H,)
+            safe = tl.where(scale > 0, scale, 1.0)[:, None]
+            code_min = tl.floor(tl.math.div_rn(cur_min, safe) + TOL)
+            code_max = -tl.floor(-(tl.math.div_rn(cur_max, safe) - TOL))
+            code_min = tl.minimum(tl.maximum(code_min, -127.0), 127.0)
+            code_max = tl.minimum(tl.maximum(code_max, -127.0), 127.0)
+            tl.store(bmin_ptr + row, code_min.to(tl.int8), mask=hd_mask)
+            tl.store(bmax_ptr + row, code_max.to(tl.int8), mask=hd_mask)
+            tl.store(bscale_ptr + scale_row, scale, mask=h_mask)
             tl.store(claim_ptr + group, 2147483647)
 
 
@@ -184,19 +208,30 @@ _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.fl
 def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, config,
                        workspace: IndexWriteWorkspace | None = None) -> None:
     """Fold new keys (N, Hkv, D) at `slot_mapping` (N,) int64 into `index`, in place; equals the
-    reference's `write_index`. No host synchronisation; padded (negative) slots are skipped."""
+    reference's `write_index` bit for bit (int8 summary codes, their float32 `block_scale`, token
+    codes and scales). Keys are cast to `index.key_dtype` first. No host synchronisation; padded
+    (negative) slots are skipped. `block_min` / `block_max` must be contiguous int8 and `block_scale`
+    contiguous float32, as `allocate_index` makes them."""
     require_triton_device("write_index", key, index.block_min)
-    bmin, bmax = index.block_min, index.block_max
-    if not (bmin.is_contiguous() and bmax.is_contiguous()):
-        raise ValueError("write_index: block_min/block_max must be contiguous (allocate_index makes them so)")
+    bmin, bmax, bscale = index.block_min, index.block_max, index.block_scale
+    if bmin.dtype != torch.int8 or bmax.dtype != torch.int8 or bscale.dtype != torch.float32:
+        raise ValueError(f"write_index: block_min/block_max must be int8 and block_scale float32; got "
+                         f"{bmin.dtype}/{bmax.dtype}/{bscale.dtype} (allocate the index with allocate_index)")
+    if bmin.dim() != 4 or bmax.shape != bmin.shape or bscale.shape != bmin.shape[:3]:
+        raise ValueError(f"write_index: block_min/block_max must be (num_cache_blocks, per_block, Hkv, D) and "
+                         f"block_scale their first three dims; got {tuple(bmin.shape)}, {tuple(bmax.shape)}, "
+                         f"{tuple(bscale.shape)}")
+    if not (bmin.is_contiguous() and bmax.is_contiguous() and bscale.is_contiguous()):
+        raise ValueError("write_index: block_min/block_max/block_scale must be contiguous (allocate_index makes "
+                         "them so)")
     if key.dim() != 3 or key.shape[1:] != bmin.shape[2:]:
         raise ValueError(f"write_index: key must be (N, Hkv, D) = (N, {bmin.shape[2]}, {bmin.shape[3]}); "
                          f"got {tuple(key.shape)}")
     if slot_mapping.dtype != torch.int64 or slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(f"write_index: slot_mapping must be (N,) int64; got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
-    if bmin.dtype not in _TORCH_TO_TL:
-        raise ValueError(f"write_index: index dtype must be bf16/fp16/fp32; got {bmin.dtype}")
+    if index.key_dtype not in _TORCH_TO_TL:
+        raise ValueError(f"write_index: index key dtype must be bf16/fp16/fp32; got {index.key_dtype}")
     slot_mapping = slot_mapping.contiguous()
     N = key.shape[0]
     if N == 0:
@@ -217,6 +252,7 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     else:
         codes = scales = workspace.claim  # unused pointers
         cs, ss = (0, 0, 0, 0), (0, 0, 0)
+    key_dtype = _TORCH_TO_TL[index.key_dtype]
     block_c = max(2, triton.next_power_of_2(C // 2 if bits == 4 else C))
     _index_codes_kernel[(N,)](
         key, slot_mapping, channel_ids, codes, scales, workspace.claim,
@@ -225,13 +261,16 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
         ss[0], ss[1], ss[2],
         HKV=Hkv, C=C, BITS=bits, CBS=cbs, SBS=sbs,
         BLOCK_H=max(2, triton.next_power_of_2(Hkv)), BLOCK_C=block_c,
-        STORE_DTYPE=_TORCH_TO_TL[bmin.dtype],
+        STORE_DTYPE=key_dtype,
         num_warps=1 if Hkv * C <= 256 else 4,
     )
+    block_h = max(2, triton.next_power_of_2(Hkv))
+    block_d = max(16, triton.next_power_of_2(D))
     _index_summary_kernel[(N,)](
-        key, slot_mapping, bmin, bmax, workspace.claim, N,
+        key, slot_mapping, bmin, bmax, bscale, workspace.claim, N,
         key.stride(0), key.stride(1), key.stride(2),
-        HKV=Hkv, D=D, SBS=sbs,
-        BLOCK_HD=triton.next_power_of_2(Hkv * D), BLOCK_SCAN=256, BLOCK_T=max(1, min(256, 8192 // triton.next_power_of_2(Hkv * D))),
+        HKV=Hkv, D=D, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_SCAN=256,
+        BLOCK_T=max(1, min(256, 8192 // (block_h * block_d))),
         num_warps=4,
     )

@@ -123,9 +123,14 @@ def _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, c
         raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)} do not match "
                          f"batch {query.shape[0]}")
     config.validate_for_cache(key_cache.shape[1], key_cache.shape[3])
-    if config.mode in ("asynctls", "block_only") and index.block_min.shape[1] * config.selection_block_size != key_cache.shape[1]:
-        raise ValueError(f"index summaries {tuple(index.block_min.shape)} do not tile cache blocks of "
-                         f"{key_cache.shape[1]} tokens at selection_block_size={config.selection_block_size}")
+    if config.mode in ("asynctls", "block_only"):
+        if index.block_min.shape[1] * config.selection_block_size != key_cache.shape[1]:
+            raise ValueError(f"index summaries {tuple(index.block_min.shape)} do not tile cache blocks of "
+                             f"{key_cache.shape[1]} tokens at selection_block_size={config.selection_block_size}")
+        if index.block_min.dtype != torch.int8 or index.block_scale.shape != index.block_min.shape[:3]:
+            raise ValueError(f"index summaries must be int8 codes {tuple(index.block_min.shape)} with float32 "
+                             f"block_scale {tuple(index.block_min.shape[:3])}; got {index.block_min.dtype} and "
+                             f"{tuple(index.block_scale.shape)} (allocate the index with allocate_index)")
 
 
 def sparse_decode_triton(

@@ -7,9 +7,11 @@ sinks `[0, sink_tokens)`, the local window `[L - local_tokens, L)` and `token_bu
 in two levels from the rest (the *candidates* `[sink_tokens, L - local_tokens)`):
 
 1. `score_blocks` / `select_blocks`: every selection block of `selection_block_size` tokens has an
-   elementwise min / max summary of its keys (`write_index` keeps it up to date). Its Quest bound
-   `sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min` is an upper bound of `q . k` for every key
-   in the block. The top `num_blocks` blocks that hold at least one candidate survive.
+   elementwise min / max summary of its keys (`write_index` keeps it up to date), stored as int8 codes
+   with one float32 scale per (selection block, kv head), min rounded down and max rounded up. Its
+   Quest bound `sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min` is an upper bound of `q . k`
+   for every key in the block (up to float32 rounding; see `write_index`). The top `num_blocks`
+   blocks that hold at least one candidate survive.
 2. `score_tokens` / `select_tokens`: inside the kept blocks, each candidate is scored from a compact
    index (`index_channels` key channels, quantised to `index_bits`; exact `q . k` with 16 bits) and
    the top `token_budget` survive.
@@ -60,6 +62,8 @@ __all__ = [
     "set_index_channels",
     "quantize_index",
     "dequantize_index",
+    "quantize_summary",
+    "dequantize_summary",
     "write_index",
     "score_blocks",
     "select_blocks",
@@ -77,6 +81,11 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
+SUMMARY_QMAX = 127  # block summary codes are int8 in [-127, 127]
+# Slack of the summaries' outward rounding, in code steps: floor(x / scale + TOL), ceil(x / scale - TOL).
+# Without it a stored code c does not always requantise to c under an unchanged scale (float32
+# (c * s) / s may land a hair below c), and a plain floor would then drift one code per decode token.
+SUMMARY_TOL = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,18 +97,26 @@ NEG_INF = float("-inf")
 class SparseIndex:
     """Per-layer index state (layouts in kernels/README.md).
 
-    block_min, block_max: (num_cache_blocks, cache_block_size // selection_block_size, Hkv, Dk), key dtype.
+    block_min, block_max: (num_cache_blocks, cache_block_size // selection_block_size, Hkv, Dk) int8
+        codes in [-127, 127] of the elementwise min / max of each selection block's keys, rounded
+        outward (min down, max up); the summary is `code.float() * block_scale[..., None]`.
+    block_scale: (num_cache_blocks, cache_block_size // selection_block_size, Hkv) float32, one scale
+        per (selection block, kv head): `max_d max(|min_d|, |max_d|) / 127` (0 for an all-zero summary,
+        whose codes are then 0).
     channel_ids: (Hkv, index_channels) int64, the key channels the token index keeps.
     codes: (num_cache_blocks, cache_block_size, Hkv, index_channels * index_bits // 8) uint8, or None
         when index_bits == 16.
     scales: (num_cache_blocks, cache_block_size, Hkv) float32, or None when index_bits == 16.
+    key_dtype: the key (cache) dtype: new keys are cast to it before they are summarised or quantised.
     """
 
     block_min: Tensor
     block_max: Tensor
+    block_scale: Tensor
     channel_ids: Tensor
     codes: Tensor | None
     scales: Tensor | None
+    key_dtype: torch.dtype
 
     @property
     def blocks_per_cache_block(self) -> int:
@@ -117,11 +134,13 @@ def allocate_index(
 ) -> SparseIndex:
     """Zeroed index state for one layer. `channel_ids` starts as the first `index_channels` channels;
     call `set_index_channels` (from `choose_index_channels` on calibration keys) before the first
-    `write_index`, because codes are quantised on the channels current at write time."""
+    `write_index`, because codes are quantised on the channels current at write time.
+    `dtype` is the key (cache) dtype (`SparseIndex.key_dtype`); summaries are int8 codes whatever it is."""
     config.validate_for_cache(cache_block_size, head_dim)
     per_block = cache_block_size // config.selection_block_size
-    block_min = torch.zeros(num_cache_blocks, per_block, num_kv_heads, head_dim, dtype=dtype, device=device)
+    block_min = torch.zeros(num_cache_blocks, per_block, num_kv_heads, head_dim, dtype=torch.int8, device=device)
     block_max = torch.zeros_like(block_min)
+    block_scale = torch.zeros(num_cache_blocks, per_block, num_kv_heads, dtype=torch.float32, device=device)
     channel_ids = (
         torch.arange(config.index_channels, dtype=torch.int64, device=device)
         .expand(num_kv_heads, config.index_channels)
@@ -139,7 +158,7 @@ def allocate_index(
                             device=device).permute(0, 2, 1, 3)  # (blocks, tokens, Hkv, nbytes) view
         scales = torch.zeros(num_cache_blocks, num_kv_heads, cache_block_size, dtype=torch.float32,
                              device=device).permute(0, 2, 1)  # (blocks, tokens, Hkv) view
-    return SparseIndex(block_min, block_max, channel_ids, codes, scales)
+    return SparseIndex(block_min, block_max, block_scale, channel_ids, codes, scales, dtype)
 
 
 def choose_index_channels(
@@ -236,26 +255,61 @@ def dequantize_index(codes: Tensor, scales: Tensor, bits: int, num_channels: int
     return (stored.float() - (qmax + 1)) * scales.float().unsqueeze(-1)
 
 
+def quantize_summary(block_min: Tensor, block_max: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Block summaries to int8 codes rounded outward, one scale per summary row.
+
+    block_min, block_max: (..., D) float32. Returns code_min, code_max (..., D) int8 and scale (...)
+    float32 = `max_d max(|min_d|, |max_d|) / 127`, with
+    `code_min = clamp(floor(min / scale + TOL), -127, 127)`, `code_max = clamp(ceil(max / scale - TOL),
+    -127, 127)` (TOL = `SUMMARY_TOL`). An all-zero row stores scale 0 and codes 0 (it decodes to 0,
+    exactly). So `code_min * scale <= min` and `code_max * scale >= max` up to float32 rounding and
+    TOL code steps, and each is within one code step (scale) of the true value: `q+ . max + q- . min`
+    on the dequantised summary still bounds `q . k` of every key the summary covers.
+    Every operation is one correctly rounded float32 operation (no fused multiply-add), so the Triton
+    writer (`index_write.py`) reproduces it bit for bit.
+    """
+    amax = torch.maximum(block_min.abs(), block_max.abs()).amax(dim=-1)  # (...)
+    scale = amax / SUMMARY_QMAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)  # (..., 1)
+    code_min = torch.floor(block_min / safe + SUMMARY_TOL).clamp_(-SUMMARY_QMAX, SUMMARY_QMAX)
+    code_max = torch.ceil(block_max / safe - SUMMARY_TOL).clamp_(-SUMMARY_QMAX, SUMMARY_QMAX)
+    return code_min.to(torch.int8), code_max.to(torch.int8), scale
+
+
+def dequantize_summary(codes: Tensor, scale: Tensor) -> Tensor:
+    """Inverse of `quantize_summary`: codes (..., D) int8, scale (...) float32 -> (..., D) float32."""
+    return codes.float() * scale.unsqueeze(-1)
+
+
 def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: SparseAttentionConfig) -> None:
     """Fold new keys into the index, in place (call it where vLLM writes the KV cache).
 
     key: (N, Hkv, D); slot_mapping: (N,) int64 `physical_block * cache_block_size + offset`, negative
-    slots skipped. A token at `offset % selection_block_size == 0` starts a fresh summary, the others
-    min/max-merge into it. Within one call, a summary that some token of the call resets becomes the
-    min/max over the call's tokens of that selection block; otherwise the call's tokens merge into the
-    stored summary. So prefill (many tokens of a block at once) and decode (one token) agree with
-    writing the tokens one at a time in order.
+    slots skipped. Keys are cast to `index.key_dtype` (then float32). A token at
+    `offset % selection_block_size == 0` starts a fresh summary, the others min/max-merge into it.
+    Within one call, a summary that some token of the call resets becomes the min/max over the call's
+    tokens of that selection block; otherwise the call's tokens merge into the stored summary,
+    dequantised (`code * scale`). The merged float32 min / max are then requantised by
+    `quantize_summary` (a new scale per selection block and kv head, min rounded down, max up), so the
+    stored summary bounds every key of its block up to float32 rounding and `SUMMARY_TOL` code steps.
+    Prefill (many tokens of a block at once) quantises the exact min / max once. Decode (one token at a
+    time) requantises what is stored: while the scale is unchanged the codes of channels the token does
+    not extend stay exactly as they were (TOL absorbs float32's `(c * s) / s != c`), but each growth of
+    the scale re-rounds them outward, by at most one code. So writing a block token by token may give
+    looser (never tighter, never invalid) summaries than writing it at once. Token codes do not depend
+    on the call's split.
     """
     S = config.selection_block_size
     per_block = index.blocks_per_cache_block
     cache_block_size = per_block * S
     num_kv_heads, head_dim = index.block_min.shape[2], index.block_min.shape[3]
-    assert index.block_min.is_contiguous() and index.block_max.is_contiguous(), "allocate_index makes them contiguous"
+    assert all(t.is_contiguous() for t in (index.block_min, index.block_max, index.block_scale)), \
+        "allocate_index makes them contiguous"
 
     # Dropping padded slots has a data-dependent shape (a host sync on GPU): fine on the CPU path.
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()  # (n,)
-    k = key[valid].to(index.block_min.dtype)  # (n, Hkv, D)
+    k = key[valid].to(index.key_dtype)  # (n, Hkv, D)
     block = slots // cache_block_size
     offset = slots % cache_block_size
     group = block * per_block + offset // S  # flat (cache block, selection block) id, (n,)
@@ -265,20 +319,26 @@ def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: S
     # scatter_reduce_ into the index: the latter measured 50 ms for one token on this CPU.
     # torch flags index_reduce_ as beta; amin / amax are all we use of it.
     touched, member = torch.unique(group, return_inverse=True)  # (m,), (n,)
-    fresh_min = k.new_full((touched.numel(), num_kv_heads, head_dim), float("inf"))
-    fresh_max = k.new_full((touched.numel(), num_kv_heads, head_dim), float("-inf"))
+    kf = k.float()  # (n, Hkv, D): exact, min / max commute with the cast
+    fresh_min = kf.new_full((touched.numel(), num_kv_heads, head_dim), float("inf"))
+    fresh_max = kf.new_full((touched.numel(), num_kv_heads, head_dim), float("-inf"))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
-        fresh_min.index_reduce_(0, member, k, "amin", include_self=True)  # (m, Hkv, D)
-        fresh_max.index_reduce_(0, member, k, "amax", include_self=True)
+        fresh_min.index_reduce_(0, member, kf, "amin", include_self=True)  # (m, Hkv, D)
+        fresh_max.index_reduce_(0, member, kf, "amax", include_self=True)
     reset = torch.zeros(touched.numel(), dtype=torch.bool, device=k.device)
     reset[member[offset % S == 0]] = True  # some token of the call starts this summary afresh
     reset = reset.view(-1, 1, 1)
 
     flat_min = index.block_min.view(-1, num_kv_heads, head_dim)  # (num_cache_blocks * per_block, Hkv, D)
     flat_max = index.block_max.view(-1, num_kv_heads, head_dim)
-    flat_min[touched] = torch.where(reset, fresh_min, torch.minimum(flat_min[touched], fresh_min))
-    flat_max[touched] = torch.where(reset, fresh_max, torch.maximum(flat_max[touched], fresh_max))
+    flat_scale = index.block_scale.view(-1, num_kv_heads)  # (num_cache_blocks * per_block, Hkv)
+    old_scale = flat_scale[touched]  # (m, Hkv)
+    merged_min = torch.where(reset, fresh_min, torch.minimum(dequantize_summary(flat_min[touched], old_scale),
+                                                             fresh_min))  # (m, Hkv, D)
+    merged_max = torch.where(reset, fresh_max, torch.maximum(dequantize_summary(flat_max[touched], old_scale),
+                                                             fresh_max))
+    flat_min[touched], flat_max[touched], flat_scale[touched] = quantize_summary(merged_min, merged_max)
 
     if index.codes is not None:
         channels = index.channel_ids.unsqueeze(0).expand(k.shape[0], -1, -1)  # (n, Hkv, C)
@@ -368,14 +428,19 @@ def score_blocks(
     temperature (default 1 / sqrt(Dk)).
     Returns (B, Hkv, W * cache_block_size // selection_block_size) float32; -inf for blocks holding
     no candidate position (beyond seq_len, or wholly inside the sinks / local window).
+    The summaries are dequantised (`code * block_scale`): their outward rounding keeps the bound >= the
+    combined score of every key of the block.
     """
     S = config.selection_block_size
     per_block = index.blocks_per_cache_block
     B, W = block_table.shape
     num_kv_heads, head_dim = index.block_min.shape[2], index.block_min.shape[3]
     physical = block_table.long().clamp(min=0)  # padded table entries point at block 0, masked below
-    mins = index.block_min[physical].float().view(B, W * per_block, num_kv_heads, head_dim)  # (B, NS, Hkv, D)
-    maxs = index.block_max[physical].float().view(B, W * per_block, num_kv_heads, head_dim)
+    block_scale = index.block_scale[physical]  # (B, W, per_block, Hkv)
+    mins = dequantize_summary(index.block_min[physical], block_scale)  # (B, W, per_block, Hkv, D) float32
+    maxs = dequantize_summary(index.block_max[physical], block_scale)
+    mins = mins.view(B, W * per_block, num_kv_heads, head_dim)  # (B, NS, Hkv, D)
+    maxs = maxs.view(B, W * per_block, num_kv_heads, head_dim)
     q = _grouped_query(query, num_kv_heads)  # (B, Hkv, G, D)
     bound = torch.einsum("bhgd,bnhd->bhgn", q.clamp(min=0), maxs) + torch.einsum(
         "bhgd,bnhd->bhgn", q.clamp(max=0), mins

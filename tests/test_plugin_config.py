@@ -307,17 +307,18 @@ def test_index_is_counted_in_an_explicit_kv_cache_budget():
     from vllm_asynctls._vllm_compat import reserve_index_memory
 
     cfg = AsyncTLSConfig.from_dict({"selection_block_size": 16, "index_bits": 4})
-    # D = 64 float32: K/V 512 B per token and kv head; index 2*64*4/16 + 32*4/8 + 4 = 52 B.
-    assert cfg.index_fraction(64, is_mla=False, dtype_bytes=4) == pytest.approx(52 / 564)
-    # MLA keeps one latent row (no separate V): 576 * 2 B against 2*576*2/16 + 128*4/8 + 4 = 212 B.
-    assert cfg.index_fraction(576, is_mla=True, dtype_bytes=2) == pytest.approx(212 / (1152 + 212))
+    # D = 64 float32: K/V 512 B per token and kv head; index (2*64 + 4)/16 + 32*4/8 + 4 = 28.25 B
+    # (int8 summaries with a float32 scale per selection block, then the token codes and scale).
+    assert cfg.index_fraction(64, is_mla=False, dtype_bytes=4) == pytest.approx(28.25 / 540.25)
+    # MLA keeps one latent row (no separate V): 576 * 2 B against (2*576 + 4)/16 + 128*4/8 + 4 = 140.25 B.
+    assert cfg.index_fraction(576, is_mla=True, dtype_bytes=2) == pytest.approx(140.25 / (1152 + 140.25))
 
     vllm_config = SimpleNamespace(
         cache_config=SimpleNamespace(kv_cache_memory_bytes=2**30), model_config=SimpleNamespace(dtype=torch.float32)
     )
     reserve_index_memory(vllm_config, cfg, 64, False)
     shrunk = vllm_config.cache_config.kv_cache_memory_bytes
-    assert shrunk == int(2**30 * (1 - 52 / 564))
+    assert shrunk == int(2**30 * (1 - 28.25 / 540.25))
     reserve_index_memory(vllm_config, cfg, 64, False)  # a second config check must not shrink it again
     assert vllm_config.cache_config.kv_cache_memory_bytes == shrunk
 
@@ -329,7 +330,7 @@ def test_index_is_counted_in_an_explicit_kv_cache_budget():
     # number of config checks (the engine core re-runs it on the config it received).
     reserve_index_memory(auto, cfg, 64, False, on_cuda=True)
     lowered = auto.cache_config.gpu_memory_utilization
-    assert lowered == pytest.approx(0.9 * (1 - 52 / 564))
+    assert lowered == pytest.approx(0.9 * (1 - 28.25 / 540.25))
     reserve_index_memory(auto, cfg, 64, False, on_cuda=True)
     assert auto.cache_config.gpu_memory_utilization == lowered
     assert auto.cache_config.kv_cache_memory_bytes is None

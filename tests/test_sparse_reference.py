@@ -81,13 +81,19 @@ def build_case(
                 keys, values, slots, flat)
 
 
+def fill_summaries_with_junk(index: ref.SparseIndex, seed: int) -> None:
+    """Valid-looking but wrong summaries (int8 codes, positive scales), so a missed reset shows up."""
+    gen = torch.Generator().manual_seed(seed)
+    index.block_min.copy_(torch.randint(-127, 128, index.block_min.shape, generator=gen, dtype=torch.int8))
+    index.block_max.copy_(torch.randint(-127, 128, index.block_max.shape, generator=gen, dtype=torch.int8))
+    index.block_scale.copy_(torch.rand(index.block_scale.shape, generator=gen) * 0.1)
+
+
 def build_index(case: Case, config: SparseAttentionConfig, calibrate=True, seed=1) -> ref.SparseIndex:
     """Index pre-filled with junk (so resets matter), calibrated channels, then one prefill write."""
     ncb, cbs, hkv, d = case.key_cache.shape
     index = ref.allocate_index(ncb, cbs, hkv, d, config, torch.float32, "cpu")
-    gen = torch.Generator().manual_seed(seed)
-    index.block_min.copy_(torch.randn(index.block_min.shape, generator=gen) * 10)
-    index.block_max.copy_(torch.randn(index.block_max.shape, generator=gen) * 10)
+    fill_summaries_with_junk(index, seed)
     if calibrate:
         ref.set_index_channels(index, ref.choose_index_channels(torch.cat(case.keys), config.index_channels))
     ref.write_index(index, case.flat_keys, case.slots, config)
@@ -134,6 +140,19 @@ def brute_combine(scores, config, head_dim, softmax_scale=None):
     return top + math.log(sum(math.exp(t * (s - top)) for s in scores)) / t
 
 
+def brute_summary(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One selection block's summary as written in one call, quantisation redone here: keys (n, D)
+    -> dequantised (min, max) (D,) float32, int8 codes of scale max_d max(|min_d|, |max_d|) / 127,
+    min rounded down and max up (with the reference's TOL)."""
+    kmin, kmax = keys.float().min(dim=0).values, keys.float().max(dim=0).values
+    scale = torch.maximum(kmin.abs(), kmax.abs()).max() / 127
+    if scale == 0:
+        return torch.zeros_like(kmin), torch.zeros_like(kmax)
+    code_min = torch.floor(kmin / scale + ref.SUMMARY_TOL).clamp(-127, 127)
+    code_max = torch.ceil(kmax / scale - ref.SUMMARY_TOL).clamp(-127, 127)
+    return code_min * scale, code_max * scale
+
+
 def brute_block_scores(case: Case, config: SparseAttentionConfig, softmax_scale=None):
     """{(b, h): {block: bound}} over blocks that hold a candidate, from the logical keys."""
     S, G = config.selection_block_size, case.group
@@ -146,8 +165,7 @@ def brute_block_scores(case: Case, config: SparseAttentionConfig, softmax_scale=
                 members = list(range(j * S, min((j + 1) * S, L)))
                 if not any(is_candidate(p, L, config) for p in members):
                     continue
-                kmin = k[members, h].min(dim=0).values
-                kmax = k[members, h].max(dim=0).values
+                kmin, kmax = brute_summary(k[members, h])
                 bounds = []
                 for g in range(G):
                     q = case.query[b, h * G + g]
@@ -349,42 +367,70 @@ def test_std_channels_raise_recall_on_constant_offset_heavy_channels():
     assert recalls["std"] > recalls["mean_abs"] + 0.01, recalls  # measured 0.348 vs 0.308
 
 
+def summary_of(index, case, b, j, S):
+    """Dequantised (min, max) (Hkv, D) and scale (Hkv,) of logical selection block j of sequence b."""
+    cbs = case.key_cache.shape[1]
+    physical = int(case.block_table[b, j * S // cbs])
+    sub = (j * S % cbs) // S
+    scale = index.block_scale[physical, sub]
+    return (ref.dequantize_summary(index.block_min[physical, sub], scale),
+            ref.dequantize_summary(index.block_max[physical, sub], scale), scale)
+
+
+def calls_touching(chunks, case, b, members):
+    """How many of the write calls (lists of flat indices into case.slots) hold a token of the block."""
+    cbs = case.key_cache.shape[1]
+    table = case.block_table[b].long()
+    wanted = {int(table[p // cbs]) * cbs + p % cbs for p in members}
+    return sum(any(int(case.slots[i]) in wanted for i in chunk) for chunk in chunks)
+
+
 @pytest.mark.parametrize("name", ["c16s16-mha-exact", "c64s16-gqa4-4bit", "c64s64-gqa4-8bit", "c16s16-mla-4bit"])
-def test_write_index_incremental_equals_prefill_equals_direct(name):
+def test_write_index_summaries_bound_keys_whatever_the_split(name):
     case, config = shape_case(name, long_blocks=3)  # shorter: one write_index call per token below
     prefill = build_index(case, config)
-    # Token by token (decode), in order, from the same junk-filled start.
+    n = case.slots.numel()
+    # Token by token (decode), in order, from a junk-filled start.
     stepwise = build_index(case, config, calibrate=False)
     stepwise.channel_ids.copy_(prefill.channel_ids)
-    gen = torch.Generator().manual_seed(1)
-    stepwise.block_min.copy_(torch.randn(stepwise.block_min.shape, generator=gen) * 10)
-    stepwise.block_max.copy_(torch.randn(stepwise.block_max.shape, generator=gen) * 10)
-    for i in range(case.slots.numel()):
+    fill_summaries_with_junk(stepwise, seed=2)
+    steps = [[i] for i in range(n)]
+    for (i,) in steps:
         ref.write_index(stepwise, case.flat_keys[i : i + 1], case.slots[i : i + 1], config)
     # Prefill in uneven chunks that split selection blocks.
     chunked = build_index(case, config, calibrate=False)
     chunked.channel_ids.copy_(prefill.channel_ids)
-    chunked.block_min.copy_(torch.randn(chunked.block_min.shape, generator=torch.Generator().manual_seed(1)) * 10)
-    chunked.block_max.copy_(torch.randn(chunked.block_max.shape, generator=torch.Generator().manual_seed(2)) * 10)
-    for lo in range(0, case.slots.numel(), 37):
-        ref.write_index(chunked, case.flat_keys[lo : lo + 37], case.slots[lo : lo + 37], config)
+    fill_summaries_with_junk(chunked, seed=3)
+    chunks = [list(range(lo, min(lo + 37, n))) for lo in range(0, n, 37)]
+    for chunk in chunks:
+        ref.write_index(chunked, case.flat_keys[chunk], case.slots[chunk], config)
 
     S = config.selection_block_size
-    cbs = case.key_cache.shape[1]
-    for index in (prefill, stepwise, chunked):
+    for index, calls in ((prefill, [list(range(n))]), (stepwise, steps), (chunked, chunks)):
         for b, k in enumerate(case.keys):
             L = k.shape[0]
             for j in range(math.ceil(L / S)):
                 members = list(range(j * S, min((j + 1) * S, L)))
-                physical = int(case.block_table[b, j * S // cbs])
-                sub = (j * S % cbs) // S
-                assert torch.equal(index.block_min[physical, sub], k[members].min(dim=0).values)
-                assert torch.equal(index.block_max[physical, sub], k[members].max(dim=0).values)
-        if config.index_bits != 16:
+                true_min, true_max = k[members].min(dim=0).values, k[members].max(dim=0).values  # (Hkv, D)
+                got_min, got_max, scale = summary_of(index, case, b, j, S)
+                step = scale.unsqueeze(-1)  # (Hkv, 1): one code
+                # Rounded outward: a bound of every key up to TOL code steps and float32 rounding ...
+                slack = ref.SUMMARY_TOL * step + 1e-6 * true_min.abs().clamp(min=1)
+                assert (got_min <= true_min + slack).all() and (got_max >= true_max - slack).all()
+                # ... and loose by at most one code per call that re-rounded it (each growth of the scale).
+                n_calls = calls_touching(calls, case, b, members)
+                assert 1 <= n_calls <= len(members)
+                assert (got_min >= true_min - n_calls * step - slack).all()
+                assert (got_max <= true_max + n_calls * step + slack).all()
+                if index is prefill:  # one call: the exact min / max quantised once
+                    want_min, want_max = brute_summary_heads(k[members])
+                    assert torch.equal(got_min, want_min) and torch.equal(got_max, want_max)
+        if config.index_bits != 16:  # token codes do not depend on the split
             assert torch.equal(index.codes, prefill.codes)
             assert torch.equal(index.scales, prefill.scales)
     if config.index_bits != 16:
         # Codes of a token decode back to its calibrated channels within scale / 2.
+        cbs = case.key_cache.shape[1]
         b, p = 0, 17
         physical, offset = int(case.block_table[b, p // cbs]), p % cbs
         back = ref.dequantize_index(prefill.codes[physical, offset], prefill.scales[physical, offset],
@@ -395,13 +441,51 @@ def test_write_index_incremental_equals_prefill_equals_direct(name):
         assert prefill.codes is None and prefill.scales is None
 
 
+def brute_summary_heads(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`brute_summary` per kv head: keys (n, Hkv, D) -> dequantised (min, max) (Hkv, D)."""
+    pairs = [brute_summary(keys[:, h]) for h in range(keys.shape[1])]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def test_write_index_decode_writes_inside_the_summary_do_not_drift():
+    # A block written once, then tokens appended one call at a time whose keys lie strictly inside its
+    # min / max: the scale does not grow, so requantising must give back the very same codes (a plain
+    # floor / ceil would drift one code per call where float32 (c * s) / s lands beside c).
+    S, hkv, d = 64, 2, 128
+    config = SparseAttentionConfig(selection_block_size=S, num_blocks=4, token_budget=64, sink_tokens=0,
+                                   local_tokens=0, index_channels=16, index_bits=4)
+    index = ref.allocate_index(2, S, hkv, d, config, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(S // 2, hkv, d, generator=gen) * torch.rand(1, 1, d, generator=gen) * 5  # (S/2, Hkv, D)
+    ref.write_index(index, first, torch.arange(S, S + S // 2), config)  # cache block 1, offsets 0 .. S/2-1
+    codes = (index.block_min[1, 0].clone(), index.block_max[1, 0].clone())
+    scale = index.block_scale[1, 0].clone()
+    lo, hi = first.min(dim=0).values, first.max(dim=0).values
+    for t in range(S // 2, S):
+        inside = lo + (hi - lo) * torch.rand(hkv, d, generator=gen).clamp(0.05, 0.95)  # (Hkv, D)
+        ref.write_index(index, inside.unsqueeze(0), torch.tensor([S + t]), config)
+    assert torch.equal(index.block_scale[1, 0], scale)
+    assert torch.equal(index.block_min[1, 0], codes[0]) and torch.equal(index.block_max[1, 0], codes[1])
+    assert index.block_min.dtype == index.block_max.dtype == torch.int8
+
+
+def test_write_index_all_zero_summary_stores_zero_scale_and_codes():
+    config = SparseAttentionConfig(selection_block_size=16, num_blocks=2, token_budget=16, sink_tokens=0,
+                                   local_tokens=0, index_channels=8, index_bits=16)
+    index = ref.allocate_index(2, 16, 1, 32, config, torch.float32, "cpu")
+    fill_summaries_with_junk(index, seed=0)
+    ref.write_index(index, torch.zeros(3, 1, 32), torch.tensor([16, 17, 18]), config)
+    assert torch.equal(index.block_scale[1, 0], torch.zeros(1))
+    assert not index.block_min[1, 0].any() and not index.block_max[1, 0].any()
+
+
 def test_write_index_skips_padding_slots():
     case, config = shape_case("c64s16-gqa4-4bit")
     index = build_index(case, config)
-    before = [t.clone() for t in (index.block_min, index.block_max, index.codes, index.scales)]
+    before = [t.clone() for t in (index.block_min, index.block_max, index.block_scale, index.codes, index.scales)]
     junk = torch.full((4, case.key_cache.shape[2], case.key_cache.shape[3]), 1e3)
     ref.write_index(index, junk, torch.tensor([-1, -1, -5, -1]), config)
-    for old, new in zip(before, (index.block_min, index.block_max, index.codes, index.scales)):
+    for old, new in zip(before, (index.block_min, index.block_max, index.block_scale, index.codes, index.scales)):
         assert torch.equal(old, new)
 
 

@@ -91,8 +91,7 @@ def build(name, seed=0):
     query = (torch.randn(B, Hkv * group, Dk, generator=gen) * heavy).to(dtype)
     seq = torch.tensor(seq_lens, dtype=torch.int32)
     index = ref.allocate_index(num_cache_blocks, cbs, Hkv, Dk, config, dtype, "cpu")
-    index.block_min.copy_(torch.randn(index.block_min.shape, generator=gen).to(dtype))  # junk to overwrite
-    index.block_max.copy_(torch.randn(index.block_max.shape, generator=gen).to(dtype))
+    fill_summaries_with_junk(index, gen)  # junk to overwrite
     slots, toks = [], []
     for b, L in enumerate(seq_lens):
         pos = torch.arange(L)
@@ -102,13 +101,25 @@ def build(name, seed=0):
     ref.set_index_channels(index, ref.choose_index_channels(flat.float(), config.index_channels))
     ref.write_index(index, flat, slots, config)
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    index = ref.SparseIndex(to(index.block_min), to(index.block_max), to(index.channel_ids), to(index.codes),
-                            to(index.scales))
+    index = copy_index(index, to)
     key_cache = key_cache.to(DEVICE)
     value_cache = key_cache[..., :Dv] if mla else value_cache.to(DEVICE)
     return dict(query=query.to(DEVICE), key_cache=key_cache, value_cache=value_cache, block_table=table.to(DEVICE),
                 seq_lens=seq.to(DEVICE), index=index, config=config, scale=1.0 / math.sqrt(Dk), dtype=dtype,
                 flat_keys=flat, slots=slots)
+
+
+def fill_summaries_with_junk(index, gen):
+    """Valid-looking but wrong summaries (int8 codes, positive scales): a missed reset shows up."""
+    index.block_min.copy_(torch.randint(-127, 128, index.block_min.shape, generator=gen, dtype=torch.int8))
+    index.block_max.copy_(torch.randint(-127, 128, index.block_max.shape, generator=gen, dtype=torch.int8))
+    index.block_scale.copy_(torch.rand(index.block_scale.shape, generator=gen))
+
+
+def copy_index(index, move):
+    """A `SparseIndex` whose tensors are `move(tensor)` (None stays None); same key dtype."""
+    tensors = (index.block_min, index.block_max, index.block_scale, index.channel_ids, index.codes, index.scales)
+    return ref.SparseIndex(*(None if t is None else move(t) for t in tensors), index.key_dtype)
 
 
 def assert_same_selection(got, want, ref_scores, candidates, tol):
@@ -132,17 +143,22 @@ def assert_same_selection(got, want, ref_scores, candidates, tol):
         assert torch.allclose(gs, ws, rtol=0, atol=float(tol * span)), f"row {r}: different selection"
 
 
+def assert_same_summaries(gpu, want):
+    """Triton's summaries equal the reference's bit for bit: int8 codes and float32 scales."""
+    assert gpu.block_min.dtype == gpu.block_max.dtype == torch.int8 and gpu.block_scale.dtype == torch.float32
+    assert torch.equal(gpu.block_scale.cpu(), want.block_scale)
+    assert torch.equal(gpu.block_min.cpu(), want.block_min)
+    assert torch.equal(gpu.block_max.cpu(), want.block_max)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_write_index_matches_reference(name):
     c = build(name, seed=1)
     config, index = c["config"], c["index"]
     # Prefill-like call: shuffled tokens, padding slots, over a junk-filled index (fresh copy).
-    fresh = ref.SparseIndex(*(None if t is None else t.cpu().clone() for t in
-                              (index.block_min, index.block_max, index.channel_ids, index.codes, index.scales)))
-    fresh.block_min.normal_()
-    fresh.block_max.normal_()
-    gpu = ref.SparseIndex(*(None if t is None else t.to(DEVICE).clone() for t in
-                            (fresh.block_min, fresh.block_max, fresh.channel_ids, fresh.codes, fresh.scales)))
+    fresh = copy_index(index, lambda t: t.cpu().clone())
+    fill_summaries_with_junk(fresh, torch.Generator().manual_seed(5))
+    gpu = copy_index(fresh, lambda t: t.to(DEVICE).clone())
     n = c["slots"].shape[0]
     perm = torch.randperm(n)
     slots = c["slots"][perm].clone()
@@ -153,8 +169,7 @@ def test_write_index_matches_reference(name):
     for sl in (slice(0, half), slice(half, n)):
         ref.write_index(fresh, keys[sl], slots[sl], config)
         write_index_triton(gpu, keys[sl].to(DEVICE), slots[sl].to(DEVICE), config, ws)
-    assert torch.equal(gpu.block_min.cpu(), fresh.block_min)
-    assert torch.equal(gpu.block_max.cpu(), fresh.block_max)
+    assert_same_summaries(gpu, fresh)
     if fresh.codes is not None:
         assert torch.equal(gpu.scales.cpu(), fresh.scales)
         assert torch.equal(gpu.codes.cpu(), fresh.codes)
@@ -167,8 +182,30 @@ def test_write_index_matches_reference(name):
     new_keys = torch.randn(len(seq_lens), *keys.shape[1:]).to(keys.dtype)
     ref.write_index(fresh, new_keys, new_slots, config)
     write_index_triton(gpu, new_keys.to(DEVICE), new_slots.to(DEVICE), config, ws)
-    assert torch.equal(gpu.block_min.cpu(), fresh.block_min)
-    assert torch.equal(gpu.block_max.cpu(), fresh.block_max)
+    assert_same_summaries(gpu, fresh)
+
+
+@pytest.mark.parametrize("Hkv, Dk, dtype", [(1, 576, torch.bfloat16), (3, 40, torch.float16)])
+def test_write_index_summaries_odd_head_shapes(Hkv, Dk, dtype):
+    # MLA's key width (not a power of two) and an odd head count: the writer's (heads, channels) tiles
+    # are padded, so the per-head scale must only see real channels. Prefill with a split block, then
+    # decode tokens that merge without growing the scale and tokens that grow it.
+    config = SparseAttentionConfig(selection_block_size=16, num_blocks=2, token_budget=32, sink_tokens=0,
+                                   local_tokens=0, index_channels=8, index_bits=4)
+    gen = torch.Generator().manual_seed(3)
+    want = ref.allocate_index(3, 32, Hkv, Dk, config, dtype, "cpu")
+    fill_summaries_with_junk(want, gen)
+    got = copy_index(want, lambda t: t.to(DEVICE).clone())
+    ws = IndexWriteWorkspace(3, 2, DEVICE)
+    keys = (torch.randn(40, Hkv, Dk, generator=gen) * torch.rand(1, 1, Dk, generator=gen) * 3).to(dtype)
+    slots = torch.cat([torch.arange(32, 56), torch.arange(64, 80)])  # blocks 1 (one and a half) and 2
+    calls = [slice(0, 20), slice(20, 40)] + [slice(t, t + 1) for t in range(20, 24)]  # prefill, then decode
+    for t, sl in enumerate(calls):
+        k = keys[sl] * (1.0 if t < 4 else 4.0)  # the last decode tokens grow the scale
+        ref.write_index(want, k, slots[sl], config)
+        write_index_triton(got, k.to(DEVICE), slots[sl].to(DEVICE), config, ws)
+        assert_same_summaries(got, want)
+    assert bool(want.block_scale[1].gt(0).all() and want.block_scale[2, 0].gt(0).all())  # written blocks
 
 
 # (config.group_score, softmax_scale passed): the combination of a GQA group's heads, and its "lse"

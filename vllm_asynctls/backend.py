@@ -17,9 +17,9 @@ Design
   i.e. the first prefill chunk the engine serves (Double Sparsity's offline calibration, done online:
   the channels with the largest mean |k| per kv head). Later requests reuse them.
 - Memory: the index is allocated at the first KV write, sized from the KV cache's block count. Per
-  token and kv head it costs `2 * D * dtype_bytes / selection_block_size` (summaries) +
-  `index_channels * index_bits / 8` + 4 (codes + scale) bytes: for D = 64, float32, 16-token blocks,
-  32 4-bit channels, 52 bytes next to 512 bytes of K/V (~10%). With an explicit KV budget
+  token and kv head it costs `(2 * D + 4) / selection_block_size` (int8 summaries and their float32
+  scale) + `index_channels * index_bits / 8` + 4 (codes + scale) bytes: for D = 64, float32, 16-token
+  blocks, 32 4-bit channels, 28.25 bytes next to 512 bytes of K/V (~5%). With an explicit KV budget
   (`VLLM_CPU_KVCACHE_SPACE`, `--kv-cache-memory-bytes`) `_vllm_compat.reserve_index_memory` shrinks
   the K/V share by that fraction at start-up, so K/V plus index fit the budget; logged at allocation.
 - Counters (`vllm_asynctls.counters`): decode tokens served sparse vs dense per step (builder), and

@@ -180,12 +180,13 @@ class AsyncTLSConfig:
         """Share of the KV-cache memory the per-layer index takes when both live in one budget.
 
         Per token and kv head: K/V take `2 * D * b` bytes (MLA: one latent row, `D * b`); the index
-        takes the block min/max (`2 * D * b / selection_block_size`) plus the low-bit codes and one
-        float32 scale (nothing for `index_bits == 16`).
+        takes the block min/max (int8 codes and one float32 scale per selection block:
+        `(2 * D + 4) / selection_block_size`) plus the low-bit codes and one float32 scale (nothing
+        for `index_bits == 16`).
         """
         cfg = self.sparse_config(head_dim=head_dim, is_mla=is_mla)
         kv = (1 if is_mla else 2) * head_dim * dtype_bytes
-        index = 2 * head_dim * dtype_bytes / cfg.selection_block_size
+        index = (2 * head_dim + 4) / cfg.selection_block_size
         if cfg.index_bits != 16:
             index += cfg.index_channels * cfg.index_bits / 8 + 4
         return index / (kv + index)

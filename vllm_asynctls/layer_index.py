@@ -67,7 +67,8 @@ class LayerIndex:
             )
         self.calibrated = False
         nbytes = sum(t.numel() * t.element_size() for t in (self.index.block_min, self.index.block_max,
-                                                           self.index.codes, self.index.scales) if t is not None)
+                                                           self.index.block_scale, self.index.codes,
+                                                           self.index.scales) if t is not None)
         logger.info(
             "asynctls: index for %d cache blocks x %d tokens (%d kv heads, key dim %d): %.1f MiB per layer",
             num_cache_blocks, cache_block_size, self.num_kv_heads, self.head_dim, nbytes / 2**20,
