@@ -34,6 +34,10 @@ def _int8_outward(index, key, slots, config):
 
 
 def main():
+    if hasattr(ref, "dequantize_summary"):
+        sys.exit("recall_int8_summaries.py emulates int8 summaries on the old key-dtype layout: run it at commit "
+                 "f395b2a. On this tree the summaries are int8 already: python benchmarks/bench_sparse_decode.py "
+                 "--recall-only --device cpu")
     results = {}
     for name in ("shipped", "int8_outward"):
         ref.write_index = _write_index if name == "shipped" else _int8_outward
