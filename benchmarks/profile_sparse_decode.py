@@ -5,7 +5,7 @@ operator replayed from a CUDA graph, with and without programmatic dependent lau
 starts while the previous one drains) in the same run, then runs it eagerly without PDL under
 torch.profiler (CUPTI) and prints each kernel's mean device time (with PDL a kernel's time would include
 its wait for the previous one). The gap between the graph time without PDL and the kernel sum is launch
-and drain time between the six dependent kernels. For hardware counters on one kernel, run this script under Nsight
+and drain time between the dependent kernels. For hardware counters on one kernel, run this script under Nsight
 Compute, e.g. `ncu -k regex:_token_score --launch-skip 2 --launch-count 1 --section SpeedOfLight python3 ...`.
 
 Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--out FILE]
