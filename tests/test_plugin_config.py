@@ -276,6 +276,20 @@ def test_counters_snapshot_shares_and_reads():
     assert s["context_per_sparse_decode"] == pytest.approx(6000.0)
 
 
+def test_counters_say_reads_were_not_counted_instead_of_zero():
+    # The GPU backend counts sparse decodes but not their reads (decode is captured in CUDA graphs):
+    # the snapshot must not claim they read nothing.
+    from vllm_asynctls.counters import AsyncTLSCounters
+    from vllm_asynctls.demo import _tokens_read
+
+    c = AsyncTLSCounters()
+    assert c.snapshot()["tokens_read_per_sparse_decode"] == 0.0  # no sparse decode yet
+    c.record_step(prefill_tokens=0, dense_context_lens=[], sparse_context_lens=[5000, 6000])
+    s = c.snapshot()
+    assert s["decode_tokens_sparse"] == 2 and s["tokens_read_per_sparse_decode"] is None
+    assert _tokens_read(s) == "(not counted on this backend)"
+
+
 def test_key_and_value_views_read_cpu_attn_cache_layout():
     """The sparse path reads CPU_ATTN's cache through views; they must match what vLLM's own
     `cpu_attn_reshape_and_cache` wrote (keys are stored transposed per block and head)."""

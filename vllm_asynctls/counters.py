@@ -15,7 +15,8 @@ offload on, the snapshot also carries the offload's `offload_*` metrics (hot-cac
 copied per step, exposed copy time; see `vllm_asynctls.offload.prefetch.OffloadMetrics`). Request-level
 counts are updated by the metadata builder once per scheduler step (host integers it already has);
 the tokens the sparse path reads are summed into a tensor on the device of the KV cache, so the
-decode path never synchronises with the host just to count.
+decode path never synchronises with the host just to count. The GPU backend (decode in CUDA graphs)
+counts requests but not reads: there `tokens_read_per_sparse_decode` is None.
 """
 
 from __future__ import annotations
@@ -110,10 +111,12 @@ class AsyncTLSCounters:
                 "decode_tokens_sparse": self.decode_tokens_sparse,
                 "decode_tokens_dense": self.decode_tokens_dense,
                 "sparse_share": self.decode_tokens_sparse / decode if decode else 0.0,
-                # Tokens one decode token reads per kv head and layer.
+                # Tokens one decode token reads per kv head and layer; None where sparse decodes ran
+                # but their reads were not counted (the GPU backend's decode, captured in CUDA graphs,
+                # does not count them: per-layer counting kernels would cost the step time they report).
                 "tokens_read_per_sparse_decode": sparse_read / self._sparse_row_layers
                 if self._sparse_row_layers
-                else 0.0,
+                else (None if self.decode_tokens_sparse else 0.0),
                 "context_per_sparse_decode": self.sparse_context_tokens / self.decode_tokens_sparse
                 if self.decode_tokens_sparse
                 else 0.0,

@@ -15,6 +15,11 @@ import os
 import time
 
 
+def _tokens_read(counters: dict) -> str:
+    read = counters["tokens_read_per_sparse_decode"]
+    return "(not counted on this backend)" if read is None else f"{read:.0f}"
+
+
 def _run_engine(model: str, prompts: list[str], backend: str | None, knobs: dict, max_tokens: int, dtype: str,
                 max_model_len: int):
     from vllm import LLM, SamplingParams
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nasynctls: {counters['decode_tokens_sparse']} decode tokens sparse "
         f"({100 * counters['sparse_share']:.0f}% of decode tokens), "
-        f"{counters['tokens_read_per_sparse_decode']:.0f} tokens read per kv head and layer "
+        f"{_tokens_read(counters)} tokens read per kv head and layer "
         f"against a context of {counters['context_per_sparse_decode']:.0f}"
     )
     print(f"dense: {sum(s.score(d) for s, d in zip(samples, dense)):.0f}/{len(samples)} keys found; "
