@@ -62,13 +62,12 @@ def main(argv=None) -> dict:
     row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget)
     if has_pdl:
         row["pdl_supported"] = sparse_attention.pdl_enabled(q)
-        sparse_attention.USE_PDL = row["pdl_supported"]
         row["graph_us"] = graph_time_ms(step) * 1e3
         sparse_attention.USE_PDL = False
     row["graph_us_no_pdl"] = graph_time_ms(step) * 1e3
     row["kernels_us"] = kernel_times_us(step)
     if has_pdl:
-        sparse_attention.USE_PDL = None
+        sparse_attention.USE_PDL = True
     print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}: whole step from a CUDA graph "
           f"{row.get('graph_us', float('nan')):.1f} us with PDL (supported: {row.get('pdl_supported')}), "
           f"{row['graph_us_no_pdl']:.1f} us without")

@@ -13,8 +13,10 @@ Design
   region or the local window, score -inf (they are attended anyway).
 - `topk_rows`: one program per row finds the k-th largest score on the order-preserving integer image
   of the float32 scores (held in registers) by a bracketing search, one counting reduction per pass:
-  interpolation on the count between the bracket's ends (a handful of passes on real score rows),
-  value-space midpoints, and integer bisection as the exact fallback. It then compacts the indices
+  a first guess from a normal fit of the row (mean + z sd), Newton steps on that fit's density while
+  one end of the bracket is still the row's extreme, then interpolation on the count between the
+  bracket's ends (a handful of passes on real score rows), and integer bisection as the exact
+  fallback. It then compacts the indices
   above the threshold (ties broken by lowest index) into ascending order. Output is fixed-size with -1
   padding: no sort, no host synchronisation, CUDA-graph safe (the pass count varies per row on the
   device, the launch does not). Rows up to 32K entries fit one program.
@@ -37,7 +39,7 @@ BLOCK_SCORE_TILE = 128  # selection blocks per program (group of <= 32 q heads)
 BLOCK_SCORE_WARPS = 4
 BLOCK_SCORE_DK = 64  # key channels per step (< head dim: a pipelined loop over chunks)
 BLOCK_SCORE_STAGES = 2
-TOPK_INTERP_PASSES = 24  # value-space (interpolation / midpoint) passes before integer bisection
+TOPK_INTERP_PASSES = 24  # value-space passes (model guesses, interpolation) before integer bisection
 TOPK_WARPS_SMALL = 4  # warps for rows of up to 2048 entries
 TOPK_WARPS_LARGE = 8  # warps for rows of more than 2048 entries (H100 sweep: 8 < 16 < 32 us)
 
@@ -198,8 +200,8 @@ def _topk_rows_kernel(
     # bracket keeps the invariant, so the guesses below only decide how fast it ends, never the result:
     # - pass 0: the normal model of the row, mean + z sd with P(Z > z) = K / n_valid (mean and sd come
     #   with the first reduction);
-    # - while one end is still the row's extreme: a Newton step on the model's density at the last
-    #   threshold, (count - K) / density;
+    # - while one end is still the row's extreme: a Newton step from the last threshold,
+    #   (count - K) / density, with the model's density at its K-quantile (computed once);
     # - then linear interpolation of the count between the ends, in value space.
     # The moved end snaps to the nearest key. A guess that falls outside the bracket becomes the
     # interpolation guess; after INTERP_PASSES, or when that is not strictly inside either, integer
@@ -252,7 +254,8 @@ def _topk_rows_kernel(
     lo_moved = n_valid < 0
     hi_moved = n_valid < 0
     while searching:
-        # lo and hi - 1 are always keys of the row (snapped), so both convert to finite floats.
+        # lo and hi - 1 are always keys of the row (snapped); +inf scores make lo_f / hi_f infinite, and
+        # the guesses then fall outside the bracket, leaving the pass to integer bisection.
         lo_f = _key_to_float(lo)
         hi_f = _key_to_float(hi - 1)
         frac = (cnt_lo - K).to(tl.float32) / (cnt_lo - cnt_hi).to(tl.float32)

@@ -48,18 +48,19 @@ def float32_dots(dtype: torch.dtype) -> bool:
 
 
 # Programmatic dependent launch (sm90+): each decode kernel is launched so that it may start while
-# the kernel before it drains, and waits (`gdc_wait`) before it reads anything. None = on where
-# supported; False / True force it (benchmarks compare both). ASYNCTLS_PDL=0 turns it off.
-USE_PDL: bool | None = None
+# the kernel before it drains, and waits (`gdc_wait`) before it reads anything. True = on where
+# supported; False turns it off (benchmarks compare both), as does ASYNCTLS_PDL=0.
+USE_PDL: bool = True
 _pdl_support: dict = {}
 
 
 def pdl_enabled(tensor: torch.Tensor) -> bool:
-    """Whether kernels on `tensor`'s device launch with programmatic dependent launch: CUDA capability
-    9.0 or newer, a Triton with grid dependency control, not the interpreter, not ASYNCTLS_PDL=0."""
-    if USE_PDL is not None:
-        return USE_PDL
-    if not tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ASYNCTLS_PDL") == "0":
+    """Whether kernels on `tensor`'s device launch with programmatic dependent launch: USE_PDL, an
+    NVIDIA GPU of capability 9.0 or newer (not ROCm), a Triton with grid dependency control, not the
+    interpreter, not ASYNCTLS_PDL=0."""
+    if not USE_PDL or not tensor.is_cuda or torch.version.hip is not None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ASYNCTLS_PDL") == "0":
         return False
     device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     if device not in _pdl_support:

@@ -10,8 +10,9 @@ in two levels from the rest (the *candidates* `[sink_tokens, L - local_tokens)`)
    elementwise min / max summary of its keys (`write_index` keeps it up to date), stored as int8 codes
    with one float32 scale per (selection block, kv head), min rounded down and max rounded up. Its
    Quest bound `sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min` is an upper bound of `q . k`
-   for every key in the block (up to float32 rounding; see `write_index`). The top `num_blocks`
-   blocks that hold at least one candidate survive.
+   for every key in the block, up to a slack of less than `SUMMARY_TOL * scale * ||q||_1` (a thousandth
+   of a code step per channel; see `quantize_summary`). The top `num_blocks` blocks that hold at least
+   one candidate survive.
 2. `score_tokens` / `select_tokens`: inside the kept blocks, each candidate is scored from a compact
    index (`index_channels` key channels, quantised to `index_bits`; exact `q . k` with 16 bits) and
    the top `token_budget` survive.
@@ -85,6 +86,10 @@ SUMMARY_QMAX = 127  # block summary codes are int8 in [-127, 127]
 # Slack of the summaries' outward rounding, in code steps: floor(x / scale + TOL), ceil(x / scale - TOL).
 # Without it a stored code c does not always requantise to c under an unchanged scale (float32
 # (c * s) / s may land a hair below c), and a plain floor would then drift one code per decode token.
+# The price: a value within TOL of a code step above a code rounds to that code, so a stored min can
+# exceed the true min (a max fall short of it) by less than TOL * scale (8e-6 of the block's largest
+# |key| value). Exact outward rounding that is also idempotent needs a correction step after the
+# division (compare code * scale with the value); not built yet.
 SUMMARY_TOL = 1e-3
 
 
@@ -262,9 +267,10 @@ def quantize_summary(block_min: Tensor, block_max: Tensor) -> tuple[Tensor, Tens
     float32 = `max_d max(|min_d|, |max_d|) / 127`, with
     `code_min = clamp(floor(min / scale + TOL), -127, 127)`, `code_max = clamp(ceil(max / scale - TOL),
     -127, 127)` (TOL = `SUMMARY_TOL`). An all-zero row stores scale 0 and codes 0 (it decodes to 0,
-    exactly). So `code_min * scale <= min` and `code_max * scale >= max` up to float32 rounding and
-    TOL code steps, and each is within one code step (scale) of the true value: `q+ . max + q- . min`
-    on the dequantised summary still bounds `q . k` of every key the summary covers.
+    exactly). So `code_min * scale <= min + TOL * scale` and `code_max * scale >= max - TOL * scale`
+    (float32 rounding aside), and each is within one code step (scale) of the true value:
+    `q+ . max + q- . min` on the dequantised summary bounds `q . k` of every key the summary covers up
+    to less than `TOL * scale * ||q||_1`.
     Every operation is one correctly rounded float32 operation (no fused multiply-add), so the Triton
     writer (`index_write.py`) reproduces it bit for bit.
     """
@@ -296,8 +302,8 @@ def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: S
     time) requantises what is stored: while the scale is unchanged the codes of channels the token does
     not extend stay exactly as they were (TOL absorbs float32's `(c * s) / s != c`), but each growth of
     the scale re-rounds them outward, by at most one code. So writing a block token by token may give
-    looser (never tighter, never invalid) summaries than writing it at once. Token codes do not depend
-    on the call's split.
+    looser summaries than writing it at once (never tighter; both within the TOL slack above). Token
+    codes do not depend on the call's split.
     """
     S = config.selection_block_size
     per_block = index.blocks_per_cache_block
@@ -428,8 +434,8 @@ def score_blocks(
     temperature (default 1 / sqrt(Dk)).
     Returns (B, Hkv, W * cache_block_size // selection_block_size) float32; -inf for blocks holding
     no candidate position (beyond seq_len, or wholly inside the sinks / local window).
-    The summaries are dequantised (`code * block_scale`): their outward rounding keeps the bound >= the
-    combined score of every key of the block.
+    The summaries are dequantised (`code * block_scale`): their outward rounding keeps each head's bound
+    >= `q . k` of every key of the block, up to the `SUMMARY_TOL` slack of `quantize_summary`.
     """
     S = config.selection_block_size
     per_block = index.blocks_per_cache_block

@@ -139,3 +139,19 @@ def test_server_rollouts_refuse_a_trainer_with_its_own_engine(tmp_path):
 
     with pytest.raises(ValueError, match="use_vllm=False"):
         ServerRollouts(_FakeServer(), tmp_path).attach(_fake_trainer(None, use_vllm=True))
+
+
+def test_recipe_plots_say_reads_were_not_counted(tmp_path):
+    # The GPU backend counts sparse decodes but not their reads (`tokens_read_per_sparse_decode` None):
+    # the recipes' plots must still draw, without the reads, instead of failing on None.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vllm_asynctls.recipes_support import ServedRun, plot_budget_sweep
+
+    counters = {"tokens_read_per_sparse_decode": None, "context_per_sparse_decode": 2000.0}
+    dense = ServedRun("dense", None, scores=[1.0, 0.0])
+    sparse = [ServedRun("asynctls", b, scores=[1.0, 1.0], counters=dict(counters)) for b in (64, 128)]
+    fig = plot_budget_sweep(dense, sparse, 2000.0, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert "reads not counted on this backend" in [t.get_text() for t in fig.axes[1].texts]

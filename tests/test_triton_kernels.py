@@ -405,3 +405,18 @@ def test_workspace_decode_is_graph_capturable():
     want_out, want_pos, _ = sparse_decode_triton(new_q, kc, vc, bt, sl, index, config, c["scale"])
     assert torch.equal(pos, want_pos)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+
+
+def test_programmatic_dependent_launch_only_where_supported(monkeypatch):
+    from asynctls_tip_kernels import sparse_attention as sa
+
+    t = torch.zeros(1, device=DEVICE)
+    if _INTERPRET or not torch.cuda.is_available():
+        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+    elif torch.cuda.get_device_capability()[0] < 9 or torch.version.hip is not None:
+        assert not sa.pdl_enabled(t)
+    monkeypatch.setattr(sa, "USE_PDL", False)
+    assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+    monkeypatch.setattr(sa, "USE_PDL", True)
+    monkeypatch.setenv("ASYNCTLS_PDL", "0")
+    assert not sa.pdl_enabled(t)

@@ -21,6 +21,7 @@ KERNEL_TESTS = Path(__file__).with_name("test_triton_kernels.py")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, tests/test_triton_kernels.py runs compiled")
 def test_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", ASYNCTLS_TEST_INTERPRET="1")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", str(KERNEL_TESTS)],

@@ -536,7 +536,11 @@ def plot_server_rollout_run(run: RuleRun, rollouts: ServerRollouts, counters: di
 
     ax = axes[2]
     read, context = counters["tokens_read_per_sparse_decode"], counters["context_per_sparse_decode"]
-    ax.bar(["asynctls (read)", "dense (context)"], [read, context], color=["tab:blue", "tab:gray"])
+    if read is None:  # the serving backend did not count reads (the GPU backend's graph-captured decode)
+        ax.bar(["dense (context)"], [context], color=["tab:gray"])
+        ax.text(0.5, 0.9, "asynctls reads not counted on this backend", transform=ax.transAxes, ha="center", fontsize=8)
+    else:
+        ax.bar(["asynctls (read)", "dense (context)"], [read, context], color=["tab:blue", "tab:gray"])
     ax.set(title=f"per decode step, kv head, layer ({counters['decode_tokens_sparse']} sparse decode tokens)",
            ylabel="tokens")
     ax.title.set_fontsize(9)

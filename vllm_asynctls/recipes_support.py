@@ -318,7 +318,12 @@ def plot_serving(dense: ServedRun, sparse_runs: Sequence[ServedRun], context_tok
     ax.minorticks_off()  # log-scale minor labels (6x10^1, 2x10^2) collide with the budgets
     ax.legend()
     ax = axes[1]
-    ax.plot(budgets, [r.counters["tokens_read_per_sparse_decode"] for r in runs], "o-", label="asynctls (counters)")
+    counted = [(r.token_budget, r.counters["tokens_read_per_sparse_decode"]) for r in runs]
+    counted = [(b, read) for b, read in counted if read is not None]  # None: the backend did not count reads
+    if counted:
+        ax.plot(*zip(*counted), "o-", label="asynctls (counters)")
+    else:
+        ax.text(0.5, 0.5, "reads not counted on this backend", transform=ax.transAxes, ha="center")
     ax.axhline(context_tokens, color="k", ls="--", label="dense (the whole context)")
     ax.set(title="tokens read per decode step (per kv head, layer)", xlabel="token budget", xscale="log",
            xticks=budgets)
@@ -341,6 +346,8 @@ def plot_budget_sweep(dense: ServedRun, sparse_runs: Sequence[ServedRun], contex
     ax = fig.axes[1]
     for r in sorted(sparse_runs, key=lambda r: r.token_budget):
         read = r.counters["tokens_read_per_sparse_decode"]
+        if read is None:  # the backend did not count reads
+            continue
         ax.annotate(f"{100 * read / r.counters['context_per_sparse_decode']:.0f}%", (r.token_budget, read),
                     textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     if path is not None:
