@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import random_prompts
 from vllm_engines import shutdown_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,23 +254,6 @@ TP_MAX_TOKENS = 16
 TP_ATTENDED_MAX = 16 + 16 + 128
 
 
-def _prompts(model_path: str, lengths, seed: int) -> list[list[int]]:
-    """Token-id prompts of exactly `lengths` tokens of random words from the tiny tokenizer."""
-    from transformers import AutoTokenizer
-
-    import tiny_models
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    rng = random.Random(seed)
-    out = []
-    for n in lengths:
-        ids: list[int] = []
-        while len(ids) < n:
-            ids += tokenizer(" ".join(rng.choice(tiny_models._WORDS) for _ in range(200))).input_ids
-        out.append(ids[:n])
-    return out
-
-
 def _tp_engine_run(model_path: str, tp: int, prompts) -> tuple[list[list[int]], list[dict]]:
     """Greedy tokens of an asynctls engine at this TP, and each rank's counters (rank order)."""
     from vllm import LLM, SamplingParams
@@ -307,7 +290,7 @@ def tp_runs(qwen3_gqa_path):
         pytest.skip(f"tensor parallelism 2 on CPU needs 2 CPUs to bind, this process may use {allowed}")
     # Counters are read with `collective_rpc(read_counters)`; vLLM ships a callable to its workers only with this.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    prompts = _prompts(qwen3_gqa_path, TP_LENGTHS, seed=3)
+    prompts = random_prompts(qwen3_gqa_path, TP_LENGTHS, seed=3)
     runs = {1: _tp_engine_run(qwen3_gqa_path, 1, prompts)}
     # vLLM's automatic CPU binding gives each rank a NUMA node and refuses 2 ranks on a 1-node machine ("Not enough
     # allowed NUMA nodes to bind threads of 2 local CPUWorkers"); bind one core per rank by hand instead.
