@@ -81,19 +81,19 @@ def build_case(
                 keys, values, slots, flat)
 
 
-def fill_summaries_with_junk(index: ref.SparseIndex, seed: int) -> None:
-    """Valid-looking but wrong summaries (int8 codes, positive scales), so a missed reset shows up."""
-    gen = torch.Generator().manual_seed(seed)
+def fill_summaries_with_junk(index: ref.SparseIndex, gen: torch.Generator, scale_max: float = 1.0) -> None:
+    """Valid-looking but wrong summaries (int8 codes, scales in [0, scale_max)), so a missed reset shows
+    up. Also used by tests/test_triton_kernels.py."""
     index.block_min.copy_(torch.randint(-127, 128, index.block_min.shape, generator=gen, dtype=torch.int8))
     index.block_max.copy_(torch.randint(-127, 128, index.block_max.shape, generator=gen, dtype=torch.int8))
-    index.block_scale.copy_(torch.rand(index.block_scale.shape, generator=gen) * 0.1)
+    index.block_scale.copy_(torch.rand(index.block_scale.shape, generator=gen) * scale_max)
 
 
 def build_index(case: Case, config: SparseAttentionConfig, calibrate=True, seed=1) -> ref.SparseIndex:
     """Index pre-filled with junk (so resets matter), calibrated channels, then one prefill write."""
     ncb, cbs, hkv, d = case.key_cache.shape
     index = ref.allocate_index(ncb, cbs, hkv, d, config, torch.float32, "cpu")
-    fill_summaries_with_junk(index, seed)
+    fill_summaries_with_junk(index, torch.Generator().manual_seed(seed), scale_max=0.1)
     if calibrate:
         ref.set_index_channels(index, ref.choose_index_channels(torch.cat(case.keys), config.index_channels))
     ref.write_index(index, case.flat_keys, case.slots, config)
@@ -393,14 +393,14 @@ def test_write_index_summaries_bound_keys_whatever_the_split(name):
     # Token by token (decode), in order, from a junk-filled start.
     stepwise = build_index(case, config, calibrate=False)
     stepwise.channel_ids.copy_(prefill.channel_ids)
-    fill_summaries_with_junk(stepwise, seed=2)
+    fill_summaries_with_junk(stepwise, torch.Generator().manual_seed(2), scale_max=0.1)
     steps = [[i] for i in range(n)]
     for (i,) in steps:
         ref.write_index(stepwise, case.flat_keys[i : i + 1], case.slots[i : i + 1], config)
     # Prefill in uneven chunks that split selection blocks.
     chunked = build_index(case, config, calibrate=False)
     chunked.channel_ids.copy_(prefill.channel_ids)
-    fill_summaries_with_junk(chunked, seed=3)
+    fill_summaries_with_junk(chunked, torch.Generator().manual_seed(3), scale_max=0.1)
     chunks = [list(range(lo, min(lo + 37, n))) for lo in range(0, n, 37)]
     for chunk in chunks:
         ref.write_index(chunked, case.flat_keys[chunk], case.slots[chunk], config)
@@ -473,7 +473,7 @@ def test_write_index_all_zero_summary_stores_zero_scale_and_codes():
     config = SparseAttentionConfig(selection_block_size=16, num_blocks=2, token_budget=16, sink_tokens=0,
                                    local_tokens=0, index_channels=8, index_bits=16)
     index = ref.allocate_index(2, 16, 1, 32, config, torch.float32, "cpu")
-    fill_summaries_with_junk(index, seed=0)
+    fill_summaries_with_junk(index, torch.Generator().manual_seed(0), scale_max=0.1)
     ref.write_index(index, torch.zeros(3, 1, 32), torch.tensor([16, 17, 18]), config)
     assert torch.equal(index.block_scale[1, 0], torch.zeros(1))
     assert not index.block_min[1, 0].any() and not index.block_max[1, 0].any()

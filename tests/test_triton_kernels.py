@@ -36,6 +36,7 @@ from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noq
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton  # noqa: E402
 from asynctls_tip_kernels.token_select import select_tokens_triton, token_scores_triton  # noqa: E402
+from test_sparse_reference import fill_summaries_with_junk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Output tolerance per dtype (atol = rtol): bf16 output rounding is 2^-8 relative.
@@ -107,13 +108,6 @@ def build(name, seed=0):
     return dict(query=query.to(DEVICE), key_cache=key_cache, value_cache=value_cache, block_table=table.to(DEVICE),
                 seq_lens=seq.to(DEVICE), index=index, config=config, scale=1.0 / math.sqrt(Dk), dtype=dtype,
                 flat_keys=flat, slots=slots)
-
-
-def fill_summaries_with_junk(index, gen):
-    """Valid-looking but wrong summaries (int8 codes, positive scales): a missed reset shows up."""
-    index.block_min.copy_(torch.randint(-127, 128, index.block_min.shape, generator=gen, dtype=torch.int8))
-    index.block_max.copy_(torch.randint(-127, 128, index.block_max.shape, generator=gen, dtype=torch.int8))
-    index.block_scale.copy_(torch.rand(index.block_scale.shape, generator=gen))
 
 
 def copy_index(index, move):
