@@ -13,11 +13,11 @@ Design
   token of its selection block (a scan over the call's slots, keys loaded only for matching chunks)
   into float32 min / max, (Hkv, D) tiles; replaces the stored summary if any of them starts the block
   (`offset % S == 0`) and merges into it, dequantised, otherwise; requantises it (per kv head: a new
-  scale from the max over channels, min rounded down, max up, exactly the reference's
-  `quantize_summary`), then releases the claim (back to INT32_MAX). One writer per summary, so no
-  atomics on summaries and no ordering between programs is needed. Every float32 operation is the
-  reference's, one at a time (`div_rn`, no fused multiply-add), so the codes and scales agree bit for
-  bit; no libdevice, so the interpreter runs it too.
+  scale from the max over channels, min rounded down, max up, with the correction step that makes the
+  bound exact: exactly the reference's `quantize_summary`), then releases the claim (back to
+  INT32_MAX). One writer per summary, so no atomics on summaries and no ordering between programs is
+  needed. Every float32 operation is the reference's, one at a time (`div_rn`, no fused multiply-add),
+  so the codes and scales agree bit for bit; no libdevice, so the interpreter runs it too.
 - The claim buffer (one int32 per selection block of the cache) lives in `IndexWriteWorkspace`;
   between calls it holds INT32_MAX everywhere, an invariant the summary kernel restores.
 - The scan stops once a leader has found `S` tokens (a selection block has no more distinct slots),
@@ -134,9 +134,12 @@ def _index_summary_kernel(
     # For selection block G of this leader, over the call's tokens T_G in G, per kv head h:
     #   min_G = min_{t in T_G} k_t                   if some t in T_G has offset % SBS == 0,
     #         = min(code_min_G * scale_G, min_t k_t)  otherwise (max alike);
-    #   scale = max_d max(|min_d|, |max_d|) / 127, safe = scale or 1 when 0;
-    #   code_min = clamp(floor(min / safe + TOL), -127, 127), code_max = clamp(ceil(max / safe - TOL), ...)
-    # with ceil(x) = -floor(-x). Summaries are (G, Hkv, D) rows: contiguous, so no strides.
+    #   amax = max_d max(|min_d|, |max_d|); scale = amax / 127, one float32 step up if 127 * scale < amax;
+    #   safe = scale or 1 when 0;
+    #   code_min = floor(min / safe + TOL), minus 1 if code_min * scale > min;
+    #   code_max = ceil(max / safe - TOL), plus 1 if code_max * scale < max; both clamped to [-127, 127]
+    # with ceil(x) = -floor(-x). Each product is compared as it is (no add after it, so no fused
+    # multiply-add). Summaries are (G, Hkv, D) rows: contiguous, so no strides.
     i = tl.program_id(0)
     slot = tl.load(slot_ptr + i)
     if slot >= 0:
@@ -182,9 +185,14 @@ def _index_summary_kernel(
                 cur_max = tl.maximum(cur_max, old_max)
             amax = tl.max(tl.where(hd_mask, tl.maximum(tl.abs(cur_min), tl.abs(cur_max)), 0.0), axis=1)
             scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))  # (BLOCK_H,)
+            # nextafter(scale, inf) for scale >= 0: the next bit pattern up.
+            up = (scale.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+            scale = tl.where(scale * 127.0 < amax, up, scale)
             safe = tl.where(scale > 0, scale, 1.0)[:, None]
             code_min = tl.floor(tl.math.div_rn(cur_min, safe) + TOL)
             code_max = -tl.floor(-(tl.math.div_rn(cur_max, safe) - TOL))
+            code_min = tl.where(code_min * scale[:, None] > cur_min, code_min - 1.0, code_min)
+            code_max = tl.where(code_max * scale[:, None] < cur_max, code_max + 1.0, code_max)
             code_min = tl.minimum(tl.maximum(code_min, -127.0), 127.0)
             code_max = tl.minimum(tl.maximum(code_max, -127.0), 127.0)
             tl.store(bmin_ptr + row, code_min.to(tl.int8), mask=hd_mask)

@@ -10,9 +10,9 @@ in two levels from the rest (the *candidates* `[sink_tokens, L - local_tokens)`)
    elementwise min / max summary of its keys (`write_index` keeps it up to date), stored as int8 codes
    with one float32 scale per (selection block, kv head), min rounded down and max rounded up. Its
    Quest bound `sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min` is an upper bound of `q . k`
-   for every key in the block, up to a slack of less than `SUMMARY_TOL * scale * ||q||_1` (a thousandth
-   of a code step per channel; see `quantize_summary`). The top `num_blocks` blocks that hold at least
-   one candidate survive.
+   for every key in the block: the dequantised summary bounds every key exactly, per channel (see
+   `quantize_summary`), so only the dot products' float32 rounding remains. The top `num_blocks`
+   blocks that hold at least one candidate survive.
 2. `score_tokens` / `select_tokens`: inside the kept blocks, each candidate is scored from a compact
    index (`index_channels` key channels, quantised to `index_bits`; exact `q . k` with 16 bits) and
    the top `token_budget` survive.
@@ -83,13 +83,11 @@ __all__ = [
 
 NEG_INF = float("-inf")
 SUMMARY_QMAX = 127  # block summary codes are int8 in [-127, 127]
-# Slack of the summaries' outward rounding, in code steps: floor(x / scale + TOL), ceil(x / scale - TOL).
-# Without it a stored code c does not always requantise to c under an unchanged scale (float32
-# (c * s) / s may land a hair below c), and a plain floor would then drift one code per decode token.
-# The price: a value within TOL of a code step above a code rounds to that code, so a stored min can
-# exceed the true min (a max fall short of it) by less than TOL * scale (8e-6 of the block's largest
-# |key| value). Exact outward rounding that is also idempotent needs a correction step after the
-# division (compare code * scale with the value); not built yet.
+# The summary codes' first guess, in code steps: floor(x / scale + TOL), ceil(x / scale - TOL). Without
+# it a stored code c does not always requantise to c under an unchanged scale (float32 (c * s) / s may
+# land a hair below c), and a plain floor would then drift one code per decode token. It leaves no
+# slack: `quantize_summary` then moves a code one step outward wherever `code * scale` misses the value,
+# so the stored summary bounds its keys exactly.
 SUMMARY_TOL = 1e-3
 
 
@@ -104,10 +102,11 @@ class SparseIndex:
 
     block_min, block_max: (num_cache_blocks, cache_block_size // selection_block_size, Hkv, Dk) int8
         codes in [-127, 127] of the elementwise min / max of each selection block's keys, rounded
-        outward (min down, max up); the summary is `code.float() * block_scale[..., None]`.
+        outward (min down, max up); the summary is `code.float() * block_scale[..., None]` and bounds
+        every key of its block exactly (`quantize_summary`).
     block_scale: (num_cache_blocks, cache_block_size // selection_block_size, Hkv) float32, one scale
-        per (selection block, kv head): `max_d max(|min_d|, |max_d|) / 127` (0 for an all-zero summary,
-        whose codes are then 0).
+        per (selection block, kv head): `max_d max(|min_d|, |max_d|) / 127`, one float32 step up where
+        needed for `127 * scale` to reach it (0 for an all-zero summary, whose codes are then 0).
     channel_ids: (Hkv, index_channels) int64, the key channels the token index keeps.
     codes: (num_cache_blocks, cache_block_size, Hkv, index_channels * index_bits // 8) uint8, or None
         when index_bits == 16.
@@ -261,24 +260,36 @@ def dequantize_index(codes: Tensor, scales: Tensor, bits: int, num_channels: int
 
 
 def quantize_summary(block_min: Tensor, block_max: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Block summaries to int8 codes rounded outward, one scale per summary row.
+    """Block summaries to int8 codes rounded outward, exactly, one scale per summary row.
 
     block_min, block_max: (..., D) float32. Returns code_min, code_max (..., D) int8 and scale (...)
-    float32 = `max_d max(|min_d|, |max_d|) / 127`, with
-    `code_min = clamp(floor(min / scale + TOL), -127, 127)`, `code_max = clamp(ceil(max / scale - TOL),
-    -127, 127)` (TOL = `SUMMARY_TOL`). An all-zero row stores scale 0 and codes 0 (it decodes to 0,
-    exactly). So `code_min * scale <= min + TOL * scale` and `code_max * scale >= max - TOL * scale`
-    (float32 rounding aside), and each is within one code step (scale) of the true value:
-    `q+ . max + q- . min` on the dequantised summary bounds `q . k` of every key the summary covers up
-    to less than `TOL * scale * ||q||_1`.
+    float32: `amax / 127` (amax = `max_d max(|min_d|, |max_d|)`), moved up to the next float32 where
+    `127 * scale` falls short of amax, so the extreme channel's code +-127 reaches it.
+    Codes: a first guess `floor(min / scale + TOL)`, `ceil(max / scale - TOL)` (TOL = `SUMMARY_TOL`),
+    then one code outward where it misses: `code_min -= 1` if `code_min * scale > min`, `code_max += 1`
+    if `code_max * scale < max`; then clamped to [-127, 127], which never binds (every |min|, |max| is
+    <= amax <= 127 * scale). So the dequantised summary (`code * scale`, the one float32 multiply of
+    `dequantize_summary`) bounds the row exactly per channel, `code_min * scale <= min` and
+    `code_max * scale >= max`, with the tightest such codes (one code inward would miss). The float32
+    product, not the exact one, is compared: a merge dequantises to it, so comparing anything else would
+    move a stored code when it is requantised.
+    Requantising a dequantised summary under an unchanged scale gives back the same codes (the first
+    guess is the stored code, float32 `(c * s) / s` being within TOL of c, and `c * s` is the value
+    compared), and the dequantised row gives back its scale (checked for every float32 amax whose
+    `127 * scale` does not overflow). An all-zero row stores scale 0 and codes 0 (it decodes to 0).
     Every operation is one correctly rounded float32 operation (no fused multiply-add), so the Triton
     writer (`index_write.py`) reproduces it bit for bit.
     """
     amax = torch.maximum(block_min.abs(), block_max.abs()).amax(dim=-1)  # (...)
     scale = amax / SUMMARY_QMAX
+    scale = torch.where(scale * SUMMARY_QMAX < amax, torch.nextafter(scale, torch.full_like(scale, math.inf)),
+                        scale)  # one step up at most: fl(amax / 127) is within half a step of amax / 127
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)  # (..., 1)
-    code_min = torch.floor(block_min / safe + SUMMARY_TOL).clamp_(-SUMMARY_QMAX, SUMMARY_QMAX)
-    code_max = torch.ceil(block_max / safe - SUMMARY_TOL).clamp_(-SUMMARY_QMAX, SUMMARY_QMAX)
+    code_min = torch.floor(block_min / safe + SUMMARY_TOL)  # (..., D): first guess, idempotent
+    code_max = torch.ceil(block_max / safe - SUMMARY_TOL)
+    step = scale.unsqueeze(-1)  # (..., 1): the correction compares what dequantize_summary computes
+    code_min = torch.where(code_min * step > block_min, code_min - 1, code_min).clamp_(-SUMMARY_QMAX, SUMMARY_QMAX)
+    code_max = torch.where(code_max * step < block_max, code_max + 1, code_max).clamp_(-SUMMARY_QMAX, SUMMARY_QMAX)
     return code_min.to(torch.int8), code_max.to(torch.int8), scale
 
 
@@ -297,13 +308,13 @@ def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: S
     tokens of that selection block; otherwise the call's tokens merge into the stored summary,
     dequantised (`code * scale`). The merged float32 min / max are then requantised by
     `quantize_summary` (a new scale per selection block and kv head, min rounded down, max up), so the
-    stored summary bounds every key of its block up to float32 rounding and `SUMMARY_TOL` code steps.
+    stored summary bounds every key of its block exactly (per channel, as float32 values).
     Prefill (many tokens of a block at once) quantises the exact min / max once. Decode (one token at a
     time) requantises what is stored: while the scale is unchanged the codes of channels the token does
-    not extend stay exactly as they were (TOL absorbs float32's `(c * s) / s != c`), but each growth of
-    the scale re-rounds them outward, by at most one code. So writing a block token by token may give
-    looser summaries than writing it at once (never tighter; both within the TOL slack above). Token
-    codes do not depend on the call's split.
+    not extend stay exactly as they were (`quantize_summary` is idempotent), but each growth of the
+    scale re-rounds them outward, by at most one code. So writing a block token by token may give
+    looser summaries than writing it at once (never tighter, and both exact bounds). Token codes do not
+    depend on the call's split.
     """
     S = config.selection_block_size
     per_block = index.blocks_per_cache_block
@@ -434,8 +445,9 @@ def score_blocks(
     temperature (default 1 / sqrt(Dk)).
     Returns (B, Hkv, W * cache_block_size // selection_block_size) float32; -inf for blocks holding
     no candidate position (beyond seq_len, or wholly inside the sinks / local window).
-    The summaries are dequantised (`code * block_scale`): their outward rounding keeps each head's bound
-    >= `q . k` of every key of the block, up to the `SUMMARY_TOL` slack of `quantize_summary`.
+    The summaries are dequantised (`code * block_scale`): they bound every key of the block exactly
+    (`quantize_summary`), so each head's bound is >= `q . k` of every key of the block up to the dot
+    products' float32 rounding.
     """
     S = config.selection_block_size
     per_block = index.blocks_per_cache_block

@@ -13,6 +13,7 @@ from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
 import torch
+from torch import Tensor
 
 from asynctls_tip_kernels import sparse_decode_reference as ref
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
@@ -142,14 +143,21 @@ def brute_combine(scores, config, head_dim, softmax_scale=None):
 
 def brute_summary(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One selection block's summary as written in one call, quantisation redone here: keys (n, D)
-    -> dequantised (min, max) (D,) float32, int8 codes of scale max_d max(|min_d|, |max_d|) / 127,
-    min rounded down and max up (with the reference's TOL)."""
+    -> dequantised (min, max) (D,) float32, int8 codes of scale amax / 127 (amax = max_d max(|min_d|,
+    |max_d|)), one float32 step up if 127 * scale < amax; codes: the reference's TOL first guess, then
+    one code outward where code * scale misses (min rounded down and max up, exactly)."""
     kmin, kmax = keys.float().min(dim=0).values, keys.float().max(dim=0).values
-    scale = torch.maximum(kmin.abs(), kmax.abs()).max() / 127
+    amax = torch.maximum(kmin.abs(), kmax.abs()).max()
+    scale = amax / 127
+    if scale * 127 < amax:
+        scale = torch.nextafter(scale, torch.tensor(math.inf))
     if scale == 0:
         return torch.zeros_like(kmin), torch.zeros_like(kmax)
-    code_min = torch.floor(kmin / scale + ref.SUMMARY_TOL).clamp(-127, 127)
-    code_max = torch.ceil(kmax / scale - ref.SUMMARY_TOL).clamp(-127, 127)
+    code_min = torch.floor(kmin / scale + ref.SUMMARY_TOL)
+    code_max = torch.ceil(kmax / scale - ref.SUMMARY_TOL)
+    code_min = torch.where(code_min * scale > kmin, code_min - 1, code_min)
+    code_max = torch.where(code_max * scale < kmax, code_max + 1, code_max)
+    assert code_min.abs().max() <= 127 and code_max.abs().max() <= 127
     return code_min * scale, code_max * scale
 
 
@@ -303,6 +311,118 @@ def test_quantize_dequantize_error_bound(bits):
         assert codes.tolist() == [stored]
 
 
+def adversarial_summaries(gen: torch.Generator, subnormal: bool = False, d: int = 24) -> tuple[Tensor, Tensor]:
+    """Summary rows (min, max), each (R, d) float32 with min <= max, made to trip outward rounding:
+    random keys over magnitudes 1e-30 .. 1e30 with mixed signs; values at, one float32 step beside and a
+    fraction of TOL below / above `c * scale` products of the row's own scale (the extreme channel
+    included); the extreme channel on the min side, the max side or both; negative zeros; all-zero,
+    all-positive, all-negative and min == max rows; subnormal rows (keys and scales) with `subnormal`."""
+    rows = []  # (min, max) pairs of (d,) float32
+    for mag in (1e-30, 1e-6, 1.0, 1e3, 1e30):
+        x = torch.randn(2, 4, d, generator=gen, dtype=torch.float64).mul(mag).float()  # (2, 4, d)
+        rows += list(zip(x.amin(0), x.amax(0)))
+    inf = torch.tensor(math.inf)
+    short = torch.rand(4096, generator=gen) * 10  # amax values whose float32 amax / 127 * 127 falls short
+    short = short[short / 127 * 127 < short][:3].tolist()
+    assert len(short) == 3
+    for amax in (1.0, 0.3, 3.7e-4, 2.5e3, 1e20, float(torch.rand(1, generator=gen)) * 40, *short):
+        for side in (-1.0, 1.0):
+            _, _, scale = ref.quantize_summary(torch.full((d,), -amax), torch.full((d,), amax))  # the row's scale
+            c = torch.randint(-127, 128, (2, d), generator=gen).double()  # (2, d)
+            lo = (c.amin(0) * scale).float()  # exactly at products: fl(c * scale)
+            hi = (c.amax(0) * scale).float()
+            frac = torch.tensor([1e-4, 5e-4, 9e-4, 0.0], dtype=torch.float64)[torch.randint(0, 4, (d,), generator=gen)]
+            rows += [
+                (lo, hi),
+                (torch.nextafter(lo, -inf), torch.nextafter(hi, inf)),
+                (torch.nextafter(lo, inf), torch.nextafter(hi, -inf)),
+                ((c.amin(0) - frac) * scale.double(), (c.amax(0) + frac) * scale.double()),  # TOL's old misses
+                ((c.amin(0) + frac) * scale.double(), (c.amax(0) - frac) * scale.double()),
+            ]
+            for r in range(len(rows) - 5, len(rows)):  # put the extreme channel on one side
+                mn, mx = rows[r][0].float().clone(), rows[r][1].float().clone()
+                mn, mx = torch.minimum(mn, mx), torch.maximum(mn, mx)
+                if side < 0:
+                    mn[3] = -amax
+                else:
+                    mx[3] = amax
+                rows[r] = (mn.clamp(-amax, amax), mx.clamp(-amax, amax))
+    z = torch.zeros(d)
+    rows += [(z, z), (-z, -z), (-z, z), (torch.full((d,), 2.5), torch.full((d,), 2.5)),
+             (torch.full((d,), -3.0), torch.full((d,), -3.0) + torch.rand(d, generator=gen))]
+    mixed = torch.randn(d, generator=gen)
+    mixed[::3] = -0.0
+    rows += [(mixed, mixed.abs()), (-mixed.abs(), mixed),
+             (torch.rand(d, generator=gen) + 1, torch.rand(d, generator=gen) + 2)]
+    both = torch.rand(d, generator=gen)
+    both[5] = 1.0
+    rows.append((-both, both))  # the extreme channel on both sides
+    if subnormal:
+        for scale_to in (1e-40, 1e-44, 1e-38, 2e-36):
+            x = (torch.randn(2, 3, d, generator=gen, dtype=torch.float64) * scale_to).float()  # (2, 3, d)
+            rows += list(zip(x.amin(0), x.amax(0)))
+        tiny = torch.zeros(d)
+        tiny[0] = -torch.finfo(torch.float32).smallest_normal / 2**23  # the smallest subnormal: scale 0 first
+        rows.append((tiny, z))
+    mins = torch.stack([r[0].float() for r in rows])  # (R, d)
+    maxs = torch.stack([r[1].float() for r in rows])
+    assert (mins <= maxs).all()
+    return mins, maxs
+
+
+def assert_exact_summary(code_min: Tensor, code_max: Tensor, scale: Tensor, mins: Tensor, maxs: Tensor) -> None:
+    """The codes bound (mins, maxs) (R, D) exactly, as `dequantize_summary` decodes them, and are the
+    tightest codes that do: one more code inward (float32 `c * scale`) would miss."""
+    assert code_min.dtype == code_max.dtype == torch.int8 and scale.dtype == torch.float32
+    assert code_min.abs().max() <= 127 and code_max.abs().max() <= 127
+    assert (ref.dequantize_summary(code_min, scale) <= mins).all()
+    assert (ref.dequantize_summary(code_max, scale) >= maxs).all()
+    amax = torch.maximum(mins.abs(), maxs.abs()).amax(-1)  # (R,)
+    assert (scale * 127 >= amax).all()  # the extreme channel's +-127 reaches it
+    assert ((scale == 0) == (amax == 0)).all()
+    live = scale > 0
+    inward_min = (code_min.float() + 1) * scale.unsqueeze(-1)  # (R, D)
+    inward_max = (code_max.float() - 1) * scale.unsqueeze(-1)
+    assert ((inward_min > mins) | (code_min == 127) | ~live.unsqueeze(-1)).all()
+    assert ((inward_max < maxs) | (code_max == -127) | ~live.unsqueeze(-1)).all()
+    assert (code_min[~live] == 0).all() and (code_max[~live] == 0).all()
+
+
+def test_quantize_summary_bounds_exactly_and_requantises_to_itself():
+    mins, maxs = adversarial_summaries(torch.Generator().manual_seed(0), subnormal=True)
+    code_min, code_max, scale = ref.quantize_summary(mins, maxs)
+    assert_exact_summary(code_min, code_max, scale, mins, maxs)
+    # The old rule (TOL only, no correction) missed some of these rows: they test the correction.
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    tol_only = torch.floor(mins / safe + ref.SUMMARY_TOL)
+    assert (tol_only * scale.unsqueeze(-1) > mins).any()
+    # Requantising what is stored gives it back (the decode path: a token inside the summary).
+    back_min, back_max = ref.dequantize_summary(code_min, scale), ref.dequantize_summary(code_max, scale)
+    again = ref.quantize_summary(back_min, back_max)
+    assert torch.equal(again[2], scale)
+    assert torch.equal(again[0], code_min) and torch.equal(again[1], code_max)
+    # A token that widens channel 0 inside the row's reach (so the scale stays) moves only its code.
+    reach = torch.maximum(back_min.abs(), back_max.abs()).amax(-1)  # (R,)
+    wider = back_min.clone()
+    wider[:, 0] = torch.maximum(2 * back_min[:, 0] - back_max[:, 0], -reach)
+    moved = ref.quantize_summary(wider, back_max)
+    assert torch.equal(moved[2], scale) and torch.equal(moved[0][:, 1:], code_min[:, 1:])
+    assert torch.equal(moved[1], code_max)
+    assert_exact_summary(*moved, wider, back_max)
+
+
+def test_summary_scale_reaches_amax_and_requantises_to_itself_for_every_mantissa():
+    # Every float32 in [1, 2) as a row's amax (on the max side; scaling by powers of two changes nothing
+    # short of subnormals and overflow): 127 * scale reaches it, the code is 127, and the dequantised row
+    # (amax' = 127 * scale) requantises to the same scale and code.
+    amax = torch.arange(0x3F800000, 0x40000000, dtype=torch.int32).view(torch.float32).unsqueeze(-1)  # (N, 1)
+    code_min, code_max, scale = ref.quantize_summary(-amax / 2, amax)
+    assert (code_max == 127).all() and (scale * 127 >= amax.squeeze(-1)).all()
+    back = ref.dequantize_summary(code_max, scale)
+    again = ref.quantize_summary(ref.dequantize_summary(code_min, scale), back)
+    assert torch.equal(again[2], scale) and torch.equal(again[1], code_max) and torch.equal(again[0], code_min)
+
+
 def test_choose_index_channels_picks_heavy_channels():
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(200, 2, 32, generator=gen)
@@ -414,10 +534,11 @@ def test_write_index_summaries_bound_keys_whatever_the_split(name):
                 true_min, true_max = k[members].min(dim=0).values, k[members].max(dim=0).values  # (Hkv, D)
                 got_min, got_max, scale = summary_of(index, case, b, j, S)
                 step = scale.unsqueeze(-1)  # (Hkv, 1): one code
-                # Rounded outward: a bound of every key up to TOL code steps and float32 rounding ...
-                slack = ref.SUMMARY_TOL * step + 1e-6 * true_min.abs().clamp(min=1)
-                assert (got_min <= true_min + slack).all() and (got_max >= true_max - slack).all()
-                # ... and loose by at most one code per call that re-rounded it (each growth of the scale).
+                # Rounded outward: an exact bound of every key ...
+                assert (got_min <= true_min).all() and (got_max >= true_max).all()
+                # ... and loose by at most one code per call that re-rounded it (each growth of the scale),
+                # up to float32 rounding.
+                slack = 1e-6 * true_min.abs().clamp(min=1)
                 n_calls = calls_touching(calls, case, b, members)
                 assert 1 <= n_calls <= len(members)
                 assert (got_min >= true_min - n_calls * step - slack).all()
