@@ -63,6 +63,8 @@ def _block_score_kernel(
     bt_ptr,  # int32, (B, max_blocks_per_seq)
     seq_lens_ptr,  # int32, (B,)
     scores_ptr,  # float32, (B, Hkv, N_SEL) contiguous: group bound per selection block, -inf = not a candidate
+    ch_ptr,  # int64, (Hkv, IQ_C) contiguous: index channels (IQ only)
+    iq_ptr,  # float32, (B, Hkv, IQ_C, IQ_H) contiguous: out, the token stage's index query (IQ only)
     N_SEL,  # int: selection blocks per row of scores (>= cdiv(max seq len, SBS))
     SINK,  # int: sink tokens
     LOCAL,  # int: local window tokens
@@ -83,6 +85,11 @@ def _block_score_kernel(
     LSE: tl.constexpr,  # group_score "lse" (else "max")
     EVEN_DK: tl.constexpr,  # BLOCK_DK divides DK: no channel mask (vectorised loads)
     PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
+    IQ: tl.constexpr,  # also write the index query (token_select.build_index_query) from the first program of a row
+    IQ_C: tl.constexpr,
+    IQ_H: tl.constexpr,
+    IQ_BITS: tl.constexpr,
+    IQ_BLOCK_C: tl.constexpr,
 ):
     # bound[h, j] = sum_d max(q[h,d] * min[j,d], q[h,d] * max[j,d]) = q+[h] . max[j] + q-[h] . min[j]
     #             = scale[j] * (q+[h] . cmax[j] + q-[h] . cmin[j])   (min = cmin * scale, cmin int8 codes)
@@ -113,6 +120,19 @@ def _block_score_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
     q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
+
+    if IQ:
+        if pid_j == 0:
+            # iq[c, h] = q[g * GROUP + h, ch[g, c]] * 2^(-IQ_BITS (c % (16 / IQ_BITS))), 0 for h >= GROUP
+            offs_c = tl.arange(0, IQ_BLOCK_C)
+            c_mask = offs_c < IQ_C
+            offs_hq = tl.arange(0, IQ_H)
+            ch = tl.load(ch_ptr + g * IQ_C + offs_c, mask=c_mask, other=0)
+            qv = tl.load(q_ptr + b * stride_qb + (g * GROUP + offs_hq)[None, :] * stride_qh + ch[:, None] * stride_qd,
+                         mask=c_mask[:, None] & (offs_hq < GROUP)[None, :], other=0.0).to(tl.float32)
+            step = (1 << (IQ_BITS * (offs_c % (16 // IQ_BITS)))).to(tl.float32)
+            tl.store(iq_ptr + (pid_bg * IQ_C + offs_c[:, None]) * IQ_H + offs_hq[None, :], qv / step[:, None],
+                     mask=c_mask[:, None])
 
     s = tl.zeros((BLOCK_H, BLOCK_J), tl.float32)
     for d0 in range(0, DK, BLOCK_DK):
@@ -377,10 +397,13 @@ def _topk_rows_torch(scores, k, out, block_map, map_block_size, seq_lens, sink_t
 
 
 def block_scores_triton(query, index, block_table, seq_lens, config, num_selection_blocks: int,
-                        out: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, softmax_scale: float | None = None,
+                        index_query: torch.Tensor | None = None) -> torch.Tensor:
     """Group bound of every selection block -> (B, Hkv, num_selection_blocks) float32, -inf where a
     block is not a candidate. `num_selection_blocks` >= cdiv(max seq len, selection_block_size).
     softmax_scale: the "lse" temperature (default 1 / sqrt(Dk)), as in the reference's `score_blocks`.
+    index_query: optional float32 (B, Hkv, index_channels, H) buffer the same launch fills with
+    `token_select.build_index_query(query, index.channel_ids, config.index_bits, H)` (the token stage's input).
     The index's summaries: `block_min` / `block_max` int8 (num_cache_blocks, per_block, Hkv, Dk) with
     equal strides, `block_scale` float32 (num_cache_blocks, per_block, Hkv), any strides."""
     require_triton_device("block_scores", query, index.block_min)
@@ -411,9 +434,21 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     block_h = max(16, triton.next_power_of_2(group))
     block_j = BLOCK_SCORE_TILE if block_h <= 32 else 32
     block_dk = min(BLOCK_SCORE_DK if block_h <= 32 else 64, triton.next_power_of_2(Dk))
+    iq_c = iq_h = 1
+    if index_query is not None:
+        C = index.channel_ids.shape[1]
+        iq_h = index_query.shape[-1]
+        if (config.index_bits not in (4, 8) or index_query.dtype != torch.float32 or not index_query.is_contiguous()
+                or index_query.shape != (B, Hkv, C, iq_h) or iq_h < group or iq_h & (iq_h - 1)):
+            raise ValueError(f"block_scores: index_query must be contiguous float32 (B, Hkv, index_channels, H) with "
+                             f"H a power of two >= {group}, and index_bits 4 or 8; got {index_query.dtype} "
+                             f"{tuple(index_query.shape)}, index_bits={config.index_bits}")
+        iq_c = C
     grid = (B * Hkv, triton.cdiv(num_selection_blocks, block_j))
     _block_score_kernel[grid](
         query, bmin, bmax, bscale, block_table, seq_lens, out,
+        index.channel_ids.contiguous() if index_query is not None else out,
+        index_query if index_query is not None else out,
         num_selection_blocks, config.sink_tokens, config.local_tokens, temperature,
         query.stride(0), query.stride(1), query.stride(2),
         bmin.stride(0), bmin.stride(1), bmin.stride(2), bmin.stride(3),
@@ -422,6 +457,8 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
         HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
         BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
         IEEE=float32_dots(query.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % block_dk == 0,
+        IQ=index_query is not None, IQ_C=iq_c, IQ_H=iq_h, IQ_BITS=config.index_bits if index_query is not None else 4,
+        IQ_BLOCK_C=triton.next_power_of_2(iq_c),
         **pdl_launch(query),
         num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,
     )

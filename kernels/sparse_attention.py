@@ -47,6 +47,11 @@ def float32_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def inline_asm_enabled(tensor: torch.Tensor) -> bool:
+    """Whether kernels may use PTX inline assembly: an NVIDIA GPU, not the interpreter."""
+    return tensor.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 # Programmatic dependent launch (sm90+): each decode kernel is launched so that it may start while
 # the kernel before it drains, and waits (`gdc_wait`) before it reads anything. True = on where
 # supported; False turns it off (benchmarks compare both), as does ASYNCTLS_PDL=0.

@@ -23,7 +23,7 @@ from .block_select import block_scores_triton, topk_rows
 from . import sparse_decode_reference as _reference
 from .sparse_attention import AttentionWorkspace, attention_plan, sparse_attention_triton
 from .sparse_config import SparseAttentionConfig
-from .token_select import token_scores_triton
+from .token_select import token_scores_triton, word_score_heads
 
 
 class WorkspaceArena:
@@ -106,6 +106,8 @@ class SparseDecodeWorkspace:
         self.block_ids = empty((batch, num_kv_heads, config.num_blocks), i32)
         self.token_scores = empty((batch, num_kv_heads, config.num_blocks * S), f32)
         self.positions = empty((batch, num_kv_heads, config.attended_tokens), i32)
+        heads = word_score_heads(config, num_q_heads // num_kv_heads)
+        self.index_query = None if heads is None else empty((batch, num_kv_heads, config.index_channels, heads), f32)
         plan = attention_plan(batch, num_q_heads, num_kv_heads, config.attended_tokens, head_dim_k, head_dim_v)
         self.attention = AttentionWorkspace(batch, num_q_heads, plan["NUM_SPLITS"], head_dim_v, device, empty=empty)
         self.out = empty((batch, num_q_heads, head_dim_v), dtype)
@@ -175,8 +177,15 @@ def sparse_decode_triton(
         no_blocks = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=device)
         return out, positions, no_blocks
 
+    index_query = None
+    if config.mode == "asynctls":  # the block scorer also writes the token stage's query (word path)
+        heads = word_score_heads(config, Hq // Hkv)
+        if heads is not None:
+            index_query = ws.index_query if ws is not None else torch.empty(
+                B, Hkv, config.index_channels, heads, dtype=torch.float32, device=device)
     block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel,
-                                       out=None if ws is None else ws.block_scores, softmax_scale=scale)
+                                       out=None if ws is None else ws.block_scores, softmax_scale=scale,
+                                       index_query=index_query)
     positions_out = None if ws is None else ws.positions.view(B * Hkv, config.attended_tokens)
 
     if config.mode == "block_only":
@@ -205,7 +214,8 @@ def sparse_decode_triton(
                                  f"{previous_block_ids.dtype} {tuple(previous_block_ids.shape)}")
             token_blocks = previous_block_ids.contiguous()
         token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
-                                           out=None if ws is None else ws.token_scores, softmax_scale=scale)
+                                           out=None if ws is None else ws.token_scores, softmax_scale=scale,
+                                           index_query=index_query)
         positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,
                               out=positions_out, block_map=token_blocks.view(B * Hkv, config.num_blocks),
                               map_block_size=S, seq_lens=seq_lens, sink_tokens=config.sink_tokens,

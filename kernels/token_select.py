@@ -23,11 +23,93 @@ import triton.language as tl
 
 from .block_select import _combine_heads, topk_rows
 from .sparse_decode_reference import group_temperature
-from .sparse_attention import _pdl_wait, float32_dots, pdl_launch, require_triton_device
+from .sparse_attention import _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
 TOKEN_SCORE_WARPS = 4
+WORD_SCORE_WARPS = 4  # word path: one candidate per thread, 32 * WORD_SCORE_WARPS per program
+# The word path (scalar FMAs, one candidate per thread) serves groups whose query on the index
+# channels is at most this many values (padded group x channels: GQA's 4 x 32 = 128); larger ones
+# (MLA's 16-128 heads x 128 channels) keep the tensor-core dot.
+WORD_SCORE_MAX_QUERY = 256
+
+
+def build_index_query(query: torch.Tensor, channel_ids: torch.Tensor, bits: int, heads: int) -> torch.Tensor:
+    """The word path's query: (B, Hkv, C, heads) float32 with `[b, g, c, h] = query[b, g * G + h,
+    channel_ids[g, c]] * 2^(-bits * (c % (16 // bits)))` (G = Hq // Hkv; zero for h >= G). The power of
+    two undoes the place value a code keeps when the kernel decodes it in place inside its 32-bit
+    word. `block_scores_triton(..., index_query=buf)` writes the same values in its launch."""
+    B, Hq, _ = query.shape
+    Hkv, C = channel_ids.shape
+    group = Hq // Hkv
+    q = query.float().view(B, Hkv, group, -1)
+    picked = torch.gather(q, 3, channel_ids.view(1, Hkv, 1, C).expand(B, Hkv, group, C))  # (B, Hkv, G, C)
+    step = 2.0 ** (bits * (torch.arange(C, device=query.device) % (16 // bits)))
+    out = torch.zeros(B, Hkv, C, heads, dtype=torch.float32, device=query.device)
+    out[..., :group] = (picked / step).transpose(2, 3)
+    return out
+
+
+def word_score_heads(config, group: int) -> int | None:
+    """Heads (a power of two >= `group`) of the word path's index query for `config`, or None when
+    the token scores take the dot path (16 bits, codes not a whole number of 32-bit words per token,
+    or a group too large)."""
+    heads = triton.next_power_of_2(group)
+    C, bits = config.index_channels, config.index_bits
+    if bits == 16 or (C * bits) % 32 or heads * C > WORD_SCORE_MAX_QUERY:
+        return None
+    return heads
+
+
+@triton.jit
+def _mask_or(w, FIELD: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    # (w & FIELD) | MAGIC; one lop3 with ASM (ptxas emits two when both operands are immediates).
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                         [w, tl.full(w.shape, FIELD, tl.int32), tl.full(w.shape, MAGIC, tl.int32)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (w & FIELD) | MAGIC
+
+
+@triton.jit
+def _word_scores(iq_ptr, h_mask, codes_ptr, scales_ptr, g, phys, row, cand, TEMP,
+                 stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                 C: tl.constexpr, BITS: tl.constexpr, BLOCK_H: tl.constexpr, LSE: tl.constexpr, ASM: tl.constexpr):
+    # Group score of each candidate (T,) with one candidate per thread: its codes are read as 32-bit
+    # words (strides in words) and every product is a scalar float32 FMA, so nothing is padded to a
+    # tensor-core tile and no value crosses threads. Value k of a half word (PER values of BITS bits)
+    # is isolated in place by a mask and made a float by OR-ing in the exponent of 2^23:
+    # (2^23 + n 2^(BITS k)) - (2^23 + (QMAX + 1) 2^(BITS k)) = (n - QMAX - 1) 2^(BITS k), exact. The
+    # 2^(-BITS k) is in the index query (`build_index_query`: channel c of head h scaled by 2^(-BITS (c % PER))).
+    # Value k of the low / high half of word j is channel j * VPW + k / j * VPW + PER + k.
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    VPW: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = VPW // 2
+    NW: tl.constexpr = C * BITS // 32
+    offs_h = tl.arange(0, BLOCK_H)
+    word_row = codes_ptr.to(tl.pointer_type(tl.int32)) + phys * stride_cb + row * stride_ct + g * stride_ch
+    for j in tl.static_range(NW):
+        w = tl.load(word_row + j, mask=cand, other=0)  # (T,)
+        for half in tl.static_range(2):
+            if half == 1:
+                w = w >> 16
+            for k in tl.static_range(PER):
+                v = _mask_or(w, ((1 << BITS) - 1) << (BITS * k), 0x4B000000, ASM).to(tl.float32, bitcast=True)
+                v = v - (8388608.0 + (QMAX + 1) * (1 << (BITS * k)))
+                qv = tl.load(iq_ptr + (j * VPW + half * PER + k) * BLOCK_H + offs_h)  # (H,)
+                if j + half + k == 0:
+                    s = qv[:, None] * v[None, :]  # (H, T), built in v's layout (no layout conversion)
+                else:
+                    s += qv[:, None] * v[None, :]
+    scale = tl.load(scales_ptr + phys * stride_sb + row * stride_st + g * stride_sh, mask=cand, other=0.0)
+    if LSE:  # in base 2: the temperature and log2(e) ride on the scale (one multiply per head)
+        s = tl.where(h_mask[:, None], s * (scale * (TEMP * 1.4426950408889634))[None, :], float("-inf"))
+        top = tl.max(s, axis=0)
+        top = (top + tl.math.log2(tl.sum(tl.math.exp2(s - top[None, :]), axis=0))) * (0.6931471805599453 / TEMP)
+    else:
+        top = tl.max(tl.where(h_mask[:, None], s * scale[None, :], float("-inf")), axis=0)
+    return tl.where(cand, top, float("-inf"))
 
 
 @triton.jit
@@ -41,6 +123,7 @@ def _token_score_kernel(
     seq_lens_ptr,  # int32, (B,)
     block_ids_ptr,  # int32, (B, Hkv, NB) contiguous: kept selection blocks, -1 padded
     scores_ptr,  # float32, (B, Hkv, NB * SBS) contiguous: out, -inf = not a candidate
+    iq_ptr,  # float32, (B, Hkv, C, BLOCK_H) contiguous: the index query (WORDS only, see `build_index_query`)
     NB,  # int: kept blocks per row
     SINK,  # int
     LOCAL,  # int
@@ -64,6 +147,8 @@ def _token_score_kernel(
     IEEE: tl.constexpr,
     LSE: tl.constexpr,  # group_score "lse" (else "max")
     PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
+    WORDS: tl.constexpr,  # BITS 4/8: one candidate per thread, codes read as 32-bit words (strides in words)
+    ASM: tl.constexpr,  # WORDS: PTX inline assembly allowed (not under the interpreter)
 ):
     # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
     # p < L, SINK <= p < L - LOCAL);
@@ -91,6 +176,12 @@ def _token_score_kernel(
     h_mask = offs_h < GROUP
     q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
 
+    if WORDS:
+        score = _word_scores(iq_ptr + pid_bg * (C * BLOCK_H), h_mask, codes_ptr, scales_ptr, g, phys, row, cand,
+                             TEMP, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                             C, BITS, BLOCK_H, LSE, ASM)
+        tl.store(scores_ptr + pid_bg * (NB * SBS) + offs_c, score, mask=in_row)
+        return
     if BITS == 16:
         k_row = k_ptr + phys * stride_kb + row * stride_kt + g * stride_kh
         s = tl.zeros((BLOCK_H, BLOCK_T), tl.float32)
@@ -145,10 +236,13 @@ def _token_score_kernel(
 
 
 def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
-                        out: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, softmax_scale: float | None = None,
+                        index_query: torch.Tensor | None = None) -> torch.Tensor:
     """Index score of every candidate inside `block_ids` (B, Hkv, NB) -> (B, Hkv, NB * S) float32,
     -inf where the slot is not a candidate; equals the scores of the reference's `score_tokens`
-    (softmax_scale: the "lse" temperature, default 1 / sqrt(Dk))."""
+    (softmax_scale: the "lse" temperature, default 1 / sqrt(Dk)). index_query: the word path's
+    `build_index_query(...)` when the caller has it already (the decode step has the block scorer write
+    it); computed here otherwise. Ignored on the dot path."""
     require_triton_device("token_scores", query, key_cache, block_ids)
     bits = config.index_bits
     B, Hq, Dk = query.shape
@@ -180,10 +274,26 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
             raise ValueError(f"token_scores: index_bits={bits} needs uint8 codes and float32 scales")
         cs, ss = codes.stride(), scales.stride()
         block_c = max(16, triton.next_power_of_2(C // 2 if bits == 4 else C))
+    heads = word_score_heads(config, group)
+    words = (heads is not None and codes.stride(3) == 1 and all(st % 4 == 0 for st in cs[:3])
+             and codes.data_ptr() % 4 == 0)
     block_t = TOKEN_SCORE_TILE if block_h <= 32 else 32
+    num_warps = TOKEN_SCORE_WARPS if block_h <= 32 else 8
+    if words:
+        if index_query is None:
+            index_query = build_index_query(query, channel_ids, bits, heads)
+        elif (index_query.dtype != torch.float32 or not index_query.is_contiguous()
+              or index_query.shape != (B, Hkv, C, heads)):
+            raise ValueError(f"token_scores: index_query must be contiguous float32 {(B, Hkv, C, heads)}; got "
+                             f"{index_query.dtype} {tuple(index_query.shape)}")
+        cs = tuple(st // 4 for st in cs[:3]) + (1,)
+        block_h, num_warps = heads, WORD_SCORE_WARPS
+        block_t = 32 * num_warps
+    else:
+        index_query = out
     grid = (B * Hkv, triton.cdiv(NB * sbs, block_t))
     _token_score_kernel[grid](
-        query, codes, scales, key_cache, channel_ids, block_table, seq_lens, block_ids, out,
+        query, codes, scales, key_cache, channel_ids, block_table, seq_lens, block_ids, out, index_query,
         NB, config.sink_tokens, config.local_tokens, temperature,
         query.stride(0), query.stride(1), query.stride(2),
         cs[0], cs[1], cs[2], cs[3],
@@ -194,8 +304,9 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c,
         BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
         IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
+        WORDS=words, ASM=inline_asm_enabled(query),
         **pdl_launch(query),
-        num_warps=TOKEN_SCORE_WARPS if block_h <= 32 else 8,
+        num_warps=num_warps,
     )
     return out
 

@@ -35,8 +35,9 @@ from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_tr
 from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton  # noqa: E402
-from asynctls_tip_kernels.token_select import select_tokens_triton, token_scores_triton  # noqa: E402
-from test_sparse_reference import fill_summaries_with_junk  # noqa: E402
+from asynctls_tip_kernels.token_select import (  # noqa: E402
+    build_index_query, select_tokens_triton, token_scores_triton, word_score_heads)
+from test_sparse_reference import adversarial_summaries, assert_exact_summary, fill_summaries_with_junk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Output tolerance per dtype (atol = rtol): bf16 output rounding is 2^-8 relative.
@@ -53,6 +54,9 @@ SMALL = {
     "small_gqa_8bit_bf16": ([70, 33, 128], 16, 2, 4, 64, 64, False,
                             dict(selection_block_size=16, num_blocks=4, token_budget=40, sink_tokens=8,
                                  local_tokens=8, index_channels=16, index_bits=8), torch.bfloat16),
+    "small_gqa_odd_words_4bit": ([3, 77, 130], 16, 2, 3, 48, 32, False,
+                                 dict(selection_block_size=8, num_blocks=5, token_budget=16, sink_tokens=2,
+                                      local_tokens=6, index_channels=8, index_bits=4), torch.float32),
     "small_exact_16bit": ([45, 120], 8, 3, 2, 32, 32, False,
                           dict(selection_block_size=4, num_blocks=10, token_budget=24, sink_tokens=2,
                                local_tokens=4, index_channels=8, index_bits=16), torch.float32),
@@ -202,6 +206,45 @@ def test_write_index_summaries_odd_head_shapes(Hkv, Dk, dtype):
     assert bool(want.block_scale[1].gt(0).all() and want.block_scale[2, 0].gt(0).all())  # written blocks
 
 
+@pytest.mark.parametrize("subnormal", [False, True], ids=["normal", "subnormal"])
+def test_write_index_summaries_bound_exactly(subnormal):
+    # Adversarial summary rows (values at, beside and a fraction of TOL off code * scale products, the
+    # extreme channel, 1e-30 .. 1e30, negative zeros, scales one float32 step up; subnormal keys and
+    # scales in their own case) written as keys of selection blocks: the writer must store the
+    # reference's codes and scales bit for bit, bound the keys exactly, and give the same codes back
+    # when a decode token inside the summary makes it requantise.
+    mins, maxs = adversarial_summaries(torch.Generator().manual_seed(7), subnormal=subnormal)  # (R, D)
+    if mins.shape[0] % 2:
+        mins, maxs = torch.cat([mins, mins[:1]]), torch.cat([maxs, maxs[:1]])
+    Hkv, D = 2, mins.shape[1]
+    mins, maxs = mins.view(-1, Hkv, D), maxs.view(-1, Hkv, D)  # (G, Hkv, D): one selection block each
+    G, S = mins.shape[0], 4
+    config = SparseAttentionConfig(selection_block_size=S, num_blocks=2, token_budget=8, sink_tokens=0,
+                                   local_tokens=0, index_channels=8, index_bits=16)
+    want = ref.allocate_index(G // 2 + 1, 2 * S, Hkv, D, config, torch.float32, "cpu")  # 2 blocks a cache block
+    fill_summaries_with_junk(want, torch.Generator().manual_seed(8))
+    got = copy_index(want, lambda t: t.to(DEVICE).clone())
+    ws = IndexWriteWorkspace(G // 2 + 1, 2, DEVICE)
+    gen = torch.Generator().manual_seed(9)
+    pick = lambda: torch.where(torch.rand(G, Hkv, D, generator=gen) < 0.5, mins, maxs)  # noqa: E731
+    first = torch.stack([mins, maxs, pick()], dim=1).view(-1, Hkv, D)  # (3G, Hkv, D): offsets 0, 1, 2
+    slots = (torch.arange(G) * S).repeat_interleave(3) + torch.arange(3).repeat(G)
+    ref.write_index(want, first, slots, config)
+    write_index_triton(got, first.to(DEVICE), slots.to(DEVICE), config, ws)
+    assert_same_summaries(got, want)
+    flat = lambda t: t.view(-1, *t.shape[2:])[:G]  # noqa: E731  (G, Hkv, ...)
+    code_min, code_max, scale = flat(want.block_min), flat(want.block_max), flat(want.block_scale)
+    assert_exact_summary(code_min.reshape(-1, D), code_max.reshape(-1, D), scale.reshape(-1),
+                         mins.reshape(-1, D), maxs.reshape(-1, D))
+    stored = [t.clone() for t in (want.block_min, want.block_max, want.block_scale)]
+    inside = pick()  # (G, Hkv, D): offset 3, merges into the stored summary without growing it
+    ref.write_index(want, inside, torch.arange(G) * S + 3, config)
+    write_index_triton(got, inside.to(DEVICE), (torch.arange(G) * S + 3).to(DEVICE), config, ws)
+    assert_same_summaries(got, want)
+    for old, new in zip(stored, (want.block_min, want.block_max, want.block_scale)):
+        assert torch.equal(old, new)
+
+
 # (config.group_score, softmax_scale passed): the combination of a GQA group's heads, and its "lse"
 # temperature both defaulted (1 / sqrt(Dk)) and given.
 GROUP_RULES = [("lse", None), ("lse", 0.3), ("max", None)]
@@ -247,6 +290,37 @@ def test_token_selection_matches_reference(name, group_score, softmax_scale):
     B, Hkv, _ = want.shape
     assert_same_selection(got.view(B * Hkv, -1), want.view(B * Hkv, -1), want_scores.view(B * Hkv, -1),
                           want_pos.view(B * Hkv, -1), SCORE_TOL[c["dtype"]])
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if word_score_heads(SparseAttentionConfig(**CASES[n][7]), CASES[n][3])])
+def test_block_scorer_writes_the_word_path_query(name):
+    # The decode step has the block scorer write the token stage's query on the index channels; it
+    # must equal build_index_query, and token scores from it must equal the dot path's.
+    c = build(name, seed=5)
+    q, index, kc, bt, sl, config = c["query"], c["index"], c["key_cache"], c["block_table"], c["seq_lens"], c["config"]
+    B, Hq, _ = q.shape
+    Hkv = kc.shape[2]
+    heads = word_score_heads(config, Hq // Hkv)
+    iq = torch.full((B, Hkv, config.index_channels, heads), float("nan"), device=DEVICE)
+    n_sel = bt.shape[1] * kc.shape[1] // config.selection_block_size
+    block_scores_triton(q, index, bt, sl, config, n_sel, index_query=iq)
+    want = build_index_query(q, index.channel_ids, config.index_bits, heads)
+    assert torch.equal(iq, want)
+    assert (iq[..., Hq // Hkv:] == 0).all()
+    block_ids = ref.select_blocks(q, index, bt, sl, config)
+    words = token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=iq)
+    # The dot path: the same codes through a non-contiguous copy (a channel stride of 2 bytes).
+    wide = torch.zeros(*index.codes.shape[:3], 2 * index.codes.shape[3], dtype=torch.uint8, device=DEVICE)
+    wide[..., ::2] = index.codes
+    dot_index = ref.SparseIndex(index.block_min, index.block_max, index.block_scale, index.channel_ids,
+                                wide[..., ::2], index.scales, index.key_dtype)
+    dots = token_scores_triton(q, dot_index, kc, bt, sl, block_ids, config)
+    finite = torch.isfinite(dots)
+    assert torch.equal(finite, torch.isfinite(words))
+    span = dots[finite].abs().max()
+    torch.testing.assert_close(words[finite], dots[finite], rtol=0, atol=float(SCORE_TOL[c["dtype"]] * span))
+    with pytest.raises(ValueError, match="index_query"):
+        token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=iq[..., :1])
 
 
 @pytest.mark.parametrize("name", list(CASES))
