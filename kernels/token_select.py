@@ -4,11 +4,15 @@ Design
 - `_token_score_kernel`: one program per (sequence, kv head, tile of BLOCK_T candidates). Candidate c
   of a row is token `c % S` of kept block `block_ids[c // S]`, the same layout as the reference's
   `score_tokens`. The program gathers the tile's index codes (C * bits / 8 bytes per token, through
-  the block table) and scales, decodes the integers `code - (qmax + 1)` (exact in bf16) and multiplies
-  them by the group's q heads restricted to the index channels in one `tl.dot` (even and odd nibbles
-  as two dots for 4 bits), then by the token scale; the group score combines the heads by
-  `config.group_score` (`_combine_heads` of block_select.py: "lse" or "max"). With
-  `index_bits == 16` the program reads the full keys instead (exact `q . k`).
+  the block table) and scales, and scores them on one of two paths:
+  - word path (`_word_scores`, GQA-sized groups, see `word_score_heads`): `WORD_SCORE_SUB` candidates
+    per thread; codes read as 32-bit words and decoded in place, scalar float32 FMAs against the index
+    query (`build_index_query`: the group's q heads on the index channels, written by the block scorer
+    in the decode step), so nothing is padded to a tensor-core tile and nothing crosses threads;
+  - dot path (`_dot_scores`, MLA's large groups, 16 bits, odd code widths): the integers
+    `code - (qmax + 1)` (exact in bf16) times the group's q heads in one `tl.dot` (even and odd
+    nibbles as two dots for 4 bits); with `index_bits == 16` the full keys (exact `q . k`).
+  Then times the token scale; the group score combines the heads by `config.group_score` ("lse" or "max").
 - Reads per candidate: C * bits / 8 bytes of codes + 4 bytes of scale (20 bytes at 32 channels, 4 bits),
   versus 2 * Dk bytes for the key.
 - `topk_rows` (block_select.py) then keeps `token_budget` candidates, mapping candidate indices to
@@ -28,7 +32,8 @@ from .sparse_attention import _pdl_wait, float32_dots, inline_asm_enabled, pdl_l
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
 TOKEN_SCORE_WARPS = 4
-WORD_SCORE_WARPS = 4  # word path: one candidate per thread, 32 * WORD_SCORE_WARPS per program
+WORD_SCORE_WARPS = 4  # word path: WORD_SCORE_SUB candidates per thread, 32 * warps * sub per program
+WORD_SCORE_SUB = 2
 # The word path (scalar FMAs, one candidate per thread) serves groups whose query on the index
 # channels is at most this many values (padded group x channels: GQA's 4 x 32 = 128); larger ones
 # (MLA's 16-128 heads x 128 channels) keep the tensor-core dot.
@@ -76,7 +81,7 @@ def _mask_or(w, FIELD: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
 def _word_scores(iq_ptr, h_mask, codes_ptr, scales_ptr, g, phys, row, cand, TEMP,
                  stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
                  C: tl.constexpr, BITS: tl.constexpr, BLOCK_H: tl.constexpr, LSE: tl.constexpr, ASM: tl.constexpr):
-    # Group score of each candidate (T,) with one candidate per thread: its codes are read as 32-bit
+    # Group score of each candidate (SUB, T), SUB candidates per thread: its codes are read as 32-bit
     # words (strides in words) and every product is a scalar float32 FMA, so nothing is padded to a
     # tensor-core tile and no value crosses threads. Value k of a half word (PER values of BITS bits)
     # is isolated in place by a mask and made a float by OR-ing in the exponent of 2^23:
@@ -90,7 +95,7 @@ def _word_scores(iq_ptr, h_mask, codes_ptr, scales_ptr, g, phys, row, cand, TEMP
     offs_h = tl.arange(0, BLOCK_H)
     word_row = codes_ptr.to(tl.pointer_type(tl.int32)) + phys * stride_cb + row * stride_ct + g * stride_ch
     for j in tl.static_range(NW):
-        w = tl.load(word_row + j, mask=cand, other=0)  # (T,)
+        w = tl.load(word_row + j, mask=cand, other=0)  # (SUB, T)
         for half in tl.static_range(2):
             if half == 1:
                 w = w >> 16
@@ -99,89 +104,29 @@ def _word_scores(iq_ptr, h_mask, codes_ptr, scales_ptr, g, phys, row, cand, TEMP
                 v = v - (8388608.0 + (QMAX + 1) * (1 << (BITS * k)))
                 qv = tl.load(iq_ptr + (j * VPW + half * PER + k) * BLOCK_H + offs_h)  # (H,)
                 if j + half + k == 0:
-                    s = qv[:, None] * v[None, :]  # (H, T), built in v's layout (no layout conversion)
+                    s = qv[:, None, None] * v[None, :, :]  # (H, SUB, T), in v's layout (no conversion)
                 else:
-                    s += qv[:, None] * v[None, :]
+                    s += qv[:, None, None] * v[None, :, :]
     scale = tl.load(scales_ptr + phys * stride_sb + row * stride_st + g * stride_sh, mask=cand, other=0.0)
     if LSE:  # in base 2: the temperature and log2(e) ride on the scale (one multiply per head)
-        s = tl.where(h_mask[:, None], s * (scale * (TEMP * 1.4426950408889634))[None, :], float("-inf"))
+        s = tl.where(h_mask[:, None, None], s * (scale * (TEMP * 1.4426950408889634))[None, :, :], float("-inf"))
         top = tl.max(s, axis=0)
-        top = (top + tl.math.log2(tl.sum(tl.math.exp2(s - top[None, :]), axis=0))) * (0.6931471805599453 / TEMP)
+        top = (top + tl.math.log2(tl.sum(tl.math.exp2(s - top[None, :, :]), axis=0))) * (0.6931471805599453 / TEMP)
     else:
-        top = tl.max(tl.where(h_mask[:, None], s * scale[None, :], float("-inf")), axis=0)
+        top = tl.max(tl.where(h_mask[:, None, None], s * scale[None, :, :], float("-inf")), axis=0)
     return tl.where(cand, top, float("-inf"))
 
 
 @triton.jit
-def _token_score_kernel(
-    q_ptr,  # query dtype, (B, Hq, DK), any strides
-    codes_ptr,  # uint8, (num_cache_blocks, CBS, Hkv, NBYTES), any strides (BITS 4/8)
-    scales_ptr,  # float32, (num_cache_blocks, CBS, Hkv), any strides (BITS 4/8)
-    k_ptr,  # cache dtype, (num_cache_blocks, CBS, Hkv, DK), any strides (BITS 16)
-    ch_ptr,  # int64, (Hkv, C) contiguous: index channels
-    bt_ptr,  # int32, (B, max_blocks_per_seq)
-    seq_lens_ptr,  # int32, (B,)
-    block_ids_ptr,  # int32, (B, Hkv, NB) contiguous: kept selection blocks, -1 padded
-    scores_ptr,  # float32, (B, Hkv, NB * SBS) contiguous: out, -inf = not a candidate
-    iq_ptr,  # float32, (B, Hkv, C, BLOCK_H) contiguous: the index query (WORDS only, see `build_index_query`)
-    NB,  # int: kept blocks per row
-    SINK,  # int
-    LOCAL,  # int
-    TEMP,  # float: the "lse" temperature (softmax scale), > 0; unused with LSE = False
-    stride_qb, stride_qh, stride_qd,
-    stride_cb, stride_ct, stride_ch, stride_cc,
-    stride_sb, stride_st, stride_sh,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_btb,
-    HKV: tl.constexpr,
-    GROUP: tl.constexpr,
-    DK: tl.constexpr,
-    C: tl.constexpr,
-    BITS: tl.constexpr,
-    SBS: tl.constexpr,
-    CBS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,  # >= C // 2 (4 bits) or C (8 bits); >= 16 for tl.dot
-    BLOCK_DK: tl.constexpr,  # BITS 16: key chunk
-    IEEE: tl.constexpr,
-    LSE: tl.constexpr,  # group_score "lse" (else "max")
-    PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
-    WORDS: tl.constexpr,  # BITS 4/8: one candidate per thread, codes read as 32-bit words (strides in words)
-    ASM: tl.constexpr,  # WORDS: PTX inline assembly allowed (not under the interpreter)
-):
-    # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
-    # p < L, SINK <= p < L - LOCAL);
-    # s[h, c] = scale_p * sum_i q[h, ch[i]] * (stored_i(p) - qmax - 1)   (4/8 bits)
-    #         = q[h] . K[p]                                               (16 bits)
-    # score[c] = max_{h in group} s[h, c] ("max"), or m + log(sum_h exp(TEMP (s[h, c] - m))) / TEMP ("lse")
-    if PDL:
-        _pdl_wait()
-    pid_bg = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    b = pid_bg // HKV
-    g = pid_bg % HKV
-    L = tl.load(seq_lens_ptr + b)
-
-    offs_c = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = offs_c < NB * SBS
-    blk = tl.load(block_ids_ptr + pid_bg * NB + offs_c // SBS, mask=in_row, other=-1)
-    pos = blk * SBS + offs_c % SBS
-    cand = in_row & (blk >= 0) & (pos < L) & (pos >= SINK) & (pos < L - LOCAL)
-    pos_c = tl.where(cand, pos, 0)
-    phys = tl.load(bt_ptr + b * stride_btb + pos_c // CBS, mask=cand, other=0).to(tl.int64)
-    row = pos_c % CBS
-
-    offs_h = tl.arange(0, BLOCK_H)
-    h_mask = offs_h < GROUP
-    q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
-
-    if WORDS:
-        score = _word_scores(iq_ptr + pid_bg * (C * BLOCK_H), h_mask, codes_ptr, scales_ptr, g, phys, row, cand,
-                             TEMP, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-                             C, BITS, BLOCK_H, LSE, ASM)
-        tl.store(scores_ptr + pid_bg * (NB * SBS) + offs_c, score, mask=in_row)
-        return
+def _dot_scores(q_base, h_mask, codes_ptr, scales_ptr, k_ptr, ch_ptr, g, phys, row, cand, TEMP,
+                stride_qd, stride_cb, stride_ct, stride_ch, stride_cc, stride_sb, stride_st, stride_sh,
+                stride_kb, stride_kt, stride_kh, stride_kd,
+                DK: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, IEEE: tl.constexpr,
+                LSE: tl.constexpr):
+    # Group score of each candidate (BLOCK_T,) through tensor-core dots of the group's q heads (padded
+    # to BLOCK_H >= 16 rows) with the decoded codes (even and odd nibbles as two dots for 4 bits), or
+    # with the full keys (BITS 16).
     if BITS == 16:
         k_row = k_ptr + phys * stride_kb + row * stride_kt + g * stride_kh
         s = tl.zeros((BLOCK_H, BLOCK_T), tl.float32)
@@ -232,6 +177,86 @@ def _token_score_kernel(
         s = s * scale[None, :]
     s = tl.where(h_mask[:, None], s, float("-inf"))
     score = tl.where(cand, _combine_heads(s, TEMP, LSE), float("-inf"))
+    return score
+
+
+@triton.jit
+def _token_score_kernel(
+    q_ptr,  # query dtype, (B, Hq, DK), any strides
+    codes_ptr,  # uint8, (num_cache_blocks, CBS, Hkv, NBYTES), any strides (BITS 4/8)
+    scales_ptr,  # float32, (num_cache_blocks, CBS, Hkv), any strides (BITS 4/8)
+    k_ptr,  # cache dtype, (num_cache_blocks, CBS, Hkv, DK), any strides (BITS 16)
+    ch_ptr,  # int64, (Hkv, C) contiguous: index channels
+    bt_ptr,  # int32, (B, max_blocks_per_seq)
+    seq_lens_ptr,  # int32, (B,)
+    block_ids_ptr,  # int32, (B, Hkv, NB) contiguous: kept selection blocks, -1 padded
+    scores_ptr,  # float32, (B, Hkv, NB * SBS) contiguous: out, -inf = not a candidate
+    iq_ptr,  # float32, (B, Hkv, C, BLOCK_H) contiguous: the index query (WORDS only, see `build_index_query`)
+    NB,  # int: kept blocks per row
+    SINK,  # int
+    LOCAL,  # int
+    TEMP,  # float: the "lse" temperature (softmax scale), > 0; unused with LSE = False
+    stride_qb, stride_qh, stride_qd,
+    stride_cb, stride_ct, stride_ch, stride_cc,
+    stride_sb, stride_st, stride_sh,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_btb,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    DK: tl.constexpr,
+    C: tl.constexpr,
+    BITS: tl.constexpr,
+    SBS: tl.constexpr,
+    CBS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= C // 2 (4 bits) or C (8 bits); >= 16 for tl.dot
+    BLOCK_DK: tl.constexpr,  # BITS 16: key chunk
+    IEEE: tl.constexpr,
+    LSE: tl.constexpr,  # group_score "lse" (else "max")
+    PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
+    WORDS: tl.constexpr,  # BITS 4/8: one candidate per thread, codes read as 32-bit words (strides in words)
+    ASM: tl.constexpr,  # WORDS: PTX inline assembly allowed (not under the interpreter)
+    SUB: tl.constexpr,  # WORDS: candidates per thread
+):
+    # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
+    # p < L, SINK <= p < L - LOCAL);
+    # s[h, c] = scale_p * sum_i q[h, ch[i]] * (stored_i(p) - qmax - 1)   (4/8 bits)
+    #         = q[h] . K[p]                                               (16 bits)
+    # score[c] = max_{h in group} s[h, c] ("max"), or m + log(sum_h exp(TEMP (s[h, c] - m))) / TEMP ("lse")
+    if PDL:
+        _pdl_wait()
+    pid_bg = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    L = tl.load(seq_lens_ptr + b)
+
+    if WORDS:  # (SUB, BLOCK_T // SUB): SUB consecutive candidates per thread, in registers
+        offs_c = pid_t * BLOCK_T + (tl.arange(0, SUB)[:, None] + tl.arange(0, BLOCK_T // SUB)[None, :] * SUB)
+    else:
+        offs_c = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs_c < NB * SBS
+    blk = tl.load(block_ids_ptr + pid_bg * NB + offs_c // SBS, mask=in_row, other=-1)
+    pos = blk * SBS + offs_c % SBS
+    cand = in_row & (blk >= 0) & (pos < L) & (pos >= SINK) & (pos < L - LOCAL)
+    pos_c = tl.where(cand, pos, 0)
+    phys = tl.load(bt_ptr + b * stride_btb + pos_c // CBS, mask=cand, other=0).to(tl.int64)
+    row = pos_c % CBS
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < GROUP
+    q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
+
+    if WORDS:
+        score = _word_scores(iq_ptr + pid_bg * (C * BLOCK_H), h_mask, codes_ptr, scales_ptr, g, phys, row, cand,
+                             TEMP, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                             C, BITS, BLOCK_H, LSE, ASM)
+    else:
+        score = _dot_scores(q_base, h_mask, codes_ptr, scales_ptr, k_ptr, ch_ptr, g, phys, row, cand, TEMP,
+                            stride_qd, stride_cb, stride_ct, stride_ch, stride_cc, stride_sb, stride_st, stride_sh,
+                            stride_kb, stride_kt, stride_kh, stride_kd,
+                            DK, C, BITS, BLOCK_H, BLOCK_T, BLOCK_C, BLOCK_DK, IEEE, LSE)
     tl.store(scores_ptr + pid_bg * (NB * SBS) + offs_c, score, mask=in_row)
 
 
@@ -288,7 +313,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
                              f"{index_query.dtype} {tuple(index_query.shape)}")
         cs = tuple(st // 4 for st in cs[:3]) + (1,)
         block_h, num_warps = heads, WORD_SCORE_WARPS
-        block_t = 32 * num_warps
+        block_t = 32 * num_warps * WORD_SCORE_SUB
     else:
         index_query = out
     grid = (B * Hkv, triton.cdiv(NB * sbs, block_t))
@@ -304,7 +329,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c,
         BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
         IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
-        WORDS=words, ASM=inline_asm_enabled(query),
+        WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB,
         **pdl_launch(query),
         num_warps=num_warps,
     )
