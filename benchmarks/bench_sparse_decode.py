@@ -180,9 +180,9 @@ def sweep(B=8, L=65536, budget=2048):
                                     (16, 2, 128, 1)):
         run("block_scores", block_select, dict(BLOCK_SCORE_TILE=tile, BLOCK_SCORE_WARPS=warps,
                                                BLOCK_SCORE_DK=dk, BLOCK_SCORE_STAGES=stages))
-    for tile in (64, 128, 256):
-        for warps in (2, 4, 8):
-            run("token_scores", token_select, dict(TOKEN_SCORE_TILE=tile, TOKEN_SCORE_WARPS=warps))
+    for sub in (1, 2, 4):  # the word path (GQA groups; MLA's dot path has TOKEN_SCORE_TILE / _WARPS)
+        for warps in (4, 8):
+            run("token_scores", token_select, dict(WORD_SCORE_SUB=sub, WORD_SCORE_WARPS=warps))
     for small in (2, 4, 8):
         for large in (4, 8, 16):
             run("topk", block_select, dict(TOPK_WARPS_SMALL=small, TOPK_WARPS_LARGE=large))
