@@ -10,7 +10,9 @@ Design
   multiplied by its scale at the end (min and max share it): half the bytes of bf16 summaries. The
   group score combines its heads by `config.group_score` ("lse": `max + log(sum_h exp(t (s_h -
   max))) / t` with t the softmax scale; "max"). Blocks past the sequence, or wholly inside the sink
-  region or the local window, score -inf (they are attended anyway).
+  region or the local window, score -inf (they are attended anyway). In the decode step the first
+  program of each row also writes the token stage's index query (`token_select.build_index_query`:
+  the group's q heads on the index channels), so the word path needs no launch of its own.
 - `topk_rows`: one program per row finds the k-th largest score on the order-preserving integer image
   of the float32 scores (held in registers) by a bracketing search, one counting reduction per pass:
   a first guess from a normal fit of the row (mean + z sd), Newton steps on that fit's density while
