@@ -93,6 +93,25 @@ def _pdl_wait():
 
 
 @triton.jit
+def _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, IEEE: tl.constexpr):
+    # s[h, n] = q[h] . K[n] for BLOCK_H query rows (q_base: (BLOCK_H, 1) pointers, h_mask) and BLOCK_N
+    # gathered key rows (k_row: (BLOCK_N,) pointers, valid), in BLOCK_DK-channel steps; tensor-core
+    # dots (IEEE float32 for float32 data), float32 accumulation.
+    s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
+    for d0 in range(0, DK, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        d_mask = offs_d < DK
+        q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        k = tl.load(k_row[:, None] + offs_d[None, :] * stride_kd, mask=valid[:, None] & d_mask[None, :], other=0.0)
+        if IEEE:
+            s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s += tl.dot(q.to(k.dtype), tl.trans(k))
+    return s
+
+
+@triton.jit
 def _sparse_attn_split_kernel(
     q_ptr,  # query dtype (bf16/fp16/fp32), (B, Hq, DK), any strides
     k_ptr,  # cache dtype, (num_cache_blocks, CBS, Hkv, DK), any strides
@@ -158,16 +177,7 @@ def _sparse_attn_split_kernel(
         row = pos_c % CBS
         k_row = k_ptr + phys * stride_kb + row * stride_kt + g * stride_kh  # (BLOCK_N,) pointers
 
-        s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
-        for d0 in range(0, DK, BLOCK_DK):
-            offs_d = d0 + tl.arange(0, BLOCK_DK)
-            d_mask = offs_d < DK
-            q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-            k = tl.load(k_row[:, None] + offs_d[None, :] * stride_kd, mask=valid[:, None] & d_mask[None, :], other=0.0)
-            if IEEE:
-                s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s += tl.dot(q.to(k.dtype), tl.trans(k))
+        s = _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK, BLOCK_H, BLOCK_N, BLOCK_DK, IEEE)
         s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .block_select import _combine_heads, topk_rows
 from .sparse_decode_reference import group_temperature
-from .sparse_attention import _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
+from .sparse_attention import _gathered_qk, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
@@ -129,16 +129,7 @@ def _dot_scores(q_base, h_mask, codes_ptr, scales_ptr, k_ptr, ch_ptr, g, phys, r
     # with the full keys (BITS 16).
     if BITS == 16:
         k_row = k_ptr + phys * stride_kb + row * stride_kt + g * stride_kh
-        s = tl.zeros((BLOCK_H, BLOCK_T), tl.float32)
-        for d0 in range(0, DK, BLOCK_DK):
-            offs_d = d0 + tl.arange(0, BLOCK_DK)
-            d_mask = offs_d < DK
-            q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-            k = tl.load(k_row[:, None] + offs_d[None, :] * stride_kd, mask=cand[:, None] & d_mask[None, :], other=0.0)
-            if IEEE:
-                s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s += tl.dot(q.to(k.dtype), tl.trans(k))
+        s = _gathered_qk(q_base, h_mask, k_row, cand, stride_qd, stride_kd, DK, BLOCK_H, BLOCK_T, BLOCK_DK, IEEE)
     else:
         QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
         offs_i = tl.arange(0, BLOCK_C)
