@@ -183,6 +183,7 @@ def sweep(B=8, L=65536, budget=2048):
     for sub in (1, 2, 4):  # the word path (GQA groups; MLA's dot path has TOKEN_SCORE_TILE / _WARPS)
         for warps in (4, 8):
             run("token_scores", token_select, dict(WORD_SCORE_SUB=sub, WORD_SCORE_WARPS=warps))
+    run("token_scores", token_select, dict(WORD_SCORE_PAIRS=False))
     for small in (2, 4, 8):
         for large in (4, 8, 16):
             run("topk", block_select, dict(TOPK_WARPS_SMALL=small, TOPK_WARPS_LARGE=large))

@@ -69,9 +69,9 @@ def main() -> dict:
     word = dict(base, stride_cb=Hkv * CBS * nbytes // 4, stride_ct=nbytes // 4, stride_ch=CBS * nbytes // 4,
                 stride_cc=1, BLOCK_H=token_select.word_score_heads(SparseAttentionConfig(), 4),
                 BLOCK_T=32 * token_select.WORD_SCORE_WARPS * token_select.WORD_SCORE_SUB, WORDS=True,
-                SUB=token_select.WORD_SCORE_SUB)
+                SUB=token_select.WORD_SCORE_SUB, PAIRS=token_select.WORD_SCORE_PAIRS)
     dot = dict(base, stride_cb=Hkv * CBS * nbytes, stride_ct=nbytes, stride_ch=CBS * nbytes, stride_cc=1,
-               BLOCK_H=16, BLOCK_T=token_select.TOKEN_SCORE_TILE, WORDS=False, SUB=1)
+               BLOCK_H=16, BLOCK_T=token_select.TOKEN_SCORE_TILE, WORDS=False, SUB=1, PAIRS=False)
     result = {}
     for name, args, warps in (("word path", word, token_select.WORD_SCORE_WARPS),
                               ("dot path", dot, token_select.TOKEN_SCORE_WARPS)):

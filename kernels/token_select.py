@@ -34,6 +34,7 @@ TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
 TOKEN_SCORE_WARPS = 4
 WORD_SCORE_WARPS = 4  # word path: WORD_SCORE_SUB candidates per thread, 32 * warps * sub per program
 WORD_SCORE_SUB = 2
+WORD_SCORE_PAIRS = True  # word path: 64-bit code loads (two words) where the layout allows
 # The word path (scalar FMAs, one candidate per thread) serves groups whose query on the index
 # channels is at most this many values (padded group x channels: GQA's 4 x 32 = 128); larger ones
 # (MLA's 16-128 heads x 128 channels) keep the tensor-core dot.
@@ -80,7 +81,8 @@ def _mask_or(w, FIELD: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _word_scores(iq_ptr, h_mask, codes_ptr, scales_ptr, g, phys, row, cand, TEMP,
                  stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-                 C: tl.constexpr, BITS: tl.constexpr, BLOCK_H: tl.constexpr, LSE: tl.constexpr, ASM: tl.constexpr):
+                 C: tl.constexpr, BITS: tl.constexpr, BLOCK_H: tl.constexpr, LSE: tl.constexpr, ASM: tl.constexpr,
+                 PAIRS: tl.constexpr):
     # Group score of each candidate (SUB, T), SUB candidates per thread: its codes are read as 32-bit
     # words (strides in words) and every product is a scalar float32 FMA, so nothing is padded to a
     # tensor-core tile and no value crosses threads. Value k of a half word (PER values of BITS bits)
@@ -95,7 +97,14 @@ def _word_scores(iq_ptr, h_mask, codes_ptr, scales_ptr, g, phys, row, cand, TEMP
     offs_h = tl.arange(0, BLOCK_H)
     word_row = codes_ptr.to(tl.pointer_type(tl.int32)) + phys * stride_cb + row * stride_ct + g * stride_ch
     for j in tl.static_range(NW):
-        w = tl.load(word_row + j, mask=cand, other=0)  # (SUB, T)
+        if PAIRS:
+            if j % 2 == 0:
+                pair = tl.load((word_row + j).to(tl.pointer_type(tl.int64)), mask=cand, other=0)  # (SUB, T)
+                w = pair.to(tl.int32)  # the low word (little-endian)
+            else:
+                w = (pair >> 32).to(tl.int32)
+        else:
+            w = tl.load(word_row + j, mask=cand, other=0)  # (SUB, T)
         for half in tl.static_range(2):
             if half == 1:
                 w = w >> 16
@@ -209,6 +218,7 @@ def _token_score_kernel(
     WORDS: tl.constexpr,  # BITS 4/8: one candidate per thread, codes read as 32-bit words (strides in words)
     ASM: tl.constexpr,  # WORDS: PTX inline assembly allowed (not under the interpreter)
     SUB: tl.constexpr,  # WORDS: candidates per thread
+    PAIRS: tl.constexpr,  # WORDS: read the words two at a time (64-bit loads; even word count, 8-byte aligned)
 ):
     # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
     # p < L, SINK <= p < L - LOCAL);
@@ -242,7 +252,7 @@ def _token_score_kernel(
     if WORDS:
         score = _word_scores(iq_ptr + pid_bg * (C * BLOCK_H), h_mask, codes_ptr, scales_ptr, g, phys, row, cand,
                              TEMP, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-                             C, BITS, BLOCK_H, LSE, ASM)
+                             C, BITS, BLOCK_H, LSE, ASM, PAIRS)
     else:
         score = _dot_scores(q_base, h_mask, codes_ptr, scales_ptr, k_ptr, ch_ptr, g, phys, row, cand, TEMP,
                             stride_qd, stride_cb, stride_ct, stride_ch, stride_cc, stride_sb, stride_st, stride_sh,
@@ -293,6 +303,8 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     heads = word_score_heads(config, group)
     words = (heads is not None and codes.stride(3) == 1 and all(st % 4 == 0 for st in cs[:3])
              and codes.data_ptr() % 4 == 0)
+    pairs = (WORD_SCORE_PAIRS and words and (C * bits // 32) % 2 == 0 and all(st % 8 == 0 for st in cs[:3])
+             and codes.data_ptr() % 8 == 0)
     block_t = TOKEN_SCORE_TILE if block_h <= 32 else 32
     num_warps = TOKEN_SCORE_WARPS if block_h <= 32 else 8
     if words:
@@ -320,7 +332,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c,
         BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
         IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
-        WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB,
+        WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB, PAIRS=pairs,
         **pdl_launch(query),
         num_warps=num_warps,
     )
