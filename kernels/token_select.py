@@ -35,7 +35,7 @@ TOKEN_SCORE_WARPS = 4
 WORD_SCORE_WARPS = 4  # word path: WORD_SCORE_SUB candidates per thread, 32 * warps * sub per program
 WORD_SCORE_SUB = 2
 WORD_SCORE_PAIRS = True  # word path: 64-bit code loads (two words) where the layout allows
-# The word path (scalar FMAs, one candidate per thread) serves groups whose query on the index
+# The word path (scalar FMAs, whole candidates per thread) serves groups whose query on the index
 # channels is at most this many values (padded group x channels: GQA's 4 x 32 = 128); larger ones
 # (MLA's 16-128 heads x 128 channels) keep the tensor-core dot.
 WORD_SCORE_MAX_QUERY = 256
@@ -215,7 +215,7 @@ def _token_score_kernel(
     IEEE: tl.constexpr,
     LSE: tl.constexpr,  # group_score "lse" (else "max")
     PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
-    WORDS: tl.constexpr,  # BITS 4/8: one candidate per thread, codes read as 32-bit words (strides in words)
+    WORDS: tl.constexpr,  # the word path (`_word_scores`); code strides are then in 32-bit words
     ASM: tl.constexpr,  # WORDS: PTX inline assembly allowed (not under the interpreter)
     SUB: tl.constexpr,  # WORDS: candidates per thread
     PAIRS: tl.constexpr,  # WORDS: read the words two at a time (64-bit loads; even word count, 8-byte aligned)
