@@ -177,12 +177,14 @@ def sparse_decode_triton(
         no_blocks = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=device)
         return out, positions, no_blocks
 
-    index_query = None
-    if config.mode == "asynctls":  # the block scorer also writes the token stage's query (word path)
-        heads = word_score_heads(config, Hq // Hkv)
-        if heads is not None:
-            index_query = ws.index_query if ws is not None else torch.empty(
-                B, Hkv, config.index_channels, heads, dtype=torch.float32, device=device)
+    # The block scorer also writes the token stage's query when the token scores take the word path
+    # (the workspace holds its buffer exactly then).
+    if ws is not None:
+        index_query = ws.index_query
+    else:
+        heads = word_score_heads(config, Hq // Hkv) if config.mode == "asynctls" else None
+        index_query = None if heads is None else torch.empty(
+            B, Hkv, config.index_channels, heads, dtype=torch.float32, device=device)
     block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel,
                                        out=None if ws is None else ws.block_scores, softmax_scale=scale,
                                        index_query=index_query)
