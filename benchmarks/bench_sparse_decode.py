@@ -196,9 +196,11 @@ def sweep(B=8, L=65536, budget=2048):
     return rows
 
 
-def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config, scale):
-    want_out, want_pos, _ = ref.sparse_decode(query, key_cache, value_cache, table, seq_lens, index, config, scale)
-    got_out, got_pos, _ = sparse_decode_triton(query, key_cache, value_cache, table, seq_lens, index, config, scale)
+def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config, scale, previous_block_ids=None):
+    want_out, want_pos, _ = ref.sparse_decode(query, key_cache, value_cache, table, seq_lens, index, config, scale,
+                                              previous_block_ids=previous_block_ids)
+    got_out, got_pos, _ = sparse_decode_triton(query, key_cache, value_cache, table, seq_lens, index, config, scale,
+                                               previous_block_ids=previous_block_ids)
     again = ref.sparse_attention(query, key_cache, value_cache, table, got_pos, scale)
     return dict(
         max_err_vs_reference=float((got_out.float() - want_out.float()).abs().max()),
@@ -207,7 +209,8 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
     )
 
 
-def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None):
+def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None,
+              lagged=False):
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
     base = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=2048)
     if index_channels is not None:
@@ -227,18 +230,21 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
     del k, v
     rows = []
     for budget in budgets:
-        config = base.with_(token_budget=budget)
-        checked = check_at_shape(q, kc, vc, table, seq_lens, index, config, scale) if check else {}
+        config = base.with_(token_budget=budget, lagged_selection=lagged)
+        # Lagged: the previous step's blocks are this query's own (a decode query that did not move);
+        # the step's block stage then runs on its own stream (see sparse_decode_triton).
+        previous = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale)[2].clone() if lagged else None
+        checked = check_at_shape(q, kc, vc, table, seq_lens, index, config, scale, previous) if check else {}
         ws = SparseDecodeWorkspace(B, Hq, Hkv, D, D, table.shape[1], CACHE_BLOCK, config, q.dtype, "cuda")
         ours_ms = graph_time_ms(lambda: sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale,
-                                                             workspace=ws))
+                                                             previous_block_ids=previous, workspace=ws))
         nbytes = operator_bytes(B, L, Hkv, D, D, config)
         floor_ms = nbytes / bw * 1e3
         rows.append(dict(kind="gqa", B=B, context=L, budget=budget, num_blocks=config.num_blocks,
-                         index_channels=config.index_channels, dense_ms=dense_ms, ours_ms=ours_ms,
+                         index_channels=config.index_channels, lagged=lagged, dense_ms=dense_ms, ours_ms=ours_ms,
                          speedup=dense_ms / ours_ms, bytes=nbytes, floor_ms=floor_ms,
                          over_floor=ours_ms / floor_ms, dense_ops_err_vs_sdpa=dense_err, **checked))
-        print(f"  gqa B={B} L={L} budget={budget}: dense {dense_ms:.3f} ms, ours {ours_ms:.4f} ms, "
+        print(f"  gqa{' lagged' if lagged else ''} B={B} L={L} budget={budget}: dense {dense_ms:.3f} ms, ours {ours_ms:.4f} ms, "
               f"{dense_ms / ours_ms:.1f}x, {ours_ms / floor_ms:.2f}x floor {checked}", flush=True)
     del q, kc, vc, index
     torch.cuda.empty_cache()
@@ -381,7 +387,7 @@ def markdown(results) -> str:
     for r in results["rows"]:
         if r["kind"] == "recall":
             continue
-        label = r["kind"] if r["kind"] == "gqa" else f"mla H={r['heads']}"
+        label = ("gqa lagged" if r.get("lagged") else "gqa") if r["kind"] == "gqa" else f"mla H={r['heads']}"
         err = r.get("max_err_vs_reference")
         eq = r.get("positions_equal_share")
         out.append(f"| {label} | {r['B']} | {r['context']} | {r['budget']} | {r['dense_ms']:.3f} | "
@@ -421,6 +427,8 @@ def main(argv=None):
                    help="GQA and recall rows: how the token index's channels are chosen (default: the config's)")
     p.add_argument("--num-blocks", type=int, default=128, help="blocks kept by the coarse level (GQA and recall rows)")
     p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
+    p.add_argument("--lagged", action="store_true",
+                   help="GQA rows: lagged selection, the block stage pipelined on its own stream (paper's pipelining)")
     p.add_argument("--breakdown", action="store_true", help="time each stage alone at B=1, 8 (16K, 64K, 128K) and exit")
     p.add_argument("--sweep", action="store_true", help="whole-step time over each stage's launch settings at B=8, 64K (with --breakdown)")
     p.add_argument("--tune", action="store_true",
@@ -477,7 +485,7 @@ def main(argv=None):
             # The reference check costs memory and time: run it at B <= 8 (the same kernels serve B = 32).
             results["rows"] += bench_gqa(B, L, args.budgets, bw, check=not args.no_check and B <= 8,
                                          num_blocks=args.num_blocks, index_channels=args.index_channels,
-                                         index_channel_metric=args.index_channel_metric)
+                                         index_channel_metric=args.index_channel_metric, lagged=args.lagged)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,

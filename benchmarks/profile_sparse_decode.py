@@ -8,7 +8,10 @@ its wait for the previous one). The gap between the graph time without PDL and t
 and drain time between the dependent kernels. For hardware counters on one kernel, run this script under Nsight
 Compute, e.g. `ncu -k regex:_token_score --launch-skip 2 --launch-count 1 --section SpeedOfLight python3 ...`.
 
-Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--out FILE]
+With --lagged, the step runs lagged selection: its block stage on its own stream, overlapped with the
+token stage and the attention over the previous step's blocks (the per-kernel times then overlap).
+
+Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--lagged] [--out FILE]
 """
 
 from __future__ import annotations
@@ -47,19 +50,25 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=65536)
     p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--lagged", action="store_true",
+                   help="lagged selection: the block stage on its own stream, pipelined with the token stage")
     p.add_argument("--out")
     a = p.parse_args(argv)
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
-    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=a.budget)
+    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=a.budget,
+                                   lagged_selection=a.lagged)
     q, kc, vc, table, seq_lens, index = paged_case(a.batch, a.context, Hq, Hkv, D, D, config, seed=1)
     ws = SparseDecodeWorkspace(a.batch, Hq, Hkv, D, D, table.shape[1], kc.shape[1], config, q.dtype, "cuda")
     scale = 1.0 / math.sqrt(D)
+    previous = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale)[2].clone() if a.lagged else None
 
     def step():
-        return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
+        return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, previous_block_ids=previous,
+                                    workspace=ws)
 
     has_pdl = hasattr(sparse_attention, "pdl_enabled")  # absent in kernels older than 2026-11-25 evening
-    row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget)
+    row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget,
+               lagged=a.lagged)
     if has_pdl:
         row["pdl_supported"] = sparse_attention.pdl_enabled(q)
         row["graph_us"] = graph_time_ms(step) * 1e3
@@ -68,7 +77,7 @@ def main(argv=None) -> dict:
     row["kernels_us"] = kernel_times_us(step)
     if has_pdl:
         sparse_attention.USE_PDL = True
-    print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}: whole step from a CUDA graph "
+    print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}{', lagged' if a.lagged else ''}: whole step from a CUDA graph "
           f"{row.get('graph_us', float('nan')):.1f} us with PDL (supported: {row.get('pdl_supported')}), "
           f"{row['graph_us_no_pdl']:.1f} us without")
     for name, us in row["kernels_us"].items():

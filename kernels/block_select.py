@@ -57,6 +57,21 @@ def _combine_heads(s, TEMP, LSE: tl.constexpr):
 
 
 @triton.jit
+def _write_index_query(q_row, ch_row, iq_row, stride_qh, stride_qd, GROUP: tl.constexpr, IQ_C: tl.constexpr,
+                       IQ_H: tl.constexpr, IQ_BITS: tl.constexpr, IQ_BLOCK_C: tl.constexpr):
+    # iq[c, h] = q[h, ch[c]] * 2^(-IQ_BITS (c % (16 / IQ_BITS))), 0 for h >= GROUP: one (sequence, kv head)
+    # of token_select.build_index_query, from the group's first q head `q_row` and its channels `ch_row`.
+    offs_c = tl.arange(0, IQ_BLOCK_C)
+    c_mask = offs_c < IQ_C
+    offs_hq = tl.arange(0, IQ_H)
+    ch = tl.load(ch_row + offs_c, mask=c_mask, other=0)
+    qv = tl.load(q_row + offs_hq[None, :] * stride_qh + ch[:, None] * stride_qd,
+                 mask=c_mask[:, None] & (offs_hq < GROUP)[None, :], other=0.0).to(tl.float32)
+    step = (1 << (IQ_BITS * (offs_c % (16 // IQ_BITS)))).to(tl.float32)
+    tl.store(iq_row + offs_c[:, None] * IQ_H + offs_hq[None, :], qv / step[:, None], mask=c_mask[:, None])
+
+
+@triton.jit
 def _block_score_kernel(
     q_ptr,  # query dtype, (B, Hq, DK), any strides
     bmin_ptr,  # int8, (num_cache_blocks, CBS // SBS, Hkv, DK), any strides: codes of the min
@@ -125,16 +140,8 @@ def _block_score_kernel(
 
     if IQ:
         if pid_j == 0:
-            # iq[c, h] = q[g * GROUP + h, ch[g, c]] * 2^(-IQ_BITS (c % (16 / IQ_BITS))), 0 for h >= GROUP
-            offs_c = tl.arange(0, IQ_BLOCK_C)
-            c_mask = offs_c < IQ_C
-            offs_hq = tl.arange(0, IQ_H)
-            ch = tl.load(ch_ptr + g * IQ_C + offs_c, mask=c_mask, other=0)
-            qv = tl.load(q_ptr + b * stride_qb + (g * GROUP + offs_hq)[None, :] * stride_qh + ch[:, None] * stride_qd,
-                         mask=c_mask[:, None] & (offs_hq < GROUP)[None, :], other=0.0).to(tl.float32)
-            step = (1 << (IQ_BITS * (offs_c % (16 // IQ_BITS)))).to(tl.float32)
-            tl.store(iq_ptr + (pid_bg * IQ_C + offs_c[:, None]) * IQ_H + offs_hq[None, :], qv / step[:, None],
-                     mask=c_mask[:, None])
+            _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * IQ_C, iq_ptr + pid_bg * IQ_C * IQ_H,
+                               stride_qh, stride_qd, GROUP, IQ_C, IQ_H, IQ_BITS, IQ_BLOCK_C)
 
     s = tl.zeros((BLOCK_H, BLOCK_J), tl.float32)
     for d0 in range(0, DK, BLOCK_DK):

@@ -6,6 +6,13 @@ block scores, block top-k, token scores, token top-k (which also lays out the si
 the attended positions), attention split, attention merge: six kernels, every shape fixed by the
 tensor shapes and the config, no `.item()`, no host synchronisation, no branch on device values.
 
+Lagged selection (`config.lagged_selection` with `previous_block_ids`) pipelines the step, as the paper
+does: the token stage and the attention run on the previous step's blocks, so this step's block stage
+(needed only by the next step) runs at the same time on a stream of its own, the token stage on a
+higher-priority one, both forked from and joined to the caller's stream; a seventh small launch writes
+the token stage's index query, which the block scorer writes otherwise. H100, B=8, budget 2048: 86 ->
+76-77 us at 64K, 96 -> 83-87 us at 128K (`benchmarks/RESULTS.md`).
+
 For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config) and pass it: every
 intermediate and the outputs then live in its buffers (the returned tensors are views of them, valid
 until the next call with the same workspace), so a captured step replays with no allocation.
@@ -23,7 +30,23 @@ from .block_select import block_scores_triton, topk_rows
 from . import sparse_decode_reference as _reference
 from .sparse_attention import AttentionWorkspace, attention_plan, sparse_attention_triton
 from .sparse_config import SparseAttentionConfig
-from .token_select import token_scores_triton, word_score_heads
+from .token_select import index_query_triton, token_scores_triton, word_score_heads
+
+_PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+
+def _pipeline_streams(device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
+    """(block stream, token stream) of pipelined lagged selection on `device`, made once per CUDA device:
+    the block stage at the default priority, the token stage and attention (the step's critical path)
+    at the highest, so that the scheduler hands them free SMs first. None off CUDA (the Triton
+    interpreter runs the stages in order)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PIPELINE_STREAMS:
+        _PIPELINE_STREAMS[index] = (torch.cuda.Stream(index, priority=0), torch.cuda.Stream(index, priority=-100))
+    return _PIPELINE_STREAMS[index]
 
 
 class WorkspaceArena:
@@ -104,6 +127,10 @@ class SparseDecodeWorkspace:
         empty = empty or (lambda shape, dt: torch.empty(shape, dtype=dt, device=device))
         self.block_scores = empty((batch, num_kv_heads, self.num_selection_blocks), f32)
         self.block_ids = empty((batch, num_kv_heads, config.num_blocks), i32)
+        # Lagged selection reads the previous step's block ids while this step's are written: a second
+        # buffer, used whenever `previous_block_ids` is `block_ids` itself (the outputs then alternate).
+        self.spare_block_ids = empty((batch, num_kv_heads, config.num_blocks), i32) if config.lagged_selection else None
+        self.streams = _pipeline_streams(device) if config.lagged_selection else None
         self.token_scores = empty((batch, num_kv_heads, config.num_blocks * S), f32)
         self.positions = empty((batch, num_kv_heads, config.attended_tokens), i32)
         heads = word_score_heads(config, num_q_heads // num_kv_heads)
@@ -177,23 +204,23 @@ def sparse_decode_triton(
         no_blocks = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=device)
         return out, positions, no_blocks
 
+    lagged = config.mode == "asynctls" and config.lagged_selection and previous_block_ids is not None
+    if lagged and (previous_block_ids.shape != (B, Hkv, config.num_blocks) or previous_block_ids.dtype != torch.int32):
+        raise ValueError(f"previous_block_ids must be int32 {(B, Hkv, config.num_blocks)}; got "
+                         f"{previous_block_ids.dtype} {tuple(previous_block_ids.shape)}")
     # The block scorer also writes the token stage's query when the token scores take the word path
-    # (the workspace holds its buffer exactly then).
+    # (the workspace holds its buffer exactly then), except when it runs on its own stream (pipelined).
     if ws is not None:
         index_query = ws.index_query
     else:
         heads = word_score_heads(config, Hq // Hkv) if config.mode == "asynctls" else None
         index_query = None if heads is None else torch.empty(
             B, Hkv, config.index_channels, heads, dtype=torch.float32, device=device)
-    block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel,
-                                       out=None if ws is None else ws.block_scores, softmax_scale=scale,
-                                       index_query=index_query)
-    positions_out = None if ws is None else ws.positions.view(B * Hkv, config.attended_tokens)
-
     if config.mode == "block_only":
         # Quest at the same token budget (an evaluation baseline, not the hot path): the top
         # token_budget // S blocks by the same kernels, then the reference's own layout of their
         # candidates (fixed-size torch ops, no sync).
+        block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel, softmax_scale=scale)
         kept = config.token_budget // S
         kept_ids = topk_rows(block_scores.view(B * Hkv, n_sel), kept).view(B, Hkv, kept)
         pos = (kept_ids.long().unsqueeze(-1) * S + torch.arange(S, device=device)).view(B, Hkv, kept * S)
@@ -205,26 +232,78 @@ def sparse_decode_triton(
         positions = _reference.attended_positions(selected, seq_lens, config).contiguous()
         block_ids = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=device)
         block_ids[..., :kept] = kept_ids
-    else:  # "asynctls"
-        block_ids = topk_rows(block_scores.view(B * Hkv, n_sel), config.num_blocks,
-                              out=None if ws is None else ws.block_ids.view(B * Hkv, config.num_blocks))
-        block_ids = block_ids.view(B, Hkv, config.num_blocks)
-        token_blocks = block_ids
-        if config.lagged_selection and previous_block_ids is not None:
-            if previous_block_ids.shape != block_ids.shape or previous_block_ids.dtype != torch.int32:
-                raise ValueError(f"previous_block_ids must be int32 {tuple(block_ids.shape)}; got "
-                                 f"{previous_block_ids.dtype} {tuple(previous_block_ids.shape)}")
-            token_blocks = previous_block_ids.contiguous()
-        token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
-                                           out=None if ws is None else ws.token_scores, softmax_scale=scale,
-                                           index_query=index_query)
-        positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,
-                              out=positions_out, block_map=token_blocks.view(B * Hkv, config.num_blocks),
-                              map_block_size=S, seq_lens=seq_lens, sink_tokens=config.sink_tokens,
-                              local_tokens=config.local_tokens, rows_per_seq=Hkv)
-        positions = positions.view(B, Hkv, config.attended_tokens)
+        out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale)
+        return out, positions, block_ids
 
+    # "asynctls"
+    streams = ws.streams if lagged and ws is not None else None
+    if streams is None:
+        block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
+                                   previous_block_ids if lagged else None)
+        out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
+                                                    config, scale, ws, index_query,
+                                                    previous_block_ids.contiguous() if lagged else block_ids)
+        return out, positions, block_ids
+    # The paper's pipelining: this step's block stage (whose ids only the next step reads) runs on its
+    # own stream beside the token stage and the attention over the previous step's blocks, which run on
+    # a higher-priority stream. Both fork from and join the caller's stream (CUDA-graph capturable).
+    block_stream, token_stream = streams
+    main = torch.cuda.current_stream(device)
+    block_stream.wait_stream(main)
+    token_stream.wait_stream(main)
+    with torch.cuda.stream(block_stream):
+        block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, None,
+                                   previous_block_ids)
+    with torch.cuda.stream(token_stream):
+        if index_query is not None:
+            index_query_triton(query, index.channel_ids, config.index_bits, index_query)
+        out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
+                                                    config, scale, ws, index_query, previous_block_ids.contiguous())
+    main.wait_stream(token_stream)
+    main.wait_stream(block_stream)
+    return out, positions, block_ids
+
+
+def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
+                               index_query, token_blocks):
+    """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
+    attention over the positions -> (out, positions (B, Hkv, attended_tokens))."""
+    B, Hkv = query.shape[0], key_cache.shape[2]
+    S = config.selection_block_size
+    token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
+                                       out=None if ws is None else ws.token_scores, softmax_scale=scale,
+                                       index_query=index_query)
+    positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,
+                          out=None if ws is None else ws.positions.view(B * Hkv, config.attended_tokens),
+                          block_map=token_blocks.view(B * Hkv, config.num_blocks), map_block_size=S,
+                          seq_lens=seq_lens, sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
+                          rows_per_seq=Hkv).view(B, Hkv, config.attended_tokens)
     out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale,
                                   out=None if ws is None else ws.out,
                                   workspace=None if ws is None else ws.attention)
-    return out, positions, block_ids
+    return out, positions
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors intersect."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + (a.numel() and sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1) * a.element_size()
+    b1 = b0 + (b.numel() and sum((n - 1) * st for n, st in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query, previous_block_ids):
+    """Block scores and their top-k -> block ids (B, Hkv, num_blocks), into the workspace's buffer
+    that `previous_block_ids` (lagged selection, read meanwhile) does not occupy."""
+    B, Hkv = query.shape[0], index.block_min.shape[2]
+    block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel,
+                                       out=None if ws is None else ws.block_scores, softmax_scale=scale,
+                                       index_query=index_query)
+    out = None
+    if ws is not None:
+        out = ws.block_ids
+        if previous_block_ids is not None and _overlaps(previous_block_ids, ws.block_ids):
+            out = ws.spare_block_ids
+    ids = topk_rows(block_scores.view(B * Hkv, n_sel), config.num_blocks,
+                    out=None if out is None else out.view(B * Hkv, config.num_blocks))
+    return ids.view(B, Hkv, config.num_blocks)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_select import _combine_heads, topk_rows
+from .block_select import _combine_heads, _write_index_query, topk_rows
 from .sparse_decode_reference import group_temperature
 from .sparse_attention import _gathered_qk, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
@@ -54,6 +54,41 @@ def build_index_query(query: torch.Tensor, channel_ids: torch.Tensor, bits: int,
     step = 2.0 ** (bits * (torch.arange(C, device=query.device) % (16 // bits)))
     out = torch.zeros(B, Hkv, C, heads, dtype=torch.float32, device=query.device)
     out[..., :group] = (picked / step).transpose(2, 3)
+    return out
+
+
+@triton.jit
+def _index_query_kernel(q_ptr, ch_ptr, iq_ptr, stride_qb, stride_qh, stride_qd, HKV: tl.constexpr,
+                        GROUP: tl.constexpr, IQ_C: tl.constexpr, IQ_H: tl.constexpr, IQ_BITS: tl.constexpr,
+                        IQ_BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        _pdl_wait()
+    row = tl.program_id(0)
+    b = row // HKV
+    g = row % HKV
+    _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * IQ_C, iq_ptr + row * IQ_C * IQ_H,
+                       stride_qh, stride_qd, GROUP, IQ_C, IQ_H, IQ_BITS, IQ_BLOCK_C)
+
+
+def index_query_triton(query: torch.Tensor, channel_ids: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """`build_index_query(query, channel_ids, bits, out.shape[-1])` written into `out` by one small launch
+    (one program per sequence and kv head). The decode step uses it when the block scorer, which
+    otherwise writes these values in its own launch, runs on another stream (lagged selection)."""
+    require_triton_device("index_query", query, out)
+    B, Hq, _ = query.shape
+    Hkv, C = channel_ids.shape
+    heads = out.shape[-1]
+    if bits not in (4, 8) or Hq % Hkv or heads < Hq // Hkv or heads & (heads - 1):
+        raise ValueError(f"index_query: needs index_bits 4 or 8 and H a power of two >= {Hq // max(Hkv, 1)}; got "
+                         f"index_bits={bits}, H={heads}")
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (B, Hkv, C, heads):
+        raise ValueError(f"index_query: out must be contiguous float32 {(B, Hkv, C, heads)}; got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    _index_query_kernel[(B * Hkv,)](
+        query, channel_ids.contiguous(), out, query.stride(0), query.stride(1), query.stride(2),
+        HKV=Hkv, GROUP=Hq // Hkv, IQ_C=C, IQ_H=heads, IQ_BITS=bits, IQ_BLOCK_C=triton.next_power_of_2(C),
+        **pdl_launch(query), num_warps=1,
+    )
     return out
 
 

@@ -36,7 +36,7 @@ from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noq
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton  # noqa: E402
 from asynctls_tip_kernels.token_select import (  # noqa: E402
-    build_index_query, select_tokens_triton, token_scores_triton, word_score_heads)
+    build_index_query, index_query_triton, select_tokens_triton, token_scores_triton, word_score_heads)
 from test_sparse_reference import adversarial_summaries, assert_exact_summary, fill_summaries_with_junk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -382,6 +382,86 @@ def test_lagged_selection_uses_previous_blocks(name):
     again = ref.sparse_attention(c["query"], c["key_cache"], c["value_cache"], c["block_table"], got_pos, c["scale"])
     tol = OUT_TOL[c["dtype"]]
     torch.testing.assert_close(got_out.float(), again.float(), rtol=tol, atol=tol)
+
+
+def _workspace_for(c, config):
+    q, kc, vc, bt = c["query"], c["key_cache"], c["value_cache"], c["block_table"]
+    return SparseDecodeWorkspace(q.shape[0], q.shape[1], kc.shape[2], kc.shape[3], vc.shape[3], bt.shape[1],
+                                 kc.shape[1], config, q.dtype, q.device)
+
+
+def _assert_decode_matches(c, got, want):
+    # Same positions up to a float32 near-tie, and exact attention over the positions chosen.
+    (got_out, got_pos, got_blocks), (_, want_pos, want_blocks) = got, want
+    assert (got_pos != want_pos).float().mean() < 0.02
+    assert (got_blocks != want_blocks).float().mean() < 0.02
+    again = ref.sparse_attention(c["query"], c["key_cache"], c["value_cache"], c["block_table"], got_pos, c["scale"])
+    tol = OUT_TOL[c["dtype"]]
+    torch.testing.assert_close(got_out.float(), again.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["small_gqa_odd_words_4bit", "small_gqa_8bit_bf16", "small_exact_16bit"]
+                         + ([] if _INTERPRET else ["bench_qwen3_8b_scaled"]))
+def test_lagged_selection_with_a_workspace_alternates_its_block_buffers(name):
+    # Passing back the block ids a step returned (a view of the workspace) must not let the step
+    # overwrite them before its token stage has read them: the outputs alternate between two buffers.
+    # On CUDA the block stage runs on its own stream, pipelined with the token stage and attention.
+    c = build(name, seed=11)
+    config = c["config"].with_(lagged_selection=True)
+    ws = _workspace_for(c, config)
+    args = (c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config, c["scale"])
+    queries = [c["query"], (c["query"].float() * -1).to(c["dtype"]), torch.randn_like(c["query"].float()).to(c["dtype"])]
+    previous, buffers = None, []
+    for q in queries:
+        want = ref.sparse_decode(q, *args, previous_block_ids=None if previous is None else previous.clone())
+        got = sparse_decode_triton(q, *args, previous_block_ids=previous, workspace=ws)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        _assert_decode_matches({**c, "query": q}, got, want)
+        previous = got[2]
+        buffers.append(previous.data_ptr())
+    assert buffers[1] != buffers[0] and buffers[2] == buffers[0]
+
+
+def test_index_query_kernel_equals_build_index_query():
+    c = build("bench_qwen3_8b_scaled" if not _INTERPRET else "small_gqa_odd_words_4bit", seed=12)
+    config = c["config"]
+    group = c["query"].shape[1] // c["key_cache"].shape[2]
+    heads = word_score_heads(config, group)
+    want = build_index_query(c["query"], c["index"].channel_ids, config.index_bits, heads)
+    out = torch.full_like(want, float("nan"))
+    torch.testing.assert_close(index_query_triton(c["query"], c["index"].channel_ids, config.index_bits, out),
+                               want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be contiguous float32"):
+        index_query_triton(c["query"], c["index"].channel_ids, config.index_bits, out[:1])
+    with pytest.raises(ValueError, match="index_bits"):
+        index_query_triton(c["query"], c["index"].channel_ids, 16, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_pipelined_lagged_decode_is_graph_capturable():
+    # The block stage and the token stage fork from and join the capturing stream on their own streams;
+    # a replay with a new query equals the eager step, and the block ids it returns are this query's
+    # (the next step's input).
+    c = build("bench_qwen3_8b_scaled", seed=13)
+    config = c["config"].with_(lagged_selection=True)
+    ws = _workspace_for(c, config)
+    q, args = c["query"], (c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
+                           c["scale"])
+    previous = ref.select_blocks((q.float() * -1).to(q.dtype), c["index"], c["block_table"], c["seq_lens"], config)
+    static_q = q.clone()
+    sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, pos, blocks = sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)
+    new_q = torch.randn_like(q.float()).to(q.dtype)
+    static_q.copy_(new_q)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_pos, want_blocks = sparse_decode_triton(new_q, *args, previous_block_ids=previous)
+    assert torch.equal(pos, want_pos) and torch.equal(blocks, want_blocks)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
 
 
 def test_budget_covering_context_equals_dense():
