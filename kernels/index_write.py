@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import require_triton_device
-from .sparse_decode_reference import SUMMARY_TOL
+from .sparse_decode_reference import SUMMARY_QMAX, SUMMARY_TOL
 
 _INT32_MAX = 2147483647
 
@@ -126,6 +126,7 @@ def _index_summary_kernel(
     SBS: tl.constexpr,
     KEY_DTYPE: tl.constexpr,  # the index's key dtype: keys are cast to it, then to float32
     TOL: tl.constexpr,  # the reference's SUMMARY_TOL, in code steps
+    QMAX: tl.constexpr,  # the reference's SUMMARY_QMAX: codes in [-QMAX, QMAX]
     BLOCK_H: tl.constexpr,  # >= HKV
     BLOCK_D: tl.constexpr,  # >= D
     BLOCK_SCAN: tl.constexpr,  # slots tested per scan step
@@ -184,17 +185,17 @@ def _index_summary_kernel(
                 cur_min = tl.minimum(cur_min, old_min)
                 cur_max = tl.maximum(cur_max, old_max)
             amax = tl.max(tl.where(hd_mask, tl.maximum(tl.abs(cur_min), tl.abs(cur_max)), 0.0), axis=1)
-            scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))  # (BLOCK_H,)
+            scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))  # (BLOCK_H,)
             # nextafter(scale, inf) for scale >= 0: the next bit pattern up.
             up = (scale.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
-            scale = tl.where(scale * 127.0 < amax, up, scale)
+            scale = tl.where(scale * QMAX < amax, up, scale)
             safe = tl.where(scale > 0, scale, 1.0)[:, None]
             code_min = tl.floor(tl.math.div_rn(cur_min, safe) + TOL)
             code_max = -tl.floor(-(tl.math.div_rn(cur_max, safe) - TOL))
             code_min = tl.where(code_min * scale[:, None] > cur_min, code_min - 1.0, code_min)
             code_max = tl.where(code_max * scale[:, None] < cur_max, code_max + 1.0, code_max)
-            code_min = tl.minimum(tl.maximum(code_min, -127.0), 127.0)
-            code_max = tl.minimum(tl.maximum(code_max, -127.0), 127.0)
+            code_min = tl.minimum(tl.maximum(code_min, -QMAX), QMAX)
+            code_max = tl.minimum(tl.maximum(code_max, -QMAX), QMAX)
             tl.store(bmin_ptr + row, code_min.to(tl.int8), mask=hd_mask)
             tl.store(bmax_ptr + row, code_max.to(tl.int8), mask=hd_mask)
             tl.store(bscale_ptr + scale_row, scale, mask=h_mask)
@@ -277,7 +278,7 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     _index_summary_kernel[(N,)](
         key, slot_mapping, bmin, bmax, bscale, workspace.claim, N,
         key.stride(0), key.stride(1), key.stride(2),
-        HKV=Hkv, D=D, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL,
+        HKV=Hkv, D=D, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL, QMAX=float(SUMMARY_QMAX),
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_SCAN=256,
         BLOCK_T=max(1, min(256, 8192 // (block_h * block_d))),
         num_warps=4,
