@@ -22,7 +22,11 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
     decode rate = requests x 64 / (t72 - t8). asynctls gets the same KV-cache bytes as the dense run
     (`kv_cache_memory_bytes`), out of which the plugin reserves its index, so the comparison is at
-    equal memory.
+    equal memory. vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and k_norm) make q
+    and k so small that every block and token score of a row is the same float: the selection then
+    degenerates to the lowest-indexed blocks and its top-ks end in one pass. `--weights random`
+    re-initialises the loaded model in place before the first prompt (`LLM.apply_model`: matrices and
+    embeddings N(0, 0.02), norm weights 1), so q.k / sqrt(d) is of order one and the selection is real.
 """
 
 from __future__ import annotations
@@ -141,6 +145,11 @@ def worker_throughput(a) -> dict:
         kw["block_size"] = 64
     t0 = time.perf_counter()
     llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, **kw)
+    if a.weights == "random":
+        from vllm_asynctls.evaluation.random_weights import randomize_weights
+
+        changed = llm.apply_model(randomize_weights)
+        print(f"random weights: {changed} parameter tensors re-initialised per worker", flush=True)
     start_s = time.perf_counter() - t0
     cache = llm.llm_engine.vllm_config.cache_config
     kv_tokens = cache.num_gpu_blocks * cache.block_size
@@ -174,12 +183,14 @@ def worker_throughput(a) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     kv_bytes = getattr(cache, "kv_cache_memory_bytes", None)
     return {"kv_tokens": kv_tokens, "block_size": cache.block_size, "start_s": start_s, "rows": rows,
-            "kv_cache_memory_bytes": kv_bytes}
+            "kv_cache_memory_bytes": kv_bytes, "weights": a.weights}
 
 
 def run_worker(a) -> None:
     if a.counters:
         os.environ["VLLM_ASYNCTLS_COUNTERS_FILE"] = a.counters
+    if a.weights == "random":
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
     result = worker_check(a) if a.role == "check" else worker_throughput(a)
     Path(a.result).write_text(json.dumps(result))
     sys.stdout.flush()
@@ -284,10 +295,11 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
     return summary
 
 
-def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int]) -> None:
+def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy") -> None:
     model = qwen3_8b_config_dir(out / "models", 131072)
     if which == "dense":
-        spawn(out, "tput_dense", 590, role="throughput", model=model, backend="default", contexts=contexts)
+        spawn(out, "tput_dense", 590, role="throughput", model=model, backend="default", contexts=contexts,
+              weights=weights)
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
     kv_bytes = None
@@ -298,7 +310,7 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int]) -
         knobs = {"token_budget": budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
                  "local_tokens": 64, "dense_threshold": 0}
         spawn(out, f"tput_asynctls_{budget}", 590 // len(budgets), role="throughput", model=model,
-              backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes)
+              backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights)
 
 
 def stage_report(out: Path) -> None:
@@ -328,6 +340,8 @@ def main() -> None:
     p.add_argument("--runs", help="check stage: comma-separated subset of its engine runs")
     p.add_argument("--cudagraph-mode", help="check worker: vLLM compilation_config cudagraph_mode")
     p.add_argument("--tp", type=int, default=1, help="check worker: tensor_parallel_size")
+    p.add_argument("--weights", choices=["dummy", "random"], default="dummy",
+                   help="throughput stages: vLLM's dummy weights (degenerate selection), or re-initialised N(0, 0.02)")
     # worker arguments
     p.add_argument("--worker", action="store_true")
     p.add_argument("--role", choices=["check", "throughput"])
@@ -347,7 +361,7 @@ def main() -> None:
     if a.stage == "check":
         stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
     elif a.stage in ("dense", "asynctls"):
-        stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")])
+        stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights)
     elif a.stage == "report":
         stage_report(out)
     else:
