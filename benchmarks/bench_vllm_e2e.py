@@ -20,7 +20,8 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
 throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy weights, bf16,
     contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16). Each context:
     one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
-    decode rate = requests x 64 / (t72 - t8). asynctls gets the same KV-cache bytes as the dense run
+    decode rate = requests x 64 / (t72 - t8) (`--decode-lengths 8,40,72,136` times more runs, each
+    recorded, the rate still from the shortest and longest). asynctls gets the same KV-cache bytes as the dense run
     (`kv_cache_memory_bytes`), out of which the plugin reserves its index, so the comparison is at
     equal memory. vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and k_norm) make q
     and k so small that every block and token score of a row is the same float: the selection then
@@ -120,11 +121,11 @@ def worker_check(a) -> dict:
     return {"outputs": result}
 
 
-def _fit(llm, context: int) -> tuple[int, int]:
+def _fit(llm, context: int, longest: int = G_LONG) -> tuple[int, int]:
     cache = llm.llm_engine.vllm_config.cache_config
     blocks = cache.num_gpu_blocks
     bs = cache.block_size
-    per_request = -(-(context + G_LONG + 1) // bs)  # blocks
+    per_request = -(-(context + longest + 1) // bs)  # blocks
     return blocks * bs, blocks // per_request
 
 
@@ -135,8 +136,11 @@ def worker_throughput(a) -> dict:
     from vllm.inputs import TokensPrompt
 
     contexts = [int(c) for c in a.contexts.split(",")]
-    kw = dict(max_model_len=max(contexts) + G_LONG + 64, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
-              skip_tokenizer_init=True, load_format="dummy")
+    lengths = sorted({int(g) for g in a.decode_lengths.split(",")})
+    if len(lengths) < 2 or lengths[0] < 1:
+        raise ValueError(f"--decode-lengths needs two or more positive token counts; got {a.decode_lengths!r}")
+    kw = dict(max_model_len=max(contexts) + max(lengths[-1], G_LONG) + 64, max_num_seqs=MAX_SEQS,
+              enable_prefix_caching=True, skip_tokenizer_init=True, load_format="dummy")
     if a.kv_bytes:
         kw["kv_cache_memory_bytes"] = int(a.kv_bytes)
     else:
@@ -156,7 +160,7 @@ def worker_throughput(a) -> dict:
     rows = []
     rng = random.Random(0)
     for context in contexts:
-        _, fit = _fit(llm, context)
+        _, fit = _fit(llm, context, lengths[-1])
         n = min(fit, MAX_SEQS)
         if n == 0:
             rows.append({"context": context, "requests_fit": 0})
@@ -173,11 +177,11 @@ def worker_throughput(a) -> dict:
             return dt
 
         t_prefill = run(1)
-        t_short = run(G_SHORT)
-        t_long = run(G_LONG)
-        steps = G_LONG - G_SHORT
+        t_by_length = {g: run(g) for g in lengths}
+        t_short, t_long = t_by_length[lengths[0]], t_by_length[lengths[-1]]
+        steps = lengths[-1] - lengths[0]
         rows.append({"context": context, "requests_fit": fit, "requests": n, "prefill_s": t_prefill,
-                     "t_short_s": t_short, "t_long_s": t_long,
+                     "t_short_s": t_short, "t_long_s": t_long, "t_by_length_s": t_by_length,
                      "ms_per_step": 1000 * (t_long - t_short) / steps,
                      "decode_tok_s": n * steps / (t_long - t_short)})
         print(json.dumps(rows[-1]), flush=True)
@@ -295,11 +299,12 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
     return summary
 
 
-def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy") -> None:
+def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
+                     decode_lengths: str = f"{G_SHORT},{G_LONG}") -> None:
     model = qwen3_8b_config_dir(out / "models", 131072)
     if which == "dense":
         spawn(out, "tput_dense", 590, role="throughput", model=model, backend="default", contexts=contexts,
-              weights=weights)
+              weights=weights, decode_lengths=decode_lengths)
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
     kv_bytes = None
@@ -310,7 +315,8 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
         knobs = {"token_budget": budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
                  "local_tokens": 64, "dense_threshold": 0}
         spawn(out, f"tput_asynctls_{budget}", 590 // len(budgets), role="throughput", model=model,
-              backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights)
+              backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights,
+              decode_lengths=decode_lengths)
 
 
 def stage_report(out: Path) -> None:
@@ -340,6 +346,9 @@ def main() -> None:
     p.add_argument("--runs", help="check stage: comma-separated subset of its engine runs")
     p.add_argument("--cudagraph-mode", help="check worker: vLLM compilation_config cudagraph_mode")
     p.add_argument("--tp", type=int, default=1, help="check worker: tensor_parallel_size")
+    p.add_argument("--decode-lengths", default=f"{G_SHORT},{G_LONG}",
+                   help="throughput stages: new tokens per timed run (decode rate from the shortest and longest; "
+                        "more lengths show whether a cost is per step or once per run)")
     p.add_argument("--weights", choices=["dummy", "random"], default="dummy",
                    help="throughput stages: vLLM's dummy weights (degenerate selection), or re-initialised N(0, 0.02)")
     # worker arguments
@@ -361,7 +370,8 @@ def main() -> None:
     if a.stage == "check":
         stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
     elif a.stage in ("dense", "asynctls"):
-        stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights)
+        stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights,
+                         a.decode_lengths)
     elif a.stage == "report":
         stage_report(out)
     else:
