@@ -565,6 +565,9 @@ def main() -> None:
             keys = ("layout", "mode", "variant", "loss", "grad_norm", "ranks_agree_on_gradient", "per_rank")
             print(json.dumps({k: result[k] for k in keys}))
     state.wait_for_everyone()
+    # Without this a rank can abort at interpreter exit ("terminate called without an active exception":
+    # the process group's threads still running), failing the launch after the results are written.
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
