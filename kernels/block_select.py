@@ -405,6 +405,20 @@ def _topk_rows_torch(scores, k, out, block_map, map_block_size, seq_lens, sink_t
     return out
 
 
+def check_index_query(op: str, name: str, index_query: torch.Tensor, batch: int, num_kv_heads: int, channels: int,
+                      group: int, bits: int, heads: int | None = None) -> None:
+    """ValueError unless `index_query` can hold the word path's index query: contiguous float32
+    (batch, num_kv_heads, channels, H), H a power of two >= group (exactly `heads` when given), index_bits 4 or 8."""
+    h = index_query.shape[-1] if index_query.dim() == 4 else 0
+    if (bits not in (4, 8) or index_query.dtype != torch.float32 or not index_query.is_contiguous()
+            or index_query.shape != (batch, num_kv_heads, channels, h) or h < group or h & (h - 1)
+            or (heads is not None and h != heads)):
+        want = heads if heads is not None else f"H, a power of two >= {group}"
+        raise ValueError(f"{op}: {name} must be contiguous float32 ({batch}, {num_kv_heads}, {channels}, {want}) "
+                         f"with index_bits 4 or 8; got {index_query.dtype} {tuple(index_query.shape)}, "
+                         f"index_bits={bits}")
+
+
 def block_scores_triton(query, index, block_table, seq_lens, config, num_selection_blocks: int,
                         out: torch.Tensor | None = None, softmax_scale: float | None = None,
                         index_query: torch.Tensor | None = None) -> torch.Tensor:
@@ -447,11 +461,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     if index_query is not None:
         C = index.channel_ids.shape[1]
         iq_h = index_query.shape[-1]
-        if (config.index_bits not in (4, 8) or index_query.dtype != torch.float32 or not index_query.is_contiguous()
-                or index_query.shape != (B, Hkv, C, iq_h) or iq_h < group or iq_h & (iq_h - 1)):
-            raise ValueError(f"block_scores: index_query must be contiguous float32 (B, Hkv, index_channels, H) with "
-                             f"H a power of two >= {group}, and index_bits 4 or 8; got {index_query.dtype} "
-                             f"{tuple(index_query.shape)}, index_bits={config.index_bits}")
+        check_index_query("block_scores", "index_query", index_query, B, Hkv, C, group, config.index_bits)
         iq_c = C
     grid = (B * Hkv, triton.cdiv(num_selection_blocks, block_j))
     _block_score_kernel[grid](

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_select import _combine_heads, _write_index_query, topk_rows
+from .block_select import _combine_heads, _write_index_query, check_index_query, topk_rows
 from .sparse_decode_reference import group_temperature
 from .sparse_attention import _gathered_qk, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
@@ -77,13 +77,10 @@ def index_query_triton(query: torch.Tensor, channel_ids: torch.Tensor, bits: int
     require_triton_device("index_query", query, out)
     B, Hq, _ = query.shape
     Hkv, C = channel_ids.shape
+    if Hq % Hkv:
+        raise ValueError(f"index_query: {Hq} q heads are not a multiple of {Hkv} kv heads")
+    check_index_query("index_query", "out", out, B, Hkv, C, Hq // Hkv, bits)
     heads = out.shape[-1]
-    if bits not in (4, 8) or Hq % Hkv or heads < Hq // Hkv or heads & (heads - 1):
-        raise ValueError(f"index_query: needs index_bits 4 or 8 and H a power of two >= {Hq // max(Hkv, 1)}; got "
-                         f"index_bits={bits}, H={heads}")
-    if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (B, Hkv, C, heads):
-        raise ValueError(f"index_query: out must be contiguous float32 {(B, Hkv, C, heads)}; got {out.dtype} "
-                         f"{tuple(out.shape)}")
     _index_query_kernel[(B * Hkv,)](
         query, channel_ids.contiguous(), out, query.stride(0), query.stride(1), query.stride(2),
         HKV=Hkv, GROUP=Hq // Hkv, IQ_C=C, IQ_H=heads, IQ_BITS=bits, IQ_BLOCK_C=triton.next_power_of_2(C),
@@ -345,10 +342,8 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     if words:
         if index_query is None:
             index_query = build_index_query(query, channel_ids, bits, heads)
-        elif (index_query.dtype != torch.float32 or not index_query.is_contiguous()
-              or index_query.shape != (B, Hkv, C, heads)):
-            raise ValueError(f"token_scores: index_query must be contiguous float32 {(B, Hkv, C, heads)}; got "
-                             f"{index_query.dtype} {tuple(index_query.shape)}")
+        else:
+            check_index_query("token_scores", "index_query", index_query, B, Hkv, C, group, bits, heads)
         cs = tuple(st // 4 for st in cs[:3]) + (1,)
         block_h, num_warps = heads, WORD_SCORE_WARPS
         block_t = 32 * num_warps * WORD_SCORE_SUB
