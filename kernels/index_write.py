@@ -24,8 +24,8 @@ Design
   so a call in slot order (vLLM's) costs O(S) per full block; only partly filled blocks scan to the
   end of the call (one per sequence at most), and decode calls are a handful of tokens. Keys are
   loaded only between the first and the last match of each scan step: a decode call costs one key
-  load per leader (about 11 us per call on an H100 instead of 310 us when every step of the scan
-  loaded keys, `benchmarks/bench_vllm_conditions.py`).
+  load per leader: 5.6 us per decode call on an H100, against 312 us when every step of the scan
+  loaded keys as 3-D tiles (`benchmarks/RESULTS.md`, 2026-11-26).
 """
 
 from __future__ import annotations
@@ -150,8 +150,7 @@ def _index_summary_kernel(
         group = slot // SBS
         if tl.load(claim_ptr + group) == i:
             # The scan folds keys as flat (BLOCK_H * BLOCK_D,) rows, head-major with each head padded to
-            # BLOCK_D, so a reshape gives the (BLOCK_H, BLOCK_D) tiles of the requantisation. A 3-D
-            # (BLOCK_T, BLOCK_H, BLOCK_D) load compiled to code about 15x slower per step on sm_90.
+            # BLOCK_D, so a reshape gives the (BLOCK_H, BLOCK_D) tiles of the requantisation.
             offs_f = tl.arange(0, BLOCK_H * BLOCK_D)
             f_mask = ((offs_f // BLOCK_D) < HKV) & ((offs_f % BLOCK_D) < D)
             f_off = (offs_f // BLOCK_D) * stride_kh + (offs_f % BLOCK_D) * stride_kd
