@@ -23,7 +23,7 @@ import math
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_sparse_decode import QWEN3_8B, graph_time_ms, paged_case
+from bench_sparse_decode import QWEN3_8B, decode_write_ms, graph_time_ms, paged_case
 from asynctls_tip_kernels import sparse_attention
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
@@ -77,11 +77,13 @@ def main(argv=None) -> dict:
     row["kernels_us"] = kernel_times_us(step)
     if has_pdl:
         sparse_attention.USE_PDL = True
+    row["index_write_us"] = decode_write_ms(kc, table, seq_lens, index, config) * 1e3
     print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}{', lagged' if a.lagged else ''}: whole step from a CUDA graph "
           f"{row.get('graph_us', float('nan')):.1f} us with PDL (supported: {row.get('pdl_supported')}), "
           f"{row['graph_us_no_pdl']:.1f} us without")
     for name, us in row["kernels_us"].items():
         print(f"  {name[:60]:60s} {us:7.2f} us per launch")
+    print(f"  the step's index write (one new key per sequence, from a CUDA graph): {row['index_write_us']:.1f} us")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(row, f, indent=1)
