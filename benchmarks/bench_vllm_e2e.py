@@ -266,6 +266,8 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         # Same torch.compile'd model without CUDA graphs: isolates what graph capture changes.
         "asynctls_cover_nograph": dict(backend="asynctls", knobs=json.dumps(cover), cudagraph_mode="NONE"),
         "asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_256")),
+        # Lagged selection (the state carried between steps in vllm_asynctls.lagged_state), covering budget.
+        "asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True))),
     }
     runs = {k: v for k, v in runs.items() if k in (only or default_runs)}
     res, t0 = {}, time.perf_counter()
@@ -300,7 +302,7 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
 
 
 def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
-                     decode_lengths: str = f"{G_SHORT},{G_LONG}") -> None:
+                     decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False) -> None:
     model = qwen3_8b_config_dir(out / "models", 131072)
     if which == "dense":
         spawn(out, "tput_dense", 590, role="throughput", model=model, backend="default", contexts=contexts,
@@ -313,8 +315,8 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
         kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config)  # the dense run's K/V bytes
     for budget in budgets:
         knobs = {"token_budget": budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
-                 "local_tokens": 64, "dense_threshold": 0}
-        spawn(out, f"tput_asynctls_{budget}", 590 // len(budgets), role="throughput", model=model,
+                 "local_tokens": 64, "dense_threshold": 0, "lagged_selection": lagged}
+        spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets), role="throughput", model=model,
               backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights,
               decode_lengths=decode_lengths)
 
@@ -349,6 +351,8 @@ def main() -> None:
     p.add_argument("--decode-lengths", default=f"{G_SHORT},{G_LONG}",
                    help="throughput stages: new tokens per timed run (decode rate from the shortest and longest; "
                         "more lengths show whether a cost is per step or once per run)")
+    p.add_argument("--lagged", action="store_true",
+                   help="asynctls stage: lagged selection (the paper's pipelining; results tput_asynctls_B_lagged)")
     p.add_argument("--weights", choices=["dummy", "random"], default="dummy",
                    help="throughput stages: vLLM's dummy weights (degenerate selection), or re-initialised N(0, 0.02)")
     # worker arguments
@@ -371,7 +375,7 @@ def main() -> None:
         stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
     elif a.stage in ("dense", "asynctls"):
         stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights,
-                         a.decode_lengths)
+                         a.decode_lengths, a.lagged)
     elif a.stage == "report":
         stage_report(out)
     else:

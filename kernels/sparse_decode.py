@@ -296,6 +296,8 @@ def _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws
     """Block scores and their top-k -> block ids (B, Hkv, num_blocks), into the workspace's buffer
     that `previous_block_ids` (lagged selection, read meanwhile) does not occupy."""
     B, Hkv = query.shape[0], index.block_min.shape[2]
+    if config.lagged_selection:
+        config = _reference.lagged_block_config(config)  # ranked over the next step's candidates
     block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel,
                                        out=None if ws is None else ws.block_scores, softmax_scale=scale,
                                        index_query=index_query)

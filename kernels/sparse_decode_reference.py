@@ -40,13 +40,16 @@ The only data-dependent shapes are in `write_index` (dropping padded slots), whi
 path only; the Triton writer masks instead.
 
 Lagged selection (the paper's pipelining): with `config.lagged_selection`, step t selects tokens inside
-the blocks step t-1 chose (`previous_block_ids`) and returns its own block choice for step t+1. A
-token that left the local window at step t, in a block step t-1 did not keep, is missed for that step:
+the blocks step t-1 chose (`previous_block_ids`) and returns its own block choice for step t+1, ranked
+over step t+1's candidates (`lagged_block_config`: the local window one token shorter, so the block
+of the token that leaves the window next step can be kept). With a budget covering the context the
+lagged step is then still exact; otherwise it misses what only this step's query would have chosen,
 the price of having the blocks one step early.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -67,6 +70,11 @@ __all__ = [
     "dequantize_summary",
     "write_index",
     "score_blocks",
+    "lagged_block_config",
+    "lagged_slots",
+    "recent_block_ids",
+    "previous_block_ids",
+    "record_block_ids",
     "select_blocks",
     "score_tokens",
     "select_tokens",
@@ -472,6 +480,14 @@ def score_blocks(
     return bound.masked_fill(~has_candidate.unsqueeze(1), NEG_INF)
 
 
+@functools.lru_cache(maxsize=None)
+def lagged_block_config(config: SparseAttentionConfig) -> SparseAttentionConfig:
+    """The config a lagged step's block stage ranks with: its blocks serve the next step, whose
+    selectable range [sink_tokens, L + 1 - local_tokens) ends one token later. Unchanged without a
+    local window (the next step's newest token is not written yet)."""
+    return config.with_(local_tokens=config.local_tokens - 1) if config.local_tokens > 0 else config
+
+
 def select_blocks(
     query: Tensor, index: SparseIndex, block_table: Tensor, seq_lens: Tensor, config: SparseAttentionConfig,
     softmax_scale: float | None = None,
@@ -706,7 +722,8 @@ def sparse_decode(
         selected, block_ids = _block_only_selection(query, index, block_table, seq_lens, config, scale)
         positions = attended_positions(selected, seq_lens, config)
     else:  # "asynctls"
-        block_ids = select_blocks(query, index, block_table, seq_lens, config, scale)
+        block_config = lagged_block_config(config) if config.lagged_selection else config
+        block_ids = select_blocks(query, index, block_table, seq_lens, block_config, scale)
         token_blocks = block_ids
         if config.lagged_selection and previous_block_ids is not None:
             token_blocks = previous_block_ids
@@ -714,6 +731,58 @@ def sparse_decode(
         positions = attended_positions(selected, seq_lens, config)
     out = sparse_attention(query, key_cache, value_cache, block_table, positions, scale)
     return out, positions, block_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Lagged selection across steps: each request's block choice, kept between decode steps
+# ----------------------------------------------------------------------------------------------
+# A serving engine moves requests between batch rows, so the previous step's block ids are kept per
+# selection-block slot of the paged cache: `state_ids` (num_slots + 1, Hkv, num_blocks) int32 and
+# `written_len` (num_slots + 1,) int32, num_slots = num_cache_blocks * cache_block_size / S, the last
+# entry a sink for padded rows. A step records its choice at the slot of its newest token (position
+# L - 1) and the next step reads the slot of its position L - 2; an entry counts only if the length
+# that wrote it is L - 1, else the row falls back to its most recent blocks.
+
+
+def lagged_slots(block_table: Tensor, positions: Tensor, cache_block_size: int, selection_block_size: int) -> Tensor:
+    """Selection-block slot of each row's `positions` (B,) int64 >= 0 in the paged cache -> (B,) int64."""
+    rows = torch.arange(block_table.shape[0], device=block_table.device)
+    cache_block = block_table[rows, positions // cache_block_size].long()
+    per = cache_block_size // selection_block_size
+    return cache_block * per + (positions % cache_block_size) // selection_block_size
+
+
+def recent_block_ids(seq_lens: Tensor, config: SparseAttentionConfig, num_kv_heads: int) -> Tensor:
+    """(B,) lengths -> (B, Hkv, num_blocks) int32: the `num_blocks` selection blocks that end the
+    selectable range [sink_tokens, L - local_tokens), ascending, -1 padded."""
+    S = config.selection_block_size
+    last = torch.div(seq_lens.long() - config.local_tokens - 1, S, rounding_mode="floor")  # (B,)
+    first = (last - config.num_blocks + 1).clamp(min=0)
+    ids = first.unsqueeze(1) + torch.arange(config.num_blocks, device=seq_lens.device)  # (B, NB)
+    ids = torch.where(ids <= last.unsqueeze(1), ids, -1).to(torch.int32)
+    return ids.unsqueeze(1).expand(-1, num_kv_heads, -1).contiguous()
+
+
+def previous_block_ids(state_ids: Tensor, written_len: Tensor, block_table: Tensor, seq_lens: Tensor,
+                       config: SparseAttentionConfig, cache_block_size: int) -> Tensor:
+    """The blocks each row's previous step recorded, or its most recent blocks where no entry of length
+    L - 1 exists: (B, Hkv, num_blocks) int32. seq_lens (B,) count this step's token."""
+    L = seq_lens.long()
+    prev = lagged_slots(block_table, (L - 2).clamp(min=0), cache_block_size, config.selection_block_size)
+    valid = (L >= 2) & (written_len[prev].long() == L - 1)
+    fallback = recent_block_ids(seq_lens, config, state_ids.shape[1])
+    return torch.where(valid.view(-1, 1, 1), state_ids[prev], fallback).contiguous()
+
+
+def record_block_ids(state_ids: Tensor, written_len: Tensor, block_table: Tensor, seq_lens: Tensor,
+                     block_ids: Tensor, config: SparseAttentionConfig, cache_block_size: int) -> None:
+    """Keep this step's block choice (B, Hkv, num_blocks) at each row's newest-token slot, in place;
+    padded rows (seq_len 0) write the last entry, which no slot maps to."""
+    L = seq_lens.long()
+    slots = lagged_slots(block_table, (L - 1).clamp(min=0), cache_block_size, config.selection_block_size)
+    cur = torch.where(L > 0, slots, state_ids.shape[0] - 1)
+    state_ids[cur] = block_ids.to(torch.int32)
+    written_len[cur] = seq_lens.to(torch.int32)
 
 
 def attention_mass_recall(

@@ -1,8 +1,8 @@
 """The plugin inside a real vLLM engine (the CPU build) on the tiny float32 GQA and MLA models.
 
-Engine starts are the cost here (tens of seconds each on a 2-core machine), so the file uses five:
-the default backend and asynctls on the GQA model, the default backend (CPU_MLA) and asynctls on the
-MLA model, and the OpenAI-compatible server with asynctls. Each engine carries several checks.
+Engine starts are the cost here (tens of seconds each on a 2-core machine), so the file uses six:
+the default backend, asynctls and asynctls with lagged selection on the GQA model, the default
+backend (CPU_MLA) and asynctls on the MLA model, and the OpenAI-compatible server with asynctls. Each engine carries several checks.
 
 What is shown:
 - `--attention-backend asynctls` selects our backend in an unmodified vLLM (counters move only if our
@@ -20,6 +20,8 @@ What is shown:
   vLLM's CPU MLA prefill is batch-dependent (see `_generate_one_by_one`); a batch mixing a
   dense-threshold decode, covered and really sparse decodes serves; alone, the 2.5K request reads a
   bounded set.
+- Lagged selection (`lagged_selection`): the same batch, covered contexts still equal the default
+  backend token for token, and every layer's state recorded the long request's steps.
 - Bad knobs fail `LLM(...)` at start-up with the knob's name, before any engine process starts.
 """
 
@@ -179,6 +181,43 @@ def test_gqa_small_budget_long_prompt_takes_sparse_path(gqa_runs):
     # Sinks + local window + the budget (a little less when a kept block holds fewer candidates).
     assert 0.9 * ATTENDED_MAX <= c["tokens_read_per_sparse_decode"] <= ATTENDED_MAX
     assert c["tokens_read_per_sparse_decode"] < c["context_per_sparse_decode"] / 4
+
+
+@pytest.fixture(scope="module")
+def gqa_lagged_runs(qwen3_gqa_path, gqa_prompts, gqa_runs):
+    """The GQA batch again with lagged selection (after the plain asynctls engine is gone)."""
+    from vllm import LLM
+
+    from vllm_asynctls.lagged_state import longest_recorded_lengths
+
+    llm = LLM(
+        model=qwen3_gqa_path,
+        attention_backend="asynctls",
+        additional_config={"asynctls": dict(GQA_KNOBS, lagged_selection=True)},
+        max_num_batched_tokens=1024,
+        **ENGINE_KW,
+    )
+    try:
+        _reset_counters(llm)
+        tokens = _generate(llm, gqa_prompts)
+        return tokens, _counters(llm), llm.apply_model(longest_recorded_lengths)
+    finally:
+        shutdown_engine(llm)
+
+
+def test_gqa_lagged_selection_carries_block_choices_and_stays_exact_when_covered(gqa_lagged_runs,
+                                                                                  gqa_default_tokens):
+    tokens, c, (recorded,) = gqa_lagged_runs
+    # Covered contexts: each lagged step selects inside the previous step's blocks (the first one
+    # inside the most recent blocks) and still equals the default backend, token for token.
+    for length, ours, default in zip(SHORT_LENGTHS, tokens, gqa_default_tokens):
+        assert ours == default, f"prompt of {length} tokens: lagged asynctls {ours} != default {default}"
+    assert c["decode_tokens_sparse"] == 3 * (MAX_TOKENS - 1)
+    assert c["tokens_read_per_sparse_decode"] <= ATTENDED_MAX
+    # Every layer kept block choices up to the long request's last decode step (seq_len = prompt +
+    # generated - 1): the state was written on every step, whatever row the request sat in.
+    assert len(recorded) == 2 and all(r == LONG_LENGTH + MAX_TOKENS - 1 for r in recorded), recorded
+    assert len(tokens[-1]) == MAX_TOKENS
 
 
 # ----------------------------------------------------------------------------------------------

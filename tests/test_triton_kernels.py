@@ -568,3 +568,41 @@ def test_programmatic_dependent_launch_only_where_supported(monkeypatch):
     monkeypatch.setattr(sa, "USE_PDL", True)
     monkeypatch.setenv("ASYNCTLS_PDL", "0")
     assert not sa.pdl_enabled(t)
+
+
+@pytest.mark.parametrize("cbs, S, hkv, nb", [(64, 16, 2, 4), (64, 64, 8, 128), (16, 16, 1, 3)])
+def test_lagged_block_ids_kernels_equal_the_reference(cbs, S, hkv, nb):
+    from asynctls_tip_kernels.lagged_blocks import previous_block_ids_triton, record_block_ids_triton
+
+    g = torch.Generator().manual_seed(cbs + S + nb)
+    config = SparseAttentionConfig(selection_block_size=S, num_blocks=nb, token_budget=S * nb, sink_tokens=S,
+                                   local_tokens=16, index_bits=4, index_channels=8, lagged_selection=True)
+    num_cache_blocks, W, B = 50, 6, 7
+    slots = num_cache_blocks * cbs // S
+    state = torch.randint(-1, 50, (slots + 1, hkv, nb), generator=g, dtype=torch.int32)
+    written = torch.randint(-1, W * cbs, (slots + 1,), generator=g, dtype=torch.int32)
+    table = torch.randperm(num_cache_blocks, generator=g)[: B * W].view(B, W).to(torch.int32)
+    # Lengths at block boundaries, short ones (fallback without blocks), a padded row (0).
+    lens = torch.tensor([cbs + 1, 2 * cbs, S + 1, 3, 1, 0, W * cbs - 5], dtype=torch.int32)
+    # Make some rows' entries valid (written by the previous step, length L - 1).
+    prev_slots = ref.lagged_slots(table, (lens.long() - 2).clamp(min=0), cbs, S)
+    written[prev_slots[:4]] = lens[:4] - 1
+    padded_table = torch.zeros(B, W + 3, dtype=torch.int32)
+    padded_table[:, :W] = table  # a wider buffer seen through a view: row stride != W
+    table_view = padded_table[:, :W]
+
+    want = ref.previous_block_ids(state, written, table, lens, config, cbs)
+    got = previous_block_ids_triton(state.to(DEVICE), written.to(DEVICE), table_view.to(DEVICE), lens.to(DEVICE),
+                                    config, cbs)
+    assert torch.equal(got.cpu(), want)
+    assert not torch.equal(want, ref.recent_block_ids(lens, config, hkv))  # some rows read real entries
+
+    ids = torch.randint(-1, 60, (B, hkv, nb), generator=g, dtype=torch.int32)
+    want_state, want_written = state.clone(), written.clone()
+    ref.record_block_ids(want_state, want_written, table, lens, ids, config, cbs)
+    got_state, got_written = state.to(DEVICE), written.to(DEVICE)
+    record_block_ids_triton(got_state, got_written, table_view.to(DEVICE), lens.to(DEVICE), ids.to(DEVICE), config, cbs)
+    assert torch.equal(got_state.cpu(), want_state) and torch.equal(got_written.cpu(), want_written)
+    with pytest.raises(ValueError, match="block_ids must be contiguous int32"):
+        record_block_ids_triton(got_state, got_written, table.to(DEVICE), lens.to(DEVICE), ids.to(DEVICE)[..., :1],
+                                config, cbs)

@@ -33,8 +33,8 @@ Design
 
 Not supported (start-up errors or a logged dense fallback, see `_vllm_compat`): sliding-window,
 encoder and cross attention layers stay dense; ALiBi, soft-capping, learned sinks and quantised KV
-caches raise. The paper's lagged (pipelined) selection needs per-request state across steps and is
-not wired here (the reference supports it).
+caches raise. Lagged selection (the paper's pipelining, knob `lagged_selection`) carries each request's
+block choice between steps in `vllm_asynctls.lagged_state`.
 """
 
 from __future__ import annotations
@@ -415,10 +415,12 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
             out, positions = self._offload_sparse_decode(layer, q, md)
         else:
             key_cache, value_cache = _paged_kv_views(kv_cache)  # (nb, bs, Hkv, D)
-            out, positions, _ = ref.sparse_decode(
-                q, key_cache, value_cache, sp.block_table, sp.seq_lens, self.layer_index.index,
-                self.sparse_config, self.scale,
+            lix = self.layer_index
+            out, positions, block_ids = ref.sparse_decode(
+                q, key_cache, value_cache, sp.block_table, sp.seq_lens, lix.index, self.sparse_config, self.scale,
+                previous_block_ids=lix.previous_blocks(sp.block_table, sp.seq_lens),
             )
+            lix.record_blocks(sp.block_table, sp.seq_lens, block_ids)
         output[sp.token_ids] = out.to(output.dtype)  # (Bs, Hq, Dv)
         COUNTERS.record_sparse_reads(positions)
         return output
@@ -550,10 +552,12 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
         rows = md.sparse_rows
         block_table = decode.block_table[rows].to(torch.int32)
         seq_lens = decode.seq_lens[rows].to(torch.int32)
-        sparse_out, positions, _ = ref.sparse_decode(
-            q[rows], key_cache, value_cache, block_table, seq_lens, self.layer_index.index,
-            self.sparse_config, self.scale,
+        lix = self.layer_index
+        sparse_out, positions, block_ids = ref.sparse_decode(
+            q[rows], key_cache, value_cache, block_table, seq_lens, lix.index, self.sparse_config, self.scale,
+            previous_block_ids=lix.previous_blocks(block_table, seq_lens),
         )  # (Bs, H, L)
+        lix.record_blocks(block_table, seq_lens, block_ids)
         COUNTERS.record_sparse_reads(positions)
         if md.all_sparse:
             return sparse_out, None

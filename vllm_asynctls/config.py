@@ -57,6 +57,12 @@ class AsyncTLSConfig:
     offload_hot_blocks: hot-cache slots per request and kv head, in KV cache blocks (>= 1); must cover
         the blocks one decode step reads (checked against the cache block size at start-up).
     offload_prefetch_depth: layers prefetched ahead of the computing one (>= 1).
+    lagged_selection: the paper's pipelining (true / false, default false): each decode step selects
+        tokens inside the blocks the request's previous step chose, so on the GPU this step's block
+        stage runs beside the token stage instead of before it. The choices are kept per layer between
+        steps (`vllm_asynctls.lagged_state`, about 4 * num_blocks / selection_block_size bytes per
+        token and kv head); a request's first sparse step selects inside its most recent blocks.
+        Mode "asynctls" only, without offload.
     """
 
     token_budget: int = 2048
@@ -73,6 +79,7 @@ class AsyncTLSConfig:
     offload: bool = False
     offload_hot_blocks: int = 64
     offload_prefetch_depth: int = 1
+    lagged_selection: bool = False
 
     def __post_init__(self) -> None:
         t = self.dense_threshold
@@ -95,6 +102,12 @@ class AsyncTLSConfig:
                 f"asynctls knob offload=true needs mode in {list(OFFLOAD_MODES)} and index_bits in [4, 8] "
                 f"(the selection must run on the index, not on keys that live in host memory); got "
                 f"mode={self.mode!r}, index_bits={self.index_bits!r}"
+            )
+        if self.lagged_selection and (self.mode != "asynctls" or self.offload):
+            raise ValueError(
+                f"asynctls knob lagged_selection=true needs mode 'asynctls' and offload=false (the other modes "
+                f"have no block stage to lag; offload selects on its own path); got mode={self.mode!r}, "
+                f"offload={self.offload!r}"
             )
 
     # ------------------------------------------------------------------------------------------
@@ -165,7 +178,7 @@ class AsyncTLSConfig:
                 index_channel_metric=self.index_channel_metric,
                 group_score=self.group_score,
                 mode=self.mode,
-                lagged_selection=False,
+                lagged_selection=self.lagged_selection,
             )
         except ValueError as e:
             raise ValueError(f"asynctls knob {e}") from None
@@ -182,13 +195,16 @@ class AsyncTLSConfig:
         Per token and kv head: K/V take `2 * D * b` bytes (MLA: one latent row, `D * b`); the index
         takes the block min/max (int8 codes and one float32 scale per selection block:
         `(2 * D + 4) / selection_block_size`) plus the low-bit codes and one float32 scale (nothing
-        for `index_bits == 16`).
+        for `index_bits == 16`), plus with `lagged_selection` the previous step's block ids
+        (`4 * num_blocks / selection_block_size`).
         """
         cfg = self.sparse_config(head_dim=head_dim, is_mla=is_mla)
         kv = (1 if is_mla else 2) * head_dim * dtype_bytes
         index = (2 * head_dim + 4) / cfg.selection_block_size
         if cfg.index_bits != 16:
             index += cfg.index_channels * cfg.index_bits / 8 + 4
+        if cfg.lagged_selection:
+            index += 4 * cfg.num_blocks / cfg.selection_block_size  # the previous step's block ids
         return index / (kv + index)
 
     def check_cache_block_size(self, cache_block_size: int) -> None:

@@ -251,10 +251,12 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
         """Rows [0, md.num_reqs) of `output` from the sparse operator (one query token per request)."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # (nb, bs, Hkv, D)
         B = md.num_reqs
-        out, _, _ = sparse_decode_triton(
-            query[:B], key_cache, value_cache, md.block_table, md.seq_lens, self.layer_index.index,
-            self.sparse_config, self.scale, workspace=md.workspace,
+        lix = self.layer_index
+        out, _, block_ids = sparse_decode_triton(
+            query[:B], key_cache, value_cache, md.block_table, md.seq_lens, lix.index, self.sparse_config,
+            self.scale, previous_block_ids=lix.previous_blocks(md.block_table, md.seq_lens), workspace=md.workspace,
         )  # (B, Hq, D)
+        lix.record_blocks(md.block_table, md.seq_lens, block_ids)
         output[:B].copy_(out.view(output[:B].shape))
         return output
 

@@ -6,6 +6,8 @@ captured in CUDA graphs write it too).
 
 - Allocated at the first KV write from the cache's geometry (vLLM binds the KV cache after the model is
   built, so its block count is only known there), indexed by *physical* cache block.
+- With `lagged_selection`, it also holds the previous step's block choices
+  (`vllm_asynctls.lagged_state.LaggedBlockState`), addressed by the same physical blocks.
 - Index channels are calibrated once per layer from the keys of the first real KV write (the first
   prefill chunk the engine serves): the channels with the largest mean |k| (or spread) per kv head,
   Double Sparsity's offline calibration done online. vLLM's dummy runs (no attention metadata, or all
@@ -46,6 +48,7 @@ class LayerIndex:
         self.index: ref.SparseIndex | None = None
         self.calibrated = False
         self._write_workspace = None  # Triton path: the claim buffer, allocated with the index
+        self.lagged = None  # LaggedBlockState with lagged_selection, allocated with the index
 
     def ensure(self, num_cache_blocks: int, cache_block_size: int, dtype: torch.dtype, device) -> ref.SparseIndex:
         idx = self.index
@@ -65,15 +68,29 @@ class LayerIndex:
             self._write_workspace = IndexWriteWorkspace(
                 num_cache_blocks, self.index.block_min.shape[1], self.index.block_min.device
             )
+        if self.config.lagged_selection:
+            from vllm_asynctls.lagged_state import LaggedBlockState
+
+            self.lagged = LaggedBlockState(num_cache_blocks, cache_block_size, self.num_kv_heads, self.config, device)
         self.calibrated = False
         nbytes = sum(t.numel() * t.element_size() for t in (self.index.block_min, self.index.block_max,
                                                            self.index.block_scale, self.index.codes,
                                                            self.index.scales) if t is not None)
+        nbytes += self.lagged.nbytes if self.lagged is not None else 0
         logger.info(
             "asynctls: index for %d cache blocks x %d tokens (%d kv heads, key dim %d): %.1f MiB per layer",
             num_cache_blocks, cache_block_size, self.num_kv_heads, self.head_dim, nbytes / 2**20,
         )
         return self.index
+
+    def previous_blocks(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor | None:
+        """The decode rows' previous block choices for lagged selection (None when it is off)."""
+        return None if self.lagged is None else self.lagged.previous(block_table, seq_lens)
+
+    def record_blocks(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor) -> None:
+        """Keep this step's block choices for the rows' next step (no-op when lagged selection is off)."""
+        if self.lagged is not None:
+            self.lagged.record(block_table, seq_lens, block_ids)
 
     def _calibrate(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         valid = slot_mapping >= 0
