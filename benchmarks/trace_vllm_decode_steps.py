@@ -95,7 +95,7 @@ def trace(a) -> dict:
     if a.backend == "asynctls":
         kw["block_size"] = 64
         knobs = {"token_budget": a.budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
-                 "local_tokens": 64, "dense_threshold": 0}
+                 "local_tokens": 64, "dense_threshold": 0, "lagged_selection": a.lagged}
     t0 = time.perf_counter()
     llm = _llm(str(model), a.backend, knobs, **kw)
     if a.weights == "random":
@@ -148,6 +148,12 @@ def trace(a) -> dict:
             steps.append({"step": step_no, "s": dt, "finished": sum(o.finished for o in outs),
                           "compiles": _new_compiles(cache_dir, seen)})
             step_no += 1
+        if prof is not None:  # the run ended inside a profiled window
+            _sync(torch)
+            prof.__exit__(None, None, None)
+            k = step_no - prof_start
+            profiles.append({"first_step": prof_start, "steps": k, "kernels": _kernel_table(
+                prof, k, "CUDA" if torch.cuda.is_available() else "CPU")[:40]})
         runs[label] = {"max_tokens": max_tokens, "total_s": time.perf_counter() - t_run, "steps": steps,
                        "profiles": profiles}
         print(f"{label}: {len(steps)} steps, {runs[label]['total_s']:.3f} s; slowest steps "
@@ -190,6 +196,7 @@ def main() -> None:
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--long", type=int, default=136)
     p.add_argument("--weights", choices=["dummy", "random"], default="dummy")
+    p.add_argument("--lagged", action="store_true", help="asynctls: lagged selection (the paper's pipelining)")
     p.add_argument("--kv-bytes", type=int, help="kv_cache_memory_bytes (default: gpu_memory_utilization 0.9)")
     p.add_argument("--profile-steps", default="4,100", help="decode steps of the long run to profile ('' for none)")
     p.add_argument("--profile-len", type=int, default=3)

@@ -738,10 +738,12 @@ def sparse_decode(
 # ----------------------------------------------------------------------------------------------
 # A serving engine moves requests between batch rows, so the previous step's block ids are kept per
 # selection-block slot of the paged cache: `state_ids` (num_slots + 1, Hkv, num_blocks) int32 and
-# `written_len` (num_slots + 1,) int32, num_slots = num_cache_blocks * cache_block_size / S, the last
+# `written` (num_slots + 1, 2) int32, num_slots = num_cache_blocks * cache_block_size / S, the last
 # entry a sink for padded rows. A step records its choice at the slot of its newest token (position
-# L - 1) and the next step reads the slot of its position L - 2; an entry counts only if the length
-# that wrote it is L - 1, else the row falls back to its most recent blocks.
+# L - 1) with its length L and its owner tag (the physical block of its position 0); the next step
+# reads the slot of its position L - 2 and uses it only if it was written at length L - 1 by the same
+# owner, else it falls back to its most recent blocks. `hits` (optional, int64 scalar) counts the rows
+# that used an entry.
 
 
 def lagged_slots(block_table: Tensor, positions: Tensor, cache_block_size: int, selection_block_size: int) -> Tensor:
@@ -763,18 +765,21 @@ def recent_block_ids(seq_lens: Tensor, config: SparseAttentionConfig, num_kv_hea
     return ids.unsqueeze(1).expand(-1, num_kv_heads, -1).contiguous()
 
 
-def previous_block_ids(state_ids: Tensor, written_len: Tensor, block_table: Tensor, seq_lens: Tensor,
-                       config: SparseAttentionConfig, cache_block_size: int) -> Tensor:
+def previous_block_ids(state_ids: Tensor, written: Tensor, block_table: Tensor, seq_lens: Tensor,
+                       config: SparseAttentionConfig, cache_block_size: int, hits: Tensor | None = None) -> Tensor:
     """The blocks each row's previous step recorded, or its most recent blocks where no entry of length
-    L - 1 exists: (B, Hkv, num_blocks) int32. seq_lens (B,) count this step's token."""
+    L - 1 and the row's owner exists: (B, Hkv, num_blocks) int32. seq_lens (B,) count this step's token."""
     L = seq_lens.long()
     prev = lagged_slots(block_table, (L - 2).clamp(min=0), cache_block_size, config.selection_block_size)
-    valid = (L >= 2) & (written_len[prev].long() == L - 1)
+    entry = written[prev].long()  # (B, 2): length, owner
+    valid = (L >= 2) & (entry[:, 0] == L - 1) & (entry[:, 1] == block_table[:, 0].long())
+    if hits is not None:
+        hits += valid.sum()
     fallback = recent_block_ids(seq_lens, config, state_ids.shape[1])
     return torch.where(valid.view(-1, 1, 1), state_ids[prev], fallback).contiguous()
 
 
-def record_block_ids(state_ids: Tensor, written_len: Tensor, block_table: Tensor, seq_lens: Tensor,
+def record_block_ids(state_ids: Tensor, written: Tensor, block_table: Tensor, seq_lens: Tensor,
                      block_ids: Tensor, config: SparseAttentionConfig, cache_block_size: int) -> None:
     """Keep this step's block choice (B, Hkv, num_blocks) at each row's newest-token slot, in place;
     padded rows (seq_len 0) write the last entry, which no slot maps to."""
@@ -782,7 +787,7 @@ def record_block_ids(state_ids: Tensor, written_len: Tensor, block_table: Tensor
     slots = lagged_slots(block_table, (L - 1).clamp(min=0), cache_block_size, config.selection_block_size)
     cur = torch.where(L > 0, slots, state_ids.shape[0] - 1)
     state_ids[cur] = block_ids.to(torch.int32)
-    written_len[cur] = seq_lens.to(torch.int32)
+    written[cur] = torch.stack([seq_lens.to(torch.int32), block_table[:, 0].to(torch.int32)], dim=1)
 
 
 def attention_mass_recall(

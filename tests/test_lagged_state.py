@@ -35,10 +35,12 @@ def _ids(*rows, hkv=2) -> torch.Tensor:
 
 def test_a_row_without_a_previous_step_selects_inside_its_most_recent_blocks():
     state = _state()
-    table = torch.randperm(12)[:8].view(2, 4).to(torch.int32).repeat(2, 1)  # (4, 4)
-    # Last selectable position L - 17: block 11 at L = 200, block 1 at L = 40, none at L = 10 or 0.
-    got = state.previous(table, torch.tensor([200, 40, 10, 0], dtype=torch.int32))
-    want = _ids([8, 9, 10, 11], [0, 1, -1, -1], [-1, -1, -1, -1], [-1, -1, -1, -1])
+    table = torch.randperm(12)[:8].view(2, 4).to(torch.int32).repeat(3, 1)  # (6, 4)
+    # Last selectable position L - 17: block 11 at L = 200, block 1 at L = 40, block 1 at L = 33 (its
+    # first position), block 0 at L = 32, none at L = 10 or 0.
+    got = state.previous(table, torch.tensor([200, 40, 33, 32, 10, 0], dtype=torch.int32))
+    want = _ids([8, 9, 10, 11], [0, 1, -1, -1], [0, 1, -1, -1], [0, -1, -1, -1], [-1, -1, -1, -1],
+                [-1, -1, -1, -1])
     assert torch.equal(got, want)
     assert got.dtype == torch.int32 and got.is_contiguous()
 
@@ -62,13 +64,28 @@ def test_a_step_reads_what_the_requests_previous_step_recorded_from_any_row(leng
 
 
 def test_padded_rows_write_nowhere_a_request_reads():
+    # A request one token long recorded at the slot of position 0; padded rows (seq_len 0) whose table
+    # rows alias it must not overwrite that slot, which its next step reads.
     state = _state()
-    table = torch.tensor([[3, 5, 7], [3, 5, 7]], dtype=torch.int32)  # the padded row aliases the real one
-    real = torch.tensor([150], dtype=torch.int32)
+    table = torch.tensor([[3, 5, 7], [3, 5, 7], [3, 5, 7]], dtype=torch.int32)
+    real = torch.tensor([1], dtype=torch.int32)
     mine = _ids([1, 2, 5, 7])
     state.record(table[:1], real, mine)
-    state.record(table, torch.tensor([0, 0], dtype=torch.int32), _ids([0, 0, 0, 0], [0, 0, 0, 0]))
+    state.record(table, torch.tensor([1, 0, 0], dtype=torch.int32), _ids([1, 2, 5, 7], [0, 0, 0, 0], [9, 9, 9, 9]))
     assert torch.equal(state.previous(table[:1], real + 1), mine)
+
+
+def test_an_entry_left_by_another_request_is_not_used():
+    # Request A recorded at length 150 in cache block 5 and finished; request B got block 5 for the
+    # same positions and reaches length 151: the entry's length fits, its owner (A's first block) not.
+    state = _state()
+    a = torch.tensor([[3, 4, 5]], dtype=torch.int32)
+    b = torch.tensor([[8, 9, 5]], dtype=torch.int32)
+    lens = torch.tensor([150], dtype=torch.int32)
+    state.record(a, lens, _ids([1, 2, 5, 7]))
+    assert torch.equal(state.previous(b, lens + 1), state.recent_blocks(lens + 1))
+    assert torch.equal(state.previous(a, lens + 1), _ids([1, 2, 5, 7]))
+    assert int(state.hits) == 1  # only A's read used an entry
 
 
 def test_decoding_through_the_state_equals_the_reference_chained_per_request():
@@ -104,13 +121,16 @@ def test_decoding_through_the_state_equals_the_reference_chained_per_request():
                                          lens[b:b + 1], index, CONFIG.with_(lagged_selection=False), 0.2)[1]
             lagged_differs |= not torch.equal(unlagged[0], want_pos[0])
     assert lagged_differs  # the lag changes some selection, so the equality above is not vacuous
+    assert int(state.hits) == len(final) * (steps - 1)  # every step after a request's first read its entry
 
 
 def test_the_knob_is_validated_and_counted_in_the_index_memory():
-    with pytest.raises(ValueError, match=r"lagged_selection=true needs mode 'asynctls' and offload=false.*offload=True"):
+    with pytest.raises(ValueError, match=r"lagged_selection=true needs mode 'asynctls', offload=false.*offload=True"):
         AsyncTLSConfig(lagged_selection=True, offload=True)
     with pytest.raises(ValueError, match=r"lagged_selection=true needs mode 'asynctls'.*mode='block_only'"):
         AsyncTLSConfig(lagged_selection=True, mode="block_only")
+    with pytest.raises(ValueError, match=r"local_tokens >= 1.*local_tokens=0"):
+        AsyncTLSConfig(lagged_selection=True, local_tokens=0)
     with pytest.raises(ValueError, match=r"asynctls knob lagged_selection must be a bool; got 'yes'"):
         AsyncTLSConfig(lagged_selection="yes")
     on = AsyncTLSConfig(lagged_selection=True, selection_block_size=64, num_blocks=128)

@@ -188,7 +188,7 @@ def gqa_lagged_runs(qwen3_gqa_path, gqa_prompts, gqa_runs):
     """The GQA batch again with lagged selection (after the plain asynctls engine is gone)."""
     from vllm import LLM
 
-    from vllm_asynctls.lagged_state import longest_recorded_lengths
+    from vllm_asynctls.lagged_state import lagged_state_summary
 
     llm = LLM(
         model=qwen3_gqa_path,
@@ -200,23 +200,28 @@ def gqa_lagged_runs(qwen3_gqa_path, gqa_prompts, gqa_runs):
     try:
         _reset_counters(llm)
         tokens = _generate(llm, gqa_prompts)
-        return tokens, _counters(llm), llm.apply_model(longest_recorded_lengths)
+        return tokens, _counters(llm), llm.apply_model(lagged_state_summary)
     finally:
         shutdown_engine(llm)
 
 
 def test_gqa_lagged_selection_carries_block_choices_and_stays_exact_when_covered(gqa_lagged_runs,
                                                                                   gqa_default_tokens):
-    tokens, c, (recorded,) = gqa_lagged_runs
+    tokens, c, (layers,) = gqa_lagged_runs
     # Covered contexts: each lagged step selects inside the previous step's blocks (the first one
     # inside the most recent blocks) and still equals the default backend, token for token.
     for length, ours, default in zip(SHORT_LENGTHS, tokens, gqa_default_tokens):
         assert ours == default, f"prompt of {length} tokens: lagged asynctls {ours} != default {default}"
-    assert c["decode_tokens_sparse"] == 3 * (MAX_TOKENS - 1)
+    sparse = c["decode_tokens_sparse"]
+    assert sparse == 3 * (MAX_TOKENS - 1)
     assert c["tokens_read_per_sparse_decode"] <= ATTENDED_MAX
-    # Every layer kept block choices up to the long request's last decode step (seq_len = prompt +
-    # generated - 1): the state was written on every step, whatever row the request sat in.
-    assert len(recorded) == 2 and all(r == LONG_LENGTH + MAX_TOKENS - 1 for r in recorded), recorded
+    # In every layer, each sparse decode step after a request's first read the choice its previous
+    # step recorded (whatever batch row the request sat in), and the state holds the long request's
+    # last step (seq_len = prompt + generated - 1).
+    assert len(layers) == 2, layers
+    for layer in layers:
+        assert layer["hits"] == sparse - 3, layer
+        assert layer["longest_recorded"] == LONG_LENGTH + MAX_TOKENS - 1, layer
     assert len(tokens[-1]) == MAX_TOKENS
 
 

@@ -580,21 +580,26 @@ def test_lagged_block_ids_kernels_equal_the_reference(cbs, S, hkv, nb):
     num_cache_blocks, W, B = 50, 6, 7
     slots = num_cache_blocks * cbs // S
     state = torch.randint(-1, 50, (slots + 1, hkv, nb), generator=g, dtype=torch.int32)
-    written = torch.randint(-1, W * cbs, (slots + 1,), generator=g, dtype=torch.int32)
+    written = torch.randint(-1, W * cbs, (slots + 1, 2), generator=g, dtype=torch.int32)
     table = torch.randperm(num_cache_blocks, generator=g)[: B * W].view(B, W).to(torch.int32)
     # Lengths at block boundaries, short ones (fallback without blocks), a padded row (0).
     lens = torch.tensor([cbs + 1, 2 * cbs, S + 1, 3, 1, 0, W * cbs - 5], dtype=torch.int32)
-    # Make some rows' entries valid (written by the previous step, length L - 1).
+    # Entries written by the previous step (length L - 1) for rows 0-3, by the row's request (its first
+    # block) for rows 0-2 and by another request for row 3.
     prev_slots = ref.lagged_slots(table, (lens.long() - 2).clamp(min=0), cbs, S)
-    written[prev_slots[:4]] = lens[:4] - 1
+    written[prev_slots[:4], 0] = lens[:4] - 1
+    written[prev_slots[:4], 1] = table[:4, 0]
+    written[prev_slots[3], 1] = table[3, 0] + 1
     padded_table = torch.zeros(B, W + 3, dtype=torch.int32)
     padded_table[:, :W] = table  # a wider buffer seen through a view: row stride != W
     table_view = padded_table[:, :W]
 
-    want = ref.previous_block_ids(state, written, table, lens, config, cbs)
+    want_hits, got_hits = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64, device=DEVICE)
+    want = ref.previous_block_ids(state, written, table, lens, config, cbs, hits=want_hits)
     got = previous_block_ids_triton(state.to(DEVICE), written.to(DEVICE), table_view.to(DEVICE), lens.to(DEVICE),
-                                    config, cbs)
+                                    config, cbs, hits=got_hits)
     assert torch.equal(got.cpu(), want)
+    assert int(want_hits) == 3 and int(got_hits) == 3
     assert not torch.equal(want, ref.recent_block_ids(lens, config, hkv))  # some rows read real entries
 
     ids = torch.randint(-1, 60, (B, hkv, nb), generator=g, dtype=torch.int32)

@@ -62,7 +62,7 @@ class AsyncTLSConfig:
         stage runs beside the token stage instead of before it. The choices are kept per layer between
         steps (`vllm_asynctls.lagged_state`, about 4 * num_blocks / selection_block_size bytes per
         token and kv head); a request's first sparse step selects inside its most recent blocks.
-        Mode "asynctls" only, without offload.
+        Mode "asynctls" only, with local_tokens >= 1, without offload.
     """
 
     token_budget: int = 2048
@@ -103,11 +103,12 @@ class AsyncTLSConfig:
                 f"(the selection must run on the index, not on keys that live in host memory); got "
                 f"mode={self.mode!r}, index_bits={self.index_bits!r}"
             )
-        if self.lagged_selection and (self.mode != "asynctls" or self.offload):
+        if self.lagged_selection and (self.mode != "asynctls" or self.offload or self.local_tokens < 1):
             raise ValueError(
-                f"asynctls knob lagged_selection=true needs mode 'asynctls' and offload=false (the other modes "
-                f"have no block stage to lag; offload selects on its own path); got mode={self.mode!r}, "
-                f"offload={self.offload!r}"
+                f"asynctls knob lagged_selection=true needs mode 'asynctls', offload=false and local_tokens >= 1 "
+                f"(the other modes have no block stage to lag; offload selects on its own path; without a local "
+                f"window the newest token's block cannot have been chosen a step early); got mode={self.mode!r}, "
+                f"offload={self.offload!r}, local_tokens={self.local_tokens!r}"
             )
 
     # ------------------------------------------------------------------------------------------

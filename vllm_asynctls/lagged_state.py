@@ -11,11 +11,13 @@ or the one before when a new selection block starts). Those slots sit in blocks 
 the newest token's cache block is partly filled (never shared through the prefix cache), and the
 previous one is either the same block or a full block only a request with the very same tokens shares.
 
-An entry is used only if the sequence length that wrote it is this step's L - 1; otherwise (a
-request's first sparse decode step, a cache block reused by another request) the row selects inside
-the `num_blocks` most recent selectable blocks. Any entry holds distinct ascending block ids from some
-block stage, so even a stale one only costs recall: positions past the sequence are masked, and the
-sinks and the local window are always attended.
+An entry is used only if it was written at this step's L - 1 by a request with the same owner tag (the
+physical block of position 0); otherwise (a request's first sparse decode step, a cache block freed by
+one request and given to another) the row selects inside the `num_blocks` most recent selectable
+blocks. Two requests share an owner tag only through the prefix cache; an entry one of them left in a
+block the other reuses at the same length is then a hint from a request with the same prefix. Any
+entry holds distinct ascending block ids from some block stage, so even a stale one only costs recall:
+positions past the sequence are masked, and the sinks and the local window are always attended.
 
 The rules are the reference's (`previous_block_ids` / `record_block_ids` in
 `asynctls_tip_kernels.sparse_decode_reference`); on CUDA they run as one Triton launch each way
@@ -32,7 +34,8 @@ from asynctls_tip_kernels import sparse_decode_reference as ref
 
 class LaggedBlockState:
     """One layer's previous-step block choices, (num_cache_blocks * cache_block_size / S + 1, Hkv,
-    num_blocks) int32, and the sequence length that wrote each entry (-1: never written). The layout
+    num_blocks) int32, the length and owner tag that wrote each entry (`written`, -1: never written),
+    and `hits`, the rows that used an entry (a diagnostic, on the device). The layout
     and its rules are the reference's (`previous_block_ids` / `record_block_ids` in
     `sparse_decode_reference`); on CUDA each step is one Triton launch each way (`lagged_blocks`)."""
 
@@ -46,12 +49,13 @@ class LaggedBlockState:
         slots = num_cache_blocks * (cache_block_size // S)
         self.block_ids = torch.full((slots + 1, num_kv_heads, config.num_blocks), -1, dtype=torch.int32,
                                     device=device)
-        self.written_len = torch.full((slots + 1,), -1, dtype=torch.int32, device=device)
+        self.written = torch.full((slots + 1, 2), -1, dtype=torch.int32, device=device)
+        self.hits = torch.zeros((), dtype=torch.int64, device=device)
         self._triton = self.block_ids.is_cuda
 
     @property
     def nbytes(self) -> int:
-        return self.block_ids.numel() * 4 + self.written_len.numel() * 4
+        return self.block_ids.numel() * 4 + self.written.numel() * 4
 
     def recent_blocks(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """The fallback of rows without a usable entry: their most recent selectable blocks."""
@@ -63,10 +67,10 @@ class LaggedBlockState:
         if self._triton:
             from asynctls_tip_kernels.lagged_blocks import previous_block_ids_triton
 
-            return previous_block_ids_triton(self.block_ids, self.written_len, block_table, seq_lens, self.config,
-                                             self.cache_block_size)
-        return ref.previous_block_ids(self.block_ids, self.written_len, block_table, seq_lens, self.config,
-                                      self.cache_block_size)
+            return previous_block_ids_triton(self.block_ids, self.written, block_table, seq_lens, self.config,
+                                             self.cache_block_size, hits=self.hits)
+        return ref.previous_block_ids(self.block_ids, self.written, block_table, seq_lens, self.config,
+                                      self.cache_block_size, hits=self.hits)
 
     def record(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor) -> None:
         """Keep this step's block choice (B, Hkv, num_blocks) for each row's next step. Padded rows
@@ -74,20 +78,21 @@ class LaggedBlockState:
         if self._triton:
             from asynctls_tip_kernels.lagged_blocks import record_block_ids_triton
 
-            record_block_ids_triton(self.block_ids, self.written_len, block_table, seq_lens, block_ids.contiguous(),
+            record_block_ids_triton(self.block_ids, self.written, block_table, seq_lens, block_ids.contiguous(),
                                     self.config, self.cache_block_size)
         else:
-            ref.record_block_ids(self.block_ids, self.written_len, block_table, seq_lens, block_ids, self.config,
+            ref.record_block_ids(self.block_ids, self.written, block_table, seq_lens, block_ids, self.config,
                                  self.cache_block_size)
 
 
-def longest_recorded_lengths(model: torch.nn.Module) -> list[int]:
+def lagged_state_summary(model: torch.nn.Module) -> list[dict[str, int]]:
     """For `LLM.apply_model`: per attention layer with lagged state, the longest sequence length whose
-    block choice it recorded (-1 if none); [] when lagged selection is off. A diagnostic."""
-    lengths = []
+    block choice it recorded (-1 if none) and how many decode rows used a recorded choice instead of
+    the fallback; [] when lagged selection is off. A diagnostic."""
+    summary = []
     for module in model.modules():
         layer_index = getattr(getattr(module, "impl", None), "layer_index", None)
         lagged = getattr(layer_index, "lagged", None)
         if lagged is not None:
-            lengths.append(int(lagged.written_len[:-1].max()))
-    return lengths
+            summary.append({"longest_recorded": int(lagged.written[:-1, 0].max()), "hits": int(lagged.hits)})
+    return summary
