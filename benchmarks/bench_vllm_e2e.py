@@ -186,14 +186,25 @@ def worker_throughput(a) -> dict:
                      "decode_tok_s": n * steps / (t_long - t_short)})
         print(json.dumps(rows[-1]), flush=True)
     kv_bytes = getattr(cache, "kv_cache_memory_bytes", None)
-    return {"kv_tokens": kv_tokens, "block_size": cache.block_size, "start_s": start_s, "rows": rows,
-            "kv_cache_memory_bytes": kv_bytes, "weights": a.weights}
+    result = {"kv_tokens": kv_tokens, "block_size": cache.block_size, "start_s": start_s, "rows": rows,
+              "kv_cache_memory_bytes": kv_bytes, "weights": a.weights}
+    if _lagged(a):
+        from vllm_asynctls.lagged_state import lagged_state_summary
+
+        # Per layer: decode rows that used the previous step's choice (graph replays included).
+        result["lagged_state"] = llm.apply_model(lagged_state_summary)
+        print(f"lagged state: {result['lagged_state'][0][:2]} ...", flush=True)
+    return result
+
+
+def _lagged(a) -> bool:
+    return bool(a.knobs and json.loads(a.knobs).get("lagged_selection"))
 
 
 def run_worker(a) -> None:
     if a.counters:
         os.environ["VLLM_ASYNCTLS_COUNTERS_FILE"] = a.counters
-    if a.weights == "random":
+    if a.weights == "random" or _lagged(a):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
     result = worker_check(a) if a.role == "check" else worker_throughput(a)
     Path(a.result).write_text(json.dumps(result))
