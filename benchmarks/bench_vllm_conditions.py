@@ -1,7 +1,8 @@
 """The decode step's GPU work under the conditions vLLM gives it, against the microbenchmark's.
 
 Written to isolate an end-to-end regression (benchmarks/RESULTS.md, 2026-11-25: 8.4 -> 18.5 ms per
-decode step at 64K in vLLM between 7e07c93 and later code, while the operator alone got faster).
+decode step at 64K in vLLM between 7e07c93 and later code, while the operator alone got faster). Its
+first run found it (2026-11-26): the index write of one decode step took 310 us per layer.
 Each row is one decode step's work for one layer, captured in a CUDA graph and timed with
 `graph_time_ms` (L2 flushed between replays), plus its per-kernel times (CUPTI):
 
