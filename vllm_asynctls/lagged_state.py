@@ -51,7 +51,11 @@ class LaggedBlockState:
                                     device=device)
         self.written = torch.full((slots + 1, 2), -1, dtype=torch.int32, device=device)
         self.hits = torch.zeros((), dtype=torch.int64, device=device)
-        self._triton = self.block_ids.is_cuda
+        self._launch = None  # (previous, record) Triton launchers on CUDA, resolved once
+        if self.block_ids.is_cuda:
+            from asynctls_tip_kernels.lagged_blocks import previous_block_ids_triton, record_block_ids_triton
+
+            self._launch = (previous_block_ids_triton, record_block_ids_triton)
 
     @property
     def nbytes(self) -> int:
@@ -64,22 +68,18 @@ class LaggedBlockState:
     def previous(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         """The blocks each row's previous step chose: (B, Hkv, num_blocks) int32, contiguous.
         block_table (B, W) int32, seq_lens (B,) int32 counting this step's token."""
-        if self._triton:
-            from asynctls_tip_kernels.lagged_blocks import previous_block_ids_triton
-
-            return previous_block_ids_triton(self.block_ids, self.written, block_table, seq_lens, self.config,
-                                             self.cache_block_size, hits=self.hits)
+        if self._launch is not None:
+            return self._launch[0](self.block_ids, self.written, block_table, seq_lens, self.config,
+                                   self.cache_block_size, hits=self.hits)
         return ref.previous_block_ids(self.block_ids, self.written, block_table, seq_lens, self.config,
                                       self.cache_block_size, hits=self.hits)
 
     def record(self, block_table: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor) -> None:
         """Keep this step's block choice (B, Hkv, num_blocks) for each row's next step. Padded rows
         (seq_len 0) write an entry no slot maps to."""
-        if self._triton:
-            from asynctls_tip_kernels.lagged_blocks import record_block_ids_triton
-
-            record_block_ids_triton(self.block_ids, self.written, block_table, seq_lens, block_ids.contiguous(),
-                                    self.config, self.cache_block_size)
+        if self._launch is not None:
+            self._launch[1](self.block_ids, self.written, block_table, seq_lens, block_ids.contiguous(), self.config,
+                            self.cache_block_size)
         else:
             ref.record_block_ids(self.block_ids, self.written, block_table, seq_lens, block_ids, self.config,
                                  self.cache_block_size)
