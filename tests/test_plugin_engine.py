@@ -1,8 +1,8 @@
 """The plugin inside a real vLLM engine (the CPU build) on the tiny float32 GQA and MLA models.
 
-Engine starts are the cost here (tens of seconds each on a 2-core machine), so the file uses six:
-the default backend, asynctls and asynctls with lagged selection on the GQA model, the default
-backend (CPU_MLA) and asynctls on the MLA model, and the OpenAI-compatible server with asynctls. Each engine carries several checks.
+Engine starts are the cost here (tens of seconds each on a 2-core machine), so the file uses seven:
+the default backend, asynctls and asynctls with lagged selection on the GQA model, the same three on
+the MLA model (CPU_MLA as the default), and the OpenAI-compatible server with asynctls. Each engine carries several checks.
 
 What is shown:
 - `--attention-backend asynctls` selects our backend in an unmodified vLLM (counters move only if our
@@ -20,8 +20,9 @@ What is shown:
   vLLM's CPU MLA prefill is batch-dependent (see `_generate_one_by_one`); a batch mixing a
   dense-threshold decode, covered and really sparse decodes serves; alone, the 2.5K request reads a
   bounded set.
-- Lagged selection (`lagged_selection`): the same batch, covered contexts still equal the default
-  backend token for token, and every layer's state recorded the long request's steps.
+- Lagged selection (`lagged_selection`), GQA and MLA: covered contexts still equal the default
+  backend token for token, and in every layer each sparse step after a request's first read the block
+  choice its previous step recorded.
 - Bad knobs fail `LLM(...)` at start-up with the knob's name, before any engine process starts.
 """
 
@@ -339,6 +340,35 @@ def test_mla_small_budget_long_prompt_takes_sparse_path(mla_runs):
     assert c["decode_tokens_sparse"] == 7 and c["decode_tokens_dense"] == 0
     assert c["context_per_sparse_decode"] > LONG_LENGTH
     assert 0.9 * MLA_ATTENDED_MAX <= c["tokens_read_per_sparse_decode"] <= MLA_ATTENDED_MAX
+
+
+@pytest.fixture(scope="module")
+def mla_lagged_runs(deepseek_mla_path, mla_prompts, mla_runs):
+    """The covered MLA prompts with lagged selection (after the plain asynctls MLA engine is gone)."""
+    from vllm import LLM
+
+    from vllm_asynctls.lagged_state import lagged_state_summary
+
+    llm = LLM(model=deepseek_mla_path, attention_backend="asynctls",
+              additional_config={"asynctls": dict(MLA_KNOBS, lagged_selection=True)}, **ENGINE_KW)
+    try:
+        tokens = _generate_one_by_one(llm, mla_prompts[: len(MLA_SHORT_LENGTHS)])
+        return tokens, llm.apply_model(lagged_state_summary)
+    finally:
+        shutdown_engine(llm)
+
+
+def test_mla_lagged_selection_carries_block_choices_and_stays_exact_when_covered(mla_lagged_runs,
+                                                                                  mla_default_tokens):
+    tokens, (layers,) = mla_lagged_runs
+    for length, ours, default in zip(MLA_SHORT_LENGTHS, tokens, mla_default_tokens):
+        assert ours == default, f"prompt of {length} tokens: lagged asynctls {ours} != default {default}"
+    # The 300- and 1500-token prompts decode sparse (contexts above 64): every step after each one's
+    # first read the choice its previous step recorded, in both layers.
+    assert len(layers) == 2, layers
+    for layer in layers:
+        assert layer["hits"] == 2 * (MAX_TOKENS - 2), layer
+        assert layer["longest_recorded"] == MLA_SHORT_LENGTHS[-1] + MAX_TOKENS - 1, layer
 
 
 # ----------------------------------------------------------------------------------------------
