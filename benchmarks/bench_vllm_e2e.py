@@ -129,6 +129,27 @@ def _fit(llm, context: int, longest: int = G_LONG) -> tuple[int, int]:
     return blocks * bs, blocks // per_request
 
 
+def paper_knobs(budget: int, lagged: bool = False) -> dict:
+    """The asynctls knobs of the throughput runs: the paper's settings (block 64, 128 blocks) at
+    `budget`, every decode token sparse."""
+    return {"token_budget": budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
+            "local_tokens": 64, "dense_threshold": 0, "lagged_selection": lagged}
+
+
+def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | None = None) -> dict:
+    """`LLM(...)` settings of the throughput runs on Qwen3-8B shapes: dummy weights, prefix caching,
+    at most MAX_SEQS requests, KV sized by `kv_bytes` (else 90% of the GPU), cache block 64 for asynctls."""
+    kw = dict(max_model_len=max_model_len, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
+              skip_tokenizer_init=True, load_format="dummy")
+    if kv_bytes:
+        kw["kv_cache_memory_bytes"] = int(kv_bytes)
+    else:
+        kw["gpu_memory_utilization"] = 0.9
+    if backend == "asynctls":
+        kw["block_size"] = 64
+    return kw
+
+
 def worker_throughput(a) -> dict:
     import random
 
@@ -139,14 +160,7 @@ def worker_throughput(a) -> dict:
     lengths = sorted({int(g) for g in a.decode_lengths.split(",")})
     if len(lengths) < 2 or lengths[0] < 1:
         raise ValueError(f"--decode-lengths needs two or more positive token counts; got {a.decode_lengths!r}")
-    kw = dict(max_model_len=max(contexts) + max(lengths[-1], G_LONG) + 64, max_num_seqs=MAX_SEQS,
-              enable_prefix_caching=True, skip_tokenizer_init=True, load_format="dummy")
-    if a.kv_bytes:
-        kw["kv_cache_memory_bytes"] = int(a.kv_bytes)
-    else:
-        kw["gpu_memory_utilization"] = 0.9
-    if a.backend == "asynctls":
-        kw["block_size"] = 64
+    kw = throughput_engine_kwargs(a.backend, max(contexts) + max(lengths[-1], G_LONG) + 64, a.kv_bytes)
     t0 = time.perf_counter()
     llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, **kw)
     if a.weights == "random":
@@ -325,8 +339,7 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
         config = json.loads((model / "config.json").read_text())
         kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config)  # the dense run's K/V bytes
     for budget in budgets:
-        knobs = {"token_budget": budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
-                 "local_tokens": 64, "dense_threshold": 0, "lagged_selection": lagged}
+        knobs = paper_knobs(budget, lagged)
         spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets), role="throughput", model=model,
               backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights,
               decode_lengths=decode_lengths)

@@ -73,29 +73,20 @@ def trace(a) -> dict:
     from vllm.inputs import TokensPrompt
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_vllm_e2e import MAX_SEQS, _fit, _llm, qwen3_8b_config_dir, small_model_dir
+    from bench_vllm_e2e import (MAX_SEQS, _fit, _llm, paper_knobs, qwen3_8b_config_dir, small_model_dir,
+                                throughput_engine_kwargs)
 
     out = Path(a.out)
     cache_dir = Path(os.environ["TRITON_CACHE_DIR"])
     seen: set[str] = set()
+    kw = throughput_engine_kwargs(a.backend, a.context + a.long + 64, a.kv_bytes)
     if a.model == "small":  # a 4-layer model with random weights: the CPU smoke test
         model = small_model_dir(out / "models")
-        kw = dict(max_model_len=a.context + a.long + 64, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
-                  skip_tokenizer_init=True)
+        for cuda_only in ("load_format", "gpu_memory_utilization", "kv_cache_memory_bytes"):
+            kw.pop(cuda_only, None)
     else:
         model = qwen3_8b_config_dir(out / "models", 131072)
-        kw = dict(max_model_len=a.context + a.long + 64, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
-                  skip_tokenizer_init=True, load_format="dummy",
-                  gpu_memory_utilization=0.9 if torch.cuda.is_available() else None)
-    if a.kv_bytes:
-        kw.pop("gpu_memory_utilization", None)
-        kw["kv_cache_memory_bytes"] = int(a.kv_bytes)
-    kw = {k: v for k, v in kw.items() if v is not None}
-    knobs = None
-    if a.backend == "asynctls":
-        kw["block_size"] = 64
-        knobs = {"token_budget": a.budget, "num_blocks": 128, "selection_block_size": 64, "sink_tokens": 64,
-                 "local_tokens": 64, "dense_threshold": 0, "lagged_selection": a.lagged}
+    knobs = paper_knobs(a.budget, a.lagged) if a.backend == "asynctls" else None
     t0 = time.perf_counter()
     llm = _llm(str(model), a.backend, knobs, **kw)
     if a.weights == "random":
