@@ -11,6 +11,10 @@ What it measures (one run, same data):
 - attention-mass recall of asynctls, block_only and exact_topk at the same budget on keys with
   planted structure (heavy-hitter channels, clustered and scattered planted directions), through the
   reference's `attention_mass_recall`.
+With `--layers N`, each GQA shape that fits N copies is also timed per layer with N layers (each its
+own cache and index) back to back in one CUDA graph, ours and dense alike: the cost inside a model's
+decode graph, where the fixed cost of launching a graph (~4.8 us on the H100) is paid once per step,
+not once per layer.
 Before timing each shape, the Triton operator is checked against the reference at that shape (max
 output error, share of equal positions).
 
@@ -68,6 +72,29 @@ def graph_time_ms(fn) -> float:
     ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150, return_mode="median")
     del graph
     return ms
+
+
+def stacked_time_ms(steps) -> float:
+    """Median time per call of `steps` (one callable per layer, each on its own data) replayed back to back
+    from one CUDA graph (L2 flushed between replays): the per-layer cost inside a model's decode graph,
+    which pays no graph launch per layer (a graph of one tiny kernel takes ~4.8 us on the H100)."""
+    for fn in steps:
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in steps:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in steps:
+            fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150, return_mode="median")
+    del graph
+    return ms / len(steps)
 
 
 def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
@@ -227,7 +254,7 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
 
 
 def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None,
-              lagged=False):
+              lagged=False, layers=0):
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
     base = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=2048)
     if index_channels is not None:
@@ -245,6 +272,19 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
                        - sparse_decode_triton(q, kc, vc, table, seq_lens, index, base.with_(mode="dense"), scale)[0]
                        .float()).abs().max())
     del k, v
+    # --layers: `layers` layers, each with its own cache and index, back to back in one graph (as in a
+    # model's decode graph); dense the same over per-layer contiguous copies.
+    stack = []
+    if layers > 1:
+        stack = [(q, kc, vc, table, seq_lens, index)] + [
+            paged_case(B, L, Hq, Hkv, D, D, base, seed=B * 7 + L + i) for i in range(1, layers)]
+        dense_kv = [(kc_i[table_i.long()].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2).contiguous(),
+                     vc_i[table_i.long()].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2).contiguous())
+                    for _, kc_i, vc_i, table_i, _, _ in stack]
+        dense_layer_ms = stacked_time_ms([
+            (lambda k_i=k_i, v_i=v_i: F.scaled_dot_product_attention(qd, k_i, v_i, scale=scale, enable_gqa=True))
+            for k_i, v_i in dense_kv])
+        del dense_kv
     rows = []
     for budget in budgets:
         config = base.with_(token_budget=budget, lagged_selection=lagged)
@@ -263,10 +303,24 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
                          speedup=dense_ms / ours_ms, index_write_ms=write_ms,
                          speedup_with_index_write=dense_ms / (ours_ms + write_ms), bytes=nbytes, floor_ms=floor_ms,
                          over_floor=ours_ms / floor_ms, dense_ops_err_vs_sdpa=dense_err, **checked))
+        if stack:
+            layer_steps = []
+            for q_i, kc_i, vc_i, table_i, seq_i, index_i in stack:
+                prev_i = (sparse_decode_triton(q_i, kc_i, vc_i, table_i, seq_i, index_i, config, scale)[2].clone()
+                          if lagged else None)
+                layer_steps.append(lambda q_i=q_i, kc_i=kc_i, vc_i=vc_i, table_i=table_i, seq_i=seq_i, index_i=index_i,
+                                   prev_i=prev_i: sparse_decode_triton(q_i, kc_i, vc_i, table_i, seq_i, index_i, config,
+                                                                       scale, previous_block_ids=prev_i, workspace=ws))
+            ours_layer_ms = stacked_time_ms(layer_steps)
+            rows[-1].update(layers=layers, dense_ms_per_layer=dense_layer_ms, ours_ms_per_layer=ours_layer_ms,
+                            speedup_per_layer=dense_layer_ms / ours_layer_ms,
+                            over_floor_per_layer=ours_layer_ms / floor_ms)
+            print(f"    {layers} layers in one graph: dense {dense_layer_ms:.3f} ms, ours {ours_layer_ms:.4f} ms per "
+                  f"layer, {dense_layer_ms / ours_layer_ms:.1f}x, {ours_layer_ms / floor_ms:.2f}x floor", flush=True)
         print(f"  gqa{' lagged' if lagged else ''} B={B} L={L} budget={budget}: dense {dense_ms:.3f} ms, ours {ours_ms:.4f} ms, "
               f"{dense_ms / ours_ms:.1f}x ({dense_ms / (ours_ms + write_ms):.1f}x with the step's index write, "
               f"{write_ms * 1e3:.1f} us), {ours_ms / floor_ms:.2f}x floor {checked}", flush=True)
-    del q, kc, vc, index
+    del q, kc, vc, index, stack
     torch.cuda.empty_cache()
     return rows
 
@@ -393,9 +447,9 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
     return rows
 
 
-def fits(B, L) -> bool:
-    # Paged K and V plus the contiguous copy for SDPA, bf16, Qwen3-8B shapes; 20% headroom.
-    need = 2 * (B * L * QWEN3_8B["num_kv_heads"] * QWEN3_8B["head_dim"] * 2 * 2)
+def fits(B, L, layers=1) -> bool:
+    # Paged K and V plus the contiguous copy for SDPA, per layer, bf16, Qwen3-8B shapes; 20% headroom.
+    need = 2 * max(layers, 1) * (B * L * QWEN3_8B["num_kv_heads"] * QWEN3_8B["head_dim"] * 2 * 2)
     return need * 1.2 < torch.cuda.get_device_properties(0).total_memory
 
 
@@ -415,6 +469,15 @@ def markdown(results) -> str:
                    f"{r['ours_ms']:.4f} | {r['speedup']:.1f}x | {'-' if with_write is None else f'{with_write:.1f}x'} | "
                    f"{r['over_floor']:.2f} | "
                    f"{'-' if err is None else f'{err:.2e}'} | {'-' if eq is None else f'{eq:.4f}'} |")
+    stacked = [r for r in results["rows"] if "ours_ms_per_layer" in r]
+    if stacked:
+        out += ["", "Per layer, N layers back to back in one CUDA graph (as in a model's decode graph):", "",
+                "| kind | B | context | budget | layers | dense ms | ours ms | speedup | ours / byte floor |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in stacked:
+            out.append(f"| {'gqa lagged' if r.get('lagged') else 'gqa'} | {r['B']} | {r['context']} | {r['budget']} | "
+                       f"{r['layers']} | {r['dense_ms_per_layer']:.3f} | {r['ours_ms_per_layer']:.4f} | "
+                       f"{r['speedup_per_layer']:.1f}x | {r['over_floor_per_layer']:.2f} |")
     rec = [r for r in results["rows"] if r["kind"] == "recall"]
     if rec:
         out += ["", "| recall context | budget | group_score | asynctls | asynctls (reference) | block_only | "
@@ -451,6 +514,9 @@ def main(argv=None):
     p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
     p.add_argument("--lagged", action="store_true",
                    help="GQA rows: lagged selection, the block stage pipelined on its own stream (paper's pipelining)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="GQA rows: also time N layers (own cache and index each) back to back in one CUDA graph, "
+                        "per layer, as inside a model's decode graph (no graph launch per layer)")
     p.add_argument("--breakdown", action="store_true", help="time each stage alone at B=1, 8 (16K, 64K, 128K) and exit")
     p.add_argument("--sweep", action="store_true", help="whole-step time over each stage's launch settings at B=8, 64K (with --breakdown)")
     p.add_argument("--tune", action="store_true",
@@ -507,7 +573,8 @@ def main(argv=None):
             # The reference check costs memory and time: run it at B <= 8 (the same kernels serve B = 32).
             results["rows"] += bench_gqa(B, L, args.budgets, bw, check=not args.no_check and B <= 8,
                                          num_blocks=args.num_blocks, index_channels=args.index_channels,
-                                         index_channel_metric=args.index_channel_metric, lagged=args.lagged)
+                                         index_channel_metric=args.index_channel_metric, lagged=args.lagged,
+                                         layers=args.layers if fits(B, L, args.layers) else 0)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,

@@ -28,11 +28,17 @@ import torch
 
 from .block_select import block_scores_triton, topk_rows
 from . import sparse_decode_reference as _reference
-from .sparse_attention import AttentionWorkspace, attention_plan, sparse_attention_triton
+from .sparse_attention import AttentionWorkspace, attention_plan, pdl_scope, sparse_attention_triton
 from .sparse_config import SparseAttentionConfig
 from .token_select import index_query_triton, token_scores_triton, word_score_heads
 
 _PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+# Programmatic dependent launch per schedule (H100, B=8, budget 2048, whole step from a CUDA graph,
+# `benchmarks/RESULTS.md` 2026-11-26): the standard step is faster without it (84.8 vs 89.6 us at 64K,
+# 94.0 vs 97.8 at 128K), the pipelined lagged step with it (75.3 vs 76.1, 82.4 vs 85.3).
+PDL_STANDARD_STEP = False
+PDL_PIPELINED_STEP = True
 
 
 def _pipeline_streams(device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
@@ -238,11 +244,12 @@ def sparse_decode_triton(
     # "asynctls"
     streams = ws.streams if lagged and ws is not None else None
     if streams is None:
-        block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
-                                   previous_block_ids if lagged else None)
-        out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
-                                                    config, scale, ws, index_query,
-                                                    previous_block_ids.contiguous() if lagged else block_ids)
+        with pdl_scope(PDL_STANDARD_STEP):
+            block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
+                                       previous_block_ids if lagged else None)
+            out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
+                                                        config, scale, ws, index_query,
+                                                        previous_block_ids.contiguous() if lagged else block_ids)
         return out, positions, block_ids
     # The paper's pipelining: this step's block stage (whose ids only the next step reads) runs on its
     # own stream beside the token stage and the attention over the previous step's blocks, which run on
@@ -251,10 +258,10 @@ def sparse_decode_triton(
     main = torch.cuda.current_stream(device)
     block_stream.wait_stream(main)
     token_stream.wait_stream(main)
-    with torch.cuda.stream(block_stream):
+    with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
         block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, None,
                                    previous_block_ids)
-    with torch.cuda.stream(token_stream):
+    with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(token_stream):
         if index_query is not None:
             index_query_triton(query, index.channel_ids, config.index_bits, index_query)
         out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,

@@ -566,8 +566,35 @@ def test_programmatic_dependent_launch_only_where_supported(monkeypatch):
     monkeypatch.setattr(sa, "USE_PDL", False)
     assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
     monkeypatch.setattr(sa, "USE_PDL", True)
+    supported = sa.pdl_enabled(t)
+    with sa.pdl_scope(False):
+        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+        with sa.pdl_scope(True):
+            assert sa.pdl_enabled(t) == supported
+        assert sa._pdl_scope is False
+    assert sa._pdl_scope is None
     monkeypatch.setenv("ASYNCTLS_PDL", "0")
     assert not sa.pdl_enabled(t)
+
+
+def test_operator_chooses_programmatic_dependent_launch_per_schedule(monkeypatch):
+    # The standard step launches without PDL, the pipelined lagged step (CUDA, a workspace) with it:
+    # every launch of a step sees the scope its schedule opened, and the scope closes after the step.
+    from asynctls_tip_kernels import sparse_attention as sa
+    from asynctls_tip_kernels import sparse_decode as sd
+
+    seen = []
+    monkeypatch.setattr(sa, "pdl_enabled", lambda t: seen.append(sa._pdl_scope) or False)
+    c = build("small_gqa_odd_words_4bit", seed=13)
+    args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"])
+    sparse_decode_triton(*args, c["config"], c["scale"])
+    assert len(seen) >= 5 and set(seen) == {sd.PDL_STANDARD_STEP} and sa._pdl_scope is None
+    config = c["config"].with_(lagged_selection=True)
+    _, _, blocks = sparse_decode_triton(*args, config, c["scale"])
+    seen.clear()
+    sparse_decode_triton(*args, config, c["scale"], previous_block_ids=blocks.clone(), workspace=_workspace_for(c, config))
+    pipelined = DEVICE == "cuda"  # the interpreter runs the stages in order, as the standard step
+    assert set(seen) == {sd.PDL_PIPELINED_STEP if pipelined else sd.PDL_STANDARD_STEP} and sa._pdl_scope is None
 
 
 @pytest.mark.parametrize("cbs, S, hkv, nb", [(64, 16, 2, 4), (64, 64, 8, 128), (16, 16, 1, 3)])
