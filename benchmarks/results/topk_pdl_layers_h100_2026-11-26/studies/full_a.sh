@@ -1,0 +1,6 @@
+mkdir -p /tmp/s && ln -sfn $PWD/kernels /tmp/s/asynctls_tip_kernels
+export PYTHONPATH=/tmp/s PYTHONUNBUFFERED=1
+date
+timeout 560 python3 benchmarks/bench_sparse_decode.py --batches 1 8 --no-mla --no-recall --layers 4 --out $OUT/full_b1_b8.json > $OUT/full_b1_b8.log 2>&1
+date
+grep -E "^\|" $OUT/full_b1_b8.log
