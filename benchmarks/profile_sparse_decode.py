@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_sparse_decode import QWEN3_8B, decode_write_ms, graph_time_ms, paged_case
-from asynctls_tip_kernels import sparse_attention
+from asynctls_tip_kernels import sparse_attention, sparse_decode
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
 
@@ -71,15 +71,23 @@ def main(argv=None) -> dict:
                lagged=a.lagged)
     if has_pdl:
         row["pdl_supported"] = sparse_attention.pdl_enabled(q)
-        row["graph_us"] = graph_time_ms(step) * 1e3
+        row["graph_us"] = graph_time_ms(step) * 1e3  # as shipped: PDL where the operator's schedule uses it
+        if hasattr(sparse_decode, "PDL_STANDARD_STEP"):  # the per-schedule choice (2026-11-26 on)
+            saved = sparse_decode.PDL_STANDARD_STEP, sparse_decode.PDL_PIPELINED_STEP
+            sparse_decode.PDL_STANDARD_STEP = sparse_decode.PDL_PIPELINED_STEP = True
+            try:
+                row["graph_us_pdl_everywhere"] = graph_time_ms(step) * 1e3
+            finally:
+                sparse_decode.PDL_STANDARD_STEP, sparse_decode.PDL_PIPELINED_STEP = saved
         sparse_attention.USE_PDL = False
     row["graph_us_no_pdl"] = graph_time_ms(step) * 1e3
-    row["kernels_us"] = kernel_times_us(step)
+    row["kernels_us"] = kernel_times_us(step)  # without PDL: no kernel starts before the previous one ends
     if has_pdl:
         sparse_attention.USE_PDL = True
     row["index_write_us"] = decode_write_ms(kc, table, seq_lens, index, config) * 1e3
     print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}{', lagged' if a.lagged else ''}: whole step from a CUDA graph "
-          f"{row.get('graph_us', float('nan')):.1f} us with PDL (supported: {row.get('pdl_supported')}), "
+          f"{row.get('graph_us', float('nan')):.1f} us as shipped (PDL supported: {row.get('pdl_supported')}), "
+          f"{row.get('graph_us_pdl_everywhere', float('nan')):.1f} us with PDL on every launch, "
           f"{row['graph_us_no_pdl']:.1f} us without")
     for name, us in row["kernels_us"].items():
         print(f"  {name[:60]:60s} {us:7.2f} us per launch")

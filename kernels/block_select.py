@@ -350,7 +350,8 @@ def topk_rows(scores: torch.Tensor, k: int, out: torch.Tensor | None = None,
     -1 padded -> (R, k) int32.
 
     block_map: (R, N // map_block_size) int32: index i is written as
-        `block_map[r, i // map_block_size] * map_block_size + i % map_block_size` (a position).
+        `block_map[r, i // map_block_size] * map_block_size + i % map_block_size` (a position);
+        map_block_size must be a power of two (a selection block size).
     sink_tokens / local_tokens (with seq_lens (R // rows_per_seq,) int32): the output is
         (R, sink + local + k), led by the sink and local-window slots of the reference's
         `attended_positions` (the chosen entries must already be candidates, as scores guarantee).

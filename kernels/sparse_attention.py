@@ -18,6 +18,7 @@ Design
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 import torch
@@ -58,26 +59,26 @@ def inline_asm_enabled(tensor: torch.Tensor) -> bool:
 # supported; False turns it off (benchmarks compare both), as does ASYNCTLS_PDL=0.
 USE_PDL: bool = True
 _pdl_support: dict = {}
-_pdl_scope: bool | None = None  # set by `pdl_scope` around one operator call; None: USE_PDL decides
+# Set by `pdl_scope` around one operator call (per thread and task); None: USE_PDL decides.
+_pdl_scope: contextvars.ContextVar = contextvars.ContextVar("asynctls_pdl_scope", default=None)
 
 
 @contextlib.contextmanager
 def pdl_scope(on: bool):
     """Kernels launched inside use programmatic dependent launch only if `on` (and `pdl_enabled`'s other
     conditions hold). The operator picks it per schedule: see `sparse_decode.PDL_STANDARD_STEP`."""
-    global _pdl_scope
-    saved, _pdl_scope = _pdl_scope, bool(on)
+    token = _pdl_scope.set(bool(on))
     try:
         yield
     finally:
-        _pdl_scope = saved
+        _pdl_scope.reset(token)
 
 
 def pdl_enabled(tensor: torch.Tensor) -> bool:
     """Whether kernels on `tensor`'s device launch with programmatic dependent launch: USE_PDL, not
     inside `pdl_scope(False)`, an NVIDIA GPU of capability 9.0 or newer (not ROCm), a Triton with grid
     dependency control, not the interpreter, not ASYNCTLS_PDL=0."""
-    if not USE_PDL or _pdl_scope is False or not tensor.is_cuda or torch.version.hip is not None:
+    if not USE_PDL or _pdl_scope.get() is False or not tensor.is_cuda or torch.version.hip is not None:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ASYNCTLS_PDL") == "0":
         return False

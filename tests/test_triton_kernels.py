@@ -571,10 +571,34 @@ def test_programmatic_dependent_launch_only_where_supported(monkeypatch):
         assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
         with sa.pdl_scope(True):
             assert sa.pdl_enabled(t) == supported
-        assert sa._pdl_scope is False
-    assert sa._pdl_scope is None
+        assert sa._pdl_scope.get() is False
+    assert sa._pdl_scope.get() is None
     monkeypatch.setenv("ASYNCTLS_PDL", "0")
     assert not sa.pdl_enabled(t)
+
+
+def test_pdl_scope_decides_on_a_supported_device(monkeypatch):
+    # Runs anywhere: a stand-in CUDA tensor on a device marked as supporting PDL.
+    from types import SimpleNamespace
+
+    from asynctls_tip_kernels import sparse_attention as sa
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ASYNCTLS_PDL", raising=False)
+    monkeypatch.setattr(sa, "USE_PDL", True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setitem(sa._pdl_support, 0, True)
+    t = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    assert sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": True, "launch_pdl": True}
+    with sa.pdl_scope(False):
+        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+        with sa.pdl_scope(True):
+            assert sa.pdl_enabled(t)
+        assert not sa.pdl_enabled(t)
+    assert sa.pdl_enabled(t)
+    monkeypatch.setattr(sa, "USE_PDL", False)
+    with sa.pdl_scope(True):
+        assert not sa.pdl_enabled(t)
 
 
 def test_operator_chooses_programmatic_dependent_launch_per_schedule(monkeypatch):
@@ -584,17 +608,18 @@ def test_operator_chooses_programmatic_dependent_launch_per_schedule(monkeypatch
     from asynctls_tip_kernels import sparse_decode as sd
 
     seen = []
-    monkeypatch.setattr(sa, "pdl_enabled", lambda t: seen.append(sa._pdl_scope) or False)
+    monkeypatch.setattr(sa, "pdl_enabled", lambda t: seen.append(sa._pdl_scope.get()) or False)
     c = build("small_gqa_odd_words_4bit", seed=13)
     args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"])
     sparse_decode_triton(*args, c["config"], c["scale"])
-    assert len(seen) >= 5 and set(seen) == {sd.PDL_STANDARD_STEP} and sa._pdl_scope is None
+    assert len(seen) >= 5 and set(seen) == {sd.PDL_STANDARD_STEP} and sa._pdl_scope.get() is None
     config = c["config"].with_(lagged_selection=True)
     _, _, blocks = sparse_decode_triton(*args, config, c["scale"])
     seen.clear()
     sparse_decode_triton(*args, config, c["scale"], previous_block_ids=blocks.clone(), workspace=_workspace_for(c, config))
     pipelined = DEVICE == "cuda"  # the interpreter runs the stages in order, as the standard step
-    assert set(seen) == {sd.PDL_PIPELINED_STEP if pipelined else sd.PDL_STANDARD_STEP} and sa._pdl_scope is None
+    # (on CUDA this is the check that the pipelined step opens its own scope)
+    assert set(seen) == {sd.PDL_PIPELINED_STEP if pipelined else sd.PDL_STANDARD_STEP} and sa._pdl_scope.get() is None
 
 
 @pytest.mark.parametrize("cbs, S, hkv, nb", [(64, 16, 2, 4), (64, 64, 8, 128), (16, 16, 1, 3)])
