@@ -58,26 +58,14 @@ def copy_bandwidth() -> float:
 
 def graph_time_ms(fn) -> float:
     """Median time of one replay of `fn` captured in a CUDA graph (L2 flushed between replays)."""
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150, return_mode="median")
-    del graph
-    return ms
+    return stacked_time_ms([fn])
 
 
 def stacked_time_ms(steps) -> float:
-    """Median time per call of `steps` (one callable per layer, each on its own data) replayed back to back
-    from one CUDA graph (L2 flushed between replays): the per-layer cost inside a model's decode graph,
-    which pays no graph launch per layer (a graph of one tiny kernel takes ~4.8 us on the H100)."""
+    """Median time per call of `steps` (callables, e.g. one per layer, each on its own data) replayed back
+    to back from one CUDA graph (L2 flushed between replays). With several layers: the per-layer cost
+    inside a model's decode graph, which pays no graph launch per layer (a graph of one tiny kernel takes
+    ~4.8 us on the H100)."""
     for fn in steps:
         fn()
     torch.cuda.synchronize()
