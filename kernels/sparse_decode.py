@@ -8,10 +8,11 @@ tensor shapes and the config, no `.item()`, no host synchronisation, no branch o
 
 Lagged selection (`config.lagged_selection` with `previous_block_ids`) pipelines the step, as the paper
 does: the token stage and the attention run on the previous step's blocks, so this step's block stage
-(needed only by the next step) runs at the same time on a stream of its own, the token stage on a
-higher-priority one, both forked from and joined to the caller's stream; a seventh small launch writes
-the token stage's index query, which the block scorer writes otherwise. H100, B=8, budget 2048: 86 ->
-76-77 us at 64K, 96 -> 83-87 us at 128K (`benchmarks/RESULTS.md`).
+(needed only by the next step) runs on a stream of its own once the token scores are written, beside
+the token top-k and the attention on a higher-priority stream, both forked from and joined to the
+caller's stream; a seventh small launch writes the token stage's index query, which the block scorer
+writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one graph: 77.8 -> 66.7 us at
+64K, 86.9 -> 73.6 us at 128K (`benchmarks/RESULTS.md`).
 
 For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config) and pass it: every
 intermediate and the outputs then live in its buffers (the returned tensors are views of them, valid
@@ -35,10 +36,11 @@ from .token_select import index_query_triton, token_scores_triton, word_score_he
 _PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 
 # Programmatic dependent launch per schedule (H100, B=8, budget 2048, whole step from a CUDA graph,
-# `benchmarks/RESULTS.md` 2026-11-26): the standard step is faster without it (84.8 vs 89.6 us at 64K,
-# 94.0 vs 97.8 at 128K), the pipelined lagged step with it (75.3 vs 76.1, 82.4 vs 85.3).
+# `benchmarks/RESULTS.md`): the standard step is faster without it (84.8 vs 89.6 us at 64K, 94.0 vs
+# 97.8 at 128K); so is the pipelined step since its block stage waits for the token scores (70.0 vs
+# 77.7 us at 64K, 80.6 vs 84.4 at 128K; with the block stage forked at the start, PDL had won).
 PDL_STANDARD_STEP = False
-PDL_PIPELINED_STEP = True
+PDL_PIPELINED_STEP = False
 
 
 def _pipeline_streams(device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
@@ -137,6 +139,8 @@ class SparseDecodeWorkspace:
         # buffer, used whenever `previous_block_ids` is `block_ids` itself (the outputs then alternate).
         self.spare_block_ids = empty((batch, num_kv_heads, config.num_blocks), i32) if config.lagged_selection else None
         self.streams = _pipeline_streams(device) if config.lagged_selection else None
+        # Pipelined step: recorded on the token stream after the token scores; the block stage waits on it.
+        self.token_scores_written = torch.cuda.Event() if self.streams is not None else None
         self.token_scores = empty((batch, num_kv_heads, config.num_blocks * S), f32)
         self.positions = empty((batch, num_kv_heads, config.attended_tokens), i32)
         heads = word_score_heads(config, num_q_heads // num_kv_heads)
@@ -253,33 +257,41 @@ def sparse_decode_triton(
         return out, positions, block_ids
     # The paper's pipelining: this step's block stage (whose ids only the next step reads) runs on its
     # own stream beside the token stage and the attention over the previous step's blocks, which run on
-    # a higher-priority stream. Both fork from and join the caller's stream (CUDA-graph capturable).
+    # a higher-priority stream. The block stage starts once the token scores are written: it then
+    # shares the chip with the token top-k (64 latency-bound programs) and the attention instead of
+    # competing with the token scorer for bandwidth (H100, B=8, 64K, budget 2048: 66.7 vs 70.8 us per
+    # layer). Both streams
+    # fork from and join the caller's stream (CUDA-graph capturable).
     block_stream, token_stream = streams
     main = torch.cuda.current_stream(device)
-    block_stream.wait_stream(main)
     token_stream.wait_stream(main)
-    with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
-        block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, None,
-                                   previous_block_ids)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(token_stream):
         if index_query is not None:
             index_query_triton(query, index.channel_ids, config.index_bits, index_query)
         out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
-                                                    config, scale, ws, index_query, previous_block_ids.contiguous())
+                                                    config, scale, ws, index_query, previous_block_ids.contiguous(),
+                                                    scores_written=ws.token_scores_written)
+    block_stream.wait_event(ws.token_scores_written)  # after main's work too: the token stream waited for it
+    with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
+        block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, None,
+                                   previous_block_ids)
     main.wait_stream(token_stream)
     main.wait_stream(block_stream)
     return out, positions, block_ids
 
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
-                               index_query, token_blocks):
+                               index_query, token_blocks, scores_written=None):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
-    attention over the positions -> (out, positions (B, Hkv, attended_tokens))."""
+    attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
+    event recorded once the token scores are launched (the pipelined step starts its block stage there)."""
     B, Hkv = query.shape[0], key_cache.shape[2]
     S = config.selection_block_size
     token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
                                        out=None if ws is None else ws.token_scores, softmax_scale=scale,
                                        index_query=index_query)
+    if scores_written is not None:
+        scores_written.record()
     positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,
                           out=None if ws is None else ws.positions.view(B * Hkv, config.attended_tokens),
                           block_map=token_blocks.view(B * Hkv, config.num_blocks), map_block_size=S,
