@@ -260,8 +260,7 @@ def sparse_decode_triton(
     # a higher-priority stream. The block stage starts once the token scores are written: it then
     # shares the chip with the token top-k (64 latency-bound programs) and the attention instead of
     # competing with the token scorer for bandwidth (H100, B=8, 64K, budget 2048: 66.7 vs 70.8 us per
-    # layer). Both streams
-    # fork from and join the caller's stream (CUDA-graph capturable).
+    # layer). Both streams fork from and join the caller's stream (CUDA-graph capturable).
     block_stream, token_stream = streams
     main = torch.cuda.current_stream(device)
     token_stream.wait_stream(main)
