@@ -123,6 +123,17 @@ def _block_score_kernel(
     L = tl.load(seq_lens_ptr + b)
 
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    if IQ:
+        if pid_j == 0:
+            _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * IQ_C, iq_ptr + pid_bg * IQ_C * IQ_H,
+                               stride_qh, stride_qd, GROUP, IQ_C, IQ_H, IQ_BITS, IQ_BLOCK_C)
+    if pid_j * (BLOCK_J * SBS) >= L - LOCAL:
+        # The whole tile lies past the row's candidates: vLLM sizes the block table by the longest
+        # context the model allows and pads the batch with empty rows, so many tiles are. Their
+        # blocks score -inf without loading anything.
+        tl.store(scores_ptr + pid_bg * N_SEL + offs_j, tl.full((BLOCK_J,), float("-inf"), tl.float32),
+                 mask=offs_j < N_SEL)
+        return
     first = offs_j * SBS
     # The candidates are [SINK, L - LOCAL); block j holds one iff max(j S, SINK) < min(j S + S, L - LOCAL)
     # (this also drops blocks past the sequence).
@@ -137,11 +148,6 @@ def _block_score_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
     q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
-
-    if IQ:
-        if pid_j == 0:
-            _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * IQ_C, iq_ptr + pid_bg * IQ_C * IQ_H,
-                               stride_qh, stride_qd, GROUP, IQ_C, IQ_H, IQ_BITS, IQ_BLOCK_C)
 
     s = tl.zeros((BLOCK_H, BLOCK_J), tl.float32)
     for d0 in range(0, DK, BLOCK_DK):

@@ -30,6 +30,7 @@ if not torch.cuda.is_available() and not _INTERPRET:
 triton = pytest.importorskip("triton")
 
 from asynctls_tip_kernels import sparse_decode_reference as ref  # noqa: E402
+from asynctls_tip_kernels import block_select  # noqa: E402
 from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
 from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
 from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
@@ -269,6 +270,28 @@ def test_block_selection_matches_reference(name, group_score, softmax_scale):
     ids = torch.arange(n_sel).expand(B * Hkv, n_sel)
     assert_same_selection(got.view(B * Hkv, -1), want.view(B * Hkv, -1), want_scores.view(B * Hkv, -1), ids,
                           SCORE_TOL[c["dtype"]])
+
+
+def test_block_scores_of_tiles_past_the_sequence(monkeypatch):
+    # vLLM's block table is as wide as the longest context the model allows and its batch is padded
+    # with empty rows: tiles that start past a row's candidates write -inf without scoring. Tiles of
+    # 16 selection blocks over a table 40 columns wider than needed, one row padded (seq_len 0), one
+    # too short to have candidates, the others ending inside their first or second tile.
+    monkeypatch.setattr(block_select, "BLOCK_SCORE_TILE", 16)
+    c = build("small_gqa_odd_4bit", seed=7)
+    q, index, config = c["query"], c["index"], c["config"]
+    table = c["block_table"]
+    wide = torch.cat([table, table[:, :1].expand(-1, 40)], dim=1).contiguous()
+    seq = c["seq_lens"].clone()
+    seq[0] = 0
+    want = ref.score_blocks(q, index, wide, seq, config)
+    n_sel = want.shape[-1]
+    assert n_sel // 16 >= 4
+    got = block_scores_triton(q, index, wide, seq, config, n_sel)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)) and finite.any() and not finite[0].any()
+    span = want[finite].abs().max()
+    torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=float(SCORE_TOL[c["dtype"]] * span))
 
 
 @pytest.mark.parametrize("group_score, softmax_scale", GROUP_RULES)
