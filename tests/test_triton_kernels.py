@@ -33,6 +33,7 @@ from asynctls_tip_kernels import sparse_decode_reference as ref  # noqa: E402
 from asynctls_tip_kernels import block_select  # noqa: E402
 from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
 from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
+from asynctls_tip_kernels import sparse_attention  # noqa: E402
 from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton  # noqa: E402
@@ -366,6 +367,47 @@ def test_sparse_attention_matches_reference(name):
     every = torch.where(every < sl.view(-1, 1, 1), every, -1).contiguous()
     torch.testing.assert_close(sparse_attention_triton(q, kc, vc, bt, every, c["scale"]).float(),
                                ref.dense_decode_attention(q, kc, vc, bt, sl, c["scale"]).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+def test_padded_rows_and_empty_splits(lagged):
+    # vLLM pads a decode batch with empty rows (seq_len 0 on the null block): the step must equal the
+    # reference there too (no position, zero output). Splits with nothing to attend must write the
+    # empty softmax state whatever the split buffers held before (NaN here), alone in a row or beside
+    # splits that have positions.
+    c = build("small_gqa_odd_4bit", seed=8)
+    seq = c["seq_lens"].clone()
+    seq[1] = 0
+    table = c["block_table"].clone()
+    table[1] = 0
+    q, kc, vc, index, scale = c["query"], c["key_cache"], c["value_cache"], c["index"], c["scale"]
+    config = c["config"].with_(lagged_selection=lagged)
+    prev = ref.select_blocks(q * -1, index, table, seq, config) if lagged else None
+    want_out, want_pos, _ = ref.sparse_decode(q, kc, vc, table, seq, index, config, scale, previous_block_ids=prev)
+    got_out, got_pos, _ = sparse_decode_triton(q, kc, vc, table, seq, index, config, scale, previous_block_ids=prev)
+    assert torch.equal(got_pos, want_pos) and (got_pos[1] == -1).all()
+    tol = OUT_TOL[c["dtype"]]
+    torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
+    assert (got_out[1] == 0).all()
+    B, Hq, _ = q.shape
+    plan = sparse_attention.attention_plan(B, Hq, kc.shape[2], want_pos.shape[-1], kc.shape[3], vc.shape[3])
+    ws = sparse_attention.AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], vc.shape[3], DEVICE)
+    for t in (ws.m, ws.l, ws.acc):
+        t.fill_(float("nan"))
+    again = sparse_attention_triton(q, kc, vc, table, want_pos, scale, workspace=ws)
+    torch.testing.assert_close(again, want_out, rtol=tol, atol=tol)
+    # Splits that are empty beside splits that are not (a list of 224 slots, valid only at the front).
+    long = torch.full((B, kc.shape[2], 224), -1, dtype=torch.int32, device=DEVICE)
+    for b in range(B):
+        n = min(int(seq[b]), 50)
+        long[b, :, :n] = torch.arange(n, dtype=torch.int32, device=DEVICE)
+    plan = sparse_attention.attention_plan(B, Hq, kc.shape[2], 224, kc.shape[3], vc.shape[3])
+    assert plan["NUM_SPLITS"] >= 4
+    ws = sparse_attention.AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], vc.shape[3], DEVICE)
+    for t in (ws.m, ws.l, ws.acc):
+        t.fill_(float("nan"))
+    torch.testing.assert_close(sparse_attention_triton(q, kc, vc, table, long, scale, workspace=ws),
+                               ref.sparse_attention(q, kc, vc, table, long, scale), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("mode, group_score", [("asynctls", "lse"), ("asynctls", "max"), ("block_only", "lse"),
