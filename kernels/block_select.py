@@ -11,7 +11,7 @@ Design
   group score combines its heads by `config.group_score` ("lse": `max + log(sum_h exp(t (s_h -
   max))) / t` with t the softmax scale; "max"). Blocks past the sequence, or wholly inside the sink
   region or the local window, score -inf (they are attended anyway). A tile that starts past the row's
-  candidates writes -inf without loading anything (vLLM's block tables are as wide as the longest
+  candidates writes -inf without loading any summary (vLLM's block tables are as wide as the longest
   context the model allows, and its batches are padded with empty rows). In the decode step the first
   program of each row also writes the token stage's index query (`token_select.build_index_query`:
   the group's q heads on the index channels), so the word path needs no launch of its own.

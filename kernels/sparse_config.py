@@ -38,8 +38,8 @@ class SparseAttentionConfig:
         (the oracle: exact top-k over all positions) or "dense" (no sparsity).
     lagged_selection: the paper's pipelining: tokens are chosen inside the blocks selected at the
         previous decode step, so those blocks had a whole step to arrive from host memory, and the
-        GPU operator (with a workspace) runs this step's block stage on a stream of its own beside
-        the token stage and the attention.
+        GPU operator (with a workspace) runs this step's block stage on a stream of its own, once the
+        token scores are written, beside the token top-k and the attention.
     index_channel_metric: the key statistic `choose_index_channels` ranks channels by at calibration:
         "mean_abs" (mean |k|, default) or "std" (spread over the calibration tokens: what can move
         the ranking; best with calibration queries). Only the chosen channel ids change, so the

@@ -11,8 +11,8 @@ does: the token stage and the attention run on the previous step's blocks, so th
 (needed only by the next step) runs on a stream of its own once the token scores are written, beside
 the token top-k and the attention on a higher-priority stream, both forked from and joined to the
 caller's stream; a seventh small launch writes the token stage's index query, which the block scorer
-writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one graph: 77.8 -> 66.7 us at
-64K, 86.9 -> 73.6 us at 128K (`benchmarks/RESULTS.md`).
+writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one graph: the standard step
+77.7 us, the pipelined one 66.7 at 64K; 86.7 and 73.7 at 128K (`benchmarks/RESULTS.md`).
 
 For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config) and pass it: every
 intermediate and the outputs then live in its buffers (the returned tensors are views of them, valid
@@ -270,7 +270,8 @@ def sparse_decode_triton(
         out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
                                                     config, scale, ws, index_query, previous_block_ids.contiguous(),
                                                     scores_written=ws.token_scores_written)
-    block_stream.wait_event(ws.token_scores_written)  # after main's work too: the token stream waited for it
+    block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
+    block_stream.wait_event(ws.token_scores_written)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
         block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, None,
                                    previous_block_ids)
@@ -283,7 +284,8 @@ def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_l
                                index_query, token_blocks, scores_written=None):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
     attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
-    event recorded once the token scores are launched (the pipelined step starts its block stage there)."""
+    event recorded on the current stream right after the token-score launch: it completes once the scores
+    are written, and the pipelined step's block stage waits for it."""
     B, Hkv = query.shape[0], key_cache.shape[2]
     S = config.selection_block_size
     token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,

@@ -273,24 +273,28 @@ def test_block_selection_matches_reference(name, group_score, softmax_scale):
                           SCORE_TOL[c["dtype"]])
 
 
-def test_block_scores_of_tiles_past_the_sequence(monkeypatch):
+@pytest.mark.parametrize("local_tokens", [8, 7])  # 7: what a lagged block stage ranks with
+def test_block_scores_of_tiles_past_the_sequence(monkeypatch, local_tokens):
     # vLLM's block table is as wide as the longest context the model allows and its batch is padded
     # with empty rows: tiles that start past a row's candidates write -inf without scoring. Tiles of
-    # 16 selection blocks over a table 40 columns wider than needed, one row padded (seq_len 0), one
-    # too short to have candidates, the others ending inside their first or second tile.
+    # 16 selection blocks (128 tokens) over a table 40 columns wider than needed, one row padded
+    # (seq_len 0), one too short to have candidates, one whose only candidate in its second tile is
+    # that tile's first token, one ending well inside its second tile.
     monkeypatch.setattr(block_select, "BLOCK_SCORE_TILE", 16)
     c = build("small_gqa_odd_4bit", seed=7)
-    q, index, config = c["query"], c["index"], c["config"]
+    q, index = c["query"], c["index"]
+    config = c["config"].with_(local_tokens=local_tokens)
     table = c["block_table"]
     wide = torch.cat([table, table[:, :1].expand(-1, 40)], dim=1).contiguous()
     seq = c["seq_lens"].clone()
     seq[0] = 0
+    seq[2] = 128 + local_tokens + 1  # one candidate in the second tile: its first position, 128
     want = ref.score_blocks(q, index, wide, seq, config)
     n_sel = want.shape[-1]
     assert n_sel // 16 >= 4
     got = block_scores_triton(q, index, wide, seq, config, n_sel)
     finite = torch.isfinite(want)
-    assert torch.equal(finite, torch.isfinite(got)) and finite.any() and not finite[0].any()
+    assert torch.equal(finite, torch.isfinite(got)) and not finite[0].any() and finite[2, :, 16].all()
     span = want[finite].abs().max()
     torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=float(SCORE_TOL[c["dtype"]] * span))
 
@@ -369,32 +373,35 @@ def test_sparse_attention_matches_reference(name):
                                ref.dense_decode_attention(q, kc, vc, bt, sl, c["scale"]).float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("lagged", [False, True])
-def test_padded_rows_and_empty_splits(lagged):
+@pytest.mark.parametrize("lagged, with_workspace", [(False, False), (True, False), (False, True), (True, True)])
+def test_padded_rows_and_empty_splits(lagged, with_workspace):
     # vLLM pads a decode batch with empty rows (seq_len 0 on the null block): the step must equal the
-    # reference there too (no position, zero output). Splits with nothing to attend must write the
-    # empty softmax state whatever the split buffers held before (NaN here), alone in a row or beside
-    # splits that have positions.
+    # reference there too (no position, zero output), also through a workspace (on CUDA the lagged
+    # step is then pipelined over two streams). Splits with nothing to attend must write the empty
+    # softmax state whatever the split buffers held before (NaN here), alone in a row or beside splits
+    # that have positions.
     c = build("small_gqa_odd_4bit", seed=8)
     seq = c["seq_lens"].clone()
     seq[1] = 0
     table = c["block_table"].clone()
     table[1] = 0
+    c = {**c, "block_table": table, "seq_lens": seq}
     q, kc, vc, index, scale = c["query"], c["key_cache"], c["value_cache"], c["index"], c["scale"]
     config = c["config"].with_(lagged_selection=lagged)
     prev = ref.select_blocks(q * -1, index, table, seq, config) if lagged else None
-    want_out, want_pos, _ = ref.sparse_decode(q, kc, vc, table, seq, index, config, scale, previous_block_ids=prev)
-    got_out, got_pos, _ = sparse_decode_triton(q, kc, vc, table, seq, index, config, scale, previous_block_ids=prev)
-    assert torch.equal(got_pos, want_pos) and (got_pos[1] == -1).all()
+    ws = _workspace_for(c, config) if with_workspace else None
+    want = ref.sparse_decode(q, kc, vc, table, seq, index, config, scale, previous_block_ids=prev)
+    got = sparse_decode_triton(q, kc, vc, table, seq, index, config, scale, previous_block_ids=prev, workspace=ws)
+    assert (got[1][1] == -1).all() and (got[0][1] == 0).all()
+    _assert_decode_matches(c, got, want)
+    want_out, want_pos = want[0], want[1]
     tol = OUT_TOL[c["dtype"]]
-    torch.testing.assert_close(got_out, want_out, rtol=tol, atol=tol)
-    assert (got_out[1] == 0).all()
     B, Hq, _ = q.shape
     plan = sparse_attention.attention_plan(B, Hq, kc.shape[2], want_pos.shape[-1], kc.shape[3], vc.shape[3])
-    ws = sparse_attention.AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], vc.shape[3], DEVICE)
-    for t in (ws.m, ws.l, ws.acc):
+    split_ws = sparse_attention.AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], vc.shape[3], DEVICE)
+    for t in (split_ws.m, split_ws.l, split_ws.acc):
         t.fill_(float("nan"))
-    again = sparse_attention_triton(q, kc, vc, table, want_pos, scale, workspace=ws)
+    again = sparse_attention_triton(q, kc, vc, table, want_pos, scale, workspace=split_ws)
     torch.testing.assert_close(again, want_out, rtol=tol, atol=tol)
     # Splits that are empty beside splits that are not (a list of 224 slots, valid only at the front).
     long = torch.full((B, kc.shape[2], 224), -1, dtype=torch.int32, device=DEVICE)
@@ -403,10 +410,10 @@ def test_padded_rows_and_empty_splits(lagged):
         long[b, :, :n] = torch.arange(n, dtype=torch.int32, device=DEVICE)
     plan = sparse_attention.attention_plan(B, Hq, kc.shape[2], 224, kc.shape[3], vc.shape[3])
     assert plan["NUM_SPLITS"] >= 4
-    ws = sparse_attention.AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], vc.shape[3], DEVICE)
-    for t in (ws.m, ws.l, ws.acc):
+    split_ws = sparse_attention.AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], vc.shape[3], DEVICE)
+    for t in (split_ws.m, split_ws.l, split_ws.acc):
         t.fill_(float("nan"))
-    torch.testing.assert_close(sparse_attention_triton(q, kc, vc, table, long, scale, workspace=ws),
+    torch.testing.assert_close(sparse_attention_triton(q, kc, vc, table, long, scale, workspace=split_ws),
                                ref.sparse_attention(q, kc, vc, table, long, scale), rtol=tol, atol=tol)
 
 
@@ -501,6 +508,29 @@ def test_index_query_kernel_equals_build_index_query():
         index_query_triton(c["query"], c["index"].channel_ids, config.index_bits, out[:1])
     with pytest.raises(ValueError, match="index_bits"):
         index_query_triton(c["query"], c["index"].channel_ids, 16, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="stream order needs a CUDA device (the interpreter runs "
+                    "the pipelined step's stages in order on one stream)")
+def test_pipelined_step_is_ordered_with_the_callers_stream():
+    # The pipelined step forks its two streams from the caller's and joins them back: what the caller
+    # queued just before (a long sleep, then the query's copy) must land before either stage reads the
+    # query, and everything the step writes before the caller's next work (copies of the outputs).
+    c = build("bench_qwen3_8b_scaled", seed=14)
+    config = c["config"].with_(lagged_selection=True)
+    ws = _workspace_for(c, config)
+    q, args = c["query"], (c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
+                           c["scale"])
+    previous = ref.select_blocks((q.float() * -1).to(q.dtype), c["index"], c["block_table"], c["seq_lens"], config)
+    static_q = torch.zeros_like(q)
+    sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile; outputs of q = 0
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # tens of milliseconds of the caller's stream
+    static_q.copy_(q)
+    got = [t.clone() for t in sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)]
+    torch.cuda.synchronize()
+    want = sparse_decode_triton(q, *args, previous_block_ids=previous)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
