@@ -510,18 +510,25 @@ def test_index_query_kernel_equals_build_index_query():
         index_query_triton(c["query"], c["index"].channel_ids, 16, out)
 
 
+def _pipelined_case(seed):
+    """The benchmark's scaled shapes with lagged selection and a workspace (pipelined on CUDA): the query,
+    the step's other arguments, previous block ids (another query's) and the workspace."""
+    c = build("bench_qwen3_8b_scaled", seed=seed)
+    config = c["config"].with_(lagged_selection=True)
+    ws = _workspace_for(c, config)
+    q, args = c["query"], (c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
+                           c["scale"])
+    previous = ref.select_blocks((q.float() * -1).to(q.dtype), c["index"], c["block_table"], c["seq_lens"], config)
+    return q, args, previous, ws
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="stream order needs a CUDA device (the interpreter runs "
                     "the pipelined step's stages in order on one stream)")
 def test_pipelined_step_is_ordered_with_the_callers_stream():
     # The pipelined step forks its two streams from the caller's and joins them back: what the caller
     # queued just before (a long sleep, then the query's copy) must land before either stage reads the
     # query, and everything the step writes before the caller's next work (copies of the outputs).
-    c = build("bench_qwen3_8b_scaled", seed=14)
-    config = c["config"].with_(lagged_selection=True)
-    ws = _workspace_for(c, config)
-    q, args = c["query"], (c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
-                           c["scale"])
-    previous = ref.select_blocks((q.float() * -1).to(q.dtype), c["index"], c["block_table"], c["seq_lens"], config)
+    q, args, previous, ws = _pipelined_case(seed=14)
     static_q = torch.zeros_like(q)
     sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile; outputs of q = 0
     torch.cuda.synchronize()
@@ -538,12 +545,7 @@ def test_pipelined_lagged_decode_is_graph_capturable():
     # The block stage and the token stage fork from and join the capturing stream on their own streams;
     # a replay with a new query equals the eager step, and the block ids it returns are this query's
     # (the next step's input).
-    c = build("bench_qwen3_8b_scaled", seed=13)
-    config = c["config"].with_(lagged_selection=True)
-    ws = _workspace_for(c, config)
-    q, args = c["query"], (c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
-                           c["scale"])
-    previous = ref.select_blocks((q.float() * -1).to(q.dtype), c["index"], c["block_table"], c["seq_lens"], config)
+    q, args, previous, ws = _pipelined_case(seed=13)
     static_q = q.clone()
     sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile
     torch.cuda.synchronize()
