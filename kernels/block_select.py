@@ -132,7 +132,7 @@ def _block_score_kernel(
     if pid_j * (BLOCK_J * SBS) >= L - LOCAL:
         # The whole tile lies past the row's candidates: vLLM sizes the block table by the longest
         # context the model allows and pads the batch with empty rows, so many tiles are. Their
-        # blocks score -inf without loading anything.
+        # blocks score -inf without loading any summary.
         tl.store(scores_ptr + pid_bg * N_SEL + offs_j, tl.full((BLOCK_J,), float("-inf"), tl.float32),
                  mask=offs_j < N_SEL)
         return
