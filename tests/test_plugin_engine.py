@@ -23,6 +23,8 @@ What is shown:
 - Lagged selection (`lagged_selection`), GQA and MLA: covered contexts still equal the default
   backend token for token, and in every layer each sparse step after a request's first read the block
   choice its previous step recorded.
+- An index calibration file (`index_calibration_file`, on the lagged engine): every layer serves with
+  the file's channels for its layer number; a file made for other shapes fails `LLM(...)` at start-up.
 - Bad knobs fail `LLM(...)` at start-up with the knob's name, before any engine process starts.
 """
 
@@ -185,30 +187,45 @@ def test_gqa_small_budget_long_prompt_takes_sparse_path(gqa_runs):
 
 
 @pytest.fixture(scope="module")
-def gqa_lagged_runs(qwen3_gqa_path, gqa_prompts, gqa_runs):
-    """The GQA batch again with lagged selection (after the plain asynctls engine is gone)."""
+def gqa_calibration_file(qwen3_gqa_path, tmp_path_factory):
+    """An index calibration file of the tiny GQA model (16 channels, other prompts than the test's)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_asynctls.calibration import calibrate_index_channels
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_gqa_path, dtype="float32").eval()
+    cal = calibrate_index_channels(model, random_prompts(qwen3_gqa_path, (600, 300), seed=7), 16, progress=False)
+    return str(cal.save(tmp_path_factory.mktemp("calibration") / "channels.json"))
+
+
+@pytest.fixture(scope="module")
+def gqa_lagged_runs(qwen3_gqa_path, gqa_prompts, gqa_runs, gqa_calibration_file):
+    """The GQA batch again with lagged selection (after the plain asynctls engine is gone). This engine
+    also takes its index channels from a calibration file (`index_calibration_file`)."""
     from vllm import LLM
 
+    from vllm_asynctls.calibration import index_channels_in_use
     from vllm_asynctls.lagged_state import lagged_state_summary
 
     llm = LLM(
         model=qwen3_gqa_path,
         attention_backend="asynctls",
-        additional_config={"asynctls": dict(GQA_KNOBS, lagged_selection=True)},
+        additional_config={"asynctls": dict(GQA_KNOBS, lagged_selection=True, index_channels=16,
+                                            index_calibration_file=gqa_calibration_file)},
         max_num_batched_tokens=1024,
         **ENGINE_KW,
     )
     try:
         _reset_counters(llm)
         tokens = _generate(llm, gqa_prompts)
-        return tokens, _counters(llm), llm.apply_model(lagged_state_summary)
+        return tokens, _counters(llm), llm.apply_model(lagged_state_summary), llm.apply_model(index_channels_in_use)
     finally:
         shutdown_engine(llm)
 
 
 def test_gqa_lagged_selection_carries_block_choices_and_stays_exact_when_covered(gqa_lagged_runs,
                                                                                   gqa_default_tokens):
-    tokens, c, (layers,) = gqa_lagged_runs
+    tokens, c, (layers,), _ = gqa_lagged_runs
     # Covered contexts: each lagged step selects inside the previous step's blocks (the first one
     # inside the most recent blocks) and still equals the default backend, token for token.
     for length, ours, default in zip(SHORT_LENGTHS, tokens, gqa_default_tokens):
@@ -224,6 +241,27 @@ def test_gqa_lagged_selection_carries_block_choices_and_stays_exact_when_covered
         assert layer["hits"] == sparse - 3, layer
         assert layer["longest_recorded"] == LONG_LENGTH + MAX_TOKENS - 1, layer
     assert len(tokens[-1]) == MAX_TOKENS
+
+
+def test_gqa_layers_serve_with_the_calibration_files_channels(gqa_lagged_runs, gqa_calibration_file):
+    from vllm_asynctls.calibration import load_calibration
+
+    *_, (in_use,) = gqa_lagged_runs
+    cal = load_calibration(gqa_calibration_file)
+    assert [[tuple(h) for h in layer] for layer in in_use] == [list(layer) for layer in cal.layers]
+    # The equality can fail: no layer's entry is the index's unset default (the first 16 channels), and
+    # the layers' entries differ, so a layer served with another layer's entry would not match.
+    assert all(layer != tuple(tuple(range(16)) for _ in layer) for layer in cal.layers)
+    assert len(set(cal.layers)) == len(cal.layers)
+
+
+def test_calibration_file_for_other_shapes_fails_engine_start(qwen3_gqa_path, gqa_calibration_file):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=r"asynctls knob index_calibration_file '.*': the file has index_channels 16; "
+                                         r"this model has 32"):
+        LLM(model=qwen3_gqa_path, attention_backend="asynctls",
+            additional_config={"asynctls": {"index_calibration_file": gqa_calibration_file}}, **ENGINE_KW)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -257,6 +257,8 @@ def validate_vllm_config(vllm_config) -> None:
         is_mla = bool(getattr(model_config, "use_mla", False))
         head_dim = model_config.get_head_size()
         sparse = cfg.sparse_config(head_dim=head_dim, is_mla=is_mla)
+        kv_heads = 1 if is_mla else model_config.get_num_kv_heads(vllm_config.parallel_config)
+        cfg.check_index_calibration(vllm_config, kv_heads, head_dim, sparse.index_channels, is_mla)
         if _on_cuda():
             check_cuda_engine(vllm_config, cfg, sparse)
         elif is_mla:

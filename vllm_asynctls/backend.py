@@ -330,7 +330,9 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
         if vllm_config.cache_config is not None:
             self.asynctls.check_cache_block_size(vllm_config.cache_config.block_size)
         self.sparse_config = self.asynctls.sparse_config(head_dim=head_size, is_mla=False)
-        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False)
+        calibration = self.asynctls.check_index_calibration(vllm_config, num_kv_heads, head_size,
+            self.sparse_config.index_channels, is_mla=False)
+        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False, calibration=calibration)
         self.offload = self.asynctls.offload
         global _OFFLOAD_SPEC_FIELDS
         _OFFLOAD_SPEC_FIELDS = None
@@ -355,7 +357,7 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
             return
         num_blocks, _, block_size, _ = kv_cache.shape
         self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
-        self.layer_index.write(key, slot_mapping)
+        self.layer_index.write(key, slot_mapping, layer.layer_name)
 
     def _offload_kv_update(self, layer, key, value, kv_cache) -> None:
         """Write-through of the step's new tokens (before attention reads them): host pool, resident
@@ -374,7 +376,7 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
         runtime.write_through(layer.layer_name, rows, positions, key[:n], value[:n])
         host_blocks = runtime.pool.num_blocks
         self.layer_index.ensure(host_blocks, runtime.block_size, kv_cache.dtype, kv_cache.device)
-        self.layer_index.write(key[:n], runtime.host_slots(rows, positions))
+        self.layer_index.write(key[:n], runtime.host_slots(rows, positions), layer.layer_name)
 
     def _offload_sparse_decode(self, layer, q, md: AsyncTLSMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection on the host-indexed index, attention through the hot cache.
@@ -528,6 +530,8 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
         if vllm_config.cache_config is not None:
             self.asynctls.check_cache_block_size(vllm_config.cache_config.block_size)
         self.sparse_config = self.asynctls.sparse_config(head_dim=key_dim, is_mla=True)
+        self.asynctls.check_index_calibration(vllm_config, 1, key_dim,
+                                              self.sparse_config.index_channels, is_mla=True)
         self.layer_index = LayerIndex(self.sparse_config, 1, key_dim, is_mla=True)
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:

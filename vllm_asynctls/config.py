@@ -63,6 +63,10 @@ class AsyncTLSConfig:
         steps (`vllm_asynctls.lagged_state`, about 4 * num_blocks / selection_block_size bytes per
         token and kv head); a request's first sparse step selects inside its most recent blocks.
         Mode "asynctls" only, with local_tokens >= 1, without offload.
+    index_calibration_file: path of a JSON file of per-layer index channels made by
+        `python -m vllm_asynctls.calibration MODEL --out FILE` (`vllm_asynctls.calibration`); null (the
+        default) chooses them online from the first prefill's keys. Checked against the model at
+        start-up; GQA / MHA models, index_bits 4 or 8.
     """
 
     token_budget: int = 2048
@@ -80,6 +84,7 @@ class AsyncTLSConfig:
     offload_hot_blocks: int = 64
     offload_prefetch_depth: int = 1
     lagged_selection: bool = False
+    index_calibration_file: str | None = None
 
     def __post_init__(self) -> None:
         t = self.dense_threshold
@@ -103,6 +108,14 @@ class AsyncTLSConfig:
                 f"(the selection must run on the index, not on keys that live in host memory); got "
                 f"mode={self.mode!r}, index_bits={self.index_bits!r}"
             )
+        f = self.index_calibration_file
+        if f is not None:
+            if not isinstance(f, str) or not f:
+                raise ValueError(f"asynctls knob index_calibration_file must be null or a file path; got {f!r}")
+            if self.index_bits == 16:
+                raise ValueError("asynctls knob index_calibration_file needs index_bits 4 or 8 (index_bits=16 scores "
+                                 f"with the full keys and has no index channels); got index_bits=16 with {f!r}")
+            self.index_calibration()
         if self.lagged_selection and (self.mode != "asynctls" or self.offload or self.local_tokens < 1):
             raise ValueError(
                 f"asynctls knob lagged_selection=true needs mode 'asynctls', offload=false and local_tokens >= 1 "
@@ -153,6 +166,37 @@ class AsyncTLSConfig:
             return default
         channels = min(default, head_dim)
         return channels - (channels % 2) if self.index_bits == 4 and channels > 1 else channels
+
+    def index_calibration(self):
+        """The `index_calibration_file` as a validated `vllm_asynctls.calibration.IndexCalibration`
+        (read once per process), or None."""
+        if self.index_calibration_file is None:
+            return None
+        from vllm_asynctls.calibration import load_calibration
+
+        try:
+            return load_calibration(self.index_calibration_file)
+        except ValueError as e:
+            raise ValueError(f"asynctls knob index_calibration_file: {e}") from None
+
+    def check_index_calibration(self, vllm_config: Any, num_kv_heads: int, head_dim: int, index_channels: int,
+                                is_mla: bool):
+        """The calibration (or None) after checking it fits the attention layers of `vllm_config`'s model
+        (per layer: `num_kv_heads` of key dim `head_dim`); ValueError naming the knob otherwise."""
+        cal = self.index_calibration()
+        if cal is None:
+            return None
+        if is_mla:
+            raise ValueError(
+                "asynctls knob index_calibration_file is implemented for GQA / MHA models (the calibration "
+                "command captures q_proj / k_proj keys); MLA layers choose their channels online: drop the knob"
+            )
+        num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        try:
+            cal.check_model(num_layers, num_kv_heads, head_dim, index_channels)
+        except ValueError as e:
+            raise ValueError(f"asynctls knob index_calibration_file {self.index_calibration_file!r}: {e}") from None
+        return cal
 
     def offload_config(self):
         """The offload knobs as `vllm_asynctls.offload.OffloadConfig` (validated there)."""

@@ -223,7 +223,9 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
         vllm_config = get_current_vllm_config()
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
         self.sparse_config = self.asynctls.sparse_config(head_dim=head_size, is_mla=False)
-        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False)
+        calibration = self.asynctls.check_index_calibration(vllm_config, num_kv_heads, head_size,
+            self.sparse_config.index_channels, is_mla=False)
+        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False, calibration=calibration)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -231,7 +233,7 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
             return
         num_blocks, _, block_size, _ = kv_cache.shape  # logical (nb, Hkv, bs, 2 * D)
         self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
-        self.layer_index.write(key, slot_mapping)
+        self.layer_index.write(key, slot_mapping, layer.layer_name)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:

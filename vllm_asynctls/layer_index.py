@@ -10,7 +10,9 @@ captured in CUDA graphs write it too).
   (`vllm_asynctls.lagged_state.LaggedBlockState`), addressed by the same physical blocks.
 - Index channels are calibrated once per layer from the keys of the first real KV write (the first
   prefill chunk the engine serves): the channels with the largest mean |k| (or spread) per kv head,
-  Double Sparsity's offline calibration done online. vLLM's dummy runs (no attention metadata, or all
+  Double Sparsity's offline calibration done online; with an `index_calibration_file`
+  (`vllm_asynctls.calibration`) they come from the file's entry for this decoder layer instead, at the
+  same moment. vLLM's dummy runs (no attention metadata, or all
   slots -1) never calibrate. Calibration selects the valid rows with a data-dependent shape, which
   costs one host synchronisation per layer, once; it never runs while a CUDA graph is being captured.
 """
@@ -40,8 +42,9 @@ def _is_dummy_run() -> bool:
 class LayerIndex:
     """One layer's `SparseIndex`, allocated at the first KV write and calibrated on the first real one."""
 
-    def __init__(self, sparse_config, num_kv_heads: int, head_dim: int, is_mla: bool) -> None:
+    def __init__(self, sparse_config, num_kv_heads: int, head_dim: int, is_mla: bool, calibration=None) -> None:
         self.config = sparse_config
+        self.calibration = calibration  # IndexCalibration from a file (checked against the model), or None
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.is_mla = is_mla
@@ -92,7 +95,16 @@ class LayerIndex:
         if self.lagged is not None:
             self.lagged.record(block_table, seq_lens, block_ids)
 
-    def _calibrate(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def _calibrate(self, key: torch.Tensor, slot_mapping: torch.Tensor, layer_name: str | None) -> None:
+        if self.calibration is not None:
+            if layer_name is None:
+                raise RuntimeError("asynctls: a layer with an index calibration file was written without its name")
+            from vllm_asynctls.calibration import layer_number
+
+            ref.set_index_channels(self.index, self.calibration.channels(layer_number(layer_name),
+                                                                         device=self.index.channel_ids.device))
+            self.calibrated = True
+            return
         valid = slot_mapping >= 0
         calib = key[valid]  # data-dependent shape: once per layer, never inside a graph capture
         if calib.shape[0] > 0:
@@ -101,13 +113,13 @@ class LayerIndex:
             ))
             self.calibrated = True
 
-    def write(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def write(self, key: torch.Tensor, slot_mapping: torch.Tensor, layer_name: str | None = None) -> None:
         """key (N, Hkv, D), possibly padded past slot_mapping's length; slot_mapping (N,) (negative =
-        padding)."""
+        padding); layer_name: vLLM's name of the attention layer (needed with a calibration file)."""
         n = min(key.shape[0], slot_mapping.shape[0])
         key, slot_mapping = key[:n], slot_mapping[:n]
         if not self.calibrated and self.config.index_bits != 16 and not _capturing() and not _is_dummy_run():
-            self._calibrate(key, slot_mapping)
+            self._calibrate(key, slot_mapping, layer_name)
         if self._write_workspace is not None:
             from asynctls_tip_kernels.index_write import write_index_triton
 

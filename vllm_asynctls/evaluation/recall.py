@@ -61,41 +61,46 @@ def capture_qk(model: torch.nn.Module, input_ids: Sequence[int], query_positions
 
     config = model.config
     num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-    pos = torch.as_tensor(list(query_positions), dtype=torch.long)
+    pos = torch.as_tensor(list(query_positions), dtype=torch.long, device=next(model.parameters()).device)
     captured: list[LayerQK] = []
 
     def hook(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (1, T, hidden)
         cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]  # (1, T, D)
         D = module.head_dim
-        h = hidden.float()
+        h = hidden  # the model's dtype: projections and norms as the model runs them, RoPE in float32
         q = module.q_proj(h[:, pos]).view(1, len(pos), num_heads, D)  # (1, P, Hq, D)
         k = module.k_proj(h).view(1, h.shape[1], num_kv_heads, D)  # (1, T, Hkv, D)
         if hasattr(module, "q_norm"):
             q, k = module.q_norm(q), module.k_norm(k)
+        q, k = q.float(), k.float()
         q, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos[:, pos].float(), sin[:, pos].float())
         _, k = apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos.float(), sin.float())
         captured.append(LayerQK(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(), pos, module.scaling))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in _attention_modules(model)]
     try:
-        model(torch.as_tensor([list(input_ids)], dtype=torch.long), use_cache=False)
+        device = next(model.parameters()).device
+        model(torch.as_tensor([list(input_ids)], dtype=torch.long, device=device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
     return captured
 
 
-def selection_recall(layers: Sequence[LayerQK], configs: Iterable[Any], cache_block_size: int = 128) -> list[dict[str, float]]:
+def selection_recall(layers: Sequence[LayerQK], configs: Iterable[Any], cache_block_size: int = 128,
+                     calibration: Any = None) -> list[dict[str, float]]:
     """Attention-mass recall of each config's selection (a `SparseAttentionConfig`, any mode), averaged
     over layers, kv heads and query positions. Returns one dict per config: {"recall", "min_layer_recall",
-    "attended"} where "attended" is the mean number of positions attended per kv head."""
+    "attended"} where "attended" is the mean number of positions attended per kv head. `calibration`: an
+    `IndexCalibration` (`vllm_asynctls.calibration`) whose channels replace the online choice, as the
+    plugin's `index_calibration_file` does (layer l of `layers` is the model's decoder layer l)."""
     from asynctls_tip_kernels import sparse_decode_reference as ref
 
     configs = list(configs)
     sums = [[] for _ in configs]
     attended = [[] for _ in configs]
-    for layer in layers:
+    for number, layer in enumerate(layers):
         T, Hkv, D = layer.keys.shape
         P = layer.positions.numel()
         W = -(-T // cache_block_size)
@@ -108,7 +113,9 @@ def selection_recall(layers: Sequence[LayerQK], configs: Iterable[Any], cache_bl
         for i, cfg in enumerate(configs):
             cfg.validate_for_cache(cache_block_size, D)
             index = ref.allocate_index(W, cache_block_size, Hkv, D, cfg, torch.float32, "cpu")
-            if cfg.index_bits != 16:
+            if cfg.index_bits != 16 and calibration is not None:
+                ref.set_index_channels(index, calibration.channels(number))
+            elif cfg.index_bits != 16:
                 # The plugin calibrates the token index's channels on the prompt's keys: so do we.
                 ref.set_index_channels(index, ref.choose_index_channels(layer.keys, cfg.index_channels, metric=cfg.index_channel_metric))
             ref.write_index(index, layer.keys, slots, cfg)
