@@ -17,6 +17,9 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     (`enforce_eager=True`, which also drops torch.compile), the same compiled without CUDA graphs
     (`cudagraph_mode=NONE`: isolates graph capture), asynctls at a 256-token budget (must have run
     sparse: its counters), and on 2 GPUs asynctls and FLASH_ATTN at tensor parallelism 2.
+    `--runs asynctls_256_calibrated`: the 256-token run with index channels from a calibration file
+    made first on the GPU (`vllm_asynctls.calibration`); the summary says whether every layer served
+    with the file's channels.
 throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy weights, bf16,
     contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16). Each context:
     one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
@@ -118,6 +121,10 @@ def worker_check(a) -> dict:
         c = o.outputs[0]
         result.append({"tokens": list(c.token_ids),
                        "logprobs": [float(lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs)]})
+    if _calibrated(a):
+        from vllm_asynctls.calibration import index_channels_in_use
+
+        return {"outputs": result, "index_channels": llm.apply_model(index_channels_in_use)}
     return {"outputs": result}
 
 
@@ -215,10 +222,14 @@ def _lagged(a) -> bool:
     return bool(a.knobs and json.loads(a.knobs).get("lagged_selection"))
 
 
+def _calibrated(a) -> bool:
+    return bool(a.knobs and json.loads(a.knobs).get("index_calibration_file"))
+
+
 def run_worker(a) -> None:
     if a.counters:
         os.environ["VLLM_ASYNCTLS_COUNTERS_FILE"] = a.counters
-    if a.weights == "random" or _lagged(a):
+    if a.weights == "random" or _lagged(a) or _calibrated(a):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
     result = worker_check(a) if a.role == "check" else worker_throughput(a)
     Path(a.result).write_text(json.dumps(result))
@@ -293,8 +304,16 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         "asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_256")),
         # Lagged selection (the state carried between steps in vllm_asynctls.lagged_state), covering budget.
         "asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True))),
+        # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
+        "asynctls_256_calibrated": dict(backend="asynctls", knobs=json.dumps(
+            dict(small, index_calibration_file=str(out / "channels.json"))), counters=str(out / "counters_256_cal")),
     }
     runs = {k: v for k, v in runs.items() if k in (only or default_runs)}
+    if "asynctls_256_calibrated" in runs:
+        cmd = [sys.executable, "-m", "vllm_asynctls.calibration", str(model), "--out", str(out / "channels.json"),
+               "--dtype", "bfloat16", "--lengths", "2048"]
+        print(f"== calibration: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True, timeout=600)
     res, t0 = {}, time.perf_counter()
     for name, kw in runs.items():
         left = budget_s - (time.perf_counter() - t0)
@@ -318,6 +337,12 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         summary["flash_attn_tp2_vs_tp1"] = _compare(res["flash_attn"], res["flash_attn_tp2"])
     if res.get("asynctls_cover") and res.get("asynctls_cover_nograph"):
         summary["asynctls_graph_vs_nograph"] = _compare(res["asynctls_cover_nograph"], res["asynctls_cover"])
+    if res.get("asynctls_256_calibrated"):
+        from vllm_asynctls.calibration import load_calibration
+
+        file_layers = [list(map(list, layer)) for layer in load_calibration(out / "channels.json").layers]
+        summary["asynctls_256_calibrated_serves_the_files_channels"] = (
+            res["asynctls_256_calibrated"]["index_channels"] == [file_layers])
     counters = sorted(out.glob("counters_256.*"))
     counters = [p for p in counters if not p.name.endswith(".tmp")]
     summary["asynctls_256_counters"] = [json.loads(p.read_text()) for p in counters]
