@@ -88,6 +88,7 @@ def _block_score_kernel(
     SINK,  # int: sink tokens
     LOCAL,  # int: local window tokens
     TEMP,  # float: the "lse" temperature (softmax scale), > 0; unused with LSE = False
+    BOUND_W,  # float: config.block_bound_weight (only if MID)
     stride_qb, stride_qh, stride_qd,
     stride_mb, stride_ms, stride_mh, stride_md,
     stride_sb, stride_ss, stride_sh,
@@ -104,6 +105,7 @@ def _block_score_kernel(
     LSE: tl.constexpr,  # group_score "lse" (else "max")
     EVEN_DK: tl.constexpr,  # BLOCK_DK divides DK: no channel mask (vectorised loads)
     PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
+    MID: tl.constexpr,  # block_bound_weight < 1: blend the bound with the midpoint's score
     IQ: tl.constexpr,  # also write the index query (token_select.build_index_query) from the first program of a row
     IQ_C: tl.constexpr,
     IQ_H: tl.constexpr,
@@ -112,6 +114,7 @@ def _block_score_kernel(
 ):
     # bound[h, j] = sum_d max(q[h,d] * min[j,d], q[h,d] * max[j,d]) = q+[h] . max[j] + q-[h] . min[j]
     #             = scale[j] * (q+[h] . cmax[j] + q-[h] . cmin[j])   (min = cmin * scale, cmin int8 codes)
+    # with MID (w = BOUND_W < 1): bound[h, j] <- w bound[h, j] + (1 - w) / 2 scale[j] q[h] . (cmin[j] + cmax[j])
     # score[j] = max_{h in group} bound[h, j]                                          ("max")
     #          = m + log(sum_{h in group} exp(TEMP (bound[h, j] - m))) / TEMP, m the max  ("lse");
     # -inf unless block j (tokens [j*SBS, (j+1)*SBS)) holds a
@@ -152,6 +155,7 @@ def _block_score_kernel(
     q_base = q_ptr + b * stride_qb + (g * GROUP + offs_h)[:, None] * stride_qh
 
     s = tl.zeros((BLOCK_H, BLOCK_J), tl.float32)
+    s_mid = tl.zeros((BLOCK_H, BLOCK_J), tl.float32)
     for d0 in range(0, DK, BLOCK_DK):
         offs_d = d0 + tl.arange(0, BLOCK_DK)
         d_mask = offs_d < DK
@@ -170,9 +174,15 @@ def _block_score_kernel(
         if IEEE:
             s += tl.dot(q_pos, tl.trans(mx.to(tl.float32)), input_precision="ieee")
             s += tl.dot(q_neg, tl.trans(mn.to(tl.float32)), input_precision="ieee")
-        else:  # int8 codes are exact in bf16 / fp16 (|c| <= 127)
+            if MID:
+                s_mid += tl.dot(q, tl.trans(mx.to(tl.float32) + mn.to(tl.float32)), input_precision="ieee")
+        else:  # int8 codes are exact in bf16 / fp16 (|c| <= 127), and so are their sums (|c| <= 254)
             s += tl.dot(q_pos.to(q_dtype), tl.trans(mx.to(q_dtype)))
             s += tl.dot(q_neg.to(q_dtype), tl.trans(mn.to(q_dtype)))
+            if MID:
+                s_mid += tl.dot(q.to(q_dtype), tl.trans((mx.to(tl.int16) + mn.to(tl.int16)).to(q_dtype)))
+    if MID:
+        s = BOUND_W * s + (0.5 * (1.0 - BOUND_W)) * s_mid
     s = s * scale[None, :]
     s = tl.where(h_mask[:, None], s, float("-inf"))
     score = _combine_heads(s, TEMP, LSE)
@@ -441,7 +451,8 @@ def check_index_query(op: str, name: str, index_query: torch.Tensor, batch: int,
 def block_scores_triton(query, index, block_table, seq_lens, config, num_selection_blocks: int,
                         out: torch.Tensor | None = None, softmax_scale: float | None = None,
                         index_query: torch.Tensor | None = None) -> torch.Tensor:
-    """Group bound of every selection block -> (B, Hkv, num_selection_blocks) float32, -inf where a
+    """Group bound of every selection block (blended with the midpoint's score by
+    `config.block_bound_weight`) -> (B, Hkv, num_selection_blocks) float32, -inf where a
     block is not a candidate. `num_selection_blocks` >= cdiv(max seq len, selection_block_size).
     softmax_scale: the "lse" temperature (default 1 / sqrt(Dk)), as in the reference's `score_blocks`.
     index_query: optional float32 (B, Hkv, index_channels, H) buffer the same launch fills with
@@ -487,7 +498,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
         query, bmin, bmax, bscale, block_table, seq_lens, out,
         index.channel_ids.contiguous() if index_query is not None else out,
         index_query if index_query is not None else out,
-        num_selection_blocks, config.sink_tokens, config.local_tokens, temperature,
+        num_selection_blocks, config.sink_tokens, config.local_tokens, temperature, float(config.block_bound_weight),
         query.stride(0), query.stride(1), query.stride(2),
         bmin.stride(0), bmin.stride(1), bmin.stride(2), bmin.stride(3),
         bscale.stride(0), bscale.stride(1), bscale.stride(2),
@@ -495,7 +506,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
         HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
         BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
         IEEE=float32_dots(query.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % block_dk == 0,
-        IQ=index_query is not None, IQ_C=iq_c, IQ_H=iq_h, IQ_BITS=config.index_bits if index_query is not None else 4,
+        MID=config.block_bound_weight != 1.0, IQ=index_query is not None, IQ_C=iq_c, IQ_H=iq_h, IQ_BITS=config.index_bits if index_query is not None else 4,
         IQ_BLOCK_C=triton.next_power_of_2(iq_c),
         **pdl_launch(query),
         num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,

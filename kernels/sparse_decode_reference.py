@@ -455,7 +455,8 @@ def score_blocks(
     no candidate position (beyond seq_len, or wholly inside the sinks / local window).
     The summaries are dequantised (`code * block_scale`): they bound every key of the block exactly
     (`quantize_summary`), so each head's bound is >= `q . k` of every key of the block up to the dot
-    products' float32 rounding.
+    products' float32 rounding. With `config.block_bound_weight` w < 1 a head's score is
+    `w * bound + (1 - w) * q . (min + max) / 2`, no longer an upper bound.
     """
     S = config.selection_block_size
     per_block = index.blocks_per_cache_block
@@ -471,6 +472,10 @@ def score_blocks(
     bound = torch.einsum("bhgd,bnhd->bhgn", q.clamp(min=0), maxs) + torch.einsum(
         "bhgd,bnhd->bhgn", q.clamp(max=0), mins
     )  # (B, Hkv, G, NS)
+    w = float(config.block_bound_weight)
+    if w != 1.0:  # toward the midpoint's score: q . (min + max) / 2
+        mid = torch.einsum("bhgd,bnhd->bhgn", q, mins + maxs) * 0.5
+        bound = w * bound + (1.0 - w) * mid
     bound = _combine_group(bound, config, group_temperature(softmax_scale, head_dim))  # (B, Hkv, NS)
 
     start = torch.arange(W * per_block, device=query.device).view(1, -1) * S  # (1, NS)

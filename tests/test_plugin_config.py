@@ -53,6 +53,8 @@ def test_from_additional_config_reads_the_asynctls_entry():
         ({"index_bits": 3}, "index_bits", "(4, 8, 16)"),
         ({"index_channel_metric": "max"}, "index_channel_metric", "mean_abs"),
         ({"group_score": "mean"}, "group_score", "lse"),
+        ({"block_bound_weight": 1.5}, "block_bound_weight", "[0, 1]"),
+        ({"block_bound_weight": "0.5"}, "block_bound_weight", "[0, 1]"),
         ({"dense_threshold": -1}, "dense_threshold", ">= 0"),
         ({"dense_threshold": 1.5}, "dense_threshold", ">= 0"),
         ({"mode": "fast"}, "mode", "asynctls"),

@@ -175,9 +175,12 @@ def brute_block_scores(case: Case, config: SparseAttentionConfig, softmax_scale=
                     continue
                 kmin, kmax = brute_summary(k[members, h])
                 bounds = []
+                w = config.block_bound_weight
                 for g in range(G):
                     q = case.query[b, h * G + g]
-                    bounds.append(sum(max(q[d] * kmin[d], q[d] * kmax[d]).item() for d in range(q.shape[0])))
+                    bound = sum(max(q[d] * kmin[d], q[d] * kmax[d]).item() for d in range(q.shape[0]))
+                    mid = sum((q[d] * (kmin[d] + kmax[d]) / 2).item() for d in range(q.shape[0]))
+                    bounds.append(w * bound + (1 - w) * mid)
                 scores[j] = brute_combine(bounds, config, case.query.shape[-1], softmax_scale)
             out[b, h] = scores
     return out
@@ -258,6 +261,9 @@ def masked_dense(case: Case, attended: dict, scale: float) -> torch.Tensor:
         (dict(lagged_selection="yes"), "lagged_selection"),
         (dict(index_channel_metric="q*k"), "index_channel_metric"),
         (dict(group_score="mean"), "group_score"),
+        (dict(block_bound_weight=-0.1), "block_bound_weight"),
+        (dict(block_bound_weight=True), "block_bound_weight"),
+        (dict(block_bound_weight=None), "block_bound_weight"),
         (dict(num_blocks=4, selection_block_size=64, token_budget=257), "token_budget"),
     ],
 )
@@ -645,6 +651,26 @@ def test_block_stage_matches_brute_force(name, group_score, softmax_scale):
         assert_topk_set(ids(selected[b, h]), want, config.num_blocks)
 
 
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+@pytest.mark.parametrize("name", ["c64s16-gqa4-4bit", "c16s16-mla-4bit"])
+def test_block_stage_with_bound_weight_matches_brute_force(name, weight):
+    # w * bound + (1 - w) * q . (min + max) / 2 per head, then the group rule; w = 0 is the midpoint.
+    case, config = shape_case(name, block_bound_weight=weight)
+    index = build_index(case, config)
+    scores = ref.score_blocks(case.query, index, case.block_table, case.seq_lens, config)
+    selected = ref.select_blocks(case.query, index, case.block_table, case.seq_lens, config)
+    bound_only = ref.score_blocks(case.query, index, case.block_table, case.seq_lens, config.with_(block_bound_weight=1.0))
+    finite = torch.isfinite(bound_only)
+    assert torch.equal(finite, torch.isfinite(scores)) and (scores[finite] <= bound_only[finite] + 1e-4).all()
+    assert not torch.allclose(scores[finite], bound_only[finite])
+    for (b, h), want in brute_block_scores(case, config).items():
+        got = {j: float(s) for j, s in enumerate(scores[b, h]) if s > float("-inf")}
+        assert set(got) == set(want)
+        for j in want:
+            assert got[j] == pytest.approx(want[j], rel=1e-5, abs=1e-4)
+        assert_topk_set(ids(selected[b, h]), want, config.num_blocks)
+
+
 @pytest.mark.parametrize("group_score, softmax_scale", GROUP_RULES)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_token_stage_matches_brute_force(name, group_score, softmax_scale):
@@ -756,10 +782,12 @@ def test_attended_positions_layout():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["asynctls", "block_only", "exact_topk", "dense"])
+@pytest.mark.parametrize("mode", ["asynctls", "block_only", "exact_topk", "dense", "asynctls_midpoint_blocks"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_full_budget_equals_dense(name, mode):
     case, config = shape_case(name)
+    if mode == "asynctls_midpoint_blocks":
+        mode, config = "asynctls", config.with_(block_bound_weight=0.0)
     S = config.selection_block_size
     covering = math.ceil(int(case.seq_lens.max()) / S)
     config = config.with_(mode=mode, num_blocks=covering, token_budget=covering * S)

@@ -273,6 +273,28 @@ def test_block_selection_matches_reference(name, group_score, softmax_scale):
                           SCORE_TOL[c["dtype"]])
 
 
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_selection_with_bound_weight_matches_reference(name, weight):
+    # The blended score adds a third dot (q with the summed min and max codes) to the scorer.
+    c = build(name, seed=4)
+    args = (c["query"], c["index"], c["block_table"], c["seq_lens"], c["config"].with_(block_bound_weight=weight))
+    want_scores = ref.score_blocks(*args)
+    n_sel = want_scores.shape[-1]
+    got_scores = block_scores_triton(*args, n_sel)
+    finite = torch.isfinite(want_scores)
+    assert torch.equal(finite, torch.isfinite(got_scores))
+    span = want_scores[finite].abs().max()
+    torch.testing.assert_close(got_scores[finite], want_scores[finite], rtol=0,
+                               atol=float(SCORE_TOL[c["dtype"]] * span))
+    B, Hkv, _ = want_scores.shape
+    got = select_blocks_triton(*args)
+    want = ref.select_blocks(*args)
+    ids = torch.arange(n_sel).expand(B * Hkv, n_sel)
+    assert_same_selection(got.view(B * Hkv, -1), want.view(B * Hkv, -1), want_scores.view(B * Hkv, -1), ids,
+                          SCORE_TOL[c["dtype"]])
+
+
 @pytest.mark.parametrize("local_tokens", [8, 7])  # 7: what a lagged block stage ranks with
 def test_block_scores_of_tiles_past_the_sequence(monkeypatch, local_tokens):
     # vLLM's block table is as wide as the longest context the model allows and its batch is padded

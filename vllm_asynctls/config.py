@@ -47,6 +47,9 @@ class AsyncTLSConfig:
         that only add a constant offset to every score).
     group_score: how a GQA group's q heads combine into the one score per kv head that selection ranks
         by: "lse" (log of the group's summed attention weight, the default) or "max" (the largest head).
+    block_bound_weight: the block score `q . mid + w (bound - q . mid)` from the min/max summary, w in
+        [0, 1]: 1.0 (default) is Quest's upper bound, as in the paper; 0.5 held more attention mass on
+        SmolLM2's keys (`SparseAttentionConfig.block_bound_weight`).
     dense_threshold: decode tokens whose context is at most this many tokens use the platform's dense
         attention (so short-context serving costs nothing extra); 0 sends every decode token to the
         sparse path (>= 0).
@@ -78,6 +81,7 @@ class AsyncTLSConfig:
     index_bits: int = 4
     index_channel_metric: str = "mean_abs"
     group_score: str = "lse"
+    block_bound_weight: float = 1.0
     dense_threshold: int = 4096
     mode: str = "asynctls"
     offload: bool = False
@@ -222,6 +226,7 @@ class AsyncTLSConfig:
                 index_bits=self.index_bits,
                 index_channel_metric=self.index_channel_metric,
                 group_score=self.group_score,
+                block_bound_weight=self.block_bound_weight,
                 mode=self.mode,
                 lagged_selection=self.lagged_selection,
             )
