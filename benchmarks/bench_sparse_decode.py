@@ -242,13 +242,15 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
 
 
 def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None,
-              lagged=False, layers=0):
+              lagged=False, layers=0, block_bound_weight=None):
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
     base = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=2048)
     if index_channels is not None:
         base = base.with_(index_channels=index_channels)
     if index_channel_metric is not None:
         base = base.with_(index_channel_metric=index_channel_metric)
+    if block_bound_weight is not None:
+        base = base.with_(block_bound_weight=block_bound_weight)
     q, kc, vc, table, seq_lens, index = paged_case(B, L, Hq, Hkv, D, D, base, seed=B * 7 + L)
     scale = 1.0 / math.sqrt(D)
     # Dense baseline on the same data laid out contiguously (B, H, L, D).
@@ -281,7 +283,8 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
         nbytes = operator_bytes(B, L, Hkv, D, D, config)
         floor_ms = nbytes / bw * 1e3
         rows.append(dict(kind="gqa", B=B, context=L, budget=budget, num_blocks=config.num_blocks,
-                         index_channels=config.index_channels, lagged=lagged, dense_ms=dense_ms, ours_ms=ours_ms,
+                         index_channels=config.index_channels, block_bound_weight=config.block_bound_weight,
+                         lagged=lagged, dense_ms=dense_ms, ours_ms=ours_ms,
                          speedup=dense_ms / ours_ms, index_write_ms=write_ms,
                          speedup_with_index_write=dense_ms / (ours_ms + write_ms), bytes=nbytes, floor_ms=floor_ms,
                          over_floor=ours_ms / floor_ms, dense_ops_err_vs_sdpa=dense_err, **checked))
@@ -379,7 +382,7 @@ def structured_keys(B, L, Hkv, D, G, gen):
 
 
 def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_channel_metric=None,
-                num_blocks=128, index_channels=None):
+                num_blocks=128, index_channels=None, block_bound_weight=None):
     """Recall rows; on the GPU through the Triton operator (and the reference beside it), with
     device="cpu" through the reference alone (same generator, same settings).
 
@@ -409,6 +412,8 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
             config = config.with_(group_score=group_score)
         if index_channel_metric is not None:
             config = config.with_(index_channel_metric=index_channel_metric)
+        if block_bound_weight is not None:
+            config = config.with_(block_bound_weight=block_bound_weight)
         index = ref.allocate_index(B * W, CACHE_BLOCK, Hkv, D, config, torch.bfloat16, device)
         flat = keys.reshape(B * L, Hkv, D).to(torch.bfloat16)
         ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels, metric=config.index_channel_metric))
@@ -419,7 +424,7 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
             ref.write_index(index, flat, slots, config)
         row = dict(kind="recall", context=L, budget=budget, B=B, group_score=config.group_score,
                    index_channel_metric=config.index_channel_metric, num_blocks=config.num_blocks,
-                   index_channels=config.index_channels)
+                   index_channels=config.index_channels, block_bound_weight=config.block_bound_weight)
         decode = sparse_decode_triton if on_gpu else ref.sparse_decode
         for mode in ("asynctls", "block_only", "exact_topk"):
             _, pos, _ = decode(query, key_cache, value_cache, table, seq_lens, index, config.with_(mode=mode), scale)
@@ -507,6 +512,8 @@ def main(argv=None):
                    help="recall rows: how a GQA group combines its heads' scores (default: the config's)")
     p.add_argument("--index-channel-metric", default=None, choices=("mean_abs", "std"),
                    help="GQA and recall rows: how the token index's channels are chosen (default: the config's)")
+    p.add_argument("--block-bound-weight", type=float, default=None,
+                   help="GQA and recall rows: block score weight of the Quest bound vs the midpoint (default: the config's 1.0)")
     p.add_argument("--num-blocks", type=int, default=128, help="blocks kept by the coarse level (GQA and recall rows)")
     p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
     p.add_argument("--lagged", action="store_true",
@@ -525,7 +532,8 @@ def main(argv=None):
     if args.recall_only:
         rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device,
                            group_score=args.group_score, index_channel_metric=args.index_channel_metric,
-                           num_blocks=args.num_blocks, index_channels=args.index_channels)
+                           num_blocks=args.num_blocks, index_channels=args.index_channels,
+                           block_bound_weight=args.block_bound_weight)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(device=args.device, command=" ".join(["python"] + sys.argv), rows=rows), f, indent=1)
@@ -577,7 +585,7 @@ def main(argv=None):
             results["rows"] += bench_gqa(B, L, args.budgets, bw, check=not args.no_check and B <= 8,
                                          num_blocks=args.num_blocks, index_channels=args.index_channels,
                                          index_channel_metric=args.index_channel_metric, lagged=args.lagged,
-                                         layers=layers)
+                                         layers=layers, block_bound_weight=args.block_bound_weight)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,
@@ -585,7 +593,7 @@ def main(argv=None):
     if not args.no_recall:
         results["rows"] += recall_rows(recall_context, args.budgets, B=args.recall_batch, group_score=args.group_score,
                                        index_channel_metric=args.index_channel_metric, num_blocks=args.num_blocks,
-                                       index_channels=args.index_channels)
+                                       index_channels=args.index_channels, block_bound_weight=args.block_bound_weight)
     md = markdown(results)
     print(md)
     if args.out:
