@@ -1,4 +1,5 @@
-"""Recall on a real model's own keys with online index channels against a calibration file.
+"""Recall on a real model's own keys: online index channels against a calibration file, and the
+block score's `block_bound_weight`.
 
 SmolLM2-135M-Instruct (the registry package's checkpoint, 30 layers, 9 q / 3 kv heads, head dim 64)
 at 8K, the selection scaled to the share of the context it keeps at 64K with the paper's settings:
@@ -12,7 +13,9 @@ Rows, each as attention-mass recall (share of the dense softmax mass the attende
   also `std`);
 - AsyncTLS with channels from calibration files made by `vllm_asynctls.calibration` on *other* prompts
   (the suite at another seed): `std` with queries (the command's default), `mean_abs` with queries,
-  `std` from keys alone.
+  `std` from keys alone;
+- AsyncTLS (online channels) and block-only with `block_bound_weight` w < 1 (`--block-bound-weights`,
+  default 0.5 and 0.25): the block score leaning from Quest's bound toward the block's midpoint.
 
     python benchmarks/bench_index_calibration.py [--samples 4] [--out results.json]
 """
@@ -33,6 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--calibration-length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4, help="query positions per prompt (the last ones)")
+    p.add_argument("--block-bound-weights", type=float, nargs="*", default=[0.5, 0.25])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -75,6 +79,10 @@ def main(argv=None) -> dict:
                 rows = dict(zip(online, selection_recall(layers, online.values())))
                 for fname, cal in files.items():
                     rows[fname] = selection_recall(layers, [base], calibration=cal)[0]
+                for w in args.block_bound_weights:
+                    weighted = {f"online, block_bound_weight {w}": base.with_(block_bound_weight=w),
+                                f"block-only, block_bound_weight {w}": base.with_(mode="block_only", block_bound_weight=w)}
+                    rows.update(zip(weighted, selection_recall(layers, weighted.values())))
                 for row, r in rows.items():
                     sums.setdefault((name, budget, row), []).append(r["recall"])
     results = []
@@ -87,7 +95,7 @@ def main(argv=None) -> dict:
             print(f"\n{name}, budget {budget} ({len(samples)} prompts x {args.steps} queries x 30 layers x 3 kv heads)")
             for r in results:
                 if r["setting"] == name and r["budget"] == budget:
-                    print(f"  {r['row']:34s} recall {r['recall']:.4f}   / exact top-k {r['over_exact']:.3f}")
+                    print(f"  {r['row']:38s} recall {r['recall']:.4f}   / exact top-k {r['over_exact']:.3f}")
     out = dict(model="SmolLM2-135M-Instruct", length=args.length, samples=len(samples), steps=args.steps,
                calibration_tokens=files["file: std + queries"].calibration_tokens, results=results)
     if args.out:
