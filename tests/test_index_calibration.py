@@ -98,21 +98,41 @@ def test_knob_is_validated_and_checked_against_the_model(tmp_path):
 
     class Model:  # the slice of vllm_config the check reads
         class model_config:
+            kv_heads = 2
+
             class hf_text_config:
                 num_hidden_layers = 2
 
+            @classmethod
+            def get_total_num_kv_heads(cls):
+                return cls.kv_heads
+
     cfg = AsyncTLSConfig(index_calibration_file=path, index_channels=4)
-    assert cfg.check_index_calibration(Model, 2, 8, 4, is_mla=False).layers[1][1] == (4, 5, 6, 7)
-    for args, what in (((3, 8, 4), "kv heads per layer 2; this model has 3"), ((2, 16, 4), "key head dim 8; this model "
-                       "has 16"), ((2, 8, 6), "index_channels 4; this model has 6")):
+    assert cfg.check_index_calibration(Model, 8, 4, is_mla=False).layers[1][1] == (4, 5, 6, 7)
+    for args, what in (((16, 4), "key head dim 8; this model has 16"), ((8, 6), "index_channels 4; this model has 6")):
         with pytest.raises(ValueError, match=f"asynctls knob index_calibration_file '.*channels.json': .*{what}"):
             cfg.check_index_calibration(Model, *args, is_mla=False)
+    Model.model_config.kv_heads = 3
+    with pytest.raises(ValueError, match="kv heads per layer 2; this model has 3"):
+        cfg.check_index_calibration(Model, 8, 4, is_mla=False)
+    Model.model_config.kv_heads = 2
     Model.model_config.hf_text_config.num_hidden_layers = 4
     with pytest.raises(ValueError, match="the file has layers 2; this model has 4"):
-        cfg.check_index_calibration(Model, 2, 8, 4, is_mla=False)
+        cfg.check_index_calibration(Model, 8, 4, is_mla=False)
     with pytest.raises(ValueError, match="implemented for GQA / MHA models"):
-        cfg.check_index_calibration(Model, 1, 8, 4, is_mla=True)
-    assert AsyncTLSConfig().check_index_calibration(None, 2, 8, 4, is_mla=False) is None
+        cfg.check_index_calibration(Model, 8, 4, is_mla=True)
+    assert AsyncTLSConfig().check_index_calibration(None, 8, 4, is_mla=False) is None
+
+
+def test_tensor_parallel_ranks_take_their_kv_heads_rows(tmp_path):
+    from vllm_asynctls.calibration import tensor_parallel_kv_heads
+
+    # vLLM's QKVParallelLinear: equal consecutive shares, or one head replicated over consecutive ranks.
+    assert [tensor_parallel_kv_heads(8, r, 4) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [tensor_parallel_kv_heads(2, r, 4) for r in range(4)] == [[0], [0], [1], [1]]
+    assert tensor_parallel_kv_heads(2, 0, 1) == [0, 1]
+    cal = load_calibration(_file(tmp_path))
+    assert cal.channels(0, [1]).tolist() == [[1, 3, 5, 7]] and cal.channels(1).shape == (2, 4)
 
 
 def test_layer_number_of_vllm_layer_names():

@@ -20,7 +20,9 @@ step over the same 4 prompts with fixed completions, in six layouts: 1 process x
 vLLM (about 60-90 s: two engine starts). vLLM's CPU build runs `tensor_parallel_size=2` (gloo, `mp` executor) once
 each rank is bound to its own cores with `VLLM_CPU_OMP_THREADS_BIND` (its automatic binding wants one NUMA node per
 rank). On the tiny GQA model (2 kv heads, so 1 kv head per rank) asynctls at TP=2 gives TP=1's greedy tokens on
-~1.5K-token prompts with a small budget, and each rank's counters show every decode token served sparse.
+~1.5K-token prompts with a small budget, and each rank's counters show every decode token served sparse. Both
+engines take their index channels from one calibration file (`index_calibration_file`): each rank holds its own
+kv head's row of it.
 """
 
 from __future__ import annotations
@@ -254,16 +256,18 @@ TP_MAX_TOKENS = 16
 TP_ATTENDED_MAX = 16 + 16 + 128
 
 
-def _tp_engine_run(model_path: str, tp: int, prompts) -> tuple[list[list[int]], list[dict]]:
-    """Greedy tokens of an asynctls engine at this TP, and each rank's counters (rank order)."""
+def _tp_engine_run(model_path: str, tp: int, prompts, calibration_file: str):
+    """Greedy tokens of an asynctls engine at this TP (index channels from `calibration_file`), each rank's
+    counters and each rank's index channels per layer (rank order)."""
     from vllm import LLM, SamplingParams
 
+    from vllm_asynctls.calibration import index_channels_in_use
     from vllm_asynctls.counters import read_counters
 
     llm = LLM(
         model=model_path,
         attention_backend="asynctls",
-        additional_config={"asynctls": TP_KNOBS},
+        additional_config={"asynctls": dict(TP_KNOBS, index_calibration_file=calibration_file)},
         tensor_parallel_size=tp,
         distributed_executor_backend="mp",
         dtype="float32",
@@ -278,26 +282,38 @@ def _tp_engine_run(model_path: str, tp: int, prompts) -> tuple[list[list[int]], 
             SamplingParams(max_tokens=TP_MAX_TOKENS, temperature=0.0, ignore_eos=True),
             use_tqdm=False,
         )
-        return [list(o.outputs[0].token_ids) for o in outputs], llm.collective_rpc(read_counters)
+        return ([list(o.outputs[0].token_ids) for o in outputs], llm.collective_rpc(read_counters),
+                llm.apply_model(index_channels_in_use))
     finally:
         shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")
-def tp_runs(qwen3_gqa_path):
+def tp_calibration_file(qwen3_gqa_path, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from vllm_asynctls.calibration import calibrate_index_channels
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_gqa_path, dtype="float32").eval()
+    cal = calibrate_index_channels(model, random_prompts(qwen3_gqa_path, (500,), seed=9), 32, progress=False)
+    return str(cal.save(tmp_path_factory.mktemp("tp_calibration") / "channels.json"))
+
+
+@pytest.fixture(scope="module")
+def tp_runs(qwen3_gqa_path, tp_calibration_file):
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         pytest.skip(f"tensor parallelism 2 on CPU needs 2 CPUs to bind, this process may use {allowed}")
     # Counters are read with `collective_rpc(read_counters)`; vLLM ships a callable to its workers only with this.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     prompts = random_prompts(qwen3_gqa_path, TP_LENGTHS, seed=3)
-    runs = {1: _tp_engine_run(qwen3_gqa_path, 1, prompts)}
+    runs = {1: _tp_engine_run(qwen3_gqa_path, 1, prompts, tp_calibration_file)}
     # vLLM's automatic CPU binding gives each rank a NUMA node and refuses 2 ranks on a 1-node machine ("Not enough
     # allowed NUMA nodes to bind threads of 2 local CPUWorkers"); bind one core per rank by hand instead.
     previous = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{allowed[0]}|{allowed[1]}"
     try:
-        runs[2] = _tp_engine_run(qwen3_gqa_path, 2, prompts)
+        runs[2] = _tp_engine_run(qwen3_gqa_path, 2, prompts, tp_calibration_file)
     finally:
         if previous is None:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
@@ -308,7 +324,7 @@ def tp_runs(qwen3_gqa_path):
 
 @pytest.mark.engine
 def test_asynctls_tp2_greedy_tokens_equal_tp1(tp_runs):
-    (tokens_tp1, _), (tokens_tp2, _) = tp_runs[1], tp_runs[2]
+    (tokens_tp1, *_), (tokens_tp2, *_) = tp_runs[1], tp_runs[2]
     assert all(len(t) == TP_MAX_TOKENS for t in tokens_tp1)
     assert tokens_tp2 == tokens_tp1
     assert len({tuple(t) for t in tokens_tp1}) == len(tokens_tp1)  # prompt-dependent outputs
@@ -316,8 +332,8 @@ def test_asynctls_tp2_greedy_tokens_equal_tp1(tp_runs):
 
 @pytest.mark.engine
 def test_asynctls_tp2_every_rank_decodes_sparse(tp_runs):
-    _, (counters_tp1,) = tp_runs[1]
-    _, counters_tp2 = tp_runs[2]
+    _, (counters_tp1,), _ = tp_runs[1]
+    _, counters_tp2, _ = tp_runs[2]
     assert len(counters_tp2) == 2
     for c in (counters_tp1, *counters_tp2):
         # Both requests decode sparse on every rank (the first generated token comes from prefill).
@@ -328,3 +344,15 @@ def test_asynctls_tp2_every_rank_decodes_sparse(tp_runs):
     # Each rank selects on its own kv head; TP=1 averages the same two heads.
     mean_tp2 = sum(c["tokens_read_per_sparse_decode"] for c in counters_tp2) / 2
     assert mean_tp2 == pytest.approx(counters_tp1["tokens_read_per_sparse_decode"], rel=1e-6)
+
+
+@pytest.mark.engine
+def test_asynctls_tp2_ranks_take_their_kv_heads_calibration_channels(tp_runs, tp_calibration_file):
+    from vllm_asynctls.calibration import load_calibration
+
+    cal = load_calibration(tp_calibration_file)
+    (_, _, (tp1,)), (_, _, tp2) = tp_runs[1], tp_runs[2]
+    assert tp1 == [[list(head) for head in layer] for layer in cal.layers]  # both kv heads, every layer
+    # The tiny model's 2 kv heads split over 2 ranks: rank r holds kv head r, with its row of the file.
+    assert tp2 == [[[list(layer[r])] for layer in cal.layers] for r in range(2)]
+    assert all(layer[0] != layer[1] for layer in cal.layers)  # a rank taking the other's row would fail

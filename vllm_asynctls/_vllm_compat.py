@@ -257,8 +257,7 @@ def validate_vllm_config(vllm_config) -> None:
         is_mla = bool(getattr(model_config, "use_mla", False))
         head_dim = model_config.get_head_size()
         sparse = cfg.sparse_config(head_dim=head_dim, is_mla=is_mla)
-        kv_heads = 1 if is_mla else model_config.get_num_kv_heads(vllm_config.parallel_config)
-        cfg.check_index_calibration(vllm_config, kv_heads, head_dim, sparse.index_channels, is_mla)
+        cfg.check_index_calibration(vllm_config, head_dim, sparse.index_channels, is_mla)
         if _on_cuda():
             check_cuda_engine(vllm_config, cfg, sparse)
         elif is_mla:
@@ -275,6 +274,20 @@ def validate_vllm_config(vllm_config) -> None:
         else:
             reserve_index_memory(vllm_config, cfg, head_dim, is_mla, on_cuda=_on_cuda())
     logger.info("asynctls: %s", cfg)
+
+
+def rank_kv_heads(vllm_config, num_kv_heads: int) -> list[int]:
+    """The model's kv heads this tensor-parallel rank's attention layers hold (`num_kv_heads` of them)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    from vllm_asynctls.calibration import tensor_parallel_kv_heads
+
+    heads = tensor_parallel_kv_heads(vllm_config.model_config.get_total_num_kv_heads(),
+                                     get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    if len(heads) != num_kv_heads:
+        raise RuntimeError(f"asynctls: this rank's layers hold {num_kv_heads} kv heads but the tensor-parallel split "
+                           f"gives {heads}")
+    return heads
 
 
 def reserve_index_memory(vllm_config, cfg, head_dim: int, is_mla: bool, on_cuda: bool = False) -> None:

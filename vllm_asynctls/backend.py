@@ -61,7 +61,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
 from vllm_asynctls._vllm_compat import (
-    BACKEND_NAME, AsyncTLSBackendTraits, check_cpu_mla_dense_threshold, unsupported_impl_features,
+    BACKEND_NAME, AsyncTLSBackendTraits, check_cpu_mla_dense_threshold, rank_kv_heads, unsupported_impl_features,
 )
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
@@ -330,9 +330,10 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
         if vllm_config.cache_config is not None:
             self.asynctls.check_cache_block_size(vllm_config.cache_config.block_size)
         self.sparse_config = self.asynctls.sparse_config(head_dim=head_size, is_mla=False)
-        calibration = self.asynctls.check_index_calibration(vllm_config, num_kv_heads, head_size,
-            self.sparse_config.index_channels, is_mla=False)
-        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False, calibration=calibration)
+        calibration = self.asynctls.check_index_calibration(vllm_config, head_size, self.sparse_config.index_channels,
+                                                            is_mla=False)
+        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False, calibration=calibration,
+                                      calibration_kv_heads=rank_kv_heads(vllm_config, num_kv_heads) if calibration else None)
         self.offload = self.asynctls.offload
         global _OFFLOAD_SPEC_FIELDS
         _OFFLOAD_SPEC_FIELDS = None
@@ -530,8 +531,7 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
         if vllm_config.cache_config is not None:
             self.asynctls.check_cache_block_size(vllm_config.cache_config.block_size)
         self.sparse_config = self.asynctls.sparse_config(head_dim=key_dim, is_mla=True)
-        self.asynctls.check_index_calibration(vllm_config, 1, key_dim,
-                                              self.sparse_config.index_channels, is_mla=True)
+        self.asynctls.check_index_calibration(vllm_config, key_dim, self.sparse_config.index_channels, is_mla=True)
         self.layer_index = LayerIndex(self.sparse_config, 1, key_dim, is_mla=True)
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:

@@ -22,7 +22,10 @@ The file is JSON, readable and diffable: `{"format": "asynctls-index-channels", 
 "model", "metric", "uses_queries", "index_channels", "num_kv_heads", "head_dim",
 "calibration_tokens", "layers": [[[channel, ...] per kv head] per layer]}`. The plugin checks it
 against the model at start-up (layer count, kv heads, head dim, `index_channels`), so a file made for
-another model fails `LLM(...)` with a clear error instead of serving with the wrong channels.
+another model fails `LLM(...)` with a clear error instead of serving with the wrong channels. Each
+attention layer takes the row of its decoder layer (the number in vLLM's layer name) and, under tensor
+parallelism, the rows of the kv heads its rank holds (`tensor_parallel_kv_heads`). Every worker reads
+the file, so give a path they all see.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ FORMAT = "asynctls-index-channels"
 VERSION = 1
 
 __all__ = ["IndexCalibration", "calibrate_index_channels", "index_channels_in_use", "layer_number", "load_calibration",
-           "main"]
+           "main", "tensor_parallel_kv_heads"]
 
 
 def layer_number(layer_name: str) -> int:
@@ -94,11 +97,14 @@ class IndexCalibration:
                                  f"{self.model!r}; make one for this model with "
                                  f"`python -m vllm_asynctls.calibration MODEL --out FILE`)")
 
-    def channels(self, layer: int, device=None) -> torch.Tensor:
-        """(num_kv_heads, index_channels) int64 channel ids of decoder layer `layer`."""
+    def channels(self, layer: int, kv_heads: Sequence[int] | None = None, device=None) -> torch.Tensor:
+        """(len(kv_heads), index_channels) int64 channel ids of decoder layer `layer` for the model's kv
+        heads `kv_heads` (default: all of them; a tensor-parallel rank passes its own,
+        `tensor_parallel_kv_heads`)."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"the calibration file has layers 0..{self.num_layers - 1}; got layer {layer}")
-        return torch.tensor(self.layers[layer], dtype=torch.int64, device=device)
+        heads = self.layers[layer] if kv_heads is None else [self.layers[layer][h] for h in kv_heads]
+        return torch.tensor(heads, dtype=torch.int64, device=device)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -125,6 +131,16 @@ class IndexCalibration:
         layers = tuple(tuple(tuple(int(c) for c in head) for head in layer) for layer in data["layers"])
         return cls(str(data["model"]), str(data["metric"]), bool(data["uses_queries"]), int(data["index_channels"]),
                    int(data["num_kv_heads"]), int(data["head_dim"]), int(data["calibration_tokens"]), layers)
+
+
+def tensor_parallel_kv_heads(total_kv_heads: int, rank: int, world_size: int) -> list[int]:
+    """The model's kv heads a tensor-parallel rank holds, as vLLM's `QKVParallelLinear` splits them:
+    consecutive equal shares, or with fewer kv heads than ranks one head replicated over
+    `world_size // total_kv_heads` consecutive ranks."""
+    if total_kv_heads >= world_size:
+        per_rank = total_kv_heads // world_size
+        return list(range(rank * per_rank, (rank + 1) * per_rank))
+    return [rank // (world_size // total_kv_heads)]
 
 
 _LOADED: dict[tuple[str, int, int], IndexCalibration] = {}

@@ -183,10 +183,9 @@ class AsyncTLSConfig:
         except ValueError as e:
             raise ValueError(f"asynctls knob index_calibration_file: {e}") from None
 
-    def check_index_calibration(self, vllm_config: Any, num_kv_heads: int, head_dim: int, index_channels: int,
-                                is_mla: bool):
+    def check_index_calibration(self, vllm_config: Any, head_dim: int, index_channels: int, is_mla: bool):
         """The calibration (or None) after checking it fits the attention layers of `vllm_config`'s model
-        (per layer: `num_kv_heads` of key dim `head_dim`); ValueError naming the knob otherwise."""
+        (its layer count and total kv heads, keys of dim `head_dim`); ValueError naming the knob otherwise."""
         cal = self.index_calibration()
         if cal is None:
             return None
@@ -195,9 +194,10 @@ class AsyncTLSConfig:
                 "asynctls knob index_calibration_file is implemented for GQA / MHA models (the calibration "
                 "command captures q_proj / k_proj keys); MLA layers choose their channels online: drop the knob"
             )
-        num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        model_config = vllm_config.model_config
+        num_layers = model_config.hf_text_config.num_hidden_layers
         try:
-            cal.check_model(num_layers, num_kv_heads, head_dim, index_channels)
+            cal.check_model(num_layers, model_config.get_total_num_kv_heads(), head_dim, index_channels)
         except ValueError as e:
             raise ValueError(f"asynctls knob index_calibration_file {self.index_calibration_file!r}: {e}") from None
         return cal

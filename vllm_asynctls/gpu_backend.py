@@ -54,7 +54,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_asynctls._vllm_compat import AsyncTLSBackendTraits, unsupported_impl_features
+from vllm_asynctls._vllm_compat import AsyncTLSBackendTraits, rank_kv_heads, unsupported_impl_features
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
@@ -223,9 +223,10 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
         vllm_config = get_current_vllm_config()
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
         self.sparse_config = self.asynctls.sparse_config(head_dim=head_size, is_mla=False)
-        calibration = self.asynctls.check_index_calibration(vllm_config, num_kv_heads, head_size,
-            self.sparse_config.index_channels, is_mla=False)
-        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False, calibration=calibration)
+        calibration = self.asynctls.check_index_calibration(vllm_config, head_size, self.sparse_config.index_channels,
+                                                            is_mla=False)
+        self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False, calibration=calibration,
+                                      calibration_kv_heads=rank_kv_heads(vllm_config, num_kv_heads) if calibration else None)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)

@@ -42,9 +42,13 @@ def _is_dummy_run() -> bool:
 class LayerIndex:
     """One layer's `SparseIndex`, allocated at the first KV write and calibrated on the first real one."""
 
-    def __init__(self, sparse_config, num_kv_heads: int, head_dim: int, is_mla: bool, calibration=None) -> None:
+    def __init__(self, sparse_config, num_kv_heads: int, head_dim: int, is_mla: bool, calibration=None,
+                 calibration_kv_heads=None) -> None:
         self.config = sparse_config
-        self.calibration = calibration  # IndexCalibration from a file (checked against the model), or None
+        # IndexCalibration from a file (checked against the model), or None; with it, the model's kv heads
+        # this layer holds (all of them, or a tensor-parallel rank's share).
+        self.calibration = calibration
+        self.calibration_kv_heads = calibration_kv_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.is_mla = is_mla
@@ -101,8 +105,8 @@ class LayerIndex:
                 raise RuntimeError("asynctls: a layer with an index calibration file was written without its name")
             from vllm_asynctls.calibration import layer_number
 
-            ref.set_index_channels(self.index, self.calibration.channels(layer_number(layer_name),
-                                                                         device=self.index.channel_ids.device))
+            ref.set_index_channels(self.index, self.calibration.channels(
+                layer_number(layer_name), self.calibration_kv_heads, device=self.index.channel_ids.device))
             self.calibrated = True
             return
         valid = slot_mapping >= 0

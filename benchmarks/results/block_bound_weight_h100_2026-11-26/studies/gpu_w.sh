@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # block_bound_weight on the H100: GPU kernel tests, then B=8 timing w=1 / 0.5 / 1 (noise), then GPU recall at w=0.5.
-bash "$(dirname "$0")/ab.sh" tests
+bash benchmarks/results/pipelined_schedule_h100_2026-11-26/studies/ab.sh tests  # carry .whl
 export PYTHONPATH=/tmp/s PYTHONUNBUFFERED=1
 B="python3 benchmarks/bench_sparse_decode.py --batches 8 --contexts 65536 131072 --budgets 2048 --no-mla --no-recall --layers 4"
 for w in 1.0 0.5 1.0; do
