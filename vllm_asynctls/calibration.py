@@ -48,13 +48,15 @@ __all__ = ["IndexCalibration", "calibrate_index_channels", "index_channels_in_us
 
 
 def layer_number(layer_name: str) -> int:
-    """The decoder layer a vLLM attention layer name belongs to: the one integer among its dotted
-    parts ("model.layers.3.self_attn.attn" -> 3)."""
-    numbers = [int(part) for part in layer_name.split(".") if part.isdigit()]
-    if len(numbers) != 1:
+    """The decoder layer a vLLM attention layer name belongs to, by vLLM's own `extract_layer_index`
+    ("model.layers.3.self_attn.attn" -> 3)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    try:
+        return extract_layer_index(layer_name)
+    except (AssertionError, ValueError):
         raise ValueError(f"cannot tell the layer number of attention layer {layer_name!r} (expected one integer "
-                         "among its dotted parts); index_calibration_file supports decoder-only models")
-    return numbers[0]
+                         "among its dotted parts); index_calibration_file supports decoder-only models") from None
 
 
 @dataclass(frozen=True)
