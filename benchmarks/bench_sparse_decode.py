@@ -242,9 +242,9 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
 
 
 def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None,
-              lagged=False, layers=0, block_bound_weight=None):
+              lagged=False, layers=0, block_bound_weight=None, selection_block_size=64):
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
-    base = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=2048)
+    base = SparseAttentionConfig(selection_block_size=selection_block_size, num_blocks=num_blocks, token_budget=2048)
     if index_channels is not None:
         base = base.with_(index_channels=index_channels)
     if index_channel_metric is not None:
@@ -283,6 +283,7 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
         nbytes = operator_bytes(B, L, Hkv, D, D, config)
         floor_ms = nbytes / bw * 1e3
         rows.append(dict(kind="gqa", B=B, context=L, budget=budget, num_blocks=config.num_blocks,
+                         selection_block_size=config.selection_block_size,
                          index_channels=config.index_channels, block_bound_weight=config.block_bound_weight,
                          lagged=lagged, dense_ms=dense_ms, ours_ms=ours_ms,
                          speedup=dense_ms / ours_ms, index_write_ms=write_ms,
@@ -382,7 +383,7 @@ def structured_keys(B, L, Hkv, D, G, gen):
 
 
 def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_channel_metric=None,
-                num_blocks=128, index_channels=None, block_bound_weight=None):
+                num_blocks=128, index_channels=None, block_bound_weight=None, selection_block_size=64):
     """Recall rows; on the GPU through the Triton operator (and the reference beside it), with
     device="cpu" through the reference alone (same generator, same settings).
 
@@ -405,7 +406,8 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
     scale = 1.0 / math.sqrt(D)
     rows = []
     for budget in budgets:
-        config = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=budget)
+        config = SparseAttentionConfig(selection_block_size=selection_block_size, num_blocks=num_blocks,
+                                       token_budget=budget)
         if index_channels is not None:
             config = config.with_(index_channels=index_channels)
         if group_score is not None:
@@ -424,7 +426,8 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
             ref.write_index(index, flat, slots, config)
         row = dict(kind="recall", context=L, budget=budget, B=B, group_score=config.group_score,
                    index_channel_metric=config.index_channel_metric, num_blocks=config.num_blocks,
-                   index_channels=config.index_channels, block_bound_weight=config.block_bound_weight)
+                   index_channels=config.index_channels, block_bound_weight=config.block_bound_weight,
+                   selection_block_size=config.selection_block_size)
         decode = sparse_decode_triton if on_gpu else ref.sparse_decode
         for mode in ("asynctls", "block_only", "exact_topk"):
             _, pos, _ = decode(query, key_cache, value_cache, table, seq_lens, index, config.with_(mode=mode), scale)
@@ -514,6 +517,9 @@ def main(argv=None):
                    help="GQA and recall rows: how the token index's channels are chosen (default: the config's)")
     p.add_argument("--block-bound-weight", type=float, default=None,
                    help="GQA and recall rows: block score weight of the Quest bound vs the midpoint (default: the config's 1.0)")
+    p.add_argument("--selection-block-size", type=int, default=64,
+                   help="GQA and recall rows: tokens per block summary (the paper's 64; the plugin's default is 16 "
+                        "with 512 blocks, the same 8,192 candidates)")
     p.add_argument("--num-blocks", type=int, default=128, help="blocks kept by the coarse level (GQA and recall rows)")
     p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
     p.add_argument("--lagged", action="store_true",
@@ -533,7 +539,7 @@ def main(argv=None):
         rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device,
                            group_score=args.group_score, index_channel_metric=args.index_channel_metric,
                            num_blocks=args.num_blocks, index_channels=args.index_channels,
-                           block_bound_weight=args.block_bound_weight)
+                           block_bound_weight=args.block_bound_weight, selection_block_size=args.selection_block_size)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(device=args.device, command=" ".join(["python"] + sys.argv), rows=rows), f, indent=1)
@@ -585,7 +591,8 @@ def main(argv=None):
             results["rows"] += bench_gqa(B, L, args.budgets, bw, check=not args.no_check and B <= 8,
                                          num_blocks=args.num_blocks, index_channels=args.index_channels,
                                          index_channel_metric=args.index_channel_metric, lagged=args.lagged,
-                                         layers=layers, block_bound_weight=args.block_bound_weight)
+                                         layers=layers, block_bound_weight=args.block_bound_weight,
+                                         selection_block_size=args.selection_block_size)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,
@@ -593,7 +600,8 @@ def main(argv=None):
     if not args.no_recall:
         results["rows"] += recall_rows(recall_context, args.budgets, B=args.recall_batch, group_score=args.group_score,
                                        index_channel_metric=args.index_channel_metric, num_blocks=args.num_blocks,
-                                       index_channels=args.index_channels, block_bound_weight=args.block_bound_weight)
+                                       index_channels=args.index_channels, block_bound_weight=args.block_bound_weight,
+                                       selection_block_size=args.selection_block_size)
     md = markdown(results)
     print(md)
     if args.out:
