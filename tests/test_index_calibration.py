@@ -50,6 +50,8 @@ def test_calibration_chooses_each_layers_channels_from_all_sequences(tiny_model,
     # The queries change the choice: ranked by the keys alone, some layer keeps other channels.
     keys_only = calibrate_index_channels(tiny_model, seqs, 16, metric="std", use_queries=False, progress=False)
     assert any(keys_only.layers[l] != cal.layers[l] for l in range(num_layers))
+    with pytest.raises(ValueError, match=r"index_channels must be in \[1, 64\] \(the key head dim\); got 65"):
+        calibrate_index_channels(tiny_model, seqs, 65, progress=False)
 
 
 def test_file_round_trip_and_cli(tmp_path, tiny_model, qwen3_gqa_path):

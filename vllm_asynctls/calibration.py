@@ -195,14 +195,15 @@ def calibrate_index_channels(model: torch.nn.Module, token_ids: Iterable[Sequenc
         positions = sorted(set(range(0, len(ids), query_stride)) | {len(ids) - 1})
         layers = capture_qk(model, ids, positions)
         if not keys:
+            head_dim = layers[0].keys.shape[-1]
+            if not 1 <= index_channels <= head_dim:
+                raise ValueError(f"index_channels must be in [1, {head_dim}] (the key head dim); got {index_channels}")
             keys, queries = [[] for _ in layers], [[] for _ in layers]
         for l, layer in enumerate(layers):
             keys[l].append(layer.keys.cpu())
             queries[l].append(layer.queries.cpu())
         tokens += len(ids)
-    head_dim, num_kv_heads = keys[0][0].shape[-1], keys[0][0].shape[1]
-    if not 1 <= index_channels <= head_dim:
-        raise ValueError(f"index_channels must be in [1, {head_dim}] (the key head dim); got {index_channels}")
+    num_kv_heads = keys[0][0].shape[1]
     chosen = []
     for l in range(len(keys)):
         q = torch.cat(queries[l]) if use_queries else None
