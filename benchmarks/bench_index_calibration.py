@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
-    from vllm_asynctls.calibration import calibrate_index_channels
+    from vllm_asynctls.calibration import capture_calibration
     from vllm_asynctls.evaluation import long_context_suite as suite
     from vllm_asynctls.evaluation.real_model import smollm2_checkpoint
     from vllm_asynctls.evaluation.recall import capture_qk, selection_recall
@@ -55,10 +55,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     calib_ids = [tok(s.prompt, add_special_tokens=False)["input_ids"]
                  for s in suite.build_suite(tok, [args.calibration_length], 1, seed=1)]
+    capture = capture_calibration(model, calib_ids)  # one run of the model serves the three files
     files = {
-        "file: std + queries": calibrate_index_channels(model, calib_ids, 16, "std", True, model_name="smollm2"),
-        "file: mean_abs + queries": calibrate_index_channels(model, calib_ids, 16, "mean_abs", True, progress=False),
-        "file: std, keys only": calibrate_index_channels(model, calib_ids, 16, "std", False, progress=False),
+        "file: std + queries": capture.choose(16, "std", True, model_name="smollm2"),
+        "file: mean_abs + queries": capture.choose(16, "mean_abs", True),
+        "file: std, keys only": capture.choose(16, "std", False),
     }
     print(f"calibration files from {sum(map(len, calib_ids))} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -43,7 +43,7 @@ import torch
 FORMAT = "asynctls-index-channels"
 VERSION = 1
 
-__all__ = ["IndexCalibration", "calibrate_index_channels", "index_channels_in_use", "layer_number", "load_calibration",
+__all__ = ["CalibrationCapture", "IndexCalibration", "calibrate_index_channels", "capture_calibration", "index_channels_in_use", "layer_number", "load_calibration",
            "main", "tensor_parallel_kv_heads"]
 
 
@@ -169,20 +169,50 @@ def load_calibration(path: str | os.PathLike) -> IndexCalibration:
     return _LOADED[key]
 
 
+@dataclass
+class CalibrationCapture:
+    """What a calibration run records, per layer: the keys of every position and the queries of every
+    `query_stride`-th one (float32, on the CPU), over `tokens` tokens. One capture serves any number of
+    channel choices (`choose`)."""
+
+    keys: list[torch.Tensor]  # per layer (N, Hkv, D)
+    queries: list[torch.Tensor]  # per layer (M, Hq, D)
+    tokens: int
+
+    def choose(self, index_channels: int, metric: str = "std", use_queries: bool = True,
+               model_name: str = "") -> IndexCalibration:
+        """Every layer's channels by the reference's `choose_index_channels`."""
+        from asynctls_tip_kernels import sparse_decode_reference as ref
+
+        _check_choice(index_channels, metric, self.keys[0].shape[-1])
+        chosen = []
+        for keys, queries in zip(self.keys, self.queries):
+            ch = ref.choose_index_channels(keys, index_channels, metric=metric, queries=queries if use_queries else None)
+            chosen.append(tuple(tuple(int(c) for c in head) for head in ch.tolist()))
+        num_kv_heads, head_dim = self.keys[0].shape[1], self.keys[0].shape[2]
+        return IndexCalibration(model_name, metric, use_queries, index_channels, num_kv_heads, head_dim, self.tokens,
+                                tuple(chosen))
+
+
+def _check_choice(index_channels: int, metric: str, head_dim: int) -> None:
+    from asynctls_tip_kernels.sparse_config import INDEX_CHANNEL_METRICS
+
+    if metric not in INDEX_CHANNEL_METRICS:
+        raise ValueError(f"metric must be one of {INDEX_CHANNEL_METRICS}; got {metric!r}")
+    if not 1 <= index_channels <= head_dim:
+        raise ValueError(f"index_channels must be in [1, {head_dim}] (the key head dim); got {index_channels}")
+
+
 @torch.no_grad()
-def calibrate_index_channels(model: torch.nn.Module, token_ids: Iterable[Sequence[int]], index_channels: int,
-                             metric: str = "std", use_queries: bool = True, query_stride: int = 8,
-                             model_name: str = "", progress: bool = True) -> IndexCalibration:
-    """Run `model` (transformers, Llama-style attention) over each token sequence and choose every
-    layer's index channels from all their keys (and, with `use_queries`, the queries of every
-    `query_stride`-th position) with the reference's `choose_index_channels`."""
+def capture_calibration(model: torch.nn.Module, token_ids: Iterable[Sequence[int]], query_stride: int = 8,
+                        progress: bool = True, check: tuple[int, str] | None = None) -> CalibrationCapture:
+    """Run `model` (transformers, Llama-style attention) over each token sequence and record every
+    layer's keys and the queries of every `query_stride`-th position (and the last). `check`:
+    (index_channels, metric) to validate against the model once the first pass tells its head dim."""
     from tqdm.auto import tqdm
 
-    from asynctls_tip_kernels import sparse_decode_reference as ref
     from vllm_asynctls.evaluation.recall import capture_qk
 
-    if metric not in ref.INDEX_CHANNEL_METRICS:
-        raise ValueError(f"metric must be one of {ref.INDEX_CHANNEL_METRICS}; got {metric!r}")
     if isinstance(query_stride, bool) or not isinstance(query_stride, int) or query_stride < 1:
         raise ValueError(f"query_stride must be an int >= 1; got {query_stride!r}")
     sequences = [list(ids) for ids in token_ids]
@@ -190,27 +220,32 @@ def calibrate_index_channels(model: torch.nn.Module, token_ids: Iterable[Sequenc
         raise ValueError("calibration needs at least one non-empty token sequence")
     keys: list[list[torch.Tensor]] = []
     queries: list[list[torch.Tensor]] = []
-    tokens = 0
     for ids in tqdm(sequences, desc="calibration forward passes", disable=not progress):
         positions = sorted(set(range(0, len(ids), query_stride)) | {len(ids) - 1})
         layers = capture_qk(model, ids, positions)
         if not keys:
-            head_dim = layers[0].keys.shape[-1]
-            if not 1 <= index_channels <= head_dim:
-                raise ValueError(f"index_channels must be in [1, {head_dim}] (the key head dim); got {index_channels}")
+            if check is not None:
+                _check_choice(*check, layers[0].keys.shape[-1])
             keys, queries = [[] for _ in layers], [[] for _ in layers]
         for l, layer in enumerate(layers):
             keys[l].append(layer.keys.cpu())
             queries[l].append(layer.queries.cpu())
-        tokens += len(ids)
-    num_kv_heads = keys[0][0].shape[1]
-    chosen = []
-    for l in range(len(keys)):
-        q = torch.cat(queries[l]) if use_queries else None
-        ch = ref.choose_index_channels(torch.cat(keys[l]), index_channels, metric=metric, queries=q)
-        chosen.append(tuple(tuple(int(c) for c in head) for head in ch.tolist()))
-    return IndexCalibration(model_name, metric, use_queries, index_channels, num_kv_heads, head_dim, tokens,
-                            tuple(chosen))
+    return CalibrationCapture([torch.cat(k) for k in keys], [torch.cat(q) for q in queries],
+                              sum(len(ids) for ids in sequences))
+
+
+def calibrate_index_channels(model: torch.nn.Module, token_ids: Iterable[Sequence[int]], index_channels: int,
+                             metric: str = "std", use_queries: bool = True, query_stride: int = 8,
+                             model_name: str = "", progress: bool = True) -> IndexCalibration:
+    """Run `model` over each token sequence (`capture_calibration`) and choose every layer's index
+    channels from all their keys (and, with `use_queries`, the captured queries) with the reference's
+    `choose_index_channels`."""
+    from asynctls_tip_kernels.sparse_config import INDEX_CHANNEL_METRICS
+
+    if metric not in INDEX_CHANNEL_METRICS:  # before any forward pass
+        raise ValueError(f"metric must be one of {INDEX_CHANNEL_METRICS}; got {metric!r}")
+    capture = capture_calibration(model, token_ids, query_stride, progress, check=(index_channels, metric))
+    return capture.choose(index_channels, metric, use_queries, model_name)
 
 
 def index_channels_in_use(model: torch.nn.Module) -> list[list[list[int]]]:
