@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _pdl_wait, float32_dots, pdl_launch, require_triton_device
+from .sparse_attention import _pdl_trigger, _pdl_wait, float32_dots, pdl_launch, require_triton_device
 from .sparse_decode_reference import group_temperature
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
@@ -120,7 +120,7 @@ def _block_score_kernel(
     # -inf unless block j (tokens [j*SBS, (j+1)*SBS)) holds a
     # candidate position, i.e. one in [SINK, L - LOCAL).
     if PDL:
-        _pdl_wait()
+        _pdl_wait(PDL)
     pid_bg = tl.program_id(0)
     pid_j = tl.program_id(1)
     b = pid_bg // HKV
@@ -181,6 +181,7 @@ def _block_score_kernel(
             s += tl.dot(q_neg.to(q_dtype), tl.trans(mn.to(q_dtype)))
             if MID:
                 s_mid += tl.dot(q.to(q_dtype), tl.trans((mx.to(tl.int16) + mn.to(tl.int16)).to(q_dtype)))
+    _pdl_trigger(PDL)
     if MID:
         s = BOUND_W * s + (0.5 * (1.0 - BOUND_W)) * s_mid
     s = s * scale[None, :]
@@ -259,7 +260,7 @@ def _topk_rows_kernel(
     # 10-16 vs 34-38, Student-t(3) 5-10 vs 14-22. Keep every key > T, then the lowest-index ties
     # key == T until K are kept. Fewer than K valid entries: keep them all.
     if PDL:
-        _pdl_wait()
+        _pdl_wait(PDL)
     OUT_WIDTH: tl.constexpr = SINK + LOCAL + K
     row = tl.program_id(0).to(tl.int64)
     out_row = out_ptr + row * OUT_WIDTH
@@ -328,6 +329,7 @@ def _topk_rows_kernel(
         hi_moved = hi_moved | (~take)
         it += 1
         searching = (hi - lo > 1) & (cnt_lo != K)
+    _pdl_trigger(PDL)
     # T as an int32 key; INT32_MIN (below every valid key) keeps every valid entry when there are <= K.
     t32 = tl.where(n_valid <= K, -2147483648, lo).to(tl.int32)
     if (cnt_lo == K) | (n_valid <= K):

@@ -58,6 +58,10 @@ def inline_asm_enabled(tensor: torch.Tensor) -> bool:
 # the kernel before it drains, and waits (`gdc_wait`) before it reads anything. True = on where
 # supported; False turns it off (benchmarks compare both), as does ASYNCTLS_PDL=0.
 USE_PDL: bool = True
+# Where a kernel lets the next one launch (`gdc_launch_dependents`): "start" (right after its own
+# wait) or "end" (once its main loop is done, so that waiting dependents take no SM slot while it runs).
+PDL_TRIGGER: str = "end"
+_PDL_MODES = {"start": 1, "end": 2}
 _pdl_support: dict = {}
 # Set by `pdl_scope` around one operator call (per thread and task); None: USE_PDL decides.
 _pdl_scope: contextvars.ContextVar = contextvars.ContextVar("asynctls_pdl_scope", default=None)
@@ -96,15 +100,26 @@ def pdl_enabled(tensor: torch.Tensor) -> bool:
 
 def pdl_launch(tensor: torch.Tensor) -> dict:
     """Launch keyword arguments and the kernels' `PDL` constexpr for `tensor`'s device."""
-    on = pdl_enabled(tensor)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    if not pdl_enabled(tensor):
+        return {"PDL": 0}
+    if PDL_TRIGGER not in _PDL_MODES:
+        raise ValueError(f"PDL_TRIGGER must be one of {sorted(_PDL_MODES)}; got {PDL_TRIGGER!r}")
+    return {"PDL": _PDL_MODES[PDL_TRIGGER], "launch_pdl": True}
 
 
 @triton.jit
-def _pdl_wait():
-    # Wait for the previous kernel's writes, then let the next kernel launch as this one drains.
+def _pdl_wait(PDL: tl.constexpr):
+    # PDL 1 or 2: wait for the previous kernel's writes; PDL 1 then lets the next kernel launch at once.
     tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_trigger(PDL: tl.constexpr):
+    # PDL 2: let the next kernel launch now (its programs wait for this kernel's end before reading).
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -163,7 +178,7 @@ def _sparse_attn_split_kernel(
     #   m = max_i s_i,  l = sum_i exp(s_i - m),  acc = sum_i exp(s_i - m) V[p_i]
     # (kept in base 2: s is pre-multiplied by log2(e)). The merge kernel combines the splits.
     if PDL:
-        _pdl_wait()
+        _pdl_wait(PDL)
     pid_bg = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -209,6 +224,7 @@ def _sparse_attn_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    _pdl_trigger(PDL)
     out_row = (b * HQ + heads) * NUM_SPLITS + pid_s  # (BLOCK_H,)
     tl.store(m_out_ptr + out_row, m_i, mask=h_mask)
     tl.store(l_out_ptr + out_row, l_i, mask=h_mask)
@@ -232,7 +248,7 @@ def _sparse_attn_merge_kernel(
     # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s; a head that saw no
     # valid position (every m_s = -inf) gets zeros instead of 0/0.
     if PDL:
-        _pdl_wait()
+        _pdl_wait(PDL)
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
@@ -250,6 +266,7 @@ def _sparse_attn_merge_kernel(
         mask=s_mask[:, None] & dv_mask[None, :],
         other=0.0,
     )
+    _pdl_trigger(PDL)
     num = tl.sum(acc * w[:, None], axis=0)
     den = tl.sum(l * w, axis=0)
     out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)

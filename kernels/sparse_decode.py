@@ -35,12 +35,16 @@ from .token_select import index_query_triton, token_scores_triton, word_score_he
 
 _PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 
-# Programmatic dependent launch per schedule (H100, B=8, budget 2048, whole step from a CUDA graph,
-# `benchmarks/RESULTS.md`): the standard step is faster without it (84.8 vs 89.6 us at 64K, 94.0 vs
-# 97.8 at 128K); so is the pipelined step since its block stage waits for the token scores (70.0 vs
-# 77.7 us at 64K, 80.6 vs 84.4 at 128K; with the block stage forked at the start, PDL had won).
-PDL_STANDARD_STEP = False
-PDL_PIPELINED_STEP = False
+# Programmatic dependent launch per schedule. Each kernel lets the next one launch once its main loop
+# is done (`sparse_attention.PDL_TRIGGER = "end"`). H100, B=8, budget 2048, per layer with 4 layers in
+# one graph, PDL off -> on (`benchmarks/RESULTS.md`, 2026-11-26): standard step 77.6 -> 74.0 us at 64K,
+# 87.1 -> 83.7 at 128K; pipelined step 66.6 -> 63.5 at 64K, 73.3 -> 72.7 at 128K. Letting it launch at
+# the start instead (the earlier trigger) made both steps slower than PDL off (83.0 and 71.9 us at 64K).
+PDL_STANDARD_STEP = True
+PDL_PIPELINED_STEP = True
+# Pipelined step: the token scorer gathers the previous step's block ids and the block table before it
+# waits for the index-query launch just before it.
+PIPELINED_EARLY_GATHER = True
 
 
 def _pipeline_streams(device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
@@ -290,7 +294,8 @@ def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_l
     S = config.selection_block_size
     token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
                                        out=None if ws is None else ws.token_scores, softmax_scale=scale,
-                                       index_query=index_query)
+                                       index_query=index_query,
+                                       block_ids_ready=scores_written is not None and PIPELINED_EARLY_GATHER)
     if scores_written is not None:
         scores_written.record()
     positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,

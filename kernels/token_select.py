@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .block_select import _combine_heads, _write_index_query, check_index_query, topk_rows
 from .sparse_decode_reference import group_temperature
-from .sparse_attention import _gathered_qk, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
+from .sparse_attention import _gathered_qk, _pdl_trigger, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
@@ -62,7 +62,7 @@ def _index_query_kernel(q_ptr, ch_ptr, iq_ptr, stride_qb, stride_qh, stride_qd, 
                         GROUP: tl.constexpr, IQ_C: tl.constexpr, IQ_H: tl.constexpr, IQ_BITS: tl.constexpr,
                         IQ_BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     if PDL:
-        _pdl_wait()
+        _pdl_wait(1)  # a handful of tiny programs: the token scorer may launch (and start its gathers) at once
     row = tl.program_id(0)
     b = row // HKV
     g = row % HKV
@@ -251,14 +251,15 @@ def _token_score_kernel(
     ASM: tl.constexpr,  # WORDS: PTX inline assembly allowed (not under the interpreter)
     SUB: tl.constexpr,  # WORDS: candidates per thread
     PAIRS: tl.constexpr,  # WORDS: read the words two at a time (64-bit loads; even word count, 8-byte aligned)
+    IDS_READY: tl.constexpr,  # block ids written before the previous kernel: gather them before the PDL wait
 ):
     # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
     # p < L, SINK <= p < L - LOCAL);
     # s[h, c] = scale_p * sum_i q[h, ch[i]] * (stored_i(p) - qmax - 1)   (4/8 bits)
     #         = q[h] . K[p]                                               (16 bits)
     # score[c] = max_{h in group} s[h, c] ("max"), or m + log(sum_h exp(TEMP (s[h, c] - m))) / TEMP ("lse")
-    if PDL:
-        _pdl_wait()
+    if PDL and not IDS_READY:
+        _pdl_wait(PDL)
     pid_bg = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = pid_bg // HKV
@@ -276,6 +277,9 @@ def _token_score_kernel(
     pos_c = tl.where(cand, pos, 0)
     phys = tl.load(bt_ptr + b * stride_btb + pos_c // CBS, mask=cand, other=0).to(tl.int64)
     row = pos_c % CBS
+    if PDL and IDS_READY:
+        # Only the index query (and nothing read above) comes from the kernel before this one.
+        _pdl_wait(PDL)
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
@@ -290,17 +294,20 @@ def _token_score_kernel(
                             stride_qd, stride_cb, stride_ct, stride_ch, stride_cc, stride_sb, stride_st, stride_sh,
                             stride_kb, stride_kt, stride_kh, stride_kd,
                             DK, C, BITS, BLOCK_H, BLOCK_T, BLOCK_C, BLOCK_DK, IEEE, LSE)
+    _pdl_trigger(PDL)
     tl.store(scores_ptr + pid_bg * (NB * SBS) + offs_c, score, mask=in_row)
 
 
 def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
                         out: torch.Tensor | None = None, softmax_scale: float | None = None,
-                        index_query: torch.Tensor | None = None) -> torch.Tensor:
+                        index_query: torch.Tensor | None = None, block_ids_ready: bool = False) -> torch.Tensor:
     """Index score of every candidate inside `block_ids` (B, Hkv, NB) -> (B, Hkv, NB * S) float32,
     -inf where the slot is not a candidate; equals the scores of the reference's `score_tokens`
     (softmax_scale: the "lse" temperature, default 1 / sqrt(Dk)). index_query: the word path's
     `build_index_query(...)` when the caller has it already (the decode step has the block scorer write
-    it); computed here otherwise. Ignored on the dot path."""
+    it); computed here otherwise. Ignored on the dot path. block_ids_ready: `block_ids` were written
+    before the kernel launched just before this one (the lagged step's previous ids), so with
+    programmatic dependent launch the kernel gathers them and the block table before it waits."""
     require_triton_device("token_scores", query, key_cache, block_ids)
     bits = config.index_bits
     B, Hq, Dk = query.shape
@@ -362,7 +369,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c,
         BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
         IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
-        WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB, PAIRS=pairs,
+        WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB, PAIRS=pairs, IDS_READY=block_ids_ready,
         **pdl_launch(query),
         num_warps=num_warps,
     )

@@ -679,15 +679,15 @@ def test_programmatic_dependent_launch_only_where_supported(monkeypatch):
 
     t = torch.zeros(1, device=DEVICE)
     if _INTERPRET or not torch.cuda.is_available():
-        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": 0}
     elif torch.cuda.get_device_capability()[0] < 9 or torch.version.hip is not None:
         assert not sa.pdl_enabled(t)
     monkeypatch.setattr(sa, "USE_PDL", False)
-    assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+    assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": 0}
     monkeypatch.setattr(sa, "USE_PDL", True)
     supported = sa.pdl_enabled(t)
     with sa.pdl_scope(False):
-        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": 0}
         with sa.pdl_scope(True):
             assert sa.pdl_enabled(t) == supported
         assert sa._pdl_scope.get() is False
@@ -708,9 +708,15 @@ def test_pdl_scope_decides_on_a_supported_device(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setitem(sa._pdl_support, 0, True)
     t = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    assert sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": True, "launch_pdl": True}
+    assert sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": 2, "launch_pdl": True}  # trigger at the end
+    monkeypatch.setattr(sa, "PDL_TRIGGER", "start")
+    assert sa.pdl_launch(t) == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setattr(sa, "PDL_TRIGGER", "middle")
+    with pytest.raises(ValueError, match="PDL_TRIGGER must be one of .*'end'.*'start'.*got 'middle'"):
+        sa.pdl_launch(t)
+    monkeypatch.setattr(sa, "PDL_TRIGGER", "end")
     with sa.pdl_scope(False):
-        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": False}
+        assert not sa.pdl_enabled(t) and sa.pdl_launch(t) == {"PDL": 0}
         with sa.pdl_scope(True):
             assert sa.pdl_enabled(t)
         assert not sa.pdl_enabled(t)
