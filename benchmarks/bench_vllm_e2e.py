@@ -159,6 +159,7 @@ def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | N
 
 def worker_throughput(a) -> dict:
     import random
+    import statistics
 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -198,11 +199,19 @@ def worker_throughput(a) -> dict:
             return dt
 
         t_prefill = run(1)
-        t_by_length = {g: run(g) for g in lengths}
+        # Every length `repeats` times, interleaved; the rate comes from the median times, and each
+        # repeat's own rate shows the spread.
+        times = {g: [] for g in lengths}
+        for _ in range(a.repeats):
+            for g in lengths:
+                times[g].append(run(g))
+        t_by_length = {g: statistics.median(ts) for g, ts in times.items()}
         t_short, t_long = t_by_length[lengths[0]], t_by_length[lengths[-1]]
         steps = lengths[-1] - lengths[0]
+        per_repeat = [1000 * (tl - ts) / steps for ts, tl in zip(times[lengths[0]], times[lengths[-1]])]
         rows.append({"context": context, "requests_fit": fit, "requests": n, "prefill_s": t_prefill,
                      "t_short_s": t_short, "t_long_s": t_long, "t_by_length_s": t_by_length,
+                     "repeats": a.repeats, "t_runs_s": times, "ms_per_step_runs": per_repeat,
                      "ms_per_step": 1000 * (t_long - t_short) / steps,
                      "decode_tok_s": n * steps / (t_long - t_short)})
         print(json.dumps(rows[-1]), flush=True)
@@ -352,11 +361,11 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
 
 
 def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
-                     decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False) -> None:
+                     decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False, repeats: int = 5) -> None:
     model = qwen3_8b_config_dir(out / "models", 131072)
     if which == "dense":
         spawn(out, "tput_dense", 590, role="throughput", model=model, backend="default", contexts=contexts,
-              weights=weights, decode_lengths=decode_lengths)
+              weights=weights, decode_lengths=decode_lengths, repeats=repeats)
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
     kv_bytes = None
@@ -367,7 +376,7 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
         knobs = paper_knobs(budget, lagged)
         spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets), role="throughput", model=model,
               backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights,
-              decode_lengths=decode_lengths)
+              decode_lengths=decode_lengths, repeats=repeats)
 
 
 def stage_report(out: Path) -> None:
@@ -400,6 +409,8 @@ def main() -> None:
     p.add_argument("--decode-lengths", default=f"{G_SHORT},{G_LONG}",
                    help="throughput stages: new tokens per timed run (decode rate from the shortest and longest; "
                         "more lengths show whether a cost is per step or once per run)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="throughput stages: timed runs of each decode length (medians; the spread is recorded)")
     p.add_argument("--lagged", action="store_true",
                    help="asynctls stage: lagged selection (the paper's pipelining; results tput_asynctls_B_lagged)")
     p.add_argument("--weights", choices=["dummy", "random"], default="dummy",
@@ -416,6 +427,8 @@ def main() -> None:
     p.add_argument("--counters")
     p.add_argument("--kv-bytes")
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error(f"--repeats must be >= 1; got {a.repeats}")
     if a.worker:
         run_worker(a)
     out = Path(a.out)
@@ -424,7 +437,7 @@ def main() -> None:
         stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
     elif a.stage in ("dense", "asynctls"):
         stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights,
-                         a.decode_lengths, a.lagged)
+                         a.decode_lengths, a.lagged, a.repeats)
     elif a.stage == "report":
         stage_report(out)
     else:
