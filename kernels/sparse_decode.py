@@ -38,7 +38,7 @@ _PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 # Programmatic dependent launch per schedule. Each kernel lets the next one launch once its main loop
 # is done (`sparse_attention.PDL_TRIGGER = "end"`). H100, B=8, budget 2048, per layer with 4 layers in
 # one graph, PDL off -> on (`benchmarks/RESULTS.md`, 2026-11-26): standard step 77.6 -> 74.0 us at 64K,
-# 87.1 -> 83.7 at 128K; pipelined step 66.6 -> 63.5 at 64K, 73.3 -> 72.7 at 128K. Letting it launch at
+# 87.1 -> 83.7 at 128K; pipelined step 66.6 -> 62.6 at 64K, 73.2 -> 71.9 at 128K (with the early gather below). Letting it launch at
 # the start instead (the earlier trigger) made both steps slower than PDL off (83.0 and 71.9 us at 64K).
 PDL_STANDARD_STEP = True
 PDL_PIPELINED_STEP = True
