@@ -242,7 +242,7 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
 
 
 def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None,
-              lagged=False, layers=0, block_bound_weight=None, selection_block_size=64):
+              lagged=False, layers=0, block_bound_weight=None, selection_block_size=64, defer_block_join=False):
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
     base = SparseAttentionConfig(selection_block_size=selection_block_size, num_blocks=num_blocks, token_budget=2048)
     if index_channels is not None:
@@ -290,8 +290,9 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
                          speedup_with_index_write=dense_ms / (ours_ms + write_ms), bytes=nbytes, floor_ms=floor_ms,
                          over_floor=ours_ms / floor_ms, dense_ops_err_vs_sdpa=dense_err, **checked))
         if stack:
-            ours_layer_ms = _ours_per_layer_ms(stack, config, scale, ws, lagged)
-            rows[-1].update(layers=layers, dense_ms_per_layer=dense_layer_ms, ours_ms_per_layer=ours_layer_ms,
+            ours_layer_ms = _ours_per_layer_ms(stack, config, scale, ws, lagged, defer_block_join)
+            rows[-1].update(layers=layers, defer_block_join=defer_block_join,
+                            dense_ms_per_layer=dense_layer_ms, ours_ms_per_layer=ours_layer_ms,
                             speedup_per_layer=dense_layer_ms / ours_layer_ms,
                             over_floor_per_layer=ours_layer_ms / floor_ms)
             print(f"    {layers} layers in one graph: dense {dense_layer_ms:.3f} ms, ours {ours_layer_ms:.4f} ms per "
@@ -314,15 +315,25 @@ def _dense_per_layer_ms(stack, qd, L, scale) -> float:
                             for k, v in dense_kv])
 
 
-def _ours_per_layer_ms(stack, config, scale, ws, lagged) -> float:
+def _ours_per_layer_ms(stack, config, scale, ws, lagged, defer_block_join=False) -> float:
     """The operator per layer, each layer on its own cache and index (one shared workspace, as in vLLM),
-    the layers back to back in one graph; lagged: each layer's previous blocks are its query's own."""
+    the layers back to back in one graph; lagged: each layer's previous blocks are its query's own.
+    defer_block_join: each layer's block stage is joined by the next layer (its ids in a buffer of its
+    own), the last layer's right after it."""
     steps = []
-    for q, kc, vc, table, seq_lens, index in stack:
+    for i, (q, kc, vc, table, seq_lens, index) in enumerate(stack):
         prev = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale)[2].clone() if lagged else None
-        steps.append(lambda q=q, kc=kc, vc=vc, table=table, seq_lens=seq_lens, index=index, prev=prev:
-                     sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, previous_block_ids=prev,
-                                          workspace=ws))
+        ids_out = torch.empty_like(prev) if defer_block_join else None
+
+        def step(q=q, kc=kc, vc=vc, table=table, seq_lens=seq_lens, index=index, prev=prev, ids_out=ids_out,
+                 last=i == len(stack) - 1):
+            out = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, previous_block_ids=prev,
+                                       workspace=ws, block_ids_out=ids_out, defer_block_join=defer_block_join)
+            if defer_block_join and last:
+                ws.join_block_stage()
+            return out
+
+        steps.append(step)
     return stacked_time_ms(steps)
 
 
@@ -480,7 +491,9 @@ def markdown(results) -> str:
                 "| kind | B | context | budget | layers | dense ms | ours ms | speedup | ours / byte floor |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in stacked:
-            out.append(f"| {'gqa lagged' if r.get('lagged') else 'gqa'} | {r['B']} | {r['context']} | {r['budget']} | "
+            label = "gqa lagged" if r.get("lagged") else "gqa"
+            label += ", join deferred" if r.get("defer_block_join") else ""
+            out.append(f"| {label} | {r['B']} | {r['context']} | {r['budget']} | "
                        f"{r['layers']} | {r['dense_ms_per_layer']:.3f} | {r['ours_ms_per_layer']:.4f} | "
                        f"{r['speedup_per_layer']:.1f}x | {r['over_floor_per_layer']:.2f} |")
     rec = [r for r in results["rows"] if r["kind"] == "recall"]
@@ -524,6 +537,9 @@ def main(argv=None):
     p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
     p.add_argument("--lagged", action="store_true",
                    help="GQA rows: lagged selection, the block stage pipelined on its own stream (paper's pipelining)")
+    p.add_argument("--defer-block-join", action="store_true",
+                   help="with --lagged --layers: each layer's block stage is joined by the next layer "
+                        "(sparse_decode_triton(defer_block_join=True)), the last layer's after it")
     p.add_argument("--layers", type=int, default=0,
                    help="GQA rows: also time N layers (own cache and index each) back to back in one CUDA graph, "
                         "per layer, as inside a model's decode graph (no graph launch per layer)")
@@ -532,6 +548,8 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="run the sweep first and time everything with the fastest setting of each stage")
     args = p.parse_args(argv)
+    if args.defer_block_join and not (args.lagged and args.layers):
+        p.error("--defer-block-join needs --lagged and --layers N (it changes when a layer's block stage is joined)")
     if args.layers == 1 or args.layers < 0:
         p.error(f"--layers must be 0 (off) or at least 2; got {args.layers}")
     recall_context = args.recall_context or (16384 if not args.quick else 8192)
@@ -592,7 +610,8 @@ def main(argv=None):
                                          num_blocks=args.num_blocks, index_channels=args.index_channels,
                                          index_channel_metric=args.index_channel_metric, lagged=args.lagged,
                                          layers=layers, block_bound_weight=args.block_bound_weight,
-                                         selection_block_size=args.selection_block_size)
+                                         selection_block_size=args.selection_block_size,
+                                         defer_block_join=args.defer_block_join)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,

@@ -583,6 +583,75 @@ def test_pipelined_lagged_decode_is_graph_capturable():
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pipelined step's streams need a CUDA device")
+def test_deferred_block_join_equals_joined_steps():
+    # Three layers, each joined by the next (the last by join_block_stage), eagerly and from a CUDA graph:
+    # every output equals the step that joins its own block stage, block ids included.
+    q, args, previous, ws = _pipelined_case(seed=15)
+    gen = torch.Generator(device=q.device).manual_seed(3)
+    queries = [torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype) for _ in range(3)]
+    want = [[t.clone() for t in sparse_decode_triton(x, *args, previous_block_ids=previous, workspace=ws)]
+            for x in queries]
+    ids_out = [torch.empty_like(previous) for _ in queries]
+
+    def layers(qs):
+        outs = []
+        for i, x in enumerate(qs):
+            out, pos, _ = sparse_decode_triton(x, *args, previous_block_ids=previous, workspace=ws,
+                                               block_ids_out=ids_out[i], defer_block_join=True)
+            outs.append((out.clone(), pos.clone()))
+        ws.join_block_stage()
+        return outs
+
+    got = layers(queries)
+    torch.cuda.synchronize()
+    for (out, pos), ids, (w_out, w_pos, w_ids) in zip(got, ids_out, want):
+        assert torch.equal(out, w_out) and torch.equal(pos, w_pos) and torch.equal(ids, w_ids)
+    static = [x.clone() for x in queries]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layers(static)
+    for x in static:
+        x.copy_(torch.randn(x.shape, generator=gen, device=x.device).to(x.dtype))
+    for ids in ids_out:
+        ids.fill_(-7)
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, (out, pos), ids in zip(static, captured, ids_out):
+        w_out, w_pos, w_ids = sparse_decode_triton(x, *args, previous_block_ids=previous)
+        assert torch.equal(out, w_out) and torch.equal(pos, w_pos) and torch.equal(ids, w_ids)
+
+
+def test_deferred_block_join_needs_the_pipelined_step_and_its_own_buffer():
+    c = build("small_gqa_odd_words_4bit", seed=21)
+    config = c["config"].with_(lagged_selection=True)
+    args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"])
+    _, _, blocks = sparse_decode_triton(*args, config, c["scale"])
+    previous = blocks.clone()
+    ws = _workspace_for(c, config)
+    with pytest.raises(ValueError, match="defer_block_join=True needs the pipelined step"):
+        sparse_decode_triton(*args, c["config"], c["scale"], block_ids_out=torch.empty_like(previous),
+                             defer_block_join=True)  # not lagged
+    with pytest.raises(ValueError, match="block_ids_out must be contiguous int32"):
+        sparse_decode_triton(*args, config, c["scale"], previous_block_ids=previous, workspace=ws,
+                             block_ids_out=previous[:, :, :-1])
+    with pytest.raises(ValueError, match="block_ids_out must not overlap previous_block_ids"):
+        sparse_decode_triton(*args, config, c["scale"], previous_block_ids=previous, workspace=ws,
+                             block_ids_out=previous)
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="defer_block_join=True needs block_ids_out"):
+            sparse_decode_triton(*args, config, c["scale"], previous_block_ids=previous, workspace=ws,
+                                 defer_block_join=True)
+    else:  # the interpreter has no streams: the pipelined step runs in order, without deferral
+        with pytest.raises(ValueError, match="defer_block_join=True needs the pipelined step"):
+            sparse_decode_triton(*args, config, c["scale"], previous_block_ids=previous, workspace=ws,
+                                 block_ids_out=torch.empty_like(previous), defer_block_join=True)
+    # A given buffer receives the step's block ids (standard step too).
+    ids = torch.full_like(previous, -5)
+    _, _, got = sparse_decode_triton(*args, c["config"], c["scale"], block_ids_out=ids)
+    assert got.data_ptr() == ids.data_ptr() and torch.equal(ids, blocks)
+
+
 def test_budget_covering_context_equals_dense():
     c = build("small_gqa_odd_4bit", seed=7)
     L = int(c["seq_lens"].max())
@@ -727,8 +796,8 @@ def test_pdl_scope_decides_on_a_supported_device(monkeypatch):
 
 
 def test_operator_chooses_programmatic_dependent_launch_per_schedule(monkeypatch):
-    # The standard step launches without PDL, the pipelined lagged step (CUDA, a workspace) with it:
-    # every launch of a step sees the scope its schedule opened, and the scope closes after the step.
+    # Each schedule opens its own PDL scope (`PDL_STANDARD_STEP`, `PDL_PIPELINED_STEP`; the pipelined
+    # lagged step on CUDA with a workspace): every launch of a step sees it, and it closes after the step.
     from asynctls_tip_kernels import sparse_attention as sa
     from asynctls_tip_kernels import sparse_decode as sd
 
