@@ -196,10 +196,12 @@ def sweep(B=8, L=65536, budget=2048):
         return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
 
     def run(name, module, settings):
+        nonlocal ws
         saved = {k: getattr(module, k) for k in settings}
         for k, v in settings.items():
             setattr(module, k, v)
-        try:
+        try:  # a workspace per setting: the attention's split count depends on its launch settings
+            ws = SparseDecodeWorkspace(B, Hq, Hkv, D, D, table.shape[1], CACHE_BLOCK, config, q.dtype, "cuda")
             us = graph_time_ms(step) * 1e3
         finally:
             for k, v in saved.items():

@@ -353,6 +353,10 @@ def sparse_attention_triton(
     plan = attention_plan(B, Hq, Hkv, P, Dk, Dv)
     if workspace is None:
         workspace = AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], Dv, query.device)
+    elif workspace.acc.shape != (B, Hq, plan["NUM_SPLITS"], Dv):
+        raise ValueError(f"sparse_attention: workspace holds {tuple(workspace.acc.shape)} split buffers; this launch "
+                         f"needs {(B, Hq, plan['NUM_SPLITS'], Dv)} (a workspace built for other shapes or launch "
+                         "settings)")
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
     grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])

@@ -395,6 +395,25 @@ def test_sparse_attention_matches_reference(name):
                                ref.dense_decode_attention(q, kc, vc, bt, sl, c["scale"]).float(), rtol=tol, atol=tol)
 
 
+def test_sparse_attention_rejects_a_workspace_of_other_launch_settings(monkeypatch):
+    # The split count follows the launch settings: a workspace sized for fewer splits would be written
+    # past its end.
+    c = build("small_gqa_odd_4bit", seed=5)
+    q, kc, vc, bt, sl, config = c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["config"]
+    positions = ref.exact_topk_positions(q, kc, bt, sl, config).contiguous()
+    B, Hq, Dv = q.shape[0], q.shape[1], vc.shape[3]
+    plan = sparse_attention.attention_plan(B, Hq, kc.shape[2], positions.shape[2], q.shape[2], Dv)
+    ws = sparse_attention.AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], Dv, q.device)
+    want = sparse_attention_triton(q, kc, vc, bt, positions, c["scale"], workspace=ws)
+    torch.testing.assert_close(want, sparse_attention_triton(q, kc, vc, bt, positions, c["scale"]), rtol=0, atol=0)
+    monkeypatch.setattr(sparse_attention, "ATTN_BLOCK_N", sparse_attention.ATTN_BLOCK_N // 2)
+    if sparse_attention.attention_plan(B, Hq, kc.shape[2], positions.shape[2], q.shape[2], Dv)["NUM_SPLITS"] \
+            == plan["NUM_SPLITS"]:
+        pytest.fail("the test needs launch settings that change the split count")
+    with pytest.raises(ValueError, match="workspace holds .* split buffers; this launch needs"):
+        sparse_attention_triton(q, kc, vc, bt, positions, c["scale"], workspace=ws)
+
+
 @pytest.mark.parametrize("lagged, with_workspace", [(False, False), (True, False), (False, True), (True, True)])
 def test_padded_rows_and_empty_splits(lagged, with_workspace):
     # vLLM pads a decode batch with empty rows (seq_len 0 on the null block): the step must equal the
