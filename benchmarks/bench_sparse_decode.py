@@ -551,7 +551,8 @@ def main(argv=None):
                    help="run the sweep first and time everything with the fastest setting of each stage")
     args = p.parse_args(argv)
     if args.defer_block_join and not (args.lagged and args.layers):
-        p.error("--defer-block-join needs --lagged and --layers N (it changes when a layer's block stage is joined)")
+        p.error(f"--defer-block-join needs --lagged and --layers N >= 2 (it changes when a layer's block stage is "
+                f"joined); got --lagged={args.lagged}, --layers={args.layers}")
     if args.layers == 1 or args.layers < 0:
         p.error(f"--layers must be 0 (off) or at least 2; got {args.layers}")
     recall_context = args.recall_context or (16384 if not args.quick else 8192)

@@ -363,8 +363,9 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
 def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
                      decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False, repeats: int = 5) -> None:
     model = qwen3_8b_config_dir(out / "models", 131072)
+    extra_s = 60 * (repeats - 1) * len(contexts.split(","))  # the timed runs beyond the first, per context
     if which == "dense":
-        spawn(out, "tput_dense", 590, role="throughput", model=model, backend="default", contexts=contexts,
+        spawn(out, "tput_dense", 590 + extra_s, role="throughput", model=model, backend="default", contexts=contexts,
               weights=weights, decode_lengths=decode_lengths, repeats=repeats)
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
@@ -374,7 +375,8 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
         kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config)  # the dense run's K/V bytes
     for budget in budgets:
         knobs = paper_knobs(budget, lagged)
-        spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets), role="throughput", model=model,
+        spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets) + extra_s, role="throughput",
+              model=model,
               backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights,
               decode_lengths=decode_lengths, repeats=repeats)
 

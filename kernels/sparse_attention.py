@@ -355,8 +355,9 @@ def sparse_attention_triton(
         workspace = AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], Dv, query.device)
     elif workspace.acc.shape != (B, Hq, plan["NUM_SPLITS"], Dv):
         raise ValueError(f"sparse_attention: workspace holds {tuple(workspace.acc.shape)} split buffers; this launch "
-                         f"needs {(B, Hq, plan['NUM_SPLITS'], Dv)} (a workspace built for other shapes or launch "
-                         "settings)")
+                         f"needs {(B, Hq, plan['NUM_SPLITS'], Dv)}: NUM_SPLITS={plan['NUM_SPLITS']} from "
+                         f"ATTN_PROGRAMS_PER_SM={ATTN_PROGRAMS_PER_SM}, ATTN_BLOCK_N={ATTN_BLOCK_N} (a workspace "
+                         "built for other shapes or launch settings)")
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
     grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])

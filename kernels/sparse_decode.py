@@ -148,7 +148,8 @@ class SparseDecodeWorkspace:
         # `defer_block_join`: call i records its block stage's end in event i % 2 and joins call i - 1's.
         self._block_stage_done = (torch.cuda.Event(), torch.cuda.Event()) if self.streams is not None else None
         self._deferred_calls = 0
-        self._pending_block_stage = None
+        self._pending_block_stage = None  # (event, recorded while a CUDA graph was being captured)
+        self.device = torch.device(device)
         self.token_scores = empty((batch, num_kv_heads, config.num_blocks * S), f32)
         self.positions = empty((batch, num_kv_heads, config.attended_tokens), i32)
         heads = word_score_heads(config, num_q_heads // num_kv_heads)
@@ -160,10 +161,19 @@ class SparseDecodeWorkspace:
     def join_block_stage(self) -> None:
         """Make the current stream wait for the block stage a `defer_block_join` call left running (no-op
         when none is pending). Call it after a model's last layer, before the block ids of that call are
-        read, and before a CUDA-graph capture ends."""
-        if self._pending_block_stage is not None:
-            torch.cuda.current_stream().wait_event(self._pending_block_stage)
-            self._pending_block_stage = None
+        read, before a CUDA-graph capture ends, and before another workspace carved from the same
+        `WorkspaceArena` is used."""
+        if self._pending_block_stage is None:
+            return
+        event, captured = self._pending_block_stage
+        if captured != torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "asynctls: a deferred block stage recorded "
+                f"{'inside' if captured else 'outside'} a CUDA-graph capture is still pending "
+                f"{'outside' if captured else 'inside'} one; call workspace.join_block_stage() before the "
+                "capture ends (or before it begins)")
+        torch.cuda.current_stream(self.device).wait_event(event)
+        self._pending_block_stage = None
 
 
 def _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config):
@@ -202,7 +212,9 @@ def sparse_decode_triton(
     the caller's stream by the next such call with the same workspace (one model layer later) instead of
     before this call returns, so it also runs beside that call's token stage and attention. Until then
     `query` and `index` must stay unchanged and the returned block ids (`block_ids_out`, required: the
-    workspace's buffer is the next call's) unread; `workspace.join_block_stage()` joins the last call.
+    workspace's buffer is the next call's) unread; `workspace.join_block_stage()` joins the last call. The block stage's inputs (`query`,
+    `block_table`, `seq_lens`) are marked in use by its stream (`record_stream`), so the caching allocator
+    does not hand their memory out before it ends.
     """
     _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config)
     B, Hq, Dk = query.shape
@@ -275,16 +287,24 @@ def sparse_decode_triton(
     if block_ids_out is not None and (block_ids_out.shape != (B, Hkv, config.num_blocks)
                                       or block_ids_out.dtype != torch.int32 or not block_ids_out.is_contiguous()):
         raise ValueError(f"block_ids_out must be contiguous int32 {(B, Hkv, config.num_blocks)}; got "
-                         f"{block_ids_out.dtype} {tuple(block_ids_out.shape)}")
+                         f"{block_ids_out.dtype} {tuple(block_ids_out.shape)} with strides "
+                         f"{tuple(block_ids_out.stride())}")
     if block_ids_out is not None and lagged and _overlaps(previous_block_ids, block_ids_out):
-        raise ValueError("block_ids_out must not overlap previous_block_ids (this step reads them while it writes)")
+        raise ValueError(f"block_ids_out must not overlap previous_block_ids (this step reads them while it "
+                         f"writes); got buffers at {block_ids_out.data_ptr():#x} and {previous_block_ids.data_ptr():#x}")
     if defer_block_join and streams is None:
-        raise ValueError("defer_block_join=True needs the pipelined step: mode 'asynctls' with lagged_selection, "
-                         "previous_block_ids and a workspace on a CUDA device")
+        raise ValueError(
+            "defer_block_join=True needs the pipelined step: mode 'asynctls' with lagged_selection, "
+            "previous_block_ids and a workspace on a CUDA device; got "
+            f"mode={config.mode!r}, lagged_selection={config.lagged_selection}, "
+            f"previous_block_ids={'given' if previous_block_ids is not None else None}, "
+            f"workspace={'given' if ws is not None else None}, device={device}")
     if defer_block_join and block_ids_out is None:
         raise ValueError("defer_block_join=True needs block_ids_out: the workspace's block-id buffer is "
-                         "rewritten by the next call before this call's ids are joined")
+                         "rewritten by the next call before this call's ids are joined; got block_ids_out=None")
     if streams is None:
+        if ws is not None:
+            ws.join_block_stage()  # a deferred block stage still uses the workspace's block buffers
         with pdl_scope(PDL_STANDARD_STEP):
             block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
                                        previous_block_ids if lagged else None, block_ids_out)
@@ -302,11 +322,15 @@ def sparse_decode_triton(
     main = torch.cuda.current_stream(device)
     token_stream.wait_stream(main)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(token_stream):
+        token_blocks = previous_block_ids.contiguous()  # any copy before the index-query launch (see below)
         if index_query is not None:
             index_query_triton(query, index.channel_ids, config.index_bits, index_query)
+        # With the index-query launch right before it, the token scorer may gather the block ids and the
+        # block table before its PDL wait: they were written before that launch.
         out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
-                                                    config, scale, ws, index_query, previous_block_ids.contiguous(),
-                                                    scores_written=ws.token_scores_written)
+                                                    config, scale, ws, index_query, token_blocks,
+                                                    scores_written=ws.token_scores_written,
+                                                    ids_ready=index_query is not None and PIPELINED_EARLY_GATHER)
     block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
     block_stream.wait_event(ws.token_scores_written)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
@@ -315,21 +339,24 @@ def sparse_decode_triton(
         if defer_block_join:
             done = ws._block_stage_done[ws._deferred_calls % 2]
             done.record()
+            for t in (query, block_table, seq_lens):
+                t.record_stream(block_stream)
     main.wait_stream(token_stream)
     if not defer_block_join:
-        main.wait_stream(block_stream)  # also joins any deferred block stage before it (one stream)
-        ws._pending_block_stage = None
+        if ws._pending_block_stage is not None:
+            ws.join_block_stage()  # checks the capture state; the wait below covers it anyway (one stream)
+        main.wait_stream(block_stream)
         return out, positions, block_ids
     # Join the previous deferred call's block stage (H100, B=8, budget 2048, 4 layers in one graph:
     # 128K 72.3 -> 68.2 us per layer, 64K 62.0 -> 61.4).
     ws.join_block_stage()
-    ws._pending_block_stage = done
+    ws._pending_block_stage = (done, torch.cuda.is_current_stream_capturing())
     ws._deferred_calls += 1
     return out, positions, block_ids
 
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
-                               index_query, token_blocks, scores_written=None):
+                               index_query, token_blocks, scores_written=None, ids_ready=False):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
     attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
     event recorded on the current stream right after the token-score launch: it completes once the scores
@@ -338,8 +365,7 @@ def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_l
     S = config.selection_block_size
     token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
                                        out=None if ws is None else ws.token_scores, softmax_scale=scale,
-                                       index_query=index_query,
-                                       block_ids_ready=scores_written is not None and PIPELINED_EARLY_GATHER)
+                                       index_query=index_query, block_ids_ready=ids_ready)
     if scores_written is not None:
         scores_written.record()
     positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,

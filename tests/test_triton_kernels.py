@@ -626,6 +626,14 @@ def test_deferred_block_join_equals_joined_steps():
     torch.cuda.synchronize()
     for (out, pos), ids, (w_out, w_pos, w_ids) in zip(got, ids_out, want):
         assert torch.equal(out, w_out) and torch.equal(pos, w_pos) and torch.equal(ids, w_ids)
+    # A deferred call leaves its block stage pending; a call that joins its own joins it too.
+    sparse_decode_triton(queries[0], *args, previous_block_ids=previous, workspace=ws, block_ids_out=ids_out[0],
+                         defer_block_join=True)
+    assert ws._pending_block_stage is not None
+    joined = sparse_decode_triton(queries[1], *args, previous_block_ids=previous, workspace=ws)
+    assert ws._pending_block_stage is None
+    torch.cuda.synchronize()
+    assert torch.equal(ids_out[0], want[0][2]) and all(torch.equal(a, b) for a, b in zip(joined, want[1]))
     static = [x.clone() for x in queries]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -639,6 +647,27 @@ def test_deferred_block_join_equals_joined_steps():
     for x, (out, pos), ids in zip(static, captured, ids_out):
         w_out, w_pos, w_ids = sparse_decode_triton(x, *args, previous_block_ids=previous)
         assert torch.equal(out, w_out) and torch.equal(pos, w_pos) and torch.equal(ids, w_ids)
+
+
+def test_join_block_stage_refuses_a_stage_pending_across_a_capture_and_the_standard_step_joins(monkeypatch):
+    # A block stage left pending by a deferred call must be joined in the capture mode it was recorded
+    # in (an event recorded outside a capture cannot be waited on inside one, nor the reverse); a
+    # standard step joins it before it reuses the workspace's block buffers.
+    c = build("small_gqa_odd_words_4bit", seed=22)
+    ws = _workspace_for(c, c["config"])
+    for captured, capturing in ((False, True), (True, False)):
+        ws._pending_block_stage = (object(), captured)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda capturing=capturing: capturing)
+        with pytest.raises(RuntimeError, match="deferred block stage recorded (inside|outside) a CUDA-graph capture"):
+            ws.join_block_stage()
+    monkeypatch.undo()
+    ws._pending_block_stage = None
+    ws.join_block_stage()  # nothing pending: no-op
+    joins = []
+    monkeypatch.setattr(ws, "join_block_stage", lambda: joins.append(True))
+    args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"])
+    sparse_decode_triton(*args, c["config"], c["scale"], workspace=ws)
+    assert joins == [True]
 
 
 def test_deferred_block_join_needs_the_pipelined_step_and_its_own_buffer():
@@ -822,6 +851,8 @@ def test_operator_chooses_programmatic_dependent_launch_per_schedule(monkeypatch
 
     seen = []
     monkeypatch.setattr(sa, "pdl_enabled", lambda t: seen.append(sa._pdl_scope.get()) or False)
+    monkeypatch.setattr(sd, "PDL_STANDARD_STEP", False)  # different values, so the scopes can be told apart
+    monkeypatch.setattr(sd, "PDL_PIPELINED_STEP", True)
     c = build("small_gqa_odd_words_4bit", seed=13)
     args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"])
     sparse_decode_triton(*args, c["config"], c["scale"])
