@@ -375,10 +375,9 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
         kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config)  # the dense run's K/V bytes
     for budget in budgets:
         knobs = paper_knobs(budget, lagged)
-        spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets) + extra_s, role="throughput",
-              model=model,
-              backend="asynctls", knobs=json.dumps(knobs), contexts=contexts, kv_bytes=kv_bytes, weights=weights,
-              decode_lengths=decode_lengths, repeats=repeats)
+        spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets) + extra_s,
+              role="throughput", model=model, backend="asynctls", knobs=json.dumps(knobs), contexts=contexts,
+              kv_bytes=kv_bytes, weights=weights, decode_lengths=decode_lengths, repeats=repeats)
 
 
 def stage_report(out: Path) -> None:

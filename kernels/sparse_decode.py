@@ -38,8 +38,9 @@ _PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 # Programmatic dependent launch per schedule. Each kernel lets the next one launch once its main loop
 # is done (`sparse_attention.PDL_TRIGGER = "end"`). H100, B=8, budget 2048, per layer with 4 layers in
 # one graph, PDL off -> on (`benchmarks/RESULTS.md`, 2026-11-26): standard step 77.6 -> 74.0 us at 64K,
-# 87.1 -> 83.7 at 128K; pipelined step 66.6 -> 62.6 at 64K, 73.2 -> 71.9 at 128K (with the early gather below). Letting it launch at
-# the start instead (the earlier trigger) made both steps slower than PDL off (83.0 and 71.9 us at 64K).
+# 87.1 -> 83.7 at 128K; pipelined step 66.6 -> 62.6 at 64K, 73.2 -> 71.9 at 128K (with the early gather
+# below). Letting it launch at the start instead (the earlier trigger) made both steps slower than PDL
+# off (83.0 and 71.9 us at 64K).
 PDL_STANDARD_STEP = True
 PDL_PIPELINED_STEP = True
 # Pipelined step: the token scorer gathers the previous step's block ids and the block table before it
@@ -145,9 +146,9 @@ class SparseDecodeWorkspace:
         self.streams = _pipeline_streams(device) if config.lagged_selection else None
         # Pipelined step: recorded on the token stream after the token scores; the block stage waits on it.
         self.token_scores_written = torch.cuda.Event() if self.streams is not None else None
-        # `defer_block_join`: call i records its block stage's end in event i % 2 and joins call i - 1's.
+        # `defer_block_join`: each deferred call records its block stage's end in the event the pending
+        # (previous) call does not hold, then joins the previous call's.
         self._block_stage_done = (torch.cuda.Event(), torch.cuda.Event()) if self.streams is not None else None
-        self._deferred_calls = 0
         self._pending_block_stage = None  # (event, recorded while a CUDA graph was being captured)
         self.device = torch.device(device)
         self.token_scores = empty((batch, num_kv_heads, config.num_blocks * S), f32)
@@ -211,10 +212,10 @@ def sparse_decode_triton(
     a CUDA device): this call's block stage, whose ids only the next decode step reads, is joined into
     the caller's stream by the next such call with the same workspace (one model layer later) instead of
     before this call returns, so it also runs beside that call's token stage and attention. Until then
-    `query` and `index` must stay unchanged and the returned block ids (`block_ids_out`, required: the
-    workspace's buffer is the next call's) unread; `workspace.join_block_stage()` joins the last call. The block stage's inputs (`query`,
-    `block_table`, `seq_lens`) are marked in use by its stream (`record_stream`), so the caching allocator
-    does not hand their memory out before it ends.
+    `query` and `index` must not be written in place and the returned block ids (`block_ids_out`,
+    required: the workspace's buffer is the next call's) not read; `workspace.join_block_stage()` joins
+    the last call. The block stage's inputs (`query`, `block_table`, `seq_lens`) are marked in use by its
+    stream (`record_stream`), so the caching allocator does not hand their memory out before it ends.
     """
     _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config)
     B, Hq, Dk = query.shape
@@ -291,7 +292,8 @@ def sparse_decode_triton(
                          f"{tuple(block_ids_out.stride())}")
     if block_ids_out is not None and lagged and _overlaps(previous_block_ids, block_ids_out):
         raise ValueError(f"block_ids_out must not overlap previous_block_ids (this step reads them while it "
-                         f"writes); got buffers at {block_ids_out.data_ptr():#x} and {previous_block_ids.data_ptr():#x}")
+                         f"writes); got buffers at {block_ids_out.data_ptr():#x} and "
+                         f"{previous_block_ids.data_ptr():#x}")
     if defer_block_join and streams is None:
         raise ValueError(
             "defer_block_join=True needs the pipelined step: mode 'asynctls' with lagged_selection, "
@@ -337,21 +339,21 @@ def sparse_decode_triton(
         block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, None,
                                    previous_block_ids, block_ids_out)
         if defer_block_join:
-            done = ws._block_stage_done[ws._deferred_calls % 2]
+            pending = ws._pending_block_stage
+            first, second = ws._block_stage_done
+            done = second if pending is not None and pending[0] is first else first
             done.record()
             for t in (query, block_table, seq_lens):
                 t.record_stream(block_stream)
     main.wait_stream(token_stream)
     if not defer_block_join:
-        if ws._pending_block_stage is not None:
-            ws.join_block_stage()  # checks the capture state; the wait below covers it anyway (one stream)
+        ws.join_block_stage()  # checks the capture state; the wait below covers it anyway (one stream)
         main.wait_stream(block_stream)
         return out, positions, block_ids
     # Join the previous deferred call's block stage (H100, B=8, budget 2048, 4 layers in one graph:
     # 128K 72.3 -> 68.2 us per layer, 64K 62.0 -> 61.4).
     ws.join_block_stage()
     ws._pending_block_stage = (done, torch.cuda.is_current_stream_capturing())
-    ws._deferred_calls += 1
     return out, positions, block_ids
 
 
