@@ -276,6 +276,10 @@ def _topk_rows_kernel(
     offs = tl.arange(0, BLOCK_N)
     in_row = offs < N
     x = tl.load(scores_ptr + row * N + offs, mask=in_row, other=float("-inf"))
+    if MAP_BLOCKS:
+        # One load per candidate group (broadcast over its SBS entries at the end), issued before the search.
+        offs_g = tl.arange(0, BLOCK_N // SBS)
+        blk = tl.load(map_ptr + row * (N // SBS) + offs_g, mask=offs_g < N // SBS, other=0)
     valid = in_row & (x > float("-inf"))
     bits = x.to(tl.int32, bitcast=True)
     # Invalid entries get INT32_MIN, below every threshold tried (thresholds > lo >= min valid key >
@@ -347,9 +351,6 @@ def _topk_rows_kernel(
     before = tl.cumsum(row_totals, axis=0) - row_totals
     slot = tl.reshape(tl.cumsum(keep_rows, axis=1) + before[:, None], (BLOCK_N,)) - 1
     if MAP_BLOCKS:
-        # One load per candidate group, broadcast over its SBS entries.
-        offs_g = tl.arange(0, BLOCK_N // SBS)
-        blk = tl.load(map_ptr + row * (N // SBS) + offs_g, mask=offs_g < N // SBS, other=0)
         val = tl.reshape(blk[:, None] * SBS + tl.arange(0, SBS)[None, :], (BLOCK_N,))
     else:
         val = offs

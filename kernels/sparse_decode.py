@@ -43,8 +43,11 @@ _PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 # off (83.0 and 71.9 us at 64K).
 PDL_STANDARD_STEP = True
 PDL_PIPELINED_STEP = True
-# Pipelined step: the token scorer gathers the previous step's block ids and the block table before it
-# waits for the index-query launch just before it.
+# Pipelined step: the token scorer writes the index query itself (each program its row's), so the token
+# stream starts with the scorer (no index-query launch on the critical path).
+PIPELINED_SCORER_WRITES_INDEX_QUERY = True
+# Pipelined step without the inline index query: the token scorer gathers the previous step's block ids
+# and the block table before it waits for the index-query launch just before it.
 PIPELINED_EARLY_GATHER = True
 
 
@@ -325,14 +328,16 @@ def sparse_decode_triton(
     token_stream.wait_stream(main)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(token_stream):
         token_blocks = previous_block_ids.contiguous()  # any copy before the index-query launch (see below)
-        if index_query is not None:
+        inline = index_query is not None and PIPELINED_SCORER_WRITES_INDEX_QUERY
+        if index_query is not None and not inline:
             index_query_triton(query, index.channel_ids, config.index_bits, index_query)
         # With the index-query launch right before it, the token scorer may gather the block ids and the
         # block table before its PDL wait: they were written before that launch.
         out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
                                                     config, scale, ws, index_query, token_blocks,
                                                     scores_written=ws.token_scores_written,
-                                                    ids_ready=index_query is not None and PIPELINED_EARLY_GATHER)
+                                                    ids_ready=index_query is not None and not inline
+                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline)
     block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
     block_stream.wait_event(ws.token_scores_written)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
@@ -358,7 +363,8 @@ def sparse_decode_triton(
 
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
-                               index_query, token_blocks, scores_written=None, ids_ready=False):
+                               index_query, token_blocks, scores_written=None, ids_ready=False,
+                               write_index_query=False):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
     attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
     event recorded on the current stream right after the token-score launch: it completes once the scores
@@ -367,7 +373,8 @@ def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_l
     S = config.selection_block_size
     token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
                                        out=None if ws is None else ws.token_scores, softmax_scale=scale,
-                                       index_query=index_query, block_ids_ready=ids_ready)
+                                       index_query=index_query, block_ids_ready=ids_ready,
+                                       write_index_query=write_index_query)
     if scores_written is not None:
         scores_written.record()
     positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,

@@ -252,6 +252,8 @@ def _token_score_kernel(
     SUB: tl.constexpr,  # WORDS: candidates per thread
     PAIRS: tl.constexpr,  # WORDS: read the words two at a time (64-bit loads; even word count, 8-byte aligned)
     IDS_READY: tl.constexpr,  # block ids written before the previous kernel: gather them before the PDL wait
+    WRITE_IQ: tl.constexpr,  # WORDS: each program writes its row's index query into iq_ptr first (same values)
+    IQ_BLOCK_C: tl.constexpr,  # WRITE_IQ: next power of two >= C
 ):
     # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
     # p < L, SINK <= p < L - LOCAL);
@@ -280,6 +282,12 @@ def _token_score_kernel(
     if PDL and IDS_READY:
         # Only the index query (and nothing read above) comes from the kernel before this one.
         _pdl_wait(PDL)
+    if WRITE_IQ:
+        # Every program of the row writes the row's index query (the same values), then reads it back
+        # below: the launch needs no index-query launch before it.
+        _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * C, iq_ptr + pid_bg * (C * BLOCK_H),
+                           stride_qh, stride_qd, GROUP, C, BLOCK_H, BITS, IQ_BLOCK_C)
+        tl.debug_barrier()
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < GROUP
@@ -300,14 +308,18 @@ def _token_score_kernel(
 
 def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
                         out: torch.Tensor | None = None, softmax_scale: float | None = None,
-                        index_query: torch.Tensor | None = None, block_ids_ready: bool = False) -> torch.Tensor:
+                        index_query: torch.Tensor | None = None, block_ids_ready: bool = False,
+                        write_index_query: bool = False) -> torch.Tensor:
     """Index score of every candidate inside `block_ids` (B, Hkv, NB) -> (B, Hkv, NB * S) float32,
     -inf where the slot is not a candidate; equals the scores of the reference's `score_tokens`
     (softmax_scale: the "lse" temperature, default 1 / sqrt(Dk)). index_query: the word path's
     `build_index_query(...)` when the caller has it already (the decode step has the block scorer write
     it); computed here otherwise. Ignored on the dot path. block_ids_ready: `block_ids` were written
     before the kernel launched just before this one (the lagged step's previous ids), so with
-    programmatic dependent launch the kernel gathers them and the block table before it waits."""
+    programmatic dependent launch the kernel gathers them and the block table before it waits.
+    write_index_query: on the word path, the kernel itself writes `build_index_query(...)` into
+    `index_query` (required) before it reads it, so no launch need write it first (the pipelined step's
+    token stage then starts with the scorer)."""
     require_triton_device("token_scores", query, key_cache, block_ids)
     bits = config.index_bits
     B, Hq, Dk = query.shape
@@ -346,6 +358,8 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
              and codes.data_ptr() % 8 == 0)
     block_t = TOKEN_SCORE_TILE if block_h <= 32 else 32
     num_warps = TOKEN_SCORE_WARPS if block_h <= 32 else 8
+    if write_index_query and index_query is None:
+        raise ValueError("token_scores: write_index_query=True needs the index_query buffer to write; got None")
     if words:
         if index_query is None:
             index_query = build_index_query(query, channel_ids, bits, heads)
@@ -370,6 +384,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         BLOCK_DK=min(128 if block_h <= 32 else 64, triton.next_power_of_2(Dk)),
         IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
         WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB, PAIRS=pairs, IDS_READY=block_ids_ready,
+        WRITE_IQ=words and write_index_query, IQ_BLOCK_C=triton.next_power_of_2(C),
         **pdl_launch(query),
         num_warps=num_warps,
     )

@@ -359,6 +359,12 @@ def test_block_scorer_writes_the_word_path_query(name):
     assert (iq[..., Hq // Hkv:] == 0).all()
     block_ids = ref.select_blocks(q, index, bt, sl, config)
     words = token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=iq)
+    # The pipelined step's scorer writes the index query itself: the same buffer, bit-equal scores.
+    own = torch.full_like(iq, float("nan"))
+    written = token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=own, write_index_query=True)
+    assert torch.equal(own, want) and torch.equal(written, words)
+    with pytest.raises(ValueError, match="write_index_query=True needs the index_query buffer"):
+        token_scores_triton(q, index, kc, bt, sl, block_ids, config, write_index_query=True)
     # The dot path: the same codes through a non-contiguous copy (a channel stride of 2 bytes).
     wide = torch.zeros(*index.codes.shape[:3], 2 * index.codes.shape[3], dtype=torch.uint8, device=DEVICE)
     wide[..., ::2] = index.codes
