@@ -10,9 +10,9 @@ Lagged selection (`config.lagged_selection` with `previous_block_ids`) pipelines
 does: the token stage and the attention run on the previous step's blocks, so this step's block stage
 (needed only by the next step) runs on a stream of its own once the token scores are written, beside
 the token top-k and the attention on a higher-priority stream, both forked from and joined to the
-caller's stream; a seventh small launch writes the token stage's index query, which the block scorer
-writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one graph: the standard step
-77.7 us, the pipelined one 66.7 at 64K; 86.7 and 73.7 at 128K (`benchmarks/RESULTS.md`).
+caller's stream; the token scorer then writes the token stage's index query itself, which the block
+scorer writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one graph (PDL on): the
+standard step 72.0 us, the pipelined one 59.3 at 64K; 81.9 and 69.1 at 128K (`benchmarks/RESULTS.md`).
 
 For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config) and pass it: every
 intermediate and the outputs then live in its buffers (the returned tensors are views of them, valid
@@ -44,9 +44,10 @@ _PIPELINE_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 PDL_STANDARD_STEP = True
 PDL_PIPELINED_STEP = True
 # Pipelined step: the token scorer writes the index query itself (each program its row's), so the token
-# stream starts with the scorer (no index-query launch on the critical path).
+# stream starts with the scorer (no index-query launch on the critical path). H100, B=8, budget 2048, per
+# layer with 4 layers in one graph: 62.3 -> 59.6 us at 64K, 71.9 -> 69.5 at 128K (`benchmarks/RESULTS.md`).
 PIPELINED_SCORER_WRITES_INDEX_QUERY = True
-# Pipelined step without the inline index query: the token scorer gathers the previous step's block ids
+# Pipelined step with the index-query launch (the flag above off): the token scorer gathers the previous step's block ids
 # and the block table before it waits for the index-query launch just before it.
 PIPELINED_EARLY_GATHER = True
 
