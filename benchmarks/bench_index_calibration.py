@@ -14,6 +14,8 @@ Rows, each as attention-mass recall (share of the dense softmax mass the attende
 - AsyncTLS with channels from calibration files made by `vllm_asynctls.calibration` on *other* prompts
   (the suite at another seed): `std` with queries (the command's default), `mean_abs` with queries,
   `std` from keys alone;
+- AsyncTLS and block-only with the index in the prompt's principal directions (`index_basis="pca"`,
+  calibrated online like the channels);
 - AsyncTLS (online channels) and block-only with `block_bound_weight` w < 1 (`--block-bound-weights`,
   default 0.5 and 0.25): the block score leaning from Quest's bound toward the block's midpoint.
 
@@ -76,7 +78,9 @@ def main(argv=None) -> dict:
                 base = SparseAttentionConfig(token_budget=budget, index_channels=16, **kw)
                 online = {"exact top-k": base.with_(mode="exact_topk"), "block-only": base.with_(mode="block_only"),
                           "cap: exact scores in kept blocks": base.with_(index_bits=16),
-                          "online: mean_abs (default)": base, "online: std": base.with_(index_channel_metric="std")}
+                          "online: mean_abs (default)": base, "online: std": base.with_(index_channel_metric="std"),
+                          "online: pca basis": base.with_(index_basis="pca"),
+                          "block-only, pca basis": base.with_(mode="block_only", index_basis="pca")}
                 rows = dict(zip(online, selection_recall(layers, online.values())))
                 for fname, cal in files.items():
                     rows[fname] = selection_recall(layers, [base], calibration=cal)[0]

@@ -99,7 +99,11 @@ def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
     seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     index = ref.allocate_index(nblocks, CACHE_BLOCK, Hkv, Dk, config, torch.bfloat16, "cuda")
     sample = key_cache[table[0, : min(W, 64)].long()].reshape(-1, Hkv, Dk)
-    ref.set_index_channels(index, ref.choose_index_channels(sample, config.index_channels, metric=config.index_channel_metric))
+    if config.index_basis == "pca":
+        ref.set_index_basis(index, ref.choose_index_basis(sample))
+    else:
+        ref.set_index_channels(index, ref.choose_index_channels(sample, config.index_channels,
+                                                                metric=config.index_channel_metric))
     ws = IndexWriteWorkspace(nblocks, index.block_min.shape[1], "cuda")
     chunk_blocks = max(1, 65536 // CACHE_BLOCK)
     for b in range(B):
@@ -244,9 +248,11 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
 
 
 def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None,
-              lagged=False, layers=0, block_bound_weight=None, selection_block_size=64, defer_block_join=False):
+              lagged=False, layers=0, block_bound_weight=None, selection_block_size=64, defer_block_join=False,
+              index_basis="channels"):
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
-    base = SparseAttentionConfig(selection_block_size=selection_block_size, num_blocks=num_blocks, token_budget=2048)
+    base = SparseAttentionConfig(selection_block_size=selection_block_size, num_blocks=num_blocks, token_budget=2048,
+                                 index_basis=index_basis)
     if index_channels is not None:
         base = base.with_(index_channels=index_channels)
     if index_channel_metric is not None:
@@ -287,7 +293,7 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
         rows.append(dict(kind="gqa", B=B, context=L, budget=budget, num_blocks=config.num_blocks,
                          selection_block_size=config.selection_block_size,
                          index_channels=config.index_channels, block_bound_weight=config.block_bound_weight,
-                         lagged=lagged, dense_ms=dense_ms, ours_ms=ours_ms,
+                         index_basis=config.index_basis, lagged=lagged, dense_ms=dense_ms, ours_ms=ours_ms,
                          speedup=dense_ms / ours_ms, index_write_ms=write_ms,
                          speedup_with_index_write=dense_ms / (ours_ms + write_ms), bytes=nbytes, floor_ms=floor_ms,
                          over_floor=ours_ms / floor_ms, dense_ops_err_vs_sdpa=dense_err, **checked))
@@ -396,7 +402,8 @@ def structured_keys(B, L, Hkv, D, G, gen):
 
 
 def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_channel_metric=None,
-                num_blocks=128, index_channels=None, block_bound_weight=None, selection_block_size=64):
+                num_blocks=128, index_channels=None, block_bound_weight=None, selection_block_size=64,
+                index_basis="channels"):
     """Recall rows; on the GPU through the Triton operator (and the reference beside it), with
     device="cpu" through the reference alone (same generator, same settings).
 
@@ -420,7 +427,7 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
     rows = []
     for budget in budgets:
         config = SparseAttentionConfig(selection_block_size=selection_block_size, num_blocks=num_blocks,
-                                       token_budget=budget)
+                                       token_budget=budget, index_basis=index_basis)
         if index_channels is not None:
             config = config.with_(index_channels=index_channels)
         if group_score is not None:
@@ -431,7 +438,11 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
             config = config.with_(block_bound_weight=block_bound_weight)
         index = ref.allocate_index(B * W, CACHE_BLOCK, Hkv, D, config, torch.bfloat16, device)
         flat = keys.reshape(B * L, Hkv, D).to(torch.bfloat16)
-        ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels, metric=config.index_channel_metric))
+        if index_basis == "pca":  # calibrated on the same keys as the channels: the first sequence's first 8K
+            ref.set_index_basis(index, ref.choose_index_basis(flat[: 8 * 1024]))
+        else:
+            ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels,
+                                                                    metric=config.index_channel_metric))
         slots = (table.long().view(B, W, 1) * CACHE_BLOCK + torch.arange(CACHE_BLOCK, device=device)).view(-1)
         if on_gpu:
             write_index_triton(index, flat, slots, config)
@@ -440,7 +451,7 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
         row = dict(kind="recall", context=L, budget=budget, B=B, group_score=config.group_score,
                    index_channel_metric=config.index_channel_metric, num_blocks=config.num_blocks,
                    index_channels=config.index_channels, block_bound_weight=config.block_bound_weight,
-                   selection_block_size=config.selection_block_size)
+                   selection_block_size=config.selection_block_size, index_basis=config.index_basis)
         decode = sparse_decode_triton if on_gpu else ref.sparse_decode
         for mode in ("asynctls", "block_only", "exact_topk"):
             _, pos, _ = decode(query, key_cache, value_cache, table, seq_lens, index, config.with_(mode=mode), scale)
@@ -535,6 +546,8 @@ def main(argv=None):
     p.add_argument("--selection-block-size", type=int, default=64,
                    help="GQA and recall rows: tokens per block summary (the paper's 64; the plugin's default is 16 "
                         "with 512 blocks, the same 8,192 candidates)")
+    p.add_argument("--index-basis", default="channels", choices=("channels", "pca"),
+                   help="the index's coordinates (SparseAttentionConfig.index_basis), GQA and recall rows")
     p.add_argument("--num-blocks", type=int, default=128, help="blocks kept by the coarse level (GQA and recall rows)")
     p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
     p.add_argument("--lagged", action="store_true",
@@ -560,7 +573,8 @@ def main(argv=None):
         rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device,
                            group_score=args.group_score, index_channel_metric=args.index_channel_metric,
                            num_blocks=args.num_blocks, index_channels=args.index_channels,
-                           block_bound_weight=args.block_bound_weight, selection_block_size=args.selection_block_size)
+                           block_bound_weight=args.block_bound_weight, selection_block_size=args.selection_block_size,
+                           index_basis=args.index_basis)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(device=args.device, command=" ".join(["python"] + sys.argv), rows=rows), f, indent=1)
@@ -614,7 +628,7 @@ def main(argv=None):
                                          index_channel_metric=args.index_channel_metric, lagged=args.lagged,
                                          layers=layers, block_bound_weight=args.block_bound_weight,
                                          selection_block_size=args.selection_block_size,
-                                         defer_block_join=args.defer_block_join)
+                                         defer_block_join=args.defer_block_join, index_basis=args.index_basis)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,
@@ -623,7 +637,7 @@ def main(argv=None):
         results["rows"] += recall_rows(recall_context, args.budgets, B=args.recall_batch, group_score=args.group_score,
                                        index_channel_metric=args.index_channel_metric, num_blocks=args.num_blocks,
                                        index_channels=args.index_channels, block_bound_weight=args.block_bound_weight,
-                                       selection_block_size=args.selection_block_size)
+                                       selection_block_size=args.selection_block_size, index_basis=args.index_basis)
     md = markdown(results)
     print(md)
     if args.out:

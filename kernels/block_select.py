@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import _pdl_trigger, _pdl_wait, float32_dots, pdl_launch, require_triton_device
-from .sparse_decode_reference import group_temperature
+from .sparse_decode_reference import group_temperature, rotate_query
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 BLOCK_SCORE_TILE = 128  # selection blocks per program (group of <= 32 q heads)
@@ -459,11 +459,13 @@ def check_index_query(op: str, name: str, index_query: torch.Tensor, batch: int,
 
 def block_scores_triton(query, index, block_table, seq_lens, config, num_selection_blocks: int,
                         out: torch.Tensor | None = None, softmax_scale: float | None = None,
-                        index_query: torch.Tensor | None = None) -> torch.Tensor:
+                        index_query: torch.Tensor | None = None, query_in_index_basis: bool = False) -> torch.Tensor:
     """Group bound of every selection block (blended with the midpoint's score by
     `config.block_bound_weight`) -> (B, Hkv, num_selection_blocks) float32, -inf where a
     block is not a candidate. `num_selection_blocks` >= cdiv(max seq len, selection_block_size).
     softmax_scale: the "lse" temperature (default 1 / sqrt(Dk)), as in the reference's `score_blocks`.
+    query_in_index_basis: `query` is already in the index's coordinates (`rotate_query`); otherwise it
+    is rotated here when the index has a basis (`index_basis="pca"`).
     index_query: optional float32 (B, Hkv, index_channels, H) buffer the same launch fills with
     `token_select.build_index_query(query, index.channel_ids, config.index_bits, H)` (the token stage's input).
     The index's summaries: `block_min` / `block_max` int8 (num_cache_blocks, per_block, Hkv, Dk) with
@@ -487,6 +489,8 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     Hkv = bmin.shape[2]
     if Hq % Hkv or bmin.shape[3] != Dk:
         raise ValueError(f"block_scores: query {tuple(query.shape)} does not match summaries {tuple(bmin.shape)}")
+    if index.basis is not None and not query_in_index_basis:
+        query = rotate_query(query, index)
     sbs = config.selection_block_size
     cbs = bmin.shape[1] * sbs
     group = Hq // Hkv

@@ -31,6 +31,7 @@ ATTN_PROGRAMS_PER_SM = 16  # split the position lists until about this many prog
 ATTN_BLOCK_N = 32  # rows per tile (head dims <= 128)
 ATTN_NUM_WARPS = 4
 ATTN_NUM_STAGES = 2
+ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
 
 
 def require_triton_device(op: str, *tensors: torch.Tensor) -> None:
@@ -374,7 +375,7 @@ def sparse_attention_triton(
         HQ=Hq, HKV=Hkv, GROUP=Hq // Hkv, DK=Dk, DV=Dv, CBS=key_cache.shape[1],
         BLOCK_H=plan["BLOCK_H"], BLOCK_N=plan["BLOCK_N"], BLOCK_DK=plan["BLOCK_DK"], BLOCK_DV=plan["BLOCK_DV"],
         SPLIT_LEN=plan["SPLIT_LEN"], NUM_SPLITS=plan["NUM_SPLITS"],
-        IEEE=float32_dots(key_cache.dtype), **pdl,
+        IEEE=float32_dots(key_cache.dtype), **pdl, **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG else {}),
         num_warps=plan["num_warps"], num_stages=ATTN_NUM_STAGES,
     )
     _sparse_attn_merge_kernel[(B * Hq,)](

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 SPARSE_MODES = ("asynctls", "block_only", "exact_topk", "dense")
 INDEX_BITS = (4, 8, 16)
 INDEX_CHANNEL_METRICS = ("mean_abs", "std")
+INDEX_BASES = ("channels", "pca")
 GROUP_SCORES = ("lse", "max")
 MAX_SELECTION_BLOCK_SIZE = 1024
 
@@ -61,6 +62,15 @@ class SparseAttentionConfig:
         scorer adds one tensor-core dot for w < 1. Measured on SmolLM2-135M's own keys at 64K's
         selection shares (benchmarks/RESULTS.md): w = 0.5 holds 0.897 instead of 0.886 of exact top-k's
         attention mass with blocks of 64, 0.945 instead of 0.938 with blocks of 16.
+    index_basis: the coordinates the index (block summaries and token codes) keeps the keys in.
+        "channels" (default): the keys' own channels; the token index keeps `index_channels` of them.
+        "pca": an orthonormal basis of each kv head's keys, ordered by second moment, calibrated from
+        the keys a layer first writes (`choose_index_basis`, online, no file); the summaries bound the
+        rotated keys, the token index keeps the `index_channels` leading directions, and the query is
+        rotated the same way for the two selections (q . k is unchanged; attention reads the cache as
+        it is). Measured (benchmarks/RESULTS.md, reference): share of exact top-k's attention mass on
+        SmolLM2-135M's own keys at 64K's selection shares 0.893 -> 0.907 (blocks of 64), 0.944 -> 0.950
+        (blocks of 16); on the benchmark's planted keys at 16K 0.895 -> 0.946 (budget 2048).
     """
 
     selection_block_size: int = 64
@@ -75,6 +85,7 @@ class SparseAttentionConfig:
     index_channel_metric: str = "mean_abs"
     group_score: str = "lse"
     block_bound_weight: float = 1.0
+    index_basis: str = "channels"
 
     def __post_init__(self) -> None:
         s = self.selection_block_size
@@ -100,6 +111,8 @@ class SparseAttentionConfig:
             raise ValueError(
                 f"index_channel_metric must be one of {INDEX_CHANNEL_METRICS}; got {self.index_channel_metric!r}"
             )
+        if self.index_basis not in INDEX_BASES:
+            raise ValueError(f"index_basis must be one of {INDEX_BASES}; got {self.index_basis!r}")
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"group_score must be one of {GROUP_SCORES}; got {self.group_score!r}")
         w = self.block_bound_weight

@@ -288,6 +288,9 @@ def sparse_decode_triton(
         return out, positions, block_ids
 
     # "asynctls"
+    # Both selections score the query in the index's coordinates (`index_basis="pca"`); attention uses it as is.
+    q_index = _reference.rotate_query(query, index)
+    q_tokens = query if config.index_bits == 16 else q_index
     streams = ws.streams if lagged and ws is not None else None
     if block_ids_out is not None and (block_ids_out.shape != (B, Hkv, config.num_blocks)
                                       or block_ids_out.dtype != torch.int32 or not block_ids_out.is_contiguous()):
@@ -312,11 +315,12 @@ def sparse_decode_triton(
         if ws is not None:
             ws.join_block_stage()  # a deferred block stage still uses the workspace's block buffers
         with pdl_scope(PDL_STANDARD_STEP):
-            block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
+            block_ids = _select_blocks(q_index, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
                                        previous_block_ids if lagged else None, block_ids_out)
             out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
                                                         config, scale, ws, index_query,
-                                                        previous_block_ids.contiguous() if lagged else block_ids)
+                                                        previous_block_ids.contiguous() if lagged else block_ids,
+                                                        q_tokens=q_tokens)
         return out, positions, block_ids
     # The paper's pipelining: this step's block stage (whose ids only the next step reads) runs on its
     # own stream beside the token stage and the attention over the previous step's blocks, which run on
@@ -331,25 +335,26 @@ def sparse_decode_triton(
         token_blocks = previous_block_ids.contiguous()  # any copy before the index-query launch (see below)
         inline = index_query is not None and PIPELINED_SCORER_WRITES_INDEX_QUERY
         if index_query is not None and not inline:
-            index_query_triton(query, index.channel_ids, config.index_bits, index_query)
+            index_query_triton(q_tokens, index.channel_ids, config.index_bits, index_query)
         # With the index-query launch right before it, the token scorer may gather the block ids and the
         # block table before its PDL wait: they were written before that launch.
         out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
                                                     config, scale, ws, index_query, token_blocks,
                                                     scores_written=ws.token_scores_written,
                                                     ids_ready=index_query is not None and not inline
-                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline)
+                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline,
+                                                    q_tokens=q_tokens)
     block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
     block_stream.wait_event(ws.token_scores_written)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
-        block_ids = _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, None,
+        block_ids = _select_blocks(q_index, index, block_table, seq_lens, config, n_sel, scale, ws, None,
                                    previous_block_ids, block_ids_out)
         if defer_block_join:
             pending = ws._pending_block_stage
             first, second = ws._block_stage_done
             done = second if pending is not None and pending[0] is first else first
             done.record()
-            for t in (query, block_table, seq_lens):
+            for t in {id(t): t for t in (query, q_index, block_table, seq_lens)}.values():
                 t.record_stream(block_stream)
     main.wait_stream(token_stream)
     if not defer_block_join:
@@ -365,17 +370,19 @@ def sparse_decode_triton(
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
                                index_query, token_blocks, scores_written=None, ids_ready=False,
-                               write_index_query=False):
+                               write_index_query=False, q_tokens=None):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
     attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
     event recorded on the current stream right after the token-score launch: it completes once the scores
-    are written, and the pipelined step's block stage waits for it."""
+    are written, and the pipelined step's block stage waits for it. `q_tokens`: the query the token
+    scores read (in the index's coordinates, `rotate_query`), `query` when None."""
     B, Hkv = query.shape[0], key_cache.shape[2]
     S = config.selection_block_size
-    token_scores = token_scores_triton(query, index, key_cache, block_table, seq_lens, token_blocks, config,
+    token_scores = token_scores_triton(query if q_tokens is None else q_tokens, index, key_cache, block_table,
+                                       seq_lens, token_blocks, config,
                                        out=None if ws is None else ws.token_scores, softmax_scale=scale,
                                        index_query=index_query, block_ids_ready=ids_ready,
-                                       write_index_query=write_index_query)
+                                       write_index_query=write_index_query, query_in_index_basis=True)
     if scores_written is not None:
         scores_written.record()
     positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,
@@ -399,14 +406,14 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query, previous_block_ids,
                    block_ids_out=None):
-    """Block scores and their top-k -> block ids (B, Hkv, num_blocks), into `block_ids_out` if given, else
+    """(`query` in the index's coordinates.) Block scores and their top-k -> block ids (B, Hkv, num_blocks), into `block_ids_out` if given, else
     the workspace's buffer that `previous_block_ids` (lagged selection, read meanwhile) does not occupy."""
     B, Hkv = query.shape[0], index.block_min.shape[2]
     if config.lagged_selection:
         config = _reference.lagged_block_config(config)  # ranked over the next step's candidates
     block_scores = block_scores_triton(query, index, block_table, seq_lens, config, n_sel,
                                        out=None if ws is None else ws.block_scores, softmax_scale=scale,
-                                       index_query=index_query)
+                                       index_query=index_query, query_in_index_basis=True)
     out = block_ids_out
     if out is None and ws is not None:
         out = ws.block_ids

@@ -64,6 +64,10 @@ __all__ = [
     "allocate_index",
     "choose_index_channels",
     "set_index_channels",
+    "choose_index_basis",
+    "set_index_basis",
+    "rotate_query",
+    "rotate_keys",
     "quantize_index",
     "dequantize_index",
     "quantize_summary",
@@ -120,6 +124,10 @@ class SparseIndex:
         when index_bits == 16.
     scales: (num_cache_blocks, cache_block_size, Hkv) float32, or None when index_bits == 16.
     key_dtype: the key (cache) dtype: new keys are cast to it before they are summarised or quantised.
+    basis: None (the keys' own channels) or (Hkv, Dk, Dk) float32 orthonormal rows (`index_basis="pca"`,
+        `set_index_basis`): the summaries and codes then hold each key rotated, `basis[h] @ k` (cast
+        to key_dtype), the selections score the query rotated the same way (`rotate_query`), and
+        `channel_ids` are the leading rows.
     """
 
     block_min: Tensor
@@ -129,6 +137,7 @@ class SparseIndex:
     codes: Tensor | None
     scales: Tensor | None
     key_dtype: torch.dtype
+    basis: Tensor | None = None
 
     @property
     def blocks_per_cache_block(self) -> int:
@@ -228,6 +237,57 @@ def set_index_channels(index: SparseIndex, channel_ids: Tensor) -> None:
     index.channel_ids.copy_(channel_ids)
 
 
+def choose_index_basis(keys: Tensor) -> Tensor:
+    """The index's coordinates for `index_basis="pca"`, per kv head: the eigenvectors of the keys'
+    uncentred second moment `k k^T / N`, ordered by decreasing eigenvalue, so the leading rows carry
+    most of every `q . k` in the mean square (the top-k compares tokens under one query, and a
+    direction along which the keys hardly move cannot change it). Loki (Singhania et al., 2024) finds
+    attention keys low-rank in this sense.
+
+    keys: (N, Hkv, D) calibration keys (the first keys a layer writes, in the plugin). Returns
+    (Hkv, D, D) float32, orthonormal rows (computed in float64). Signs are fixed (each row's largest
+    entry positive) so the same keys give the same basis on every device.
+    """
+    if keys.dim() != 3 or keys.shape[0] < 1:
+        raise ValueError(f"keys must be (N, Hkv, D) with N >= 1; got {tuple(keys.shape)}")
+    k = keys.double().transpose(0, 1)  # (Hkv, N, D)
+    moment = k.transpose(1, 2) @ k / k.shape[1]  # (Hkv, D, D)
+    eigvecs = torch.linalg.eigh(moment.cpu())[1].flip(-1)  # (Hkv, D, D): columns by decreasing eigenvalue
+    rows = eigvecs.transpose(1, 2)  # (Hkv, D, D): rows are directions
+    sign = torch.sign(rows.gather(-1, rows.abs().argmax(-1, keepdim=True)))
+    return (rows * sign).float().to(keys.device).contiguous()
+
+
+def set_index_basis(index: SparseIndex, basis: Tensor) -> None:
+    """Install a calibrated basis (Hkv, Dk, Dk) in place (`choose_index_basis`), with the token index on
+    its `index_channels` leading rows. Summaries and codes written before this are stale."""
+    num_kv_heads, head_dim = index.block_min.shape[2], index.block_min.shape[3]
+    if basis.shape != (num_kv_heads, head_dim, head_dim):
+        raise ValueError(f"basis must have shape {(num_kv_heads, head_dim, head_dim)}; got {tuple(basis.shape)}")
+    index.basis = basis.to(device=index.block_min.device, dtype=torch.float32).contiguous()
+    C = index.channel_ids.shape[1]
+    index.channel_ids.copy_(torch.arange(C, device=index.channel_ids.device).expand(num_kv_heads, C))
+
+
+def rotate_keys(key: Tensor, index: SparseIndex) -> Tensor:
+    """Keys (N, Hkv, D) in the index's coordinates, cast to `index.key_dtype`: `basis[h] @ k` in float32
+    (the keys themselves without a basis)."""
+    if index.basis is None:
+        return key.to(index.key_dtype)
+    return torch.einsum("hed,nhd->nhe", index.basis, key.to(index.key_dtype).float()).to(index.key_dtype)
+
+
+def rotate_query(query: Tensor, index: SparseIndex) -> Tensor:
+    """The query (B, Hq, D) in the index's coordinates, in its own dtype: q head h by `basis[h // G]` in
+    float32 (the query itself without a basis). What both selections score; attention uses the query."""
+    if index.basis is None:
+        return query
+    B, Hq, D = query.shape
+    Hkv = index.basis.shape[0]
+    q = query.float().view(B, Hkv, Hq // Hkv, D)
+    return torch.einsum("hed,bhgd->bhge", index.basis, q).reshape(B, Hq, D).to(query.dtype)
+
+
 def _qmax(bits: int) -> int:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8 for a quantised index (16 means exact keys, no codes); got {bits}")
@@ -310,8 +370,8 @@ def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: S
     """Fold new keys into the index, in place (call it where vLLM writes the KV cache).
 
     key: (N, Hkv, D); slot_mapping: (N,) int64 `physical_block * cache_block_size + offset`, negative
-    slots skipped. Keys are cast to `index.key_dtype` (then float32). A token at
-    `offset % selection_block_size == 0` starts a fresh summary, the others min/max-merge into it.
+    slots skipped. Keys are cast to `index.key_dtype` (then float32), rotated first by `index.basis`
+    if set (`rotate_keys`). A token at `offset % selection_block_size == 0` starts a fresh summary, the others min/max-merge into it.
     Within one call, a summary that some token of the call resets becomes the min/max over the call's
     tokens of that selection block; otherwise the call's tokens merge into the stored summary,
     dequantised (`code * scale`). The merged float32 min / max are then requantised by
@@ -334,7 +394,7 @@ def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: S
     # Dropping padded slots has a data-dependent shape (a host sync on GPU): fine on the CPU path.
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()  # (n,)
-    k = key[valid].to(index.key_dtype)  # (n, Hkv, D)
+    k = rotate_keys(key[valid], index)  # (n, Hkv, D), key_dtype
     block = slots // cache_block_size
     offset = slots % cache_block_size
     group = block * per_block + offset // S  # flat (cache block, selection block) id, (n,)
@@ -468,7 +528,7 @@ def score_blocks(
     maxs = dequantize_summary(index.block_max[physical], block_scale)
     mins = mins.view(B, W * per_block, num_kv_heads, head_dim)  # (B, NS, Hkv, D)
     maxs = maxs.view(B, W * per_block, num_kv_heads, head_dim)
-    q = _grouped_query(query, num_kv_heads)  # (B, Hkv, G, D)
+    q = _grouped_query(rotate_query(query, index), num_kv_heads)  # (B, Hkv, G, D), the index's coordinates
     bound = torch.einsum("bhgd,bnhd->bhgn", q.clamp(min=0), maxs) + torch.einsum(
         "bhgd,bnhd->bhgn", q.clamp(max=0), mins
     )  # (B, Hkv, G, NS)
@@ -515,7 +575,8 @@ def _index_scores(
 ) -> Tensor:
     """Token-index score of valid `positions` (B, Hkv, P), combined over the group: (B, Hkv, P) float32."""
     num_kv_heads = positions.shape[1]
-    q = _grouped_query(query, num_kv_heads)  # (B, Hkv, G, D)
+    # Codes are in the index's coordinates; 16 bits reads the cache's own keys.
+    q = _grouped_query(query if config.index_bits == 16 else rotate_query(query, index), num_kv_heads)  # (B, Hkv, G, D)
     if config.index_bits == 16:
         keys = _gather_tokens(key_cache, block_table, positions).float()  # (B, Hkv, P, D)
         scores = torch.einsum("bhgd,bhpd->bhgp", q, keys)

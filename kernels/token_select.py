@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .block_select import _combine_heads, _write_index_query, check_index_query, topk_rows
-from .sparse_decode_reference import group_temperature
+from .sparse_decode_reference import group_temperature, rotate_query
 from .sparse_attention import _gathered_qk, _pdl_trigger, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
@@ -35,6 +35,7 @@ TOKEN_SCORE_WARPS = 4
 WORD_SCORE_WARPS = 4  # word path: WORD_SCORE_SUB candidates per thread, 32 * warps * sub per program
 WORD_SCORE_SUB = 2
 WORD_SCORE_PAIRS = True  # word path: 64-bit code loads (two words) where the layout allows
+TOKEN_SCORE_MAXNREG = None  # register cap per thread for the token scorer (None: the compiler's choice)
 # The word path (scalar FMAs, whole candidates per thread) serves groups whose query on the index
 # channels is at most this many values (padded group x channels: GQA's 4 x 32 = 128); larger ones
 # (MLA's 16-128 heads x 128 channels) keep the tensor-core dot.
@@ -309,7 +310,7 @@ def _token_score_kernel(
 def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_ids, config,
                         out: torch.Tensor | None = None, softmax_scale: float | None = None,
                         index_query: torch.Tensor | None = None, block_ids_ready: bool = False,
-                        write_index_query: bool = False) -> torch.Tensor:
+                        write_index_query: bool = False, query_in_index_basis: bool = False) -> torch.Tensor:
     """Index score of every candidate inside `block_ids` (B, Hkv, NB) -> (B, Hkv, NB * S) float32,
     -inf where the slot is not a candidate; equals the scores of the reference's `score_tokens`
     (softmax_scale: the "lse" temperature, default 1 / sqrt(Dk)). index_query: the word path's
@@ -319,7 +320,9 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     programmatic dependent launch the kernel gathers them and the block table before it waits.
     write_index_query: on the word path, the kernel itself writes `build_index_query(...)` into
     `index_query` (required) before it reads it, so no launch need write it first (the pipelined step's
-    token stage then starts with the scorer)."""
+    token stage then starts with the scorer).
+    query_in_index_basis: `query` is already in the index's coordinates (`rotate_query`); otherwise it
+    is rotated here when the index has a basis and the codes are scored (index_bits 4 / 8)."""
     require_triton_device("token_scores", query, key_cache, block_ids)
     bits = config.index_bits
     B, Hq, Dk = query.shape
@@ -331,6 +334,8 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
                          f"{tuple(block_ids.shape)}")
     if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32 or block_table.stride(1) != 1:
         raise ValueError("token_scores: block_table (row-contiguous) and seq_lens must be int32")
+    if bits != 16 and index.basis is not None and not query_in_index_basis:
+        query = rotate_query(query, index)
     sbs = config.selection_block_size
     NB = block_ids.shape[2]
     group = Hq // Hkv
@@ -386,6 +391,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB, PAIRS=pairs, IDS_READY=block_ids_ready,
         WRITE_IQ=words and write_index_query, IQ_BLOCK_C=triton.next_power_of_2(C),
         **pdl_launch(query),
+        **({"maxnreg": TOKEN_SCORE_MAXNREG} if TOKEN_SCORE_MAXNREG else {}),
         num_warps=num_warps,
     )
     return out

@@ -142,3 +142,34 @@ def test_layer_number_of_vllm_layer_names():
     assert layer_number("language_model.model.layers.17.self_attn.attn") == 17
     with pytest.raises(ValueError, match="cannot tell the layer number"):
         layer_number("encoder.0.layers.1.attn")
+
+
+def test_pca_basis_is_calibrated_online_from_the_first_real_write(monkeypatch):
+    # index_basis="pca": the layer's first real write calibrates each kv head's basis from its keys (no
+    # file), the token index on the leading directions; index_bits=16 calibrates too (the summaries
+    # are in the basis).
+    from vllm_asynctls import layer_index
+
+    monkeypatch.setattr(layer_index, "_is_dummy_run", lambda: False)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(40, 2, 32, generator=gen) * torch.linspace(0.1, 3.0, 32)
+    slots = torch.arange(40)
+    slots[3] = -1  # padding: not a calibration key
+    for bits in (4, 16):
+        cfg = AsyncTLSConfig(index_basis="pca", selection_block_size=16, num_blocks=8, token_budget=64,
+                             index_bits=bits).sparse_config(head_dim=32, is_mla=False)
+        layer = layer_index.LayerIndex(cfg, num_kv_heads=2, head_dim=32, is_mla=False)
+        layer.ensure(8, 16, torch.float32, "cpu")
+        layer.write(keys, slots)
+        assert layer.calibrated and layer.index.basis is not None
+        torch.testing.assert_close(layer.index.basis, ref.choose_index_basis(keys[slots >= 0]), atol=0, rtol=0)
+        assert torch.equal(layer.index.channel_ids, torch.arange(cfg.index_channels).expand(2, -1))
+        assert layer.index.block_scale.abs().sum() > 0
+
+
+def test_index_basis_knob_is_validated():
+    assert AsyncTLSConfig(index_basis="pca").sparse_config(head_dim=128, is_mla=False).index_basis == "pca"
+    with pytest.raises(ValueError, match="asynctls knob index_basis must be one of"):
+        AsyncTLSConfig(index_basis="svd")
+    with pytest.raises(ValueError, match="index_calibration_file holds index channels, so it needs index_basis"):
+        AsyncTLSConfig(index_basis="pca", index_calibration_file="calibration.json")

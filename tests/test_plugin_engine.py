@@ -382,25 +382,30 @@ def test_mla_small_budget_long_prompt_takes_sparse_path(mla_runs):
 
 @pytest.fixture(scope="module")
 def mla_lagged_runs(deepseek_mla_path, mla_prompts, mla_runs):
-    """The covered MLA prompts with lagged selection (after the plain asynctls MLA engine is gone)."""
+    """The covered MLA prompts with lagged selection (after the plain asynctls MLA engine is gone), the
+    index in each layer's principal directions (`index_basis="pca"`)."""
     from vllm import LLM
 
+    from vllm_asynctls.calibration import index_bases_in_use
     from vllm_asynctls.lagged_state import lagged_state_summary
 
     llm = LLM(model=deepseek_mla_path, attention_backend="asynctls",
-              additional_config={"asynctls": dict(MLA_KNOBS, lagged_selection=True)}, **ENGINE_KW)
+              additional_config={"asynctls": dict(MLA_KNOBS, lagged_selection=True, index_basis="pca")},
+              **ENGINE_KW)
     try:
         tokens = _generate_one_by_one(llm, mla_prompts[: len(MLA_SHORT_LENGTHS)])
-        return tokens, llm.apply_model(lagged_state_summary)
+        return tokens, llm.apply_model(lagged_state_summary), llm.apply_model(index_bases_in_use)
     finally:
         shutdown_engine(llm)
 
 
 def test_mla_lagged_selection_carries_block_choices_and_stays_exact_when_covered(mla_lagged_runs,
                                                                                   mla_default_tokens):
-    tokens, (layers,) = mla_lagged_runs
+    tokens, (layers,), (bases,) = mla_lagged_runs
     for length, ours, default in zip(MLA_SHORT_LENGTHS, tokens, mla_default_tokens):
         assert ours == default, f"prompt of {length} tokens: lagged asynctls {ours} != default {default}"
+    # Both layers calibrated a basis over the latent + rope key at their first real write.
+    assert len(bases) == 2 and all(b is not None and b[1] == b[2] and b[0] == 1 for b in bases), bases
     # The 300- and 1500-token prompts decode sparse (contexts above 64): every step after each one's
     # first read the choice its previous step recorded, in both layers.
     assert len(layers) == 2, layers

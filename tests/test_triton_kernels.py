@@ -81,9 +81,10 @@ BENCH_SCALED = {
 CASES = dict(SMALL) if _INTERPRET else {**SMALL, **BENCH_SCALED}
 
 
-def build(name, seed=0):
+def build(name, seed=0, basis=False):
     """A case on DEVICE: query, caches (garbage outside the sequences), shuffled table, index written
-    by the reference from keys with a few heavy channels (so channel choice and quantisation matter)."""
+    by the reference from keys with a few heavy channels (so channel choice and quantisation matter);
+    with `basis`, the index in the keys' principal directions (`index_basis="pca"`)."""
     seq_lens, cbs, Hkv, group, Dk, Dv, mla, kw, dtype = CASES[name]
     config = SparseAttentionConfig(**kw)
     gen = torch.Generator().manual_seed(seed)
@@ -106,6 +107,9 @@ def build(name, seed=0):
     slots = torch.cat(slots)
     flat = key_cache.view(-1, Hkv, Dk)[slots]
     ref.set_index_channels(index, ref.choose_index_channels(flat.float(), config.index_channels))
+    if basis:
+        config = config.with_(index_basis="pca")
+        ref.set_index_basis(index, ref.choose_index_basis(flat.float()))
     ref.write_index(index, flat, slots, config)
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     index = copy_index(index, to)
@@ -119,7 +123,8 @@ def build(name, seed=0):
 def copy_index(index, move):
     """A `SparseIndex` whose tensors are `move(tensor)` (None stays None); same key dtype."""
     tensors = (index.block_min, index.block_max, index.block_scale, index.channel_ids, index.codes, index.scales)
-    return ref.SparseIndex(*(None if t is None else move(t) for t in tensors), index.key_dtype)
+    return ref.SparseIndex(*(None if t is None else move(t) for t in tensors), index.key_dtype,
+                           None if index.basis is None else move(index.basis))
 
 
 def assert_same_selection(got, want, ref_scores, candidates, tol):
@@ -913,3 +918,62 @@ def test_lagged_block_ids_kernels_equal_the_reference(cbs, S, hkv, nb):
     with pytest.raises(ValueError, match="block_ids must be contiguous int32"):
         record_block_ids_triton(got_state, got_written, table.to(DEVICE), lens.to(DEVICE), ids.to(DEVICE)[..., :1],
                                 config, cbs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Index basis ("pca")
+# ----------------------------------------------------------------------------------------------
+PCA_CASES = ["small_gqa_odd_words_4bit", "small_mla"] + ([] if _INTERPRET else ["bench_qwen3_8b_scaled", "bench_mla_scaled"])
+
+
+@pytest.mark.parametrize("name", PCA_CASES)
+def test_write_index_with_a_basis_matches_reference(name):
+    # The writer rotates the keys into the basis first: the same summaries and codes as the reference
+    # writing the same keys on the same device.
+    c = build(name, seed=2, basis=True)
+    config, index = c["config"].with_(index_basis="pca"), c["index"]
+    assert index.basis is not None
+    want = copy_index(index, lambda t: t.to(DEVICE).clone())
+    got = copy_index(index, lambda t: t.to(DEVICE).clone())
+    for t in (want, got):
+        fill_summaries_with_junk_on(t, seed=7)
+    keys, slots = c["flat_keys"].to(DEVICE), c["slots"].to(DEVICE)
+    ref.write_index(want, keys, slots, config)
+    write_index_triton(got, keys, slots, config)
+    assert_same_summaries(got, want)
+    if want.codes is not None:
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+
+
+def fill_summaries_with_junk_on(index, seed):
+    junk = copy_index(index, lambda t: t.cpu().clone())
+    fill_summaries_with_junk(junk, torch.Generator().manual_seed(seed))
+    for name in ("block_min", "block_max", "block_scale"):
+        getattr(index, name).copy_(getattr(junk, name))
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+@pytest.mark.parametrize("name", PCA_CASES)
+def test_sparse_decode_with_a_basis_matches_reference(name, lagged):
+    # Both selections score the rotated query; attention reads the cache as it is. With lagged
+    # selection and a workspace (pipelined on CUDA: the token scorer writes the rotated index query).
+    c = build(name, seed=3, basis=True)
+    config = c["config"].with_(index_basis="pca", lagged_selection=lagged)
+    args = (c["query"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
+            c["scale"])
+    prev = ref.select_blocks((c["query"].float() * -1).to(c["dtype"]), c["index"], c["block_table"],
+                             c["seq_lens"], config) if lagged else None
+    want = ref.sparse_decode(*args, previous_block_ids=prev)
+    ws = _workspace_for(c, config) if lagged else None
+    got = sparse_decode_triton(*args, previous_block_ids=prev, workspace=ws)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    _assert_decode_matches(c, got, want)
+    # The index holds rotated keys: scoring the query as it is would select other positions.
+    plain = ref.sparse_decode(*args[:5], _without_basis(c["index"]), config, c["scale"], previous_block_ids=prev)
+    assert not torch.equal(plain[1], want[1])
+
+
+def _without_basis(index):
+    return ref.SparseIndex(index.block_min, index.block_max, index.block_scale, index.channel_ids, index.codes,
+                           index.scales, index.key_dtype)

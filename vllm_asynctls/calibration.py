@@ -260,6 +260,19 @@ def index_channels_in_use(model: torch.nn.Module) -> list[list[list[int]]]:
     return out
 
 
+def index_bases_in_use(model: torch.nn.Module) -> list[tuple[int, ...] | None]:
+    """For `LLM.apply_model`: the shape of the basis each asynctls attention layer's index holds now
+    (`index_basis="pca"`, calibrated at the layer's first real write), None without one, in module
+    order. A diagnostic."""
+    out = []
+    for module in model.modules():
+        layer_index = getattr(getattr(module, "impl", None), "layer_index", None)
+        if layer_index is not None:
+            basis = None if layer_index.index is None else layer_index.index.basis
+            out.append(None if basis is None else tuple(basis.shape))
+    return out
+
+
 def _calibration_texts(args, tokenizer) -> list[list[int]]:
     if args.text:
         out = []

@@ -50,6 +50,10 @@ class AsyncTLSConfig:
     block_bound_weight: the block score `q . mid + w (bound - q . mid)` from the min/max summary, w in
         [0, 1]: 1.0 (default) is Quest's upper bound, as in the paper; 0.5 held more attention mass on
         SmolLM2's keys (`SparseAttentionConfig.block_bound_weight`).
+    index_basis: the coordinates of the index (block summaries and token codes): "channels" (the keys'
+        own, the default) or "pca" (each kv head's principal directions, calibrated online from the
+        first prefill's keys; `SparseAttentionConfig.index_basis`: more of exact top-k's attention mass
+        on SmolLM2's keys, one small matmul per layer and decode step). Not with index_calibration_file.
     dense_threshold: decode tokens whose context is at most this many tokens use the platform's dense
         attention (so short-context serving costs nothing extra); 0 sends every decode token to the
         sparse path (>= 0).
@@ -82,6 +86,7 @@ class AsyncTLSConfig:
     index_channel_metric: str = "mean_abs"
     group_score: str = "lse"
     block_bound_weight: float = 1.0
+    index_basis: str = "channels"
     dense_threshold: int = 4096
     mode: str = "asynctls"
     offload: bool = False
@@ -116,6 +121,9 @@ class AsyncTLSConfig:
         if f is not None:
             if not isinstance(f, str) or not f:
                 raise ValueError(f"asynctls knob index_calibration_file must be null or a file path; got {f!r}")
+            if self.index_basis != "channels":
+                raise ValueError(f"asynctls knob index_calibration_file holds index channels, so it needs "
+                                 f"index_basis 'channels'; got index_basis={self.index_basis!r} with {f!r}")
             if self.index_bits == 16:
                 raise ValueError("asynctls knob index_calibration_file needs index_bits 4 or 8 (index_bits=16 scores "
                                  f"with the full keys and has no index channels); got index_bits=16 with {f!r}")
@@ -227,6 +235,7 @@ class AsyncTLSConfig:
                 index_channel_metric=self.index_channel_metric,
                 group_score=self.group_score,
                 block_bound_weight=self.block_bound_weight,
+                index_basis=self.index_basis,
                 mode=self.mode,
                 lagged_selection=self.lagged_selection,
             )

@@ -12,7 +12,8 @@ captured in CUDA graphs write it too).
   prefill chunk the engine serves): the channels with the largest mean |k| (or spread) per kv head,
   Double Sparsity's offline calibration done online; with an `index_calibration_file`
   (`vllm_asynctls.calibration`) they come from the file's entry for this decoder layer instead, at the
-  same moment. vLLM's dummy runs (no attention metadata, or all
+  same moment. With `index_basis="pca"` that first write calibrates each kv head's basis instead
+  (`choose_index_basis`), with summaries and codes kept in it. vLLM's dummy runs (no attention metadata, or all
   slots -1) never calibrate. Calibration selects the valid rows with a data-dependent shape, which
   costs one host synchronisation per layer, once; it never runs while a CUDA graph is being captured.
 """
@@ -112,9 +113,12 @@ class LayerIndex:
         valid = slot_mapping >= 0
         calib = key[valid]  # data-dependent shape: once per layer, never inside a graph capture
         if calib.shape[0] > 0:
-            ref.set_index_channels(self.index, ref.choose_index_channels(
-                calib, self.config.index_channels, metric=self.config.index_channel_metric
-            ))
+            if self.config.index_basis == "pca":
+                ref.set_index_basis(self.index, ref.choose_index_basis(calib))
+            else:
+                ref.set_index_channels(self.index, ref.choose_index_channels(
+                    calib, self.config.index_channels, metric=self.config.index_channel_metric
+                ))
             self.calibrated = True
 
     def write(self, key: torch.Tensor, slot_mapping: torch.Tensor, layer_name: str | None = None) -> None:
@@ -122,7 +126,8 @@ class LayerIndex:
         padding); layer_name: vLLM's name of the attention layer (needed with a calibration file)."""
         n = min(key.shape[0], slot_mapping.shape[0])
         key, slot_mapping = key[:n], slot_mapping[:n]
-        if not self.calibrated and self.config.index_bits != 16 and not _capturing() and not _is_dummy_run():
+        needs_calibration = self.config.index_bits != 16 or self.config.index_basis == "pca"
+        if not self.calibrated and needs_calibration and not _capturing() and not _is_dummy_run():
             self._calibrate(key, slot_mapping, layer_name)
         if self._write_workspace is not None:
             from asynctls_tip_kernels.index_write import write_index_triton

@@ -113,7 +113,10 @@ def selection_recall(layers: Sequence[LayerQK], configs: Iterable[Any], cache_bl
         for i, cfg in enumerate(configs):
             cfg.validate_for_cache(cache_block_size, D)
             index = ref.allocate_index(W, cache_block_size, Hkv, D, cfg, torch.float32, "cpu")
-            if cfg.index_bits != 16 and calibration is not None:
+            if cfg.index_basis == "pca":
+                # The plugin calibrates the basis on the prompt's keys (`index_basis="pca"`): so do we.
+                ref.set_index_basis(index, ref.choose_index_basis(layer.keys))
+            elif cfg.index_bits != 16 and calibration is not None:
                 ref.set_index_channels(index, calibration.channels(number))
             elif cfg.index_bits != 16:
                 # The plugin calibrates the token index's channels on the prompt's keys: so do we.
