@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import _pdl_trigger, _pdl_wait, float32_dots, pdl_launch, require_triton_device
-from .sparse_decode_reference import group_temperature, rotate_query
+from .index_basis import rotate_query_triton
+from .sparse_decode_reference import group_temperature
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
 BLOCK_SCORE_TILE = 128  # selection blocks per program (group of <= 32 q heads)
@@ -490,7 +491,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     if Hq % Hkv or bmin.shape[3] != Dk:
         raise ValueError(f"block_scores: query {tuple(query.shape)} does not match summaries {tuple(bmin.shape)}")
     if index.basis is not None and not query_in_index_basis:
-        query = rotate_query(query, index)
+        query = rotate_query_triton(query, index)
     sbs = config.selection_block_size
     cbs = bmin.shape[1] * sbs
     group = Hq // Hkv

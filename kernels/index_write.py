@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import require_triton_device
-from . import sparse_decode_reference as _reference
+from .index_basis import rotate_keys_triton
 from .sparse_decode_reference import SUMMARY_QMAX, SUMMARY_TOL
 
 _INT32_MAX = 2147483647
@@ -234,7 +234,8 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     """Fold new keys (N, Hkv, D) at `slot_mapping` (N,) int64 into `index`, in place; equals the
     reference's `write_index` bit for bit (int8 summary codes, their float32 `block_scale`, token
     codes and scales). Keys are cast to `index.key_dtype` first (and rotated by `index.basis` when set,
-    as the reference does). No host synchronisation; padded
+    by `index_basis.rotate_triton`: the reference's rotation up to float32 summation order). No host
+    synchronisation; padded
     (negative) slots are skipped. `block_min` / `block_max` must be contiguous int8 and `block_scale`
     contiguous float32, as `allocate_index` makes them."""
     require_triton_device("write_index", key, index.block_min)
@@ -259,7 +260,7 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
         raise ValueError(f"write_index: index key dtype must be bf16/fp16/fp32; got {index.key_dtype}")
     slot_mapping = slot_mapping.contiguous()
     if index.basis is not None:
-        key = _reference.rotate_keys(key, index)  # the index's coordinates (index_basis="pca")
+        key = rotate_keys_triton(key, index)  # the index's coordinates (index_basis="pca"), one launch
     N = key.shape[0]
     if N == 0:
         return

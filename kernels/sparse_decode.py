@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .block_select import block_scores_triton, topk_rows
+from .index_basis import rotate_query_triton
 from . import sparse_decode_reference as _reference
 from .sparse_attention import AttentionWorkspace, attention_plan, pdl_scope, sparse_attention_triton
 from .sparse_config import SparseAttentionConfig
@@ -289,7 +290,7 @@ def sparse_decode_triton(
 
     # "asynctls"
     # Both selections score the query in the index's coordinates (`index_basis="pca"`); attention uses it as is.
-    q_index = _reference.rotate_query(query, index)
+    q_index = rotate_query_triton(query, index)
     q_tokens = query if config.index_bits == 16 else q_index
     streams = ws.streams if lagged and ws is not None else None
     if block_ids_out is not None and (block_ids_out.shape != (B, Hkv, config.num_blocks)

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .block_select import _combine_heads, _write_index_query, check_index_query, topk_rows
-from .sparse_decode_reference import group_temperature, rotate_query
+from .index_basis import rotate_query_triton
+from .sparse_decode_reference import group_temperature
 from .sparse_attention import _gathered_qk, _pdl_trigger, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
@@ -335,7 +336,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32 or block_table.stride(1) != 1:
         raise ValueError("token_scores: block_table (row-contiguous) and seq_lens must be int32")
     if bits != 16 and index.basis is not None and not query_in_index_basis:
-        query = rotate_query(query, index)
+        query = rotate_query_triton(query, index)
     sbs = config.selection_block_size
     NB = block_ids.shape[2]
     group = Hq // Hkv

@@ -32,6 +32,7 @@ triton = pytest.importorskip("triton")
 from asynctls_tip_kernels import sparse_decode_reference as ref  # noqa: E402
 from asynctls_tip_kernels import block_select  # noqa: E402
 from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
+from asynctls_tip_kernels.index_basis import rotate_triton  # noqa: E402
 from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
 from asynctls_tip_kernels import sparse_attention  # noqa: E402
 from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
@@ -926,23 +927,41 @@ def test_lagged_block_ids_kernels_equal_the_reference(cbs, S, hkv, nb):
 PCA_CASES = ["small_gqa_odd_words_4bit", "small_mla"] + ([] if _INTERPRET else ["bench_qwen3_8b_scaled", "bench_mla_scaled"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, hq, hkv, d", [(8, 32, 8, 128), (37, 3, 3, 64), (3, 16, 1, 96), (5, 20, 1, 576)])
+def test_rotate_equals_the_references_rotation(n, hq, hkv, d, dtype):
+    gen = torch.Generator().manual_seed(n + d)
+    basis = torch.linalg.qr(torch.randn(hkv, d, d, generator=gen))[0].transpose(1, 2).contiguous()
+    x = torch.randn(n, 2 * hq, d, generator=gen).to(dtype)[:, ::2]  # strided heads
+    index = ref.SparseIndex(*(torch.empty(0),) * 6, dtype, basis)
+    want = ref.rotate_query(x, index)
+    got = rotate_triton(x.to(DEVICE), basis.to(DEVICE)).cpu()
+    assert got.dtype == dtype and got.shape == x.shape
+    # float32 rounding (three TF32 passes on the GPU); a bf16 output within one unit in the last place.
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    with pytest.raises(ValueError, match="rotate: x must be"):
+        rotate_triton(x.to(DEVICE), basis.to(DEVICE)[:, :-1])
+
+
 @pytest.mark.parametrize("name", PCA_CASES)
 def test_write_index_with_a_basis_matches_reference(name):
-    # The writer rotates the keys into the basis first: the same summaries and codes as the reference
-    # writing the same keys on the same device.
+    # The writer rotates the keys into the basis (one launch), then writes as without a basis: the same
+    # summaries and codes as the reference writing the keys so rotated.
     c = build(name, seed=2, basis=True)
     config, index = c["config"].with_(index_basis="pca"), c["index"]
     assert index.basis is not None
-    want = copy_index(index, lambda t: t.to(DEVICE).clone())
     got = copy_index(index, lambda t: t.to(DEVICE).clone())
+    want = _without_basis(copy_index(index, lambda t: t.cpu().clone()))
     for t in (want, got):
         fill_summaries_with_junk_on(t, seed=7)
-    keys, slots = c["flat_keys"].to(DEVICE), c["slots"].to(DEVICE)
-    ref.write_index(want, keys, slots, config)
-    write_index_triton(got, keys, slots, config)
+    keys, slots = c["flat_keys"], c["slots"]
+    rotated = rotate_triton(keys.to(index.key_dtype).to(DEVICE), got.basis).cpu()
+    ref.write_index(want, rotated, slots, config)
+    write_index_triton(got, keys.to(DEVICE), slots.to(DEVICE), config)
     assert_same_summaries(got, want)
     if want.codes is not None:
-        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scales.cpu(), want.scales)
 
 
 def fill_summaries_with_junk_on(index, seed):
