@@ -48,8 +48,8 @@ PDL_PIPELINED_STEP = True
 # stream starts with the scorer (no index-query launch on the critical path). H100, B=8, budget 2048, per
 # layer with 4 layers in one graph: 62.3 -> 59.6 us at 64K, 71.9 -> 69.5 at 128K (`benchmarks/RESULTS.md`).
 PIPELINED_SCORER_WRITES_INDEX_QUERY = True
-# Pipelined step with the index-query launch (the flag above off): the token scorer gathers the previous step's block ids
-# and the block table before it waits for the index-query launch just before it.
+# Pipelined step with the index-query launch (the flag above off): the token scorer gathers the previous
+# step's block ids and the block table before it waits for the index-query launch just before it.
 PIPELINED_EARLY_GATHER = True
 
 
@@ -211,7 +211,8 @@ def sparse_decode_triton(
 
     Same contract as the reference's `sparse_decode`. With `workspace` (mode "asynctls") nothing is
     allocated and the returns are views of the workspace's buffers, except block ids written into
-    `block_ids_out` when given.
+    `block_ids_out` when given, and, with an index basis (`index_basis="pca"`), the rotated query (one
+    small tensor per call; from the graph's pool when captured).
 
     defer_block_join (the pipelined step: lagged selection with `previous_block_ids` and a workspace on
     a CUDA device): this call's block stage, whose ids only the next decode step reads, is joined into
@@ -321,7 +322,7 @@ def sparse_decode_triton(
             out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
                                                         config, scale, ws, index_query,
                                                         previous_block_ids.contiguous() if lagged else block_ids,
-                                                        q_tokens=q_tokens)
+                                                        q_tokens)
         return out, positions, block_ids
     # The paper's pipelining: this step's block stage (whose ids only the next step reads) runs on its
     # own stream beside the token stage and the attention over the previous step's blocks, which run on
@@ -340,11 +341,10 @@ def sparse_decode_triton(
         # With the index-query launch right before it, the token scorer may gather the block ids and the
         # block table before its PDL wait: they were written before that launch.
         out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
-                                                    config, scale, ws, index_query, token_blocks,
+                                                    config, scale, ws, index_query, token_blocks, q_tokens,
                                                     scores_written=ws.token_scores_written,
                                                     ids_ready=index_query is not None and not inline
-                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline,
-                                                    q_tokens=q_tokens)
+                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline)
     block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
     block_stream.wait_event(ws.token_scores_written)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
@@ -370,17 +370,17 @@ def sparse_decode_triton(
 
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
-                               index_query, token_blocks, scores_written=None, ids_ready=False,
-                               write_index_query=False, q_tokens=None):
+                               index_query, token_blocks, q_tokens, scores_written=None, ids_ready=False,
+                               write_index_query=False):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
     attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
     event recorded on the current stream right after the token-score launch: it completes once the scores
     are written, and the pipelined step's block stage waits for it. `q_tokens`: the query the token
-    scores read (in the index's coordinates, `rotate_query`), `query` when None."""
+    scores read (in the index's coordinates, `rotate_query`; `query` itself without a basis or with
+    index_bits 16)."""
     B, Hkv = query.shape[0], key_cache.shape[2]
     S = config.selection_block_size
-    token_scores = token_scores_triton(query if q_tokens is None else q_tokens, index, key_cache, block_table,
-                                       seq_lens, token_blocks, config,
+    token_scores = token_scores_triton(q_tokens, index, key_cache, block_table, seq_lens, token_blocks, config,
                                        out=None if ws is None else ws.token_scores, softmax_scale=scale,
                                        index_query=index_query, block_ids_ready=ids_ready,
                                        write_index_query=write_index_query, query_in_index_basis=True)
@@ -407,8 +407,9 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _select_blocks(query, index, block_table, seq_lens, config, n_sel, scale, ws, index_query, previous_block_ids,
                    block_ids_out=None):
-    """(`query` in the index's coordinates.) Block scores and their top-k -> block ids (B, Hkv, num_blocks), into `block_ids_out` if given, else
-    the workspace's buffer that `previous_block_ids` (lagged selection, read meanwhile) does not occupy."""
+    """Block scores of `query` (in the index's coordinates) and their top-k -> block ids (B, Hkv,
+    num_blocks), into `block_ids_out` if given, else the workspace's buffer that `previous_block_ids`
+    (lagged selection, read meanwhile) does not occupy."""
     B, Hkv = query.shape[0], index.block_min.shape[2]
     if config.lagged_selection:
         config = _reference.lagged_block_config(config)  # ranked over the next step's candidates

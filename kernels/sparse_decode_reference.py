@@ -179,7 +179,11 @@ def allocate_index(
                             device=device).permute(0, 2, 1, 3)  # (blocks, tokens, Hkv, nbytes) view
         scales = torch.zeros(num_cache_blocks, num_kv_heads, cache_block_size, dtype=torch.float32,
                              device=device).permute(0, 2, 1)  # (blocks, tokens, Hkv) view
-    return SparseIndex(block_min, block_max, block_scale, channel_ids, codes, scales, dtype)
+    # index_basis="pca": the identity until `set_index_basis` calibrates it in place, so a CUDA graph
+    # captured before calibration (vLLM captures at start-up) rotates with the calibrated basis.
+    basis = (torch.eye(head_dim, dtype=torch.float32, device=device).expand(num_kv_heads, head_dim, head_dim)
+             .contiguous() if config.index_basis == "pca" else None)
+    return SparseIndex(block_min, block_max, block_scale, channel_ids, codes, scales, dtype, basis)
 
 
 def choose_index_channels(
@@ -232,6 +236,9 @@ def choose_index_channels(
 
 def set_index_channels(index: SparseIndex, channel_ids: Tensor) -> None:
     """Install calibrated channels (Hkv, C) in place. Codes written before this are stale."""
+    if index.basis is not None:
+        raise ValueError("set_index_channels: this index holds a basis (index_basis='pca'), whose token index "
+                         "keeps the leading directions; calibrate it with set_index_basis")
     if channel_ids.shape != index.channel_ids.shape:
         raise ValueError(f"channel_ids must have shape {tuple(index.channel_ids.shape)}; got {tuple(channel_ids.shape)}")
     index.channel_ids.copy_(channel_ids)
@@ -259,12 +266,17 @@ def choose_index_basis(keys: Tensor) -> Tensor:
 
 
 def set_index_basis(index: SparseIndex, basis: Tensor) -> None:
-    """Install a calibrated basis (Hkv, Dk, Dk) in place (`choose_index_basis`), with the token index on
-    its `index_channels` leading rows. Summaries and codes written before this are stale."""
+    """Install a calibrated basis (Hkv, Dk, Dk) (`choose_index_basis`), with the token index on its
+    `index_channels` leading rows. In place when the index holds one (`allocate_index` makes the identity
+    for `index_basis="pca"`), so CUDA graphs captured before calibration use it. Summaries and codes
+    written before this are stale."""
     num_kv_heads, head_dim = index.block_min.shape[2], index.block_min.shape[3]
     if basis.shape != (num_kv_heads, head_dim, head_dim):
         raise ValueError(f"basis must have shape {(num_kv_heads, head_dim, head_dim)}; got {tuple(basis.shape)}")
-    index.basis = basis.to(device=index.block_min.device, dtype=torch.float32).contiguous()
+    if index.basis is None:
+        index.basis = basis.to(device=index.block_min.device, dtype=torch.float32).contiguous()
+    else:
+        index.basis.copy_(basis)
     C = index.channel_ids.shape[1]
     index.channel_ids.copy_(torch.arange(C, device=index.channel_ids.device).expand(num_kv_heads, C))
 

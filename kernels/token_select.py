@@ -287,8 +287,8 @@ def _token_score_kernel(
     if WRITE_IQ:
         # Every program of the row writes the row's index query (the same values), then reads it back
         # below: the launch needs no index-query launch before it.
-        _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * C, iq_ptr + pid_bg * (C * BLOCK_H),
-                           stride_qh, stride_qd, GROUP, C, BLOCK_H, BITS, IQ_BLOCK_C)
+        _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * C,
+                           iq_ptr + pid_bg * (C * BLOCK_H), stride_qh, stride_qd, GROUP, C, BLOCK_H, BITS, IQ_BLOCK_C)
         tl.debug_barrier()
 
     offs_h = tl.arange(0, BLOCK_H)

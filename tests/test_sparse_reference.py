@@ -1013,3 +1013,19 @@ def test_set_index_basis_checks_its_shape():
     index = build_index(case, config, calibrate=False)
     with pytest.raises(ValueError, match="basis must have shape"):
         ref.set_index_basis(index, torch.eye(8).expand(2, -1, -1))
+
+
+def test_pca_index_holds_its_basis_from_allocation_and_calibrates_in_place():
+    # A CUDA graph captured before calibration (vLLM captures at start-up) must read the calibrated
+    # basis: allocate_index makes the identity for index_basis="pca", set_index_basis overwrites it.
+    case, config = shape_case("c64s16-gqa4-4bit", index_basis="pca")
+    ncb, cbs, hkv, d = case.key_cache.shape
+    index = ref.allocate_index(ncb, cbs, hkv, d, config, torch.float32, "cpu")
+    assert torch.equal(index.basis, torch.eye(d).expand(hkv, -1, -1))
+    storage = index.basis.data_ptr()
+    basis = ref.choose_index_basis(torch.cat(case.keys))
+    ref.set_index_basis(index, basis)
+    assert index.basis.data_ptr() == storage and torch.equal(index.basis, basis)
+    with pytest.raises(ValueError, match="holds a basis"):
+        ref.set_index_channels(index, index.channel_ids.clone())
+    assert ref.allocate_index(ncb, cbs, hkv, d, config.with_(index_basis="channels"), torch.float32, "cpu").basis is None

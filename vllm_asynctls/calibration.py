@@ -250,7 +250,8 @@ def calibrate_index_channels(model: torch.nn.Module, token_ids: Iterable[Sequenc
 
 def index_channels_in_use(model: torch.nn.Module) -> list[list[list[int]]]:
     """For `LLM.apply_model`: the index channels each asynctls attention layer holds now, in module
-    order ([] for a layer whose index is not allocated yet). A diagnostic."""
+    order ([] for a layer whose index is not allocated yet; 0..C-1, its leading directions, for a layer
+    with `index_basis="pca"`: see `index_bases_in_use`). A diagnostic."""
     out = []
     for module in model.modules():
         layer_index = getattr(getattr(module, "impl", None), "layer_index", None)
@@ -262,8 +263,8 @@ def index_channels_in_use(model: torch.nn.Module) -> list[list[list[int]]]:
 
 def index_bases_in_use(model: torch.nn.Module) -> list[tuple[int, ...] | None]:
     """For `LLM.apply_model`: the shape of the basis each asynctls attention layer's index holds now
-    (`index_basis="pca"`, calibrated at the layer's first real write), None without one, in module
-    order. A diagnostic."""
+    (`index_basis="pca"`: the identity until the layer's first real write calibrates it), None without
+    one, in module order. A diagnostic."""
     out = []
     for module in model.modules():
         layer_index = getattr(getattr(module, "impl", None), "layer_index", None)
