@@ -383,7 +383,8 @@ def write_index(index: SparseIndex, key: Tensor, slot_mapping: Tensor, config: S
 
     key: (N, Hkv, D); slot_mapping: (N,) int64 `physical_block * cache_block_size + offset`, negative
     slots skipped. Keys are cast to `index.key_dtype` (then float32), rotated first by `index.basis`
-    if set (`rotate_keys`). A token at `offset % selection_block_size == 0` starts a fresh summary, the others min/max-merge into it.
+    if set (`rotate_keys`). A token at `offset % selection_block_size == 0` starts a fresh summary, the
+    others min/max-merge into it.
     Within one call, a summary that some token of the call resets becomes the min/max over the call's
     tokens of that selection block; otherwise the call's tokens merge into the stored summary,
     dequantised (`code * scale`). The merged float32 min / max are then requantised by

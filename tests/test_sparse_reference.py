@@ -1028,4 +1028,5 @@ def test_pca_index_holds_its_basis_from_allocation_and_calibrates_in_place():
     assert index.basis.data_ptr() == storage and torch.equal(index.basis, basis)
     with pytest.raises(ValueError, match="holds a basis"):
         ref.set_index_channels(index, index.channel_ids.clone())
-    assert ref.allocate_index(ncb, cbs, hkv, d, config.with_(index_basis="channels"), torch.float32, "cpu").basis is None
+    channels = config.with_(index_basis="channels")
+    assert ref.allocate_index(ncb, cbs, hkv, d, channels, torch.float32, "cpu").basis is None
