@@ -99,11 +99,7 @@ def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
     seq_lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     index = ref.allocate_index(nblocks, CACHE_BLOCK, Hkv, Dk, config, torch.bfloat16, "cuda")
     sample = key_cache[table[0, : min(W, 64)].long()].reshape(-1, Hkv, Dk)
-    if config.index_basis == "pca":
-        ref.set_index_basis(index, ref.choose_index_basis(sample))
-    else:
-        ref.set_index_channels(index, ref.choose_index_channels(sample, config.index_channels,
-                                                                metric=config.index_channel_metric))
+    ref.calibrate_index(index, sample, config)
     ws = IndexWriteWorkspace(nblocks, index.block_min.shape[1], "cuda")
     chunk_blocks = max(1, 65536 // CACHE_BLOCK)
     for b in range(B):
@@ -438,11 +434,7 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
             config = config.with_(block_bound_weight=block_bound_weight)
         index = ref.allocate_index(B * W, CACHE_BLOCK, Hkv, D, config, torch.bfloat16, device)
         flat = keys.reshape(B * L, Hkv, D).to(torch.bfloat16)
-        if index_basis == "pca":  # calibrated on the same keys as the channels: the first sequence's first 8K
-            ref.set_index_basis(index, ref.choose_index_basis(flat[: 8 * 1024]))
-        else:
-            ref.set_index_channels(index, ref.choose_index_channels(flat[: 8 * 1024], config.index_channels,
-                                                                    metric=config.index_channel_metric))
+        ref.calibrate_index(index, flat[: 8 * 1024], config)  # the first sequence's first 8K keys
         slots = (table.long().view(B, W, 1) * CACHE_BLOCK + torch.arange(CACHE_BLOCK, device=device)).view(-1)
         if on_gpu:
             write_index_triton(index, flat, slots, config)

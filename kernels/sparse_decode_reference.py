@@ -66,6 +66,7 @@ __all__ = [
     "set_index_channels",
     "choose_index_basis",
     "set_index_basis",
+    "calibrate_index",
     "rotate_query",
     "rotate_keys",
     "quantize_index",
@@ -279,6 +280,15 @@ def set_index_basis(index: SparseIndex, basis: Tensor) -> None:
         index.basis.copy_(basis)
     C = index.channel_ids.shape[1]
     index.channel_ids.copy_(torch.arange(C, device=index.channel_ids.device).expand(num_kv_heads, C))
+
+
+def calibrate_index(index: SparseIndex, keys: Tensor, config: SparseAttentionConfig) -> None:
+    """Calibrate the index on keys (N, Hkv, D) as `config.index_basis` says: a basis
+    (`choose_index_basis`, "pca") or channels (`choose_index_channels` by `config.index_channel_metric`)."""
+    if config.index_basis == "pca":
+        set_index_basis(index, choose_index_basis(keys))
+    else:
+        set_index_channels(index, choose_index_channels(keys, config.index_channels, metric=config.index_channel_metric))
 
 
 def rotate_keys(key: Tensor, index: SparseIndex) -> Tensor:

@@ -96,10 +96,8 @@ def build_index(case: Case, config: SparseAttentionConfig, calibrate=True, seed=
     ncb, cbs, hkv, d = case.key_cache.shape
     index = ref.allocate_index(ncb, cbs, hkv, d, config, torch.float32, "cpu")
     fill_summaries_with_junk(index, torch.Generator().manual_seed(seed), scale_max=0.1)
-    if calibrate and config.index_basis == "pca":
-        ref.set_index_basis(index, ref.choose_index_basis(torch.cat(case.keys)))
-    elif calibrate:
-        ref.set_index_channels(index, ref.choose_index_channels(torch.cat(case.keys), config.index_channels))
+    if calibrate:
+        ref.calibrate_index(index, torch.cat(case.keys), config)
     ref.write_index(index, case.flat_keys, case.slots, config)
     return index
 

@@ -113,12 +113,7 @@ class LayerIndex:
         valid = slot_mapping >= 0
         calib = key[valid]  # data-dependent shape: once per layer, never inside a graph capture
         if calib.shape[0] > 0:
-            if self.config.index_basis == "pca":
-                ref.set_index_basis(self.index, ref.choose_index_basis(calib))
-            else:
-                ref.set_index_channels(self.index, ref.choose_index_channels(
-                    calib, self.config.index_channels, metric=self.config.index_channel_metric
-                ))
+            ref.calibrate_index(self.index, calib, self.config)
             self.calibrated = True
 
     def write(self, key: torch.Tensor, slot_mapping: torch.Tensor, layer_name: str | None = None) -> None:

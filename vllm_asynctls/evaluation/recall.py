@@ -113,14 +113,11 @@ def selection_recall(layers: Sequence[LayerQK], configs: Iterable[Any], cache_bl
         for i, cfg in enumerate(configs):
             cfg.validate_for_cache(cache_block_size, D)
             index = ref.allocate_index(W, cache_block_size, Hkv, D, cfg, torch.float32, "cpu")
-            if cfg.index_basis == "pca":
-                # The plugin calibrates the basis on the prompt's keys (`index_basis="pca"`): so do we.
-                ref.set_index_basis(index, ref.choose_index_basis(layer.keys))
-            elif cfg.index_bits != 16 and calibration is not None:
+            if cfg.index_basis == "channels" and cfg.index_bits != 16 and calibration is not None:
                 ref.set_index_channels(index, calibration.channels(number))
-            elif cfg.index_bits != 16:
-                # The plugin calibrates the token index's channels on the prompt's keys: so do we.
-                ref.set_index_channels(index, ref.choose_index_channels(layer.keys, cfg.index_channels, metric=cfg.index_channel_metric))
+            elif cfg.index_bits != 16 or cfg.index_basis == "pca":
+                # The plugin calibrates the index (channels or basis) on the prompt's keys: so do we.
+                ref.calibrate_index(index, layer.keys, cfg)
             ref.write_index(index, layer.keys, slots, cfg)
             _, positions, _ = ref.sparse_decode(
                 layer.queries, key_cache, key_cache, block_table, seq_lens, index, cfg, layer.scale
