@@ -290,9 +290,6 @@ def sparse_decode_triton(
         return out, positions, block_ids
 
     # "asynctls"
-    # Both selections score the query in the index's coordinates (`index_basis="pca"`); attention uses it as is.
-    q_index = rotate_query_triton(query, index)
-    q_tokens = query if config.index_bits == 16 else q_index
     streams = ws.streams if lagged and ws is not None else None
     if block_ids_out is not None and (block_ids_out.shape != (B, Hkv, config.num_blocks)
                                       or block_ids_out.dtype != torch.int32 or not block_ids_out.is_contiguous()):
@@ -317,6 +314,7 @@ def sparse_decode_triton(
         if ws is not None:
             ws.join_block_stage()  # a deferred block stage still uses the workspace's block buffers
         with pdl_scope(PDL_STANDARD_STEP):
+            q_index, q_tokens = _index_queries(query, index, config)
             block_ids = _select_blocks(q_index, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
                                        previous_block_ids if lagged else None, block_ids_out)
             out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
@@ -334,6 +332,9 @@ def sparse_decode_triton(
     main = torch.cuda.current_stream(device)
     token_stream.wait_stream(main)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(token_stream):
+        # On the token stream, so the token scorer follows the rotation by programmatic dependent launch;
+        # the block stage waits for the token scores, hence for it too.
+        q_index, q_tokens = _index_queries(query, index, config)
         token_blocks = previous_block_ids.contiguous()  # any copy before the index-query launch (see below)
         inline = index_query is not None and PIPELINED_SCORER_WRITES_INDEX_QUERY
         if index_query is not None and not inline:
@@ -367,6 +368,14 @@ def sparse_decode_triton(
     ws.join_block_stage()
     ws._pending_block_stage = (done, torch.cuda.is_current_stream_capturing())
     return out, positions, block_ids
+
+
+def _index_queries(query, index, config):
+    """(query for the block stage, query for the token stage): both in the index's coordinates with a
+    basis (`index_basis="pca"`, one rotation launch), except the token stage's with index_bits 16 (exact
+    scores on the cache's own keys); attention uses `query` as is."""
+    q_index = rotate_query_triton(query, index)
+    return q_index, query if config.index_bits == 16 else q_index
 
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,

@@ -1,0 +1,428 @@
+"""Exact attention over a sparse set of positions through the paged KV cache (flash-decoding split-K).
+
+Design
+- One program per (sequence, kv head, block of q heads, split of the position list). All q heads of a
+  GQA group (up to BLOCK_H of them) share each K/V row the program gathers, so a selected row is read
+  from HBM once per kv head, not once per q head. MLA is the same kernel with `Hkv = 1`, the absorbed
+  query and `value_cache` a view of the first `Dv` channels of the latent cache (the second read of
+  those channels hits L1/L2).
+- The position list `(B, Hkv, P)` is split into `num_splits` contiguous chunks; each program keeps an
+  online softmax (running max `m`, sum `l`, accumulator `acc`) in float32 and writes it. The program
+  that finishes last among a group's splits merges them (`ATTN_FUSED_MERGE`: each program counts itself
+  in on a per-group counter after publishing its split, the last one resets the counter and writes the
+  output), so the step needs no merge launch; otherwise a second small kernel merges. Padding positions
+  (`-1`) are skipped, so the grid depends only on shapes: CUDA-graph safe, no host synchronisation.
+- Scores `q . k` go through `tl.dot` with float32 accumulation (bf16 products are exact in float32;
+  float32 inputs use the IEEE path, not tf32). The probability-value product casts the probabilities to
+  the cache dtype, as flash attention does; float32 caches keep float32 throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+# Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
+ATTN_PROGRAMS_PER_SM = 16  # split the position lists until about this many programs per SM
+ATTN_BLOCK_N = 32  # rows per tile (head dims <= 128)
+ATTN_NUM_WARPS = 4
+ATTN_NUM_STAGES = 2
+ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
+# The last split program of each group merges the group's splits (no merge launch). H100, B=8, budget 2048,
+# per layer with 4 layers in one graph, the merge launch costs 2.7 us at 64K (`benchmarks/RESULTS.md`).
+ATTN_FUSED_MERGE = True
+
+
+def require_triton_device(op: str, *tensors: torch.Tensor) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    for t in tensors:
+        if not t.is_cuda:
+            raise RuntimeError(f"{op} (Triton) needs CUDA tensors, got one on {t.device}; use the "
+                               "reference in sparse_decode_reference.py on CPU")
+
+
+def float32_dots(dtype: torch.dtype) -> bool:
+    """Whether kernels should run their tl.dot in IEEE float32: always for float32 data, and under the
+    interpreter, whose bf16/fp16 tl.dot returns garbage (triton 3.9, checked 2026-11-25)."""
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def inline_asm_enabled(tensor: torch.Tensor) -> bool:
+    """Whether kernels may use PTX inline assembly: an NVIDIA GPU, not the interpreter."""
+    return tensor.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+# Programmatic dependent launch (sm90+): each decode kernel is launched so that it may start while
+# the kernel before it drains, and waits (`gdc_wait`) before it reads anything. True = on where
+# supported; False turns it off (benchmarks compare both), as does ASYNCTLS_PDL=0.
+USE_PDL: bool = True
+# Where a kernel lets the next one launch (`gdc_launch_dependents`): "start" (right after its own
+# wait) or "end" (once its main loop is done, so that waiting dependents take no SM slot while it runs).
+PDL_TRIGGER: str = "end"
+_PDL_MODES = {"start": 1, "end": 2}
+_pdl_support: dict = {}
+# Set by `pdl_scope` around one operator call (per thread and task); None: USE_PDL decides.
+_pdl_scope: contextvars.ContextVar = contextvars.ContextVar("asynctls_pdl_scope", default=None)
+
+
+@contextlib.contextmanager
+def pdl_scope(on: bool):
+    """Kernels launched inside use programmatic dependent launch only if `on` (and `pdl_enabled`'s other
+    conditions hold). The operator picks it per schedule: see `sparse_decode.PDL_STANDARD_STEP`."""
+    token = _pdl_scope.set(bool(on))
+    try:
+        yield
+    finally:
+        _pdl_scope.reset(token)
+
+
+def pdl_enabled(tensor: torch.Tensor) -> bool:
+    """Whether kernels on `tensor`'s device launch with programmatic dependent launch: USE_PDL, not
+    inside `pdl_scope(False)`, an NVIDIA GPU of capability 9.0 or newer (not ROCm), a Triton with grid
+    dependency control, not the interpreter, not ASYNCTLS_PDL=0."""
+    if not USE_PDL or _pdl_scope.get() is False or not tensor.is_cuda or torch.version.hip is not None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("ASYNCTLS_PDL") == "0":
+        return False
+    device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    if device not in _pdl_support:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+            from triton.language.extra import cuda as tl_cuda
+            has_api = hasattr(tl_cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+        except ImportError:
+            has_api = False
+        _pdl_support[device] = has_api and torch.cuda.get_device_capability(device)[0] >= 9
+    return _pdl_support[device]
+
+
+def pdl_launch(tensor: torch.Tensor) -> dict:
+    """Launch keyword arguments and the kernels' `PDL` constexpr for `tensor`'s device."""
+    if not pdl_enabled(tensor):
+        return {"PDL": 0}
+    if PDL_TRIGGER not in _PDL_MODES:
+        raise ValueError(f"PDL_TRIGGER must be one of {sorted(_PDL_MODES)}; got {PDL_TRIGGER!r}")
+    return {"PDL": _PDL_MODES[PDL_TRIGGER], "launch_pdl": True}
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    # PDL 1 or 2: wait for the previous kernel's writes; PDL 1 then lets the next kernel launch at once.
+    tl.extra.cuda.gdc_wait()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_trigger(PDL: tl.constexpr):
+    # PDL 2: let the next kernel launch now (its programs wait for this kernel's end before reading).
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, IEEE: tl.constexpr):
+    # s[h, n] = q[h] . K[n] for BLOCK_H query rows (q_base: (BLOCK_H, 1) pointers, h_mask) and BLOCK_N
+    # gathered key rows (k_row: (BLOCK_N,) pointers, valid), in BLOCK_DK-channel steps; tensor-core
+    # dots (IEEE float32 for float32 data), float32 accumulation.
+    s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
+    for d0 in range(0, DK, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        d_mask = offs_d < DK
+        q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        k = tl.load(k_row[:, None] + offs_d[None, :] * stride_kd, mask=valid[:, None] & d_mask[None, :], other=0.0)
+        if IEEE:
+            s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s += tl.dot(q.to(k.dtype), tl.trans(k))
+    return s
+
+
+@triton.jit
+def _sparse_attn_split_kernel(
+    q_ptr,  # query dtype (bf16/fp16/fp32), (B, Hq, DK), any strides
+    k_ptr,  # cache dtype, (num_cache_blocks, CBS, Hkv, DK), any strides
+    v_ptr,  # cache dtype, (num_cache_blocks, CBS, Hkv, DV), any strides (MLA: a view of k)
+    bt_ptr,  # int32, (B, max_blocks_per_seq)
+    pos_ptr,  # int32, (B, Hkv, P), -1 = padding
+    m_out_ptr,  # float32, (B, Hq, NUM_SPLITS): running max (log2 domain)
+    l_out_ptr,  # float32, (B, Hq, NUM_SPLITS): running sum
+    acc_out_ptr,  # float32, (B, Hq, NUM_SPLITS, DV): unnormalised output
+    count_ptr,  # int32, (>= B * HKV * HEAD_BLOCKS,), zero between launches: splits published (FUSED_MERGE)
+    out_ptr,  # output dtype, (B, Hq, DV), any strides (FUSED_MERGE)
+    qk_scale,  # float: softmax scale * log2(e)
+    P,  # int: positions per (sequence, kv head)
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_btb,
+    stride_pb, stride_ph,
+    stride_ob, stride_oh, stride_od,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,  # Hq // Hkv
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    CBS: tl.constexpr,  # cache block size
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SPLIT_LEN: tl.constexpr,  # positions per split (multiple of BLOCK_N)
+    NUM_SPLITS: tl.constexpr,
+    HEAD_BLOCKS: tl.constexpr,  # programs per (sequence, kv head) along the heads (grid axis 1)
+    IEEE: tl.constexpr,  # float32 cache: exact float32 dots
+    PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
+    FUSED_MERGE: tl.constexpr,  # the group's last split program merges (no merge launch)
+    BLOCK_S: tl.constexpr,  # FUSED_MERGE: next power of two >= NUM_SPLITS
+    MERGE_DV: tl.constexpr,  # FUSED_MERGE: output channels merged at a time
+):
+    # For q head h of kv group g and positions p_1..p_n of this split:
+    #   s_i = scale * q_h . K[p_i]        (K[p] = key_cache[block_table[b, p // CBS], p % CBS, g])
+    #   m = max_i s_i,  l = sum_i exp(s_i - m),  acc = sum_i exp(s_i - m) V[p_i]
+    # (kept in base 2: s is pre-multiplied by log2(e)). The group's last program (FUSED_MERGE) or the merge
+    # kernel combines the splits.
+    if PDL:
+        _pdl_wait(PDL)
+    pid_bg = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # head index inside the group
+    h_mask = offs_h < GROUP
+    heads = g * GROUP + offs_h  # (BLOCK_H,) q head ids
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < DV
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_DV), tl.float32)
+
+    q_base = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    pos_base = pos_ptr + b * stride_pb + g * stride_ph
+    start = pid_s * SPLIT_LEN
+    for n0 in range(0, SPLIT_LEN, BLOCK_N):
+        offs_n = start + n0 + tl.arange(0, BLOCK_N)
+        pos = tl.load(pos_base + offs_n, mask=offs_n < P, other=-1)  # (BLOCK_N,)
+        valid = pos >= 0
+        pos_c = tl.where(valid, pos, 0)
+        phys = tl.load(bt_ptr + b * stride_btb + pos_c // CBS, mask=valid, other=0).to(tl.int64)
+        row = pos_c % CBS
+        k_row = k_ptr + phys * stride_kb + row * stride_kt + g * stride_kh  # (BLOCK_N,) pointers
+
+        s = _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK, BLOCK_H, BLOCK_N, BLOCK_DK, IEEE)
+        s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_row = v_ptr + phys * stride_vb + row * stride_vt + g * stride_vh
+        v = tl.load(v_row[:, None] + offs_dv[None, :] * stride_vd, mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    _pdl_trigger(PDL)
+    out_row = (b * HQ + heads) * NUM_SPLITS + pid_s  # (BLOCK_H,)
+    tl.store(m_out_ptr + out_row, m_i, mask=h_mask)
+    tl.store(l_out_ptr + out_row, l_i, mask=h_mask)
+    tl.store(acc_out_ptr + out_row[:, None] * DV + offs_dv[None, :], acc, mask=h_mask[:, None] & dv_mask[None, :])
+    if FUSED_MERGE:
+        # Publish this split, then count it in: every thread's stores are issued before the barrier, and
+        # the counter's add (one thread) releases them at GPU scope and acquires the other splits'. The
+        # program that counts last merges; it also resets the counter for the next launch.
+        tl.debug_barrier()
+        counter = count_ptr + pid_bg * HEAD_BLOCKS + pid_h
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            tl.store(counter, 0)
+            for i in range(tl.minimum(BLOCK_H, GROUP - pid_h * BLOCK_H)):
+                h = g * GROUP + pid_h * BLOCK_H + i
+                _merge_splits(m_out_ptr, l_out_ptr, acc_out_ptr, (b * HQ + h) * NUM_SPLITS,
+                              out_ptr + b * stride_ob + h * stride_oh, stride_od, DV, NUM_SPLITS, BLOCK_S, MERGE_DV)
+
+
+@triton.jit
+def _merge_splits(m_ptr, l_ptr, acc_ptr, first, out_row, stride_od, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  BLOCK_S: tl.constexpr, MERGE_DV: tl.constexpr):
+    # One q head: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s over the splits
+    # first .. first + NUM_SPLITS - 1; a head that saw no valid position (every m_s = -inf) gets zeros
+    # instead of 0/0. Loads bypass L1 (".cg"): other programs wrote the splits.
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < NUM_SPLITS
+    m = tl.load(m_ptr + first + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(l_ptr + first + offs_s, mask=s_mask, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # (BLOCK_S,)
+    den = tl.sum(l * w, axis=0)
+    for d0 in tl.static_range(0, DV, MERGE_DV):
+        offs_dv = d0 + tl.arange(0, MERGE_DV)
+        dv_mask = offs_dv < DV
+        acc = tl.load(acc_ptr + (first + offs_s[:, None]) * DV + offs_dv[None, :],
+                      mask=s_mask[:, None] & dv_mask[None, :], other=0.0, cache_modifier=".cg")
+        num = tl.sum(acc * w[:, None], axis=0)
+        out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        tl.store(out_row + offs_dv * stride_od, out.to(out_row.dtype.element_ty), mask=dv_mask)
+
+
+@triton.jit
+def _sparse_attn_merge_kernel(
+    m_ptr,  # float32, (B * Hq, NUM_SPLITS)
+    l_ptr,  # float32, (B * Hq, NUM_SPLITS)
+    acc_ptr,  # float32, (B * Hq, NUM_SPLITS, DV)
+    out_ptr,  # output dtype, (B, Hq, DV), any strides
+    stride_ob, stride_oh, stride_od,
+    HQ: tl.constexpr,
+    DV: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    MERGE_DV: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # One program per (sequence, q head): the splits' merge (`ATTN_FUSED_MERGE` off).
+    if PDL:
+        _pdl_wait(PDL)
+    pid = tl.program_id(0)
+    b = pid // HQ
+    h = pid % HQ
+    _pdl_trigger(PDL)
+    _merge_splits(m_ptr, l_ptr, acc_ptr, pid * NUM_SPLITS, out_ptr + b * stride_ob + h * stride_oh, stride_od,
+                  DV, NUM_SPLITS, BLOCK_S, MERGE_DV)
+
+
+def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_positions: int, head_dim_k: int,
+                   head_dim_v: int, num_sms: int = 132) -> dict:
+    """Launch shape for `sparse_attention`, a function of shapes only (so it is CUDA-graph stable)."""
+    group = num_q_heads // num_kv_heads
+    block_dv = triton.next_power_of_2(head_dim_v)
+    # Heads per program: at least 16 rows for tl.dot; cap the float32 accumulator at 16K elements.
+    block_h = max(16, triton.next_power_of_2(group))
+    while block_h > 16 and block_h * block_dv > 16384:
+        block_h //= 2
+    head_blocks = triton.cdiv(group, block_h)
+    block_n = ATTN_BLOCK_N if block_dv <= 128 else 32
+    block_dk = min(128, triton.next_power_of_2(head_dim_k)) if block_dv <= 128 else 64
+    # Enough programs to fill the chip about twice over, but no split shorter than one tile.
+    programs = batch * num_kv_heads * head_blocks
+    tiles = triton.cdiv(max(num_positions, 1), block_n)
+    want_splits = max(1, triton.cdiv(ATTN_PROGRAMS_PER_SM * num_sms, programs))
+    tiles_per_split = max(1, triton.cdiv(tiles, want_splits))
+    num_splits = triton.cdiv(tiles, tiles_per_split)
+    return dict(BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                SPLIT_LEN=tiles_per_split * block_n, NUM_SPLITS=num_splits, head_blocks=head_blocks,
+                num_warps=ATTN_NUM_WARPS if block_h * block_dv <= 4096 else 8)
+
+
+class AttentionWorkspace:
+    """Float32 split buffers and the fused merge's counters for `sparse_attention`, allocated once per
+    shape (CUDA-graph friendly; create it outside a capture: the counters must be zero when it is used)."""
+
+    def __init__(self, batch: int, num_q_heads: int, num_splits: int, head_dim_v: int, device,
+                 empty=None) -> None:
+        # empty(shape, dtype) -> tensor: where the buffers come from (default: fresh allocations).
+        empty = empty or (lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device))
+        self.m = empty((batch, num_q_heads, num_splits), torch.float32)
+        self.l = empty((batch, num_q_heads, num_splits), torch.float32)
+        self.acc = empty((batch, num_q_heads, num_splits, head_dim_v), torch.float32)
+        # Split programs counted in per (sequence, kv head, head block) for the fused merge; every launch
+        # leaves them at zero. Never from `empty`: an arena's bytes are shared with other workspaces.
+        self.counts = torch.zeros(batch * num_q_heads, dtype=torch.int32, device=device)
+
+
+def _check(query, key_cache, value_cache, block_table, positions):
+    if query.dim() != 3 or key_cache.dim() != 4 or value_cache.dim() != 4:
+        raise ValueError(
+            f"sparse_attention: query must be (B, Hq, Dk) and caches (blocks, block_size, Hkv, D); got "
+            f"query {tuple(query.shape)}, key_cache {tuple(key_cache.shape)}, value_cache {tuple(value_cache.shape)}"
+        )
+    require_triton_device("sparse_attention", query, key_cache, value_cache)
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"sparse_attention: key/value cache dtype must match and be bf16/fp16/fp32; got "
+                         f"{key_cache.dtype}/{value_cache.dtype}")
+    if block_table.dtype != torch.int32 or positions.dtype != torch.int32:
+        raise ValueError(f"sparse_attention: block_table and positions must be int32; got {block_table.dtype}, "
+                         f"{positions.dtype}")
+    if block_table.stride(1) != 1 or not positions.is_contiguous():
+        raise ValueError("sparse_attention: block_table rows and positions must be contiguous")
+    B, Hq, Dk = query.shape
+    Hkv = key_cache.shape[2]
+    if Hq % Hkv != 0 or key_cache.shape[3] != Dk or positions.shape[:2] != (B, Hkv):
+        raise ValueError(f"sparse_attention: shapes disagree: query {tuple(query.shape)}, key_cache "
+                         f"{tuple(key_cache.shape)}, positions {tuple(positions.shape)}")
+
+
+def sparse_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    workspace: AttentionWorkspace | None = None,
+) -> torch.Tensor:
+    """Exact attention of `query` (B, Hq, Dk) over `positions` (B, Hkv, P; -1 = padding) -> (B, Hq, Dv).
+
+    Same contract as the reference's `sparse_attention`. `out` and `workspace` may be preallocated
+    (decode under CUDA graphs); the launch shape depends on tensor shapes only.
+    """
+    _check(query, key_cache, value_cache, block_table, positions)
+    B, Hq, Dk = query.shape
+    Hkv = key_cache.shape[2]
+    Dv = value_cache.shape[3]
+    P = positions.shape[2]
+    plan = attention_plan(B, Hq, Hkv, P, Dk, Dv)
+    if workspace is None:
+        workspace = AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], Dv, query.device)
+    elif workspace.acc.shape != (B, Hq, plan["NUM_SPLITS"], Dv):
+        raise ValueError(f"sparse_attention: workspace holds {tuple(workspace.acc.shape)} split buffers; this launch "
+                         f"needs {(B, Hq, plan['NUM_SPLITS'], Dv)}: NUM_SPLITS={plan['NUM_SPLITS']} from "
+                         f"ATTN_PROGRAMS_PER_SM={ATTN_PROGRAMS_PER_SM}, ATTN_BLOCK_N={ATTN_BLOCK_N} (a workspace "
+                         "built for other shapes or launch settings)")
+    if out is None:
+        out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
+    grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])
+    pdl = pdl_launch(query)
+    block_s = triton.next_power_of_2(plan["NUM_SPLITS"])
+    merge_dv = min(plan["BLOCK_DV"], 128)
+    _sparse_attn_split_kernel[grid](
+        query, key_cache, value_cache, block_table, positions,
+        workspace.m, workspace.l, workspace.acc, workspace.counts, out,
+        float(scale) * _LOG2E, P,
+        query.stride(0), query.stride(1), query.stride(2),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), value_cache.stride(3),
+        block_table.stride(0),
+        positions.stride(0), positions.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        HQ=Hq, HKV=Hkv, GROUP=Hq // Hkv, DK=Dk, DV=Dv, CBS=key_cache.shape[1],
+        BLOCK_H=plan["BLOCK_H"], BLOCK_N=plan["BLOCK_N"], BLOCK_DK=plan["BLOCK_DK"], BLOCK_DV=plan["BLOCK_DV"],
+        SPLIT_LEN=plan["SPLIT_LEN"], NUM_SPLITS=plan["NUM_SPLITS"], HEAD_BLOCKS=plan["head_blocks"],
+        IEEE=float32_dots(key_cache.dtype), **pdl, FUSED_MERGE=ATTN_FUSED_MERGE, BLOCK_S=block_s, MERGE_DV=merge_dv,
+        **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG else {}),
+        num_warps=plan["num_warps"], num_stages=ATTN_NUM_STAGES,
+    )
+    if not ATTN_FUSED_MERGE:
+        _sparse_attn_merge_kernel[(B * Hq,)](
+            workspace.m, workspace.l, workspace.acc, out,
+            out.stride(0), out.stride(1), out.stride(2),
+            HQ=Hq, DV=Dv, NUM_SPLITS=plan["NUM_SPLITS"], BLOCK_S=block_s, MERGE_DV=merge_dv, **pdl,
+            num_warps=4,
+        )
+    return out
