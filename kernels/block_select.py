@@ -44,6 +44,7 @@ BLOCK_SCORE_TILE = 128  # selection blocks per program (group of <= 32 q heads)
 BLOCK_SCORE_WARPS = 4
 BLOCK_SCORE_DK = 64  # key channels per step (< head dim: a pipelined loop over chunks)
 BLOCK_SCORE_STAGES = 2
+BLOCK_SCORE_MAXNREG = None  # register cap per thread for the block scorer (None: the compiler's choice)
 TOPK_INTERP_PASSES = 24  # value-space passes (model guesses, interpolation) before integer bisection
 TOPK_WARPS_SMALL = 4  # warps for rows of up to 2048 entries
 TOPK_WARPS_LARGE = 8  # warps for rows of more than 2048 entries (H100 sweep: 8 < 16 < 32 us)
@@ -524,6 +525,7 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
         IQ=index_query is not None, IQ_C=iq_c, IQ_H=iq_h, IQ_BITS=config.index_bits if index_query is not None else 4,
         IQ_BLOCK_C=triton.next_power_of_2(iq_c),
         **pdl_launch(query),
+        **({"maxnreg": BLOCK_SCORE_MAXNREG} if BLOCK_SCORE_MAXNREG else {}),
         num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,
     )
     return out
