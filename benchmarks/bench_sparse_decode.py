@@ -221,10 +221,14 @@ def sweep(B=8, L=65536, budget=2048):
     for small in (2, 4, 8):
         for large in (4, 8, 16):
             run("topk", block_select, dict(TOPK_WARPS_SMALL=small, TOPK_WARPS_LARGE=large))
-    for per_sm in (4, 8, 16, 32):
+    for per_sm in (4, 8, 16, 32):  # the short-split plan at every batch
         for block_n, warps, stages in ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 3), (16, 4, 3), (16, 2, 2)):
-            run("attention", sparse_attention, dict(ATTN_PROGRAMS_PER_SM=per_sm, ATTN_BLOCK_N=block_n,
-                                                    ATTN_NUM_WARPS=warps, ATTN_NUM_STAGES=stages))
+            run("attention", sparse_attention, dict(ATTN_LONG_SPLITS=False, ATTN_PROGRAMS_PER_SM=per_sm,
+                                                    ATTN_BLOCK_N=block_n, ATTN_NUM_WARPS=warps, ATTN_NUM_STAGES=stages))
+    for per_sm in (2, 3, 4, 6):  # the long-split plan (batches of at least ATTN_LONG_SPLIT_MIN_GROUPS groups)
+        for stages in (2, 3, 4):
+            run("attention", sparse_attention, dict(ATTN_LONG_SPLIT_PROGRAMS_PER_SM=per_sm,
+                                                    ATTN_LONG_SPLIT_STAGES=stages))
     del q, kc, vc, index
     torch.cuda.empty_cache()
     return rows

@@ -31,6 +31,18 @@ ATTN_PROGRAMS_PER_SM = 16  # split the position lists until about this many prog
 ATTN_BLOCK_N = 32  # rows per tile (head dims <= 128)
 ATTN_NUM_WARPS = 4
 ATTN_NUM_STAGES = 2
+# With at least ATTN_LONG_SPLIT_MIN_GROUPS (sequence, kv head, head block) groups to split, fewer and longer
+# splits with a deeper software pipeline, so the three dependent loads of each tile (position, block table,
+# K/V rows) overlap across tiles. H100, budget 2048, per layer (`benchmarks/RESULTS.md`, 2026-11-26): B=8,
+# 64K: pipelined step 58.5 -> 57.2 us, standard 71.7 -> 71.2; B=32: 188.6 -> 180.1, 209.2 -> 199.8; MLA with
+# 128 heads (32 groups): 0.457 -> 0.390 ms. Fewer groups (B=1; MLA with 16 heads at B=8) keep the short
+# splits: there the long ones were 1.2 us and 3% slower; so do lists too short for ATTN_LONG_SPLIT_MIN_TILES
+# tiles per long split (budget 512 at B=8: 20 tiles, 3 per split, about 0.6 us slower).
+ATTN_LONG_SPLITS = True
+ATTN_LONG_SPLIT_MIN_GROUPS = 32
+ATTN_LONG_SPLIT_MIN_TILES = 4
+ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
+ATTN_LONG_SPLIT_STAGES = 3
 ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
 
 
@@ -286,15 +298,19 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
     head_blocks = triton.cdiv(group, block_h)
     block_n = ATTN_BLOCK_N if block_dv <= 128 else 32
     block_dk = min(128, triton.next_power_of_2(head_dim_k)) if block_dv <= 128 else 64
-    # Enough programs to fill the chip about twice over, but no split shorter than one tile.
+    # Enough programs to fill the chip (several times over with short splits), but no split shorter than one tile.
     programs = batch * num_kv_heads * head_blocks
     tiles = triton.cdiv(max(num_positions, 1), block_n)
-    want_splits = max(1, triton.cdiv(ATTN_PROGRAMS_PER_SM * num_sms, programs))
+    long_splits = (ATTN_LONG_SPLITS and programs >= ATTN_LONG_SPLIT_MIN_GROUPS and tiles >= ATTN_LONG_SPLIT_MIN_TILES
+                   * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
+    per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
+    want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))
     tiles_per_split = max(1, triton.cdiv(tiles, want_splits))
     num_splits = triton.cdiv(tiles, tiles_per_split)
     return dict(BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                 SPLIT_LEN=tiles_per_split * block_n, NUM_SPLITS=num_splits, head_blocks=head_blocks,
-                num_warps=ATTN_NUM_WARPS if block_h * block_dv <= 4096 else 8)
+                num_warps=ATTN_NUM_WARPS if block_h * block_dv <= 4096 else 8,
+                num_stages=ATTN_LONG_SPLIT_STAGES if long_splits else ATTN_NUM_STAGES)
 
 
 class AttentionWorkspace:
@@ -376,7 +392,7 @@ def sparse_attention_triton(
         BLOCK_H=plan["BLOCK_H"], BLOCK_N=plan["BLOCK_N"], BLOCK_DK=plan["BLOCK_DK"], BLOCK_DV=plan["BLOCK_DV"],
         SPLIT_LEN=plan["SPLIT_LEN"], NUM_SPLITS=plan["NUM_SPLITS"],
         IEEE=float32_dots(key_cache.dtype), **pdl, **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG else {}),
-        num_warps=plan["num_warps"], num_stages=ATTN_NUM_STAGES,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     _sparse_attn_merge_kernel[(B * Hq,)](
         workspace.m, workspace.l, workspace.acc, out,

@@ -12,7 +12,7 @@ does: the token stage and the attention run on the previous step's blocks, so th
 the token top-k and the attention on a higher-priority stream, both forked from and joined to the
 caller's stream; the token scorer then writes the token stage's index query itself, which the block
 scorer writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one graph (PDL on): the
-standard step 72.0 us, the pipelined one 59.3 at 64K; 81.9 and 69.1 at 128K (`benchmarks/RESULTS.md`).
+standard step 72.0 us, the pipelined one 57.7 at 64K; 81.8 and 67.7 at 128K (`benchmarks/RESULTS.md`).
 
 For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config) and pass it: every
 intermediate and the outputs then live in its buffers (the returned tensors are views of them, valid

@@ -426,6 +426,40 @@ def test_sparse_attention_rejects_a_workspace_of_other_launch_settings(monkeypat
         sparse_attention_triton(q, kc, vc, bt, positions, c["scale"], workspace=ws)
 
 
+def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
+    # At least ATTN_LONG_SPLIT_MIN_GROUPS (sequence, kv head, head block) groups take fewer, longer splits
+    # with a deeper pipeline; fewer groups keep the short splits. Both equal the reference, with padding
+    # and a row with nothing to attend.
+    B, Hkv, G, D, cbs, W, P = 4, 8, 2, 32, 16, 40, 600
+    gen = torch.Generator().manual_seed(12)
+    table = torch.randperm(B * W + 1, generator=gen)[: B * W].view(B, W).to(torch.int32).to(DEVICE)
+    kc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
+    vc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE)
+    positions = torch.stack([torch.randperm(W * cbs, generator=gen)[:P] for _ in range(B * Hkv)]).view(B, Hkv, P)
+    positions[..., ::3] = -1
+    positions[2] = -1
+    positions = positions.to(torch.int32).contiguous().to(DEVICE)
+    want = ref.sparse_attention(q, kc, vc, table, positions, 0.2)
+    monkeypatch.setattr(sparse_attention, "ATTN_LONG_SPLIT_MIN_GROUPS", B * Hkv)
+    monkeypatch.setattr(sparse_attention, "ATTN_LONG_SPLIT_MIN_TILES", 1)
+    long_plan = sparse_attention.attention_plan(B, Hkv * G, Hkv, P, D, D)
+    short_plan = sparse_attention.attention_plan(B - 1, Hkv * G, Hkv, P, D, D)
+    assert long_plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
+    assert short_plan["num_stages"] == sparse_attention.ATTN_NUM_STAGES
+    assert 1 < long_plan["NUM_SPLITS"] < short_plan["NUM_SPLITS"]
+    # Lists too short for long splits of ATTN_LONG_SPLIT_MIN_TILES tiles keep the short ones.
+    with monkeypatch.context() as m:
+        m.setattr(sparse_attention, "ATTN_LONG_SPLIT_MIN_TILES", 8)
+        few_tiles = sparse_attention.attention_plan(B, Hkv * G, Hkv, P, D, D)
+        assert few_tiles["num_stages"] == sparse_attention.ATTN_NUM_STAGES
+        assert few_tiles["NUM_SPLITS"] == short_plan["NUM_SPLITS"] > long_plan["NUM_SPLITS"]
+    tol = OUT_TOL[torch.float32]
+    torch.testing.assert_close(sparse_attention_triton(q, kc, vc, table, positions, 0.2), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(sparse_attention_triton(q[:-1], kc, vc, table[:-1], positions[:-1], 0.2), want[:-1],
+                               rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("lagged, with_workspace", [(False, False), (True, False), (False, True), (True, True)])
 def test_padded_rows_and_empty_splits(lagged, with_workspace):
     # vLLM pads a decode batch with empty rows (seq_len 0 on the null block): the step must equal the
