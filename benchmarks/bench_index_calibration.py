@@ -16,8 +16,9 @@ Rows, each as attention-mass recall (share of the dense softmax mass the attende
   `std` from keys alone;
 - AsyncTLS and block-only with the index in the prompt's principal directions (`index_basis="pca"`,
   calibrated online like the channels);
-- AsyncTLS (online channels) and block-only with `block_bound_weight` w < 1 (`--block-bound-weights`,
-  default 0.5 and 0.25): the block score leaning from Quest's bound toward the block's midpoint.
+- AsyncTLS (online channels, and the pca basis) and block-only with `block_bound_weight` w < 1
+  (`--block-bound-weights`, default 0.5 and 0.25): the block score leaning from Quest's bound toward the
+  block's midpoint.
 
     python benchmarks/bench_index_calibration.py [--samples 4] [--out results.json]
 """
@@ -86,7 +87,9 @@ def main(argv=None) -> dict:
                     rows[fname] = selection_recall(layers, [base], calibration=cal)[0]
                 for w in args.block_bound_weights:
                     weighted = {f"online, block_bound_weight {w}": base.with_(block_bound_weight=w),
-                                f"block-only, block_bound_weight {w}": base.with_(mode="block_only", block_bound_weight=w)}
+                                f"block-only, block_bound_weight {w}": base.with_(mode="block_only", block_bound_weight=w),
+                                f"online: pca basis, block_bound_weight {w}": base.with_(index_basis="pca",
+                                                                                          block_bound_weight=w)}
                     rows.update(zip(weighted, selection_recall(layers, weighted.values())))
                 for row, r in rows.items():
                     sums.setdefault((name, budget, row), []).append(r["recall"])

@@ -37,7 +37,8 @@ ATTN_NUM_STAGES = 2
 # 64K: pipelined step 58.5 -> 57.2 us, standard 71.7 -> 71.2; B=32: 188.6 -> 180.1, 209.2 -> 199.8; MLA with
 # 128 heads (32 groups): 0.457 -> 0.390 ms. Fewer groups (B=1; MLA with 16 heads at B=8) keep the short
 # splits: there the long ones were 1.2 us and 3% slower; so do lists too short for ATTN_LONG_SPLIT_MIN_TILES
-# tiles per long split (budget 512 at B=8: 20 tiles, 3 per split, about 0.6 us slower).
+# tiles per long split (budget 512 at B=8: 20 tiles, 3 per split, about 0.6 us slower). ASYNCTLS_ATTN_LONG_SPLITS=0
+# in the environment turns them off (the short splits everywhere, as before 2026-11-26's thirteenth session).
 ATTN_LONG_SPLITS = True
 ATTN_LONG_SPLIT_MIN_GROUPS = 32
 ATTN_LONG_SPLIT_MIN_TILES = 4
@@ -301,7 +302,9 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
     # Enough programs to fill the chip (several times over with short splits), but no split shorter than one tile.
     programs = batch * num_kv_heads * head_blocks
     tiles = triton.cdiv(max(num_positions, 1), block_n)
-    long_splits = (ATTN_LONG_SPLITS and programs >= ATTN_LONG_SPLIT_MIN_GROUPS and tiles >= ATTN_LONG_SPLIT_MIN_TILES
+    long_splits = (ATTN_LONG_SPLITS and os.environ.get("ASYNCTLS_ATTN_LONG_SPLITS") != "0"
+                   and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
+                   and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
     per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
     want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))

@@ -454,6 +454,9 @@ def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
         few_tiles = sparse_attention.attention_plan(B, Hkv * G, Hkv, P, D, D)
         m.setattr(sparse_attention, "ATTN_LONG_SPLITS", False)
         assert few_tiles == sparse_attention.attention_plan(B, Hkv * G, Hkv, P, D, D) != long_plan
+    with monkeypatch.context() as m:  # the environment's switch
+        m.setenv("ASYNCTLS_ATTN_LONG_SPLITS", "0")
+        assert sparse_attention.attention_plan(B, Hkv * G, Hkv, P, D, D) == few_tiles
     tol = OUT_TOL[torch.float32]
     torch.testing.assert_close(sparse_attention_triton(q, kc, vc, table, positions, 0.2), want, rtol=tol, atol=tol)
     torch.testing.assert_close(sparse_attention_triton(q[:-1], kc, vc, table[:-1], positions[:-1], 0.2), want[:-1],
