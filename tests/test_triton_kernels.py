@@ -385,6 +385,38 @@ def test_block_scorer_writes_the_word_path_query(name):
         token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=iq[..., :1])
 
 
+@pytest.mark.parametrize("name", [n for n in CASES if word_score_heads(SparseAttentionConfig(**CASES[n][7]), CASES[n][3])])
+def test_token_scorer_rotates_the_query_while_writing_the_index_query(name):
+    # index_basis="pca" in the pipelined step: the scorer gets the query as it is and writes the index
+    # query of the rotated one itself (the index channels' rows of the basis), with no rotation launch
+    # before it. Its index query equals the reference's within the rotation's float32 rounding (then the
+    # query dtype's one unit in the last place), and its scores equal the reference's.
+    c = build(name, seed=6, basis=True)
+    q, index, kc, bt, sl = c["query"], c["index"], c["key_cache"], c["block_table"], c["seq_lens"]
+    config = c["config"].with_(index_basis="pca")
+    B, Hq, _ = q.shape
+    Hkv = kc.shape[2]
+    heads = word_score_heads(config, Hq // Hkv)
+    block_ids = ref.select_blocks(q, index, bt, sl, config)
+    want_pos, want_scores = ref.score_tokens(q, index, kc, bt, sl, block_ids, config)
+    rotated = ref.rotate_query(q, index)
+    assert not torch.equal(rotated, q)
+    want_iq = build_index_query(rotated, index.channel_ids, config.index_bits, heads)
+    own = torch.full((B, Hkv, config.index_channels, heads), float("nan"), device=DEVICE)
+    got = token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=own, write_index_query=True)
+    ulp = 2.0 ** -7 if q.dtype == torch.bfloat16 else 2.0 ** -10 if q.dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(own, want_iq, rtol=ulp, atol=ulp * float(want_iq.abs().max()))
+    assert (own[..., Hq // Hkv:] == 0).all()
+    finite = torch.isfinite(want_scores)
+    assert torch.equal(finite, torch.isfinite(got))
+    span = want_scores[finite].abs().max()
+    tol = SCORE_TOL[c["dtype"]] if q.dtype == torch.float32 else ulp
+    torch.testing.assert_close(got[finite], want_scores[finite], rtol=0, atol=float(tol * span))
+    # The same scores as with the rotation launch first (the path without write_index_query).
+    launched = token_scores_triton(q, index, kc, bt, sl, block_ids, config)
+    torch.testing.assert_close(got[finite], launched[finite], rtol=0, atol=float(tol * span))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_sparse_attention_matches_reference(name):
     c = build(name, seed=4)
