@@ -313,6 +313,12 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         "asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_256")),
         # Lagged selection (the state carried between steps in vllm_asynctls.lagged_state), covering budget.
         "asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True))),
+        # The same with the index in each kv head's principal directions (the pipelined token scorer then
+        # rotates the query itself), covering and at 256 tokens (must have run sparse: its counters).
+        "asynctls_cover_lagged_pca": dict(backend="asynctls", knobs=json.dumps(
+            dict(cover, lagged_selection=True, index_basis="pca"))),
+        "asynctls_256_lagged_pca": dict(backend="asynctls", knobs=json.dumps(
+            dict(small, lagged_selection=True, index_basis="pca")), counters=str(out / "counters_256_lagged_pca")),
         # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
         "asynctls_256_calibrated": dict(backend="asynctls", knobs=json.dumps(
             dict(small, index_calibration_file=str(out / "channels.json"))), counters=str(out / "counters_256_cal")),
@@ -352,9 +358,10 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         file_layers = [list(map(list, layer)) for layer in load_calibration(out / "channels.json").layers]
         summary["asynctls_256_calibrated_serves_the_files_channels"] = (
             res["asynctls_256_calibrated"]["index_channels"] == [file_layers])
-    counters = sorted(out.glob("counters_256.*"))
-    counters = [p for p in counters if not p.name.endswith(".tmp")]
-    summary["asynctls_256_counters"] = [json.loads(p.read_text()) for p in counters]
+    for prefix in ("counters_256", "counters_256_lagged_pca"):
+        counters = sorted(out.glob(f"{prefix}.*"))
+        counters = [p for p in counters if not p.name.endswith(".tmp")]
+        summary[f"asynctls_{prefix[len('counters_'):]}_counters"] = [json.loads(p.read_text()) for p in counters]
     (out / f"check_summary{'_' + '_'.join(only) if only else ''}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1), flush=True)
     return summary

@@ -632,11 +632,12 @@ def test_index_query_kernel_equals_build_index_query():
         index_query_triton(c["query"], c["index"].channel_ids, 16, out)
 
 
-def _pipelined_case(seed):
+def _pipelined_case(seed, basis=False):
     """The benchmark's scaled shapes with lagged selection and a workspace (pipelined on CUDA): the query,
-    the step's other arguments, previous block ids (another query's) and the workspace."""
-    c = build("bench_qwen3_8b_scaled", seed=seed)
-    config = c["config"].with_(lagged_selection=True)
+    the step's other arguments, previous block ids (another query's) and the workspace. With `basis`,
+    the index in the keys' principal directions (`index_basis="pca"`)."""
+    c = build("bench_qwen3_8b_scaled", seed=seed, basis=basis)
+    config = c["config"].with_(lagged_selection=True, index_basis="pca" if basis else "channels")
     ws = _workspace_for(c, config)
     q, args = c["query"], (c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"], c["index"], config,
                            c["scale"])
@@ -663,11 +664,14 @@ def test_pipelined_step_is_ordered_with_the_callers_stream():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_pipelined_lagged_decode_is_graph_capturable():
+@pytest.mark.parametrize("basis", [False, True])
+def test_pipelined_lagged_decode_is_graph_capturable(basis):
     # The block stage and the token stage fork from and join the capturing stream on their own streams;
     # a replay with a new query equals the eager step, and the block ids it returns are this query's
-    # (the next step's input).
-    q, args, previous, ws = _pipelined_case(seed=13)
+    # (the next step's input). With a basis the token scorer rotates the query itself and the block
+    # stage's rotation (a tensor made on the block stream) runs there: the eager pipelined step is the
+    # reference then (the step without a workspace rotates in one launch: equal up to rounding).
+    q, args, previous, ws = _pipelined_case(seed=13, basis=basis)
     static_q = q.clone()
     sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile
     torch.cuda.synchronize()
@@ -678,9 +682,17 @@ def test_pipelined_lagged_decode_is_graph_capturable():
     static_q.copy_(new_q)
     graph.replay()
     torch.cuda.synchronize()
-    want_out, want_pos, want_blocks = sparse_decode_triton(new_q, *args, previous_block_ids=previous)
+    c = build("bench_qwen3_8b_scaled", seed=13, basis=basis)  # the case's data again (same seed)
+    want_ws = _workspace_for(c, args[5]) if basis else None
+    want_out, want_pos, want_blocks = sparse_decode_triton(new_q, *args, previous_block_ids=previous,
+                                                           workspace=want_ws)
+    torch.cuda.synchronize()
     assert torch.equal(pos, want_pos) and torch.equal(blocks, want_blocks)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    if basis:  # and the pipelined step with a basis equals the reference
+        assert torch.equal(c["key_cache"], args[0])
+        want = ref.sparse_decode(new_q, *args, previous_block_ids=previous)
+        _assert_decode_matches(dict(c, query=new_q), (out, pos, blocks), want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pipelined step's streams need a CUDA device")
