@@ -98,7 +98,7 @@ class SparseAttentionConfig:
         _check_int("sink_tokens", self.sink_tokens, 0, "an int >= 0")
         _check_int("local_tokens", self.local_tokens, 0, "an int >= 0")
         _check_int("index_channels", self.index_channels, 1, "an int >= 1")
-        if isinstance(self.index_bits, bool) or self.index_bits not in INDEX_BITS:
+        if isinstance(self.index_bits, bool) or not isinstance(self.index_bits, int) or self.index_bits not in INDEX_BITS:
             raise ValueError(f"index_bits must be one of {INDEX_BITS}; got {self.index_bits!r}")
         if self.index_bits == 4 and self.index_channels % 2:
             raise ValueError(

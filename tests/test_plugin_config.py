@@ -51,6 +51,7 @@ def test_from_additional_config_reads_the_asynctls_entry():
         ({"index_channels": 0}, "index_channels", ">= 1"),
         ({"index_channels": 33}, "index_channels", "even"),
         ({"index_bits": 3}, "index_bits", "(4, 8, 16)"),
+        ({"index_bits": 8.0}, "index_bits", "(4, 8, 16)"),
         ({"index_channel_metric": "max"}, "index_channel_metric", "mean_abs"),
         ({"group_score": "mean"}, "group_score", "lse"),
         ({"block_bound_weight": 1.5}, "block_bound_weight", "[0, 1]"),

@@ -258,6 +258,7 @@ def masked_dense(case: Case, attended: dict, scale: float) -> torch.Tensor:
         (dict(index_channels=31, index_bits=4), "index_channels"),
         (dict(index_bits=2), "index_bits"),
         (dict(index_bits=32), "index_bits"),
+        (dict(index_bits=8.0), "index_bits"),
         (dict(mode="quest"), "mode"),
         (dict(lagged_selection="yes"), "lagged_selection"),
         (dict(index_channel_metric="q*k"), "index_channel_metric"),

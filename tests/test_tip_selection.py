@@ -291,11 +291,21 @@ def test_select_tokens_rejects_bad_rule_ratio_and_missing_statistics():
         ("entropy_threshold", -0.1),
         ("divergence_threshold", -1.0),
         ("divergence_threshold", float("inf")),
+        ("entropy_threshold", "0.5"),
+        ("divergence_threshold", "1"),
     ],
 )
 def test_bad_config_names_field_and_value(tmp_path, config_cls, field, value):
     with pytest.raises(ValueError, match=rf"{field} .*got {value!r}"):
         config_cls(str(tmp_path), bf16=False, use_cpu=True, report_to="none", **{field: value})
+
+
+@pytest.mark.parametrize("config_cls", [TIPConfig, TIPGKDConfig])
+def test_bad_selection_field_is_reported_before_trls_own_checks(tmp_path, config_cls):
+    # Without bf16=False / use_cpu=True, TRL's own check fails on a CPU machine: a bad selection field
+    # must still be what the error names.
+    with pytest.raises(ValueError, match="selection_rule must be one of"):
+        config_cls(str(tmp_path), selection_rule="bogus")
 
 
 def test_good_configs_and_defaults(tmp_path):

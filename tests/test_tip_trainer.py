@@ -355,3 +355,13 @@ def test_trainers_require_tip_configs(pair, tmp_path):
             train_dataset=prompts(),
             processing_class=tokenizer,
         )
+    # Each trainer takes its own config: the other one's fields differ (max_length, top_p, ...).
+    with pytest.raises(TypeError, match="must be a TIPGKDConfig .*got TIPConfig"):
+        TIPGKDTrainer(model=load(student), teacher_model=load(teacher), args=TIPConfig(str(tmp_path), **COMMON),
+                      train_dataset=prompts(), processing_class=tokenizer)
+    with pytest.raises(TypeError, match="must be a TIPConfig .*got TIPGKDConfig"):
+        TIPTrainer(model=load(student), teacher_model=load(teacher), args=TIPGKDConfig(str(tmp_path), **COMMON),
+                   train_dataset=prompts(), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="TIPTrainer needs `teacher_model="):
+        TIPTrainer(model=load(student), args=TIPConfig(str(tmp_path), **COMMON), train_dataset=prompts(),
+                   processing_class=tokenizer)

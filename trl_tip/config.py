@@ -66,6 +66,10 @@ class TIPSelectionArguments:
                 f"selection_ratio must be in (0, 1], got {ratio!r}. It is the fraction of each rollout's completion "
                 "tokens to train on, e.g. 0.5."
             )
+        for name in ("entropy_threshold", "divergence_threshold"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number or None, got {value!r} ({type(value).__name__}).")
         if self.entropy_threshold is not None and not (0.0 <= self.entropy_threshold < 1.0):
             raise ValueError(
                 f"entropy_threshold must be in [0, 1) or None, got {self.entropy_threshold!r}. The entropy is "
@@ -99,8 +103,8 @@ class TIPConfig(TIPSelectionArguments, DistillationConfig):
     """
 
     def __post_init__(self):
+        self._validate_selection_arguments()  # first: TRL's own checks (bf16 on a CPU, ...) would hide a bad rule
         super().__post_init__()
-        self._validate_selection_arguments()
 
 
 @dataclass
@@ -121,5 +125,5 @@ class TIPGKDConfig(TIPSelectionArguments, GKDConfig):
     )
 
     def __post_init__(self):
+        self._validate_selection_arguments()  # first: TRL's own checks (bf16 on a CPU, ...) would hide a bad rule
         super().__post_init__()
-        self._validate_selection_arguments()

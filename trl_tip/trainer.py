@@ -72,8 +72,11 @@ def _selection_generator(args, accelerator) -> torch.Generator:
 
 
 def _check_selection_args(args, expected: type) -> None:
-    if not isinstance(args, TIPSelectionArguments):
-        raise TypeError(f"args must be a {expected.__name__} (it carries the selection fields), got {type(args).__name__}.")
+    if not isinstance(args, expected):
+        other = " (TIPConfig is for TIPTrainer, TIPGKDConfig for TIPGKDTrainer)" if isinstance(
+            args, TIPSelectionArguments) else ""
+        raise TypeError(f"args must be a {expected.__name__} (it carries the selection fields), got "
+                        f"{type(args).__name__}{other}.")
 
 
 @torch.no_grad()
@@ -136,6 +139,9 @@ class TIPTrainer(_TIPMetricsMixin, DistillationTrainer):
         if config is None:
             raise ValueError("TIPTrainer needs `args=TIPConfig(...)`: the selection rule and ratio live there.")
         _check_selection_args(config, TIPConfig)
+        if kwargs.get("teacher_model", args[1] if len(args) > 1 else None) is None:
+            raise ValueError("TIPTrainer needs `teacher_model=` (a model or a model id): the selection statistics "
+                             "and the loss read the teacher's logits in this process; got None.")
         super().__init__(*args, **kwargs)
         _place_teacher_under_fsdp(self)
         self.selection_rule = config.selection_rule

@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", required=True, help="the JSON file to write")
     p.add_argument("--index-channels", type=int, default=None,
                    help="channels per kv head (default: 32, capped at the head dim and kept even)")
-    p.add_argument("--metric", default="std", help="key statistic: std (default) or mean_abs")
+    p.add_argument("--metric", default="std", choices=("std", "mean_abs"),
+                   help="key statistic: std (default) or mean_abs")
     p.add_argument("--no-queries", action="store_true", help="rank channels by the keys alone")
     p.add_argument("--text", action="append", default=[], help="calibration text file (repeatable); default: "
                    "the synthetic long-context suite")

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
     parser.add_argument("--samples", type=int, default=3, help="passkey prompts (depths spread over the context)")
     parser.add_argument("--token-budget", type=int, default=1024,
-                        help="asynctls token_budget (tokens per kv head; default a quarter of --length)")
+                        help="asynctls token_budget (tokens per kv head; the default 1024 is a quarter of the "
+                        "default --length)")
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--dtype", default="float32", help="float32 makes sparse-vs-dense comparisons exact")
     args = parser.parse_args(argv)
