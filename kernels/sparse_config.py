@@ -8,6 +8,7 @@ and what is allowed, so a user sees which flag to change.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
 SPARSE_MODES = ("asynctls", "block_only", "exact_topk", "dense")
@@ -98,7 +99,8 @@ class SparseAttentionConfig:
         _check_int("sink_tokens", self.sink_tokens, 0, "an int >= 0")
         _check_int("local_tokens", self.local_tokens, 0, "an int >= 0")
         _check_int("index_channels", self.index_channels, 1, "an int >= 1")
-        if isinstance(self.index_bits, bool) or not isinstance(self.index_bits, int) or self.index_bits not in INDEX_BITS:
+        bits = self.index_bits
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in INDEX_BITS:
             raise ValueError(f"index_bits must be one of {INDEX_BITS}; got {self.index_bits!r}")
         if self.index_bits == 4 and self.index_channels % 2:
             raise ValueError(

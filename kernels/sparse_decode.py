@@ -356,7 +356,9 @@ def sparse_decode_triton(
                                                     ids_ready=index_query is not None and not inline
                                                     and PIPELINED_EARLY_GATHER, write_index_query=inline,
                                                     q_tokens_rotated=not scorer_rotates)
-    block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
+    # Orders the block stream after the caller's writes: with a basis its rotation reads the query before
+    # the event wait below (without one the event implies it, the token stream having waited for main).
+    block_stream.wait_stream(main)
     if scorer_rotates:
         with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
             q_index = rotate_query_triton(query, index)  # beside the token scorer, off the critical path

@@ -385,6 +385,10 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     rotate_iq = rotate and words and write_index_query
     if rotate and not rotate_iq:
         query = rotate_query_triton(query, index)
+    if rotate_iq and (index.basis.shape != (Hkv, Dk, Dk) or index.basis.dtype != torch.float32
+                      or not index.basis.is_contiguous()):
+        raise ValueError(f"token_scores: the index's basis must be contiguous float32 {(Hkv, Dk, Dk)}; got "
+                         f"{index.basis.dtype} {tuple(index.basis.shape)} with strides {index.basis.stride()}")
     if words:
         if index_query is None:
             index_query = build_index_query(query, channel_ids, bits, heads)

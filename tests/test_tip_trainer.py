@@ -365,3 +365,6 @@ def test_trainers_require_tip_configs(pair, tmp_path):
     with pytest.raises(ValueError, match="TIPTrainer needs `teacher_model="):
         TIPTrainer(model=load(student), args=TIPConfig(str(tmp_path), **COMMON), train_dataset=prompts(),
                    processing_class=tokenizer)
+    with pytest.raises(ValueError, match="TIPGKDTrainer needs `teacher_model="):
+        TIPGKDTrainer(model=load(student), args=TIPGKDConfig(str(tmp_path), **COMMON), train_dataset=prompts(),
+                      processing_class=tokenizer)

@@ -31,6 +31,7 @@ triton = pytest.importorskip("triton")
 
 from asynctls_tip_kernels import sparse_decode_reference as ref  # noqa: E402
 from asynctls_tip_kernels import block_select  # noqa: E402
+from asynctls_tip_kernels import token_select  # noqa: E402
 from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
 from asynctls_tip_kernels.index_basis import rotate_triton  # noqa: E402
 from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
@@ -86,7 +87,7 @@ def build(name, seed=0, basis=False):
     """A case on DEVICE: query, caches (garbage outside the sequences), shuffled table, index written
     by the reference from keys with a few heavy channels (so channel choice and quantisation matter);
     with `basis`, the index in the keys' principal directions (`index_basis="pca"`)."""
-    seq_lens, cbs, Hkv, group, Dk, Dv, mla, kw, dtype = CASES[name]
+    seq_lens, cbs, Hkv, group, Dk, Dv, mla, kw, dtype = CASES[name] if name in CASES else ROTATION_CASES[name]
     config = SparseAttentionConfig(**kw)
     gen = torch.Generator().manual_seed(seed)
     B = len(seq_lens)
@@ -385,8 +386,24 @@ def test_block_scorer_writes_the_word_path_query(name):
         token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=iq[..., :1])
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if word_score_heads(SparseAttentionConfig(**CASES[n][7]), CASES[n][3])])
-def test_token_scorer_rotates_the_query_while_writing_the_index_query(name):
+# Word-path shapes for the scorer's own rotation only: head dims that are not a multiple of its step
+# (token_select.SCORER_ROTATE_BLOCK_D = 8), single-head and padded groups, 8 bits in float16.
+ROTATION_CASES = {
+    "rot_d20_g3_4bit": ([5, 97, 64, 150], 16, 2, 3, 20, 24, False,
+                        dict(selection_block_size=8, num_blocks=6, token_budget=20, sink_tokens=4, local_tokens=8,
+                             index_channels=8, index_bits=4), torch.float32),
+    "rot_d36_g2_8bit_f16": ([70, 33, 128], 16, 3, 2, 36, 36, False,
+                            dict(selection_block_size=16, num_blocks=4, token_budget=40, sink_tokens=8,
+                                 local_tokens=8, index_channels=12, index_bits=8), torch.float16),
+    "rot_d12_g1_4bit_bf16": ([70, 33, 128], 16, 2, 1, 12, 12, False,
+                             dict(selection_block_size=16, num_blocks=4, token_budget=40, sink_tokens=8,
+                                  local_tokens=8, index_channels=8, index_bits=4), torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if word_score_heads(SparseAttentionConfig(**CASES[n][7]), CASES[n][3])]
+                         + list(ROTATION_CASES))
+def test_token_scorer_rotates_the_query_while_writing_the_index_query(name, monkeypatch):
     # index_basis="pca" in the pipelined step: the scorer gets the query as it is and writes the index
     # query of the rotated one itself (the index channels' rows of the basis), with no rotation launch
     # before it. Its index query equals the reference's within the rotation's float32 rounding (then the
@@ -397,13 +414,16 @@ def test_token_scorer_rotates_the_query_while_writing_the_index_query(name):
     B, Hq, _ = q.shape
     Hkv = kc.shape[2]
     heads = word_score_heads(config, Hq // Hkv)
+    assert heads is not None
     block_ids = ref.select_blocks(q, index, bt, sl, config)
     want_pos, want_scores = ref.score_tokens(q, index, kc, bt, sl, block_ids, config)
     rotated = ref.rotate_query(q, index)
     assert not torch.equal(rotated, q)
     want_iq = build_index_query(rotated, index.channel_ids, config.index_bits, heads)
     own = torch.full((B, Hkv, config.index_channels, heads), float("nan"), device=DEVICE)
-    got = token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=own, write_index_query=True)
+    with monkeypatch.context() as m:  # the kernel rotates: no rotation launch
+        m.setattr(token_select, "rotate_query_triton", lambda *a, **k: pytest.fail("rotation launched"))
+        got = token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=own, write_index_query=True)
     ulp = 2.0 ** -7 if q.dtype == torch.bfloat16 else 2.0 ** -10 if q.dtype == torch.float16 else 1e-5
     torch.testing.assert_close(own, want_iq, rtol=ulp, atol=ulp * float(want_iq.abs().max()))
     assert (own[..., Hq // Hkv:] == 0).all()
@@ -415,6 +435,10 @@ def test_token_scorer_rotates_the_query_while_writing_the_index_query(name):
     # The same scores as with the rotation launch first (the path without write_index_query).
     launched = token_scores_triton(q, index, kc, bt, sl, block_ids, config)
     torch.testing.assert_close(got[finite], launched[finite], rtol=0, atol=float(tol * span))
+    bad = ref.SparseIndex(index.block_min, index.block_max, index.block_scale, index.channel_ids, index.codes,
+                          index.scales, index.key_dtype, index.basis.transpose(1, 2))
+    with pytest.raises(ValueError, match="basis must be"):
+        token_scores_triton(q, bad, kc, bt, sl, block_ids, config, index_query=own, write_index_query=True)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -647,11 +671,13 @@ def _pipelined_case(seed, basis=False):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="stream order needs a CUDA device (the interpreter runs "
                     "the pipelined step's stages in order on one stream)")
-def test_pipelined_step_is_ordered_with_the_callers_stream():
+@pytest.mark.parametrize("basis", [False, True])
+def test_pipelined_step_is_ordered_with_the_callers_stream(basis):
     # The pipelined step forks its two streams from the caller's and joins them back: what the caller
     # queued just before (a long sleep, then the query's copy) must land before either stage reads the
-    # query, and everything the step writes before the caller's next work (copies of the outputs).
-    q, args, previous, ws = _pipelined_case(seed=14)
+    # query, and everything the step writes before the caller's next work (copies of the outputs). With
+    # a basis the block stream reads the query (its rotation) before it waits for the token scores.
+    q, args, previous, ws = _pipelined_case(seed=14, basis=basis)
     static_q = torch.zeros_like(q)
     sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile; outputs of q = 0
     torch.cuda.synchronize()
@@ -659,7 +685,10 @@ def test_pipelined_step_is_ordered_with_the_callers_stream():
     static_q.copy_(q)
     got = [t.clone() for t in sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)]
     torch.cuda.synchronize()
-    want = sparse_decode_triton(q, *args, previous_block_ids=previous)
+    # The eager step (with a basis the pipelined one, whose in-scorer rotation rounds like the launch's but
+    # may differ from it by a unit in the last place).
+    want = sparse_decode_triton(q, *args, previous_block_ids=previous, workspace=ws if basis else None)
+    torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
@@ -696,10 +725,12 @@ def test_pipelined_lagged_decode_is_graph_capturable(basis):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pipelined step's streams need a CUDA device")
-def test_deferred_block_join_equals_joined_steps():
+@pytest.mark.parametrize("basis", [False, True])
+def test_deferred_block_join_equals_joined_steps(basis):
     # Three layers, each joined by the next (the last by join_block_stage), eagerly and from a CUDA graph:
-    # every output equals the step that joins its own block stage, block ids included.
-    q, args, previous, ws = _pipelined_case(seed=15)
+    # every output equals the step that joins its own block stage, block ids included (with a basis, the
+    # block stage's query rotated on the block stream too).
+    q, args, previous, ws = _pipelined_case(seed=15, basis=basis)
     gen = torch.Generator(device=q.device).manual_seed(3)
     queries = [torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype) for _ in range(3)]
     want = [[t.clone() for t in sparse_decode_triton(x, *args, previous_block_ids=previous, workspace=ws)]

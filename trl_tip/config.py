@@ -8,6 +8,7 @@ first among the bases so that its fields are appended after TRL's (dataclasses c
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from trl import DistillationConfig
@@ -68,7 +69,7 @@ class TIPSelectionArguments:
             )
         for name in ("entropy_threshold", "divergence_threshold"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise ValueError(f"{name} must be a number or None, got {value!r} ({type(value).__name__}).")
         if self.entropy_threshold is not None and not (0.0 <= self.entropy_threshold < 1.0):
             raise ValueError(

@@ -259,6 +259,9 @@ class TIPGKDTrainer(_TIPMetricsMixin, GKDTrainer):
         if config is None:
             raise ValueError("TIPGKDTrainer needs `args=TIPGKDConfig(...)`: the selection rule and ratio live there.")
         _check_selection_args(config, TIPGKDConfig)
+        if kwargs.get("teacher_model", args[1] if len(args) > 1 else None) is None:
+            raise ValueError("TIPGKDTrainer needs `teacher_model=` (a model or a model id): the selection statistics "
+                             "and the loss read the teacher's logits in this process; got None.")
         super().__init__(*args, **kwargs)
         _place_teacher_under_fsdp(self)
         self.selection_rule = config.selection_rule
