@@ -79,6 +79,12 @@ def _check_selection_args(args, expected: type) -> None:
                         f"{type(args).__name__}{other}.")
 
 
+def _check_teacher(trainer: str, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("teacher_model", args[1] if len(args) > 1 else None) is None:
+        raise ValueError(f"{trainer} needs `teacher_model=` (a model or a model id): the selection statistics and "
+                         "the loss read the teacher's logits in this process; got None.")
+
+
 @torch.no_grad()
 def _broadcast_from_main_process(model: torch.nn.Module) -> None:
     """Copy process 0's parameters and buffers into every process's copy of an unsharded model (in place)."""
@@ -139,9 +145,7 @@ class TIPTrainer(_TIPMetricsMixin, DistillationTrainer):
         if config is None:
             raise ValueError("TIPTrainer needs `args=TIPConfig(...)`: the selection rule and ratio live there.")
         _check_selection_args(config, TIPConfig)
-        if kwargs.get("teacher_model", args[1] if len(args) > 1 else None) is None:
-            raise ValueError("TIPTrainer needs `teacher_model=` (a model or a model id): the selection statistics "
-                             "and the loss read the teacher's logits in this process; got None.")
+        _check_teacher(type(self).__name__, args, kwargs)
         super().__init__(*args, **kwargs)
         _place_teacher_under_fsdp(self)
         self.selection_rule = config.selection_rule
@@ -259,9 +263,7 @@ class TIPGKDTrainer(_TIPMetricsMixin, GKDTrainer):
         if config is None:
             raise ValueError("TIPGKDTrainer needs `args=TIPGKDConfig(...)`: the selection rule and ratio live there.")
         _check_selection_args(config, TIPGKDConfig)
-        if kwargs.get("teacher_model", args[1] if len(args) > 1 else None) is None:
-            raise ValueError("TIPGKDTrainer needs `teacher_model=` (a model or a model id): the selection statistics "
-                             "and the loss read the teacher's logits in this process; got None.")
+        _check_teacher(type(self).__name__, args, kwargs)
         super().__init__(*args, **kwargs)
         _place_teacher_under_fsdp(self)
         self.selection_rule = config.selection_rule

@@ -288,6 +288,8 @@ def _calibration_texts(args, tokenizer) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from asynctls_tip_kernels.sparse_config import INDEX_CHANNEL_METRICS
+
     p = argparse.ArgumentParser(prog="python -m vllm_asynctls.calibration",
                                 description="Write an AsyncTLS index calibration file for a model.")
     p.add_argument("model", help="transformers checkpoint folder or hub id ('smollm2': SmolLM2-135M-Instruct "
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", required=True, help="the JSON file to write")
     p.add_argument("--index-channels", type=int, default=None,
                    help="channels per kv head (default: 32, capped at the head dim and kept even)")
-    p.add_argument("--metric", default="std", choices=("std", "mean_abs"),
+    p.add_argument("--metric", default="std", choices=INDEX_CHANNEL_METRICS,
                    help="key statistic: std (default) or mean_abs")
     p.add_argument("--no-queries", action="store_true", help="rank channels by the keys alone")
     p.add_argument("--text", action="append", default=[], help="calibration text file (repeatable); default: "
