@@ -11,7 +11,8 @@ Compute, e.g. `ncu -k regex:_token_score --launch-skip 2 --launch-count 1 --sect
 With --lagged, the step runs lagged selection: its block stage on its own stream, overlapped with the
 token stage and the attention over the previous step's blocks (the per-kernel times then overlap).
 
-Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--lagged] [--out FILE]
+Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--lagged]
+       [--index-basis pca] [--out FILE]
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--lagged", action="store_true",
                    help="lagged selection: the block stage on its own stream, pipelined with the token stage")
+    p.add_argument("--index-basis", choices=("channels", "pca"), default="channels",
+                   help="the index's coordinates (SparseAttentionConfig.index_basis)")
     p.add_argument("--out")
     a = p.parse_args(argv)
     Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
     config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=a.budget,
-                                   lagged_selection=a.lagged)
+                                   lagged_selection=a.lagged, index_basis=a.index_basis)
     q, kc, vc, table, seq_lens, index = paged_case(a.batch, a.context, Hq, Hkv, D, D, config, seed=1)
     ws = SparseDecodeWorkspace(a.batch, Hq, Hkv, D, D, table.shape[1], kc.shape[1], config, q.dtype, "cuda")
     scale = 1.0 / math.sqrt(D)
@@ -68,7 +71,7 @@ def main(argv=None) -> dict:
 
     has_pdl = hasattr(sparse_attention, "pdl_enabled")  # absent in kernels older than 2026-11-25 evening
     row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget,
-               lagged=a.lagged)
+               lagged=a.lagged, index_basis=a.index_basis)
     if has_pdl:
         row["pdl_supported"] = sparse_attention.pdl_enabled(q)
         row["graph_us"] = graph_time_ms(step) * 1e3  # as shipped: PDL where the operator's schedule uses it

@@ -60,13 +60,12 @@ def main() -> dict:
     Hkv, Dk, CBS, S, C, bits = 8, 128, 64, 64, 32, 4
     nbytes = C * bits // 8
     base = dict(q_ptr="bf16", codes_ptr="u8", scales_ptr="fp32", k_ptr="bf16", ch_ptr="i64", bt_ptr="i32",
-                seq_lens_ptr="i32", block_ids_ptr="i32", scores_ptr="fp32", iq_ptr="fp32", basis_ptr="fp32",
+                seq_lens_ptr="i32", block_ids_ptr="i32", scores_ptr="fp32", iq_ptr="fp32",
                 NB=128, SINK=64, LOCAL=64, TEMP=0.0884, stride_qb=32 * Dk, stride_qh=Dk, stride_qd=1,
                 stride_sb=Hkv * CBS, stride_st=1, stride_sh=CBS,
                 stride_kb=CBS * Hkv * Dk, stride_kt=Hkv * Dk, stride_kh=Dk, stride_kd=1, stride_btb=1024,
                 HKV=Hkv, GROUP=4, DK=Dk, C=C, BITS=bits, SBS=S, CBS=CBS, BLOCK_C=16, BLOCK_DK=128,
-                IEEE=False, LSE=True, PDL=True, ASM=True, IDS_READY=False, WRITE_IQ=False, IQ_BLOCK_C=32,
-                ROTATE_IQ=False, IQ_BLOCK_D=token_select.SCORER_ROTATE_BLOCK_D)
+                IEEE=False, LSE=True, PDL=True, ASM=True, IDS_READY=False, WRITE_IQ=False, IQ_BLOCK_C=32)
     word = dict(base, stride_cb=Hkv * CBS * nbytes // 4, stride_ct=nbytes // 4, stride_ch=CBS * nbytes // 4,
                 stride_cc=1, BLOCK_H=token_select.word_score_heads(SparseAttentionConfig(), 4),
                 BLOCK_T=32 * token_select.WORD_SCORE_WARPS * token_select.WORD_SCORE_SUB, WORDS=True,

@@ -76,34 +76,6 @@ def _write_index_query(q_row, ch_row, iq_row, stride_qh, stride_qd, GROUP: tl.co
 
 
 @triton.jit
-def _write_rotated_index_query(q_row, basis_row, ch_row, iq_row, stride_qh, stride_qd, D: tl.constexpr,
-                               BLOCK_D: tl.constexpr, GROUP: tl.constexpr, IQ_C: tl.constexpr, IQ_H: tl.constexpr,
-                               IQ_BITS: tl.constexpr, IQ_BLOCK_C: tl.constexpr):
-    # `_write_index_query` of the query in the index's coordinates (`index_basis="pca"`), from the raw
-    # query: iq[c, h] = (basis[ch[c]] . q[h], rounded to the query's dtype as `rotate_query` rounds it)
-    # * 2^(-IQ_BITS (c % (16 / IQ_BITS))). Only the index channels' C rows of the (D, D) basis `basis_row`
-    # are read, in float32 FMAs (C x GROUP x D: 16K for 32 channels, 4 heads and D = 128).
-    offs_c = tl.arange(0, IQ_BLOCK_C)
-    c_mask = offs_c < IQ_C
-    offs_hq = tl.arange(0, IQ_H)
-    h_mask = offs_hq < GROUP
-    ch = tl.load(ch_row + offs_c, mask=c_mask, other=0)
-    acc = tl.zeros((IQ_BLOCK_C, IQ_H), tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        b = tl.load(basis_row + ch[:, None] * D + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
-                    other=0.0)  # (C, Dc)
-        q = tl.load(q_row + offs_hq[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=h_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # (H, Dc)
-        acc += tl.sum(b[:, None, :] * q[None, :, :], axis=2)
-    qv = acc.to(q_row.dtype.element_ty).to(tl.float32)
-    step = (1 << (IQ_BITS * (offs_c % (16 // IQ_BITS)))).to(tl.float32)
-    tl.store(iq_row + offs_c[:, None] * IQ_H + offs_hq[None, :], tl.where(h_mask[None, :], qv / step[:, None], 0.0),
-             mask=c_mask[:, None])
-
-
-@triton.jit
 def _block_score_kernel(
     q_ptr,  # query dtype, (B, Hq, DK), any strides
     bmin_ptr,  # int8, (num_cache_blocks, CBS // SBS, Hkv, DK), any strides: codes of the min

@@ -51,11 +51,6 @@ PIPELINED_SCORER_WRITES_INDEX_QUERY = True
 # Pipelined step with the index-query launch (the flag above off): the token scorer gathers the previous
 # step's block ids and the block table before it waits for the index-query launch just before it.
 PIPELINED_EARLY_GATHER = True
-# Pipelined step with `index_basis="pca"` (and the scorer writing the index query): the token scorer
-# rotates the query itself while it writes its index query (the index channels' rows of the basis), and
-# the block stage's rotation launch runs on the block stream, so no rotation launch is on the token
-# stream (the critical path).
-PIPELINED_SCORER_ROTATES = True
 
 
 def _pipeline_streams(device) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
@@ -336,16 +331,12 @@ def sparse_decode_triton(
     block_stream, token_stream = streams
     main = torch.cuda.current_stream(device)
     token_stream.wait_stream(main)
-    inline = index_query is not None and PIPELINED_SCORER_WRITES_INDEX_QUERY
-    scorer_rotates = inline and PIPELINED_SCORER_ROTATES and index.basis is not None
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(token_stream):
-        if scorer_rotates:
-            q_index, q_tokens = None, query
-        else:
-            # On the token stream, so the token scorer follows the rotation by programmatic dependent
-            # launch; the block stage waits for the token scores, hence for it too.
-            q_index, q_tokens = _index_queries(query, index, config)
+        # On the token stream, so the token scorer follows the rotation by programmatic dependent launch;
+        # the block stage waits for the token scores, hence for it too.
+        q_index, q_tokens = _index_queries(query, index, config)
         token_blocks = previous_block_ids.contiguous()  # any copy before the index-query launch (see below)
+        inline = index_query is not None and PIPELINED_SCORER_WRITES_INDEX_QUERY
         if index_query is not None and not inline:
             index_query_triton(q_tokens, index.channel_ids, config.index_bits, index_query)
         # With the index-query launch right before it, the token scorer may gather the block ids and the
@@ -354,14 +345,8 @@ def sparse_decode_triton(
                                                     config, scale, ws, index_query, token_blocks, q_tokens,
                                                     scores_written=ws.token_scores_written,
                                                     ids_ready=index_query is not None and not inline
-                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline,
-                                                    q_tokens_rotated=not scorer_rotates)
-    # Orders the block stream after the caller's writes: with a basis its rotation reads the query before
-    # the event wait below (without one the event implies it, the token stream having waited for main).
-    block_stream.wait_stream(main)
-    if scorer_rotates:
-        with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
-            q_index = rotate_query_triton(query, index)  # beside the token scorer, off the critical path
+                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline)
+    block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
     block_stream.wait_event(ws.token_scores_written)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
         block_ids = _select_blocks(q_index, index, block_table, seq_lens, config, n_sel, scale, ws, None,
@@ -395,21 +380,19 @@ def _index_queries(query, index, config):
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
                                index_query, token_blocks, q_tokens, scores_written=None, ids_ready=False,
-                               write_index_query=False, q_tokens_rotated=True):
+                               write_index_query=False):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
     attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
     event recorded on the current stream right after the token-score launch: it completes once the scores
     are written, and the pipelined step's block stage waits for it. `q_tokens`: the query the token
     scores read (in the index's coordinates, `rotate_query`; `query` itself without a basis or with
-    index_bits 16); with `q_tokens_rotated=False` it is the raw query and the token scorer rotates it
-    (`token_scores_triton(..., query_in_index_basis=False)`)."""
+    index_bits 16)."""
     B, Hkv = query.shape[0], key_cache.shape[2]
     S = config.selection_block_size
     token_scores = token_scores_triton(q_tokens, index, key_cache, block_table, seq_lens, token_blocks, config,
                                        out=None if ws is None else ws.token_scores, softmax_scale=scale,
                                        index_query=index_query, block_ids_ready=ids_ready,
-                                       write_index_query=write_index_query,
-                                       query_in_index_basis=q_tokens_rotated)
+                                       write_index_query=write_index_query, query_in_index_basis=True)
     if scores_written is not None:
         scores_written.record()
     positions = topk_rows(token_scores.view(B * Hkv, config.num_blocks * S), config.token_budget,

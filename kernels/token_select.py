@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_select import _combine_heads, _write_index_query, _write_rotated_index_query, check_index_query, topk_rows
+from .block_select import _combine_heads, _write_index_query, check_index_query, topk_rows
 from .index_basis import rotate_query_triton
 from .sparse_decode_reference import group_temperature
 from .sparse_attention import _gathered_qk, _pdl_trigger, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
@@ -37,10 +37,6 @@ WORD_SCORE_WARPS = 4  # word path: WORD_SCORE_SUB candidates per thread, 32 * wa
 WORD_SCORE_SUB = 2
 WORD_SCORE_PAIRS = True  # word path: 64-bit code loads (two words) where the layout allows
 TOKEN_SCORE_MAXNREG = None  # register cap per thread for the token scorer (None: the compiler's choice)
-# Query coordinates per step when the scorer rotates the query while writing its index query (the
-# pipelined step with a basis): (channels x heads x step) float32 products per step, so 8 keeps the
-# kernel at the 44 registers of the plain write (sm_90 compile: 63 with 32, 48 with 16).
-SCORER_ROTATE_BLOCK_D = 8
 # The word path (scalar FMAs, whole candidates per thread) serves groups whose query on the index
 # channels is at most this many values (padded group x channels: GQA's 4 x 32 = 128); larger ones
 # (MLA's 16-128 heads x 128 channels) keep the tensor-core dot.
@@ -230,7 +226,6 @@ def _token_score_kernel(
     block_ids_ptr,  # int32, (B, Hkv, NB) contiguous: kept selection blocks, -1 padded
     scores_ptr,  # float32, (B, Hkv, NB * SBS) contiguous: out, -inf = not a candidate
     iq_ptr,  # float32, (B, Hkv, C, BLOCK_H) contiguous: the index query (WORDS only, see `build_index_query`)
-    basis_ptr,  # float32, (Hkv, DK, DK) contiguous: the index's basis (ROTATE_IQ only)
     NB,  # int: kept blocks per row
     SINK,  # int
     LOCAL,  # int
@@ -261,8 +256,6 @@ def _token_score_kernel(
     IDS_READY: tl.constexpr,  # block ids written before the previous kernel: gather them before the PDL wait
     WRITE_IQ: tl.constexpr,  # WORDS: each program writes its row's index query into iq_ptr first (same values)
     IQ_BLOCK_C: tl.constexpr,  # WRITE_IQ: next power of two >= C
-    ROTATE_IQ: tl.constexpr,  # WRITE_IQ: q is the raw query; rotate it by the basis while writing the index query
-    IQ_BLOCK_D: tl.constexpr,  # ROTATE_IQ: query coordinates per step
 ):
     # candidate c -> position p = block_ids[c // SBS] * SBS + c % SBS (valid if the block is kept,
     # p < L, SINK <= p < L - LOCAL);
@@ -294,14 +287,8 @@ def _token_score_kernel(
     if WRITE_IQ:
         # Every program of the row writes the row's index query (the same values), then reads it back
         # below: the launch needs no index-query launch before it.
-        if ROTATE_IQ:
-            _write_rotated_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, basis_ptr + g * (DK * DK),
-                                       ch_ptr + g * C, iq_ptr + pid_bg * (C * BLOCK_H), stride_qh, stride_qd, DK,
-                                       IQ_BLOCK_D, GROUP, C, BLOCK_H, BITS, IQ_BLOCK_C)
-        else:
-            _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * C,
-                               iq_ptr + pid_bg * (C * BLOCK_H), stride_qh, stride_qd, GROUP, C, BLOCK_H, BITS,
-                               IQ_BLOCK_C)
+        _write_index_query(q_ptr + b * stride_qb + g * GROUP * stride_qh, ch_ptr + g * C,
+                           iq_ptr + pid_bg * (C * BLOCK_H), stride_qh, stride_qd, GROUP, C, BLOCK_H, BITS, IQ_BLOCK_C)
         tl.debug_barrier()
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -336,9 +323,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     `index_query` (required) before it reads it, so no launch need write it first (the pipelined step's
     token stage then starts with the scorer).
     query_in_index_basis: `query` is already in the index's coordinates (`rotate_query`); otherwise it
-    is rotated here when the index has a basis and the codes are scored (index_bits 4 / 8): by the
-    kernel itself while it writes the index query (write_index_query on the word path), else by one
-    rotation launch first."""
+    is rotated here when the index has a basis and the codes are scored (index_bits 4 / 8)."""
     require_triton_device("token_scores", query, key_cache, block_ids)
     bits = config.index_bits
     B, Hq, Dk = query.shape
@@ -350,6 +335,8 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
                          f"{tuple(block_ids.shape)}")
     if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32 or block_table.stride(1) != 1:
         raise ValueError("token_scores: block_table (row-contiguous) and seq_lens must be int32")
+    if bits != 16 and index.basis is not None and not query_in_index_basis:
+        query = rotate_query_triton(query, index)
     sbs = config.selection_block_size
     NB = block_ids.shape[2]
     group = Hq // Hkv
@@ -379,16 +366,6 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     num_warps = TOKEN_SCORE_WARPS if block_h <= 32 else 8
     if write_index_query and index_query is None:
         raise ValueError("token_scores: write_index_query=True needs the index_query buffer to write; got None")
-    # The query enters the index's coordinates here: inside the index-query write when the kernel writes
-    # it (its C rows of the basis, no launch before this one), else by one rotation launch.
-    rotate = bits != 16 and index.basis is not None and not query_in_index_basis
-    rotate_iq = rotate and words and write_index_query
-    if rotate and not rotate_iq:
-        query = rotate_query_triton(query, index)
-    if rotate_iq and (index.basis.shape != (Hkv, Dk, Dk) or index.basis.dtype != torch.float32
-                      or not index.basis.is_contiguous()):
-        raise ValueError(f"token_scores: the index's basis must be contiguous float32 {(Hkv, Dk, Dk)}; got "
-                         f"{index.basis.dtype} {tuple(index.basis.shape)} with strides {index.basis.stride()}")
     if words:
         if index_query is None:
             index_query = build_index_query(query, channel_ids, bits, heads)
@@ -402,7 +379,7 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
     grid = (B * Hkv, triton.cdiv(NB * sbs, block_t))
     _token_score_kernel[grid](
         query, codes, scales, key_cache, channel_ids, block_table, seq_lens, block_ids, out, index_query,
-        index.basis if rotate_iq else out, NB, config.sink_tokens, config.local_tokens, temperature,
+        NB, config.sink_tokens, config.local_tokens, temperature,
         query.stride(0), query.stride(1), query.stride(2),
         cs[0], cs[1], cs[2], cs[3],
         ss[0], ss[1], ss[2],
@@ -414,7 +391,6 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
         IEEE=float32_dots(query.dtype) or float32_dots(key_cache.dtype), LSE=config.group_score == "lse",
         WORDS=words, ASM=inline_asm_enabled(query), SUB=WORD_SCORE_SUB, PAIRS=pairs, IDS_READY=block_ids_ready,
         WRITE_IQ=words and write_index_query, IQ_BLOCK_C=triton.next_power_of_2(C),
-        ROTATE_IQ=rotate_iq, IQ_BLOCK_D=min(SCORER_ROTATE_BLOCK_D, triton.next_power_of_2(Dk)),
         **pdl_launch(query),
         **({"maxnreg": TOKEN_SCORE_MAXNREG} if TOKEN_SCORE_MAXNREG else {}),
         num_warps=num_warps,

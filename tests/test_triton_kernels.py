@@ -31,7 +31,6 @@ triton = pytest.importorskip("triton")
 
 from asynctls_tip_kernels import sparse_decode_reference as ref  # noqa: E402
 from asynctls_tip_kernels import block_select  # noqa: E402
-from asynctls_tip_kernels import token_select  # noqa: E402
 from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
 from asynctls_tip_kernels.index_basis import rotate_triton  # noqa: E402
 from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
@@ -87,7 +86,7 @@ def build(name, seed=0, basis=False):
     """A case on DEVICE: query, caches (garbage outside the sequences), shuffled table, index written
     by the reference from keys with a few heavy channels (so channel choice and quantisation matter);
     with `basis`, the index in the keys' principal directions (`index_basis="pca"`)."""
-    seq_lens, cbs, Hkv, group, Dk, Dv, mla, kw, dtype = CASES[name] if name in CASES else ROTATION_CASES[name]
+    seq_lens, cbs, Hkv, group, Dk, Dv, mla, kw, dtype = CASES[name]
     config = SparseAttentionConfig(**kw)
     gen = torch.Generator().manual_seed(seed)
     B = len(seq_lens)
@@ -386,61 +385,6 @@ def test_block_scorer_writes_the_word_path_query(name):
         token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=iq[..., :1])
 
 
-# Word-path shapes for the scorer's own rotation only: head dims that are not a multiple of its step
-# (token_select.SCORER_ROTATE_BLOCK_D = 8), single-head and padded groups, 8 bits in float16.
-ROTATION_CASES = {
-    "rot_d20_g3_4bit": ([5, 97, 64, 150], 16, 2, 3, 20, 24, False,
-                        dict(selection_block_size=8, num_blocks=6, token_budget=20, sink_tokens=4, local_tokens=8,
-                             index_channels=8, index_bits=4), torch.float32),
-    "rot_d36_g2_8bit_f16": ([70, 33, 128], 16, 3, 2, 36, 36, False,
-                            dict(selection_block_size=16, num_blocks=4, token_budget=40, sink_tokens=8,
-                                 local_tokens=8, index_channels=12, index_bits=8), torch.float16),
-    "rot_d12_g1_4bit_bf16": ([70, 33, 128], 16, 2, 1, 12, 12, False,
-                             dict(selection_block_size=16, num_blocks=4, token_budget=40, sink_tokens=8,
-                                  local_tokens=8, index_channels=8, index_bits=4), torch.bfloat16),
-}
-
-
-@pytest.mark.parametrize("name", [n for n in CASES if word_score_heads(SparseAttentionConfig(**CASES[n][7]), CASES[n][3])]
-                         + list(ROTATION_CASES))
-def test_token_scorer_rotates_the_query_while_writing_the_index_query(name, monkeypatch):
-    # index_basis="pca" in the pipelined step: the scorer gets the query as it is and writes the index
-    # query of the rotated one itself (the index channels' rows of the basis), with no rotation launch
-    # before it. Its index query equals the reference's within the rotation's float32 rounding (then the
-    # query dtype's one unit in the last place), and its scores equal the reference's.
-    c = build(name, seed=6, basis=True)
-    q, index, kc, bt, sl = c["query"], c["index"], c["key_cache"], c["block_table"], c["seq_lens"]
-    config = c["config"].with_(index_basis="pca")
-    B, Hq, _ = q.shape
-    Hkv = kc.shape[2]
-    heads = word_score_heads(config, Hq // Hkv)
-    assert heads is not None
-    block_ids = ref.select_blocks(q, index, bt, sl, config)
-    want_pos, want_scores = ref.score_tokens(q, index, kc, bt, sl, block_ids, config)
-    rotated = ref.rotate_query(q, index)
-    assert not torch.equal(rotated, q)
-    want_iq = build_index_query(rotated, index.channel_ids, config.index_bits, heads)
-    own = torch.full((B, Hkv, config.index_channels, heads), float("nan"), device=DEVICE)
-    with monkeypatch.context() as m:  # the kernel rotates: no rotation launch
-        m.setattr(token_select, "rotate_query_triton", lambda *a, **k: pytest.fail("rotation launched"))
-        got = token_scores_triton(q, index, kc, bt, sl, block_ids, config, index_query=own, write_index_query=True)
-    ulp = 2.0 ** -7 if q.dtype == torch.bfloat16 else 2.0 ** -10 if q.dtype == torch.float16 else 1e-5
-    torch.testing.assert_close(own, want_iq, rtol=ulp, atol=ulp * float(want_iq.abs().max()))
-    assert (own[..., Hq // Hkv:] == 0).all()
-    finite = torch.isfinite(want_scores)
-    assert torch.equal(finite, torch.isfinite(got))
-    span = want_scores[finite].abs().max()
-    tol = SCORE_TOL[c["dtype"]] if q.dtype == torch.float32 else ulp
-    torch.testing.assert_close(got[finite], want_scores[finite], rtol=0, atol=float(tol * span))
-    # The same scores as with the rotation launch first (the path without write_index_query).
-    launched = token_scores_triton(q, index, kc, bt, sl, block_ids, config)
-    torch.testing.assert_close(got[finite], launched[finite], rtol=0, atol=float(tol * span))
-    bad = ref.SparseIndex(index.block_min, index.block_max, index.block_scale, index.channel_ids, index.codes,
-                          index.scales, index.key_dtype, index.basis.transpose(1, 2))
-    with pytest.raises(ValueError, match="basis must be"):
-        token_scores_triton(q, bad, kc, bt, sl, block_ids, config, index_query=own, write_index_query=True)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_sparse_attention_matches_reference(name):
     c = build(name, seed=4)
@@ -675,8 +619,8 @@ def _pipelined_case(seed, basis=False):
 def test_pipelined_step_is_ordered_with_the_callers_stream(basis):
     # The pipelined step forks its two streams from the caller's and joins them back: what the caller
     # queued just before (a long sleep, then the query's copy) must land before either stage reads the
-    # query, and everything the step writes before the caller's next work (copies of the outputs). With
-    # a basis the block stream reads the query (its rotation) before it waits for the token scores.
+    # query, and everything the step writes before the caller's next work (copies of the outputs); with a
+    # basis, also the query's rotation.
     q, args, previous, ws = _pipelined_case(seed=14, basis=basis)
     static_q = torch.zeros_like(q)
     sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile; outputs of q = 0
@@ -685,9 +629,7 @@ def test_pipelined_step_is_ordered_with_the_callers_stream(basis):
     static_q.copy_(q)
     got = [t.clone() for t in sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)]
     torch.cuda.synchronize()
-    # The eager step (with a basis the pipelined one, whose in-scorer rotation rounds like the launch's but
-    # may differ from it by a unit in the last place).
-    want = sparse_decode_triton(q, *args, previous_block_ids=previous, workspace=ws if basis else None)
+    want = sparse_decode_triton(q, *args, previous_block_ids=previous)
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
@@ -697,9 +639,8 @@ def test_pipelined_step_is_ordered_with_the_callers_stream(basis):
 def test_pipelined_lagged_decode_is_graph_capturable(basis):
     # The block stage and the token stage fork from and join the capturing stream on their own streams;
     # a replay with a new query equals the eager step, and the block ids it returns are this query's
-    # (the next step's input). With a basis the token scorer rotates the query itself and the block
-    # stage's rotation (a tensor made on the block stream) runs there: the eager pipelined step is the
-    # reference then (the step without a workspace rotates in one launch: equal up to rounding).
+    # (the next step's input); with a basis too (the query rotated on the token stream), where the replay
+    # also equals the reference.
     q, args, previous, ws = _pipelined_case(seed=13, basis=basis)
     static_q = q.clone()
     sparse_decode_triton(static_q, *args, previous_block_ids=previous, workspace=ws)  # compile
@@ -711,14 +652,11 @@ def test_pipelined_lagged_decode_is_graph_capturable(basis):
     static_q.copy_(new_q)
     graph.replay()
     torch.cuda.synchronize()
-    c = build("bench_qwen3_8b_scaled", seed=13, basis=basis)  # the case's data again (same seed)
-    want_ws = _workspace_for(c, args[5]) if basis else None
-    want_out, want_pos, want_blocks = sparse_decode_triton(new_q, *args, previous_block_ids=previous,
-                                                           workspace=want_ws)
-    torch.cuda.synchronize()
+    want_out, want_pos, want_blocks = sparse_decode_triton(new_q, *args, previous_block_ids=previous)
     assert torch.equal(pos, want_pos) and torch.equal(blocks, want_blocks)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     if basis:  # and the pipelined step with a basis equals the reference
+        c = build("bench_qwen3_8b_scaled", seed=13, basis=True)  # the case's data again (same seed)
         assert torch.equal(c["key_cache"], args[0])
         want = ref.sparse_decode(new_q, *args, previous_block_ids=previous)
         _assert_decode_matches(dict(c, query=new_q), (out, pos, blocks), want)
@@ -728,8 +666,7 @@ def test_pipelined_lagged_decode_is_graph_capturable(basis):
 @pytest.mark.parametrize("basis", [False, True])
 def test_deferred_block_join_equals_joined_steps(basis):
     # Three layers, each joined by the next (the last by join_block_stage), eagerly and from a CUDA graph:
-    # every output equals the step that joins its own block stage, block ids included (with a basis, the
-    # block stage's query rotated on the block stream too).
+    # every output equals the step that joins its own block stage, block ids included (also with a basis).
     q, args, previous, ws = _pipelined_case(seed=15, basis=basis)
     gen = torch.Generator(device=q.device).manual_seed(3)
     queries = [torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype) for _ in range(3)]

@@ -1,4 +1,6 @@
-"""(Copied from layout_merge_h100_2026-11-26; used here with HEAD = bd6e260 as "base": the rotation inside the pipelined token scorer.)
+"""INVALID as run here: `.baseline_kernels` comes first on sys.path and held a link `asynctls_tip_kernels` -> the base
+kernels, so "new" ran the base code too (see rotation_ab_clean.py). (Copied from layout_merge_h100_2026-11-26; used here
+with HEAD = bd6e260 as "base": the rotation inside the pipelined token scorer.)
 A/B in one process of the query rotation's launch shape (index_basis="pca"): the working tree's kernels (new:
 one program per output tile, the head dim in one step) against HEAD's (base, as package asynctls_base_kernels:
 one program per row tile looping over output tiles and 64-channel steps). Per layer, 4 layers in one graph,
