@@ -4,7 +4,10 @@ set -o pipefail
 WHICH=$1; shift
 mkdir -p /tmp/s /tmp/base
 ln -sfn $PWD/kernels /tmp/s/asynctls_tip_kernels
-ln -sfn $PWD/.baseline_kernels/asynctls_tip_kernels /tmp/base/asynctls_tip_kernels
+# The base kernels live in .baseline_kernels/asynctls_base_kernels; never name a folder or link asynctls_tip_kernels
+# inside .baseline_kernels: the A/B scripts put .baseline_kernels first on sys.path, and it would shadow the tree's
+# kernels (2026-11-26: an A/B that compared the base with itself).
+ln -sfn $PWD/.baseline_kernels/asynctls_base_kernels /tmp/base/asynctls_tip_kernels
 export PYTHONUNBUFFERED=1
 if [ "$WHICH" = tests ]; then
   pip install -q --target /tmp/pyt .whl/pytest-8.3.4-py3-none-any.whl .whl/iniconfig-2.0.0-py3-none-any.whl .whl/pluggy-1.5.0-py3-none-any.whl 2>&1 | tail -1
