@@ -313,8 +313,8 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         "asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_256")),
         # Lagged selection (the state carried between steps in vllm_asynctls.lagged_state), covering budget.
         "asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True))),
-        # The same with the index in each kv head's principal directions (the pipelined token scorer then
-        # rotates the query itself), covering and at 256 tokens (must have run sparse: its counters).
+        # The same with the index in each kv head's principal directions (the query rotated once per layer
+        # and step), covering and at 256 tokens (must have run sparse: its counters).
         "asynctls_cover_lagged_pca": dict(backend="asynctls", knobs=json.dumps(
             dict(cover, lagged_selection=True, index_basis="pca"))),
         "asynctls_256_lagged_pca": dict(backend="asynctls", knobs=json.dumps(
