@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_sparse_decode import QWEN3_8B, decode_write_ms, graph_time_ms, paged_case
 from asynctls_tip_kernels import sparse_attention, sparse_decode
-from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+from asynctls_tip_kernels.sparse_config import INDEX_BASES, SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--lagged", action="store_true",
                    help="lagged selection: the block stage on its own stream, pipelined with the token stage")
-    p.add_argument("--index-basis", choices=("channels", "pca"), default="channels",
+    p.add_argument("--index-basis", choices=INDEX_BASES, default="channels",
                    help="the index's coordinates (SparseAttentionConfig.index_basis)")
     p.add_argument("--out")
     a = p.parse_args(argv)
