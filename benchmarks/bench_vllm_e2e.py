@@ -89,6 +89,23 @@ def small_model_dir(root: Path) -> Path:
     return cached_model(spec, root)
 
 
+def small_mla_model_dir(root: Path) -> Path:
+    """A 4-layer DeepSeek-V3-shaped MLA model (latent 512 + rope 64, 16 heads, no MoE layer), random
+    weights, built like the GQA check model."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import TinyModelSpec, cached_model
+
+    spec = TinyModelSpec(
+        model_type="deepseek_v3", dtype="bfloat16",
+        config=dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
+                    first_k_dense_replace=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                    n_group=1, topk_group=1, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                    max_position_embeddings=16384, rope_scaling=None, tie_word_embeddings=False),
+    )
+    return cached_model(spec, root)
+
+
 # ------------------------------------------------------------------------------------------------
 # engine workers (one per subprocess)
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +336,17 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
             dict(cover, lagged_selection=True, index_basis="pca"))),
         "asynctls_256_lagged_pca": dict(backend="asynctls", knobs=json.dumps(
             dict(small, lagged_selection=True, index_basis="pca")), counters=str(out / "counters_256_lagged_pca")),
+        # MLA (`small_mla_model_dir`): TRITON_MLA (the parent of asynctls' GPU MLA backend; the reference of
+        # these runs), vLLM's default MLA backend (the dense spread), asynctls covering (graphs, eager,
+        # lagged) and at 256 tokens (must have run sparse: its counters).
+        "mla_triton": dict(backend="TRITON_MLA", mla=True),
+        "mla_default": dict(backend="default", mla=True),
+        "mla_asynctls_cover": dict(backend="asynctls", knobs=json.dumps(cover), mla=True),
+        "mla_asynctls_cover_eager": dict(backend="asynctls", knobs=json.dumps(cover), eager=True, mla=True),
+        "mla_asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True)),
+                                          mla=True),
+        "mla_asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_mla_256"),
+                                 mla=True),
         # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
         "asynctls_256_calibrated": dict(backend="asynctls", knobs=json.dumps(
             dict(small, index_calibration_file=str(out / "channels.json"))), counters=str(out / "counters_256_cal")),
@@ -329,21 +357,24 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
                "--dtype", "bfloat16", "--lengths", "2048"]
         print(f"== calibration: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, timeout=600)
+    mla_model = small_mla_model_dir(out / "models") if any(kw.get("mla") for kw in runs.values()) else None
     res, t0 = {}, time.perf_counter()
     for name, kw in runs.items():
+        kw = dict(kw)
+        run_model = mla_model if kw.pop("mla", False) else model
         left = budget_s - (time.perf_counter() - t0)
         if left < 60:
             print(f"== {name}: skipped, {left:.0f}s of the time budget left", flush=True)
             res[name] = None
             continue
-        res[name] = spawn(out, f"check_{name}", int(left), role="check", model=model,
+        res[name] = spawn(out, f"check_{name}", int(left), role="check", model=run_model,
                           prompts=out / "prompts.json", **kw)
     summary = {}
-    ref = res.get("flash_attn")
     for name, r in res.items():
         summary[f"{name}_ran"] = r is not None
-        if name != "flash_attn" and r is not None and ref is not None:
-            summary[f"{name}_vs_flash_attn"] = _compare(ref, r)
+        ref_name = "mla_triton" if name.startswith("mla_") else "flash_attn"
+        if name != ref_name and r is not None and res.get(ref_name) is not None:
+            summary[f"{name}_vs_{ref_name}"] = _compare(res[ref_name], r)
     if res.get("asynctls_cover") and res.get("asynctls_cover_eager"):
         summary["asynctls_graph_vs_eager"] = _compare(res["asynctls_cover_eager"], res["asynctls_cover"])
     if res.get("asynctls_cover") and res.get("asynctls_cover_tp2"):
@@ -358,7 +389,7 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         file_layers = [list(map(list, layer)) for layer in load_calibration(out / "channels.json").layers]
         summary["asynctls_256_calibrated_serves_the_files_channels"] = (
             res["asynctls_256_calibrated"]["index_channels"] == [file_layers])
-    for prefix in ("counters_256", "counters_256_lagged_pca"):
+    for prefix in ("counters_256", "counters_256_lagged_pca", "counters_mla_256"):
         counters = sorted(out.glob(f"{prefix}.*"))
         counters = [p for p in counters if not p.name.endswith(".tmp")]
         summary[f"asynctls_{prefix[len('counters_'):]}_counters"] = [json.loads(p.read_text()) for p in counters]

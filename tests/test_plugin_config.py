@@ -214,6 +214,39 @@ def test_cpu_platform_honours_asynctls_and_only_asynctls(registered, caplog):
     assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(attn_type="encoder_only")) == E.CPU_ATTN.get_path()
 
 
+def test_cuda_selector_routes_mla_layers_to_the_gpu_mla_backend(registered):
+    """On CUDA `CUSTOM` is bound to the FLASH_ATTN subclass; the wrapped CUDA selector sends MLA layers
+    to the TRITON_MLA subclass instead and leaves every other selection to vLLM's (here a stand-in:
+    vLLM's CPU build cannot import its CUDA platform)."""
+    from vllm.platforms.interface import DeviceCapability
+
+    from vllm_asynctls import _vllm_compat
+
+    calls = []
+
+    class FakeCudaPlatform:
+        @classmethod
+        def get_device_capability(cls, device_id=0):
+            return DeviceCapability(9, 0)
+
+        get_attn_backend_cls = classmethod(_vllm_compat.cuda_attn_backend_selector(
+            lambda cls, selected, config, num_heads: calls.append((selected, config.use_mla)) or "vllm's choice"))
+
+    E = registered
+    mla = dict(head_size=576, dtype=torch.bfloat16, block_size=16, use_mla=True)
+    assert FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**mla)) == _vllm_compat.GPU_MLA_BACKEND_PATH
+    assert calls == []
+    assert FakeCudaPlatform.get_attn_backend_cls(E.TRITON_MLA, _selector(**mla)) == "vllm's choice"
+    assert FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(head_size=128)) == "vllm's choice"
+    assert calls == [(E.TRITON_MLA, True), (E.CUSTOM, False)]
+    with pytest.raises(NotImplementedError, match="kv_cache_dtype 'auto'"):
+        FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="fp8")))
+    with pytest.raises(NotImplementedError, match="trained sparse attention"):
+        FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, use_sparse=True)))
+    with pytest.raises(ValueError, match="cannot serve this MLA model"):
+        FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, dtype=torch.float32)))
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [

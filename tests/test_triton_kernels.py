@@ -1085,3 +1085,57 @@ def test_graph_captured_before_the_basis_is_calibrated_uses_it():
     torch.cuda.synchronize()
     assert_same_summaries(index, copy_index(before, lambda t: t.cpu()))
     assert torch.equal(index.codes, before.codes)
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
+    """What the GPU MLA backend runs (`vllm_asynctls.mla_decode`): rows written as vLLM writes its MLA
+    cache (`concat(kv_c_normed, k_pe)` into a (blocks, block_size, L + P) cache) and into the layer's
+    index, then the sparse operator with the absorbed query. A covering budget equals dense MLA
+    attention (float32); a small one equals the reference operator on the same views."""
+    from vllm_asynctls.layer_index import LayerIndex
+    from vllm_asynctls.mla_decode import mla_key_rows, sparse_mla_decode
+
+    gen = torch.Generator().manual_seed(11)
+    L, P, H, cbs = 64, 32, 6, 16
+    seq_lens = [150, 37, 0]  # the last row is padding, as in vLLM's captured batches
+    B, W = len(seq_lens), 12
+    num_cache_blocks = B * W + 1
+    table = torch.randperm(num_cache_blocks, generator=gen)[: B * W].view(B, W).to(torch.int32)
+    cache = torch.randn(num_cache_blocks, cbs, L + P, generator=gen)  # junk outside the sequences
+    slots = torch.cat([table[b, torch.arange(n) // cbs].long() * cbs + torch.arange(n) % cbs
+                       for b, n in enumerate(seq_lens)])
+    kv_c = torch.randn(len(slots), L, generator=gen) * (1 + 3 * (torch.rand(L, generator=gen) < 0.1))
+    k_pe = torch.randn(len(slots), 1, P, generator=gen)  # vLLM passes k_pe with a head axis of 1
+    rows = mla_key_rows(kv_c, k_pe, torch.float32)
+    assert rows.shape == (len(slots), 1, L + P)
+    cache.view(-1, L + P)[slots] = rows[:, 0]  # what concat_and_cache_mla writes
+    q = torch.randn(B, H, L + P, generator=gen)
+    scale = 1.0 / math.sqrt(L + P)
+    cache, q, table, lens = (t.to(DEVICE) for t in (cache, q, table, torch.tensor(seq_lens, dtype=torch.int32)))
+    key_cache = cache.unsqueeze(2)
+    value_cache = key_cache[..., :L]
+
+    def run(config):
+        lix = LayerIndex(config, 1, L + P, is_mla=True)
+        lix.ensure(num_cache_blocks, cbs, torch.float32, DEVICE)
+        ref.calibrate_index(lix.index, rows.to(DEVICE), config)  # as the first real write would
+        lix.calibrated = True
+        lix.write(rows.to(DEVICE), slots.to(DEVICE))
+        previous = lix.previous_blocks(table, lens)  # lagged: what a request's first step starts from
+        previous = None if previous is None else previous.clone()
+        return lix, previous, sparse_mla_decode(q, cache, table, lens, L, lix, config, scale)
+
+    covering = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=16, token_budget=160, sink_tokens=16,
+                                             local_tokens=16, index_channels=32, lagged_selection=lagged)
+    _, _, out = run(covering)
+    dense = ref.dense_decode_attention(q, key_cache, value_cache, table, lens, scale)
+    assert out.shape == (B, H, L)
+    torch.testing.assert_close(out[:2].float(), dense[:2].float(), rtol=2e-5, atol=2e-5)
+
+    small = covering.with_(num_blocks=4, token_budget=24)
+    lix, previous, out = run(small)
+    want, _, _ = ref.sparse_decode(q, key_cache, value_cache, table, lens, lix.index, small, scale,
+                                   previous_block_ids=previous)
+    torch.testing.assert_close(out[:2].float(), want[:2].float(), rtol=2e-5, atol=2e-5)
+    assert not torch.allclose(out[0].float(), dense[0].float(), atol=1e-3)  # it did select

@@ -26,8 +26,10 @@ every vLLM process (API server, engine core, workers) before any config is parse
 
 On CUDA, `CUSTOM` is bound to `gpu_backend.AsyncTLSFlashAttentionBackend` (a FLASH_ATTN subclass)
 instead, and the CUDA platform's own selector resolves it (through the backend's
-`validate_configuration`, which names what a model needs that the backend lacks): adaptation 3 is not
-needed there. The KV-cache layout differences between 0.26 (`get_kv_cache_shape` /
+`validate_configuration`, which names what a model needs that the backend lacks). Adaptation 3 there
+only routes MLA layers: `CudaPlatform.get_attn_backend_cls` is wrapped so that, with asynctls
+selected, an MLA layer gets `gpu_mla_backend.AsyncTLSTritonMLABackend` (a TRITON_MLA subclass),
+checked by its own `validate_configuration`. The KV-cache layout differences between 0.26 (`get_kv_cache_shape` /
 `get_kv_cache_stride_order`) and 0.32 stay inside the parent backends we subclass.
 """
 
@@ -39,6 +41,7 @@ BACKEND_NAME = "ASYNCTLS"
 GQA_BACKEND_PATH = "vllm_asynctls.backend.AsyncTLSAttentionBackend"
 MLA_BACKEND_PATH = "vllm_asynctls.backend.AsyncTLSMLABackend"
 GPU_BACKEND_PATH = "vllm_asynctls.gpu_backend.AsyncTLSFlashAttentionBackend"
+GPU_MLA_BACKEND_PATH = "vllm_asynctls.gpu_mla_backend.AsyncTLSTritonMLABackend"
 OUR_BACKEND_PATHS = (GQA_BACKEND_PATH, GPU_BACKEND_PATH)
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
@@ -242,6 +245,37 @@ def patch_cpu_platform() -> None:
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
+def cuda_attn_backend_selector(original):
+    """`CudaPlatformBase.get_attn_backend_cls` wrapped: with asynctls selected, MLA layers get the GPU MLA
+    backend (checked by its own `validate_configuration`); every other call goes to `original`."""
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if not (asynctls_selected(selected_backend) and attn_selector_config.use_mla):
+            return original(cls, selected_backend, attn_selector_config, num_heads)
+        check_model_supported(attn_selector_config)
+        from vllm_asynctls.gpu_mla_backend import AsyncTLSTritonMLABackend
+
+        reasons = AsyncTLSTritonMLABackend.validate_configuration(
+            device_capability=cls.get_device_capability(), **attn_selector_config._asdict())
+        if reasons:
+            raise ValueError(f"--attention-backend asynctls cannot serve this MLA model: {reasons}")
+        logger.info("asynctls: using %s", GPU_MLA_BACKEND_PATH)
+        return GPU_MLA_BACKEND_PATH
+
+    setattr(get_attn_backend_cls, _PATCH_MARK, True)
+    return get_attn_backend_cls
+
+
+def patch_cuda_platform() -> None:
+    """Route MLA layers to the GPU MLA backend when asynctls is selected on CUDA (idempotent)."""
+    from vllm.platforms.cuda import CudaPlatformBase
+
+    if getattr(CudaPlatformBase.get_attn_backend_cls, _PATCH_MARK, False):
+        return
+    original = CudaPlatformBase.__dict__["get_attn_backend_cls"].__func__
+    CudaPlatformBase.get_attn_backend_cls = classmethod(cuda_attn_backend_selector(original))
+
+
 def validate_vllm_config(vllm_config) -> None:
     """Raise ValueError naming the knob when `--additional-config '{"asynctls": ...}'` is invalid for
     this engine (a no-op unless asynctls was selected)."""
@@ -361,6 +395,8 @@ def install() -> None:
 
     alias_backend_name()
     register_custom_override()
+    if current_platform.is_cuda():
+        patch_cuda_platform()
     if current_platform.is_cpu():
         patch_cpu_platform()
         from vllm_asynctls import offload

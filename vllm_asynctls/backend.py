@@ -66,6 +66,7 @@ from vllm_asynctls._vllm_compat import (
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
+from vllm_asynctls.mla_decode import mla_key_rows
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
@@ -540,8 +541,7 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
             return
         num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]  # (nb, bs, L + P)
         self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
-        key = torch.cat([kv_c_normed, k_pe.reshape(k_pe.shape[0], -1)], dim=-1).unsqueeze(1)  # (N, 1, L + P)
-        self.layer_index.write(key.to(kv_cache.dtype), slot_mapping.flatten())
+        self.layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_cache.dtype), slot_mapping.flatten())
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata: AsyncTLSMLAMetadata, layer):
         md = attn_metadata

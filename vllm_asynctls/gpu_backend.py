@@ -30,8 +30,8 @@ Design
   a captured graph cannot update host-side tallies. vLLM's warm-up and capture steps are counted too:
   call `reset_counters` (through `collective_rpc`) after start-up before measuring.
 
-Not supported (start-up errors naming the feature): MLA models on GPU (the CPU backend serves them),
-sliding-window layers, ALiBi, soft-capping, learned sinks, quantised KV caches, KV-sharing layers, KV
+MLA models on GPU are served by `gpu_mla_backend.AsyncTLSTritonMLABackend` (the CUDA selector routes
+them there). Not supported (start-up errors naming the feature): sliding-window layers, ALiBi, soft-capping, learned sinks, quantised KV caches, KV-sharing layers, KV
 connectors (they would load blocks past the index write), speculative decoding, batch-invariant mode,
 decode context parallelism, modes other than "asynctls"; cascade attention is never chosen.
 """
@@ -295,7 +295,7 @@ class AsyncTLSFlashAttentionBackend(AsyncTLSBackendTraits, FlashAttentionBackend
     def validate_configuration(cls, *args, **kwargs) -> list[str]:
         reasons = list(super().validate_configuration(*args, **kwargs))
         if kwargs.get("use_mla"):
-            reasons.append("asynctls serves MLA models on the CPU platform only (no GPU MLA path in this version)")
+            reasons.append("MLA layers take vllm_asynctls.gpu_mla_backend.AsyncTLSTritonMLABackend, not this class")
         if kwargs.get("use_sparse"):
             reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
         if kwargs.get("use_kv_connector"):

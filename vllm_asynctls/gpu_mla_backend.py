@@ -1,0 +1,205 @@
+"""AsyncTLS attention backend for MLA models (DeepSeek-V2/V3, GLM style) on CUDA GPUs: vLLM's
+TRITON_MLA for prefill, the Triton sparse decode operator for decode, decode captured in full CUDA
+graphs.
+
+Design
+- Subclasses of vLLM's TRITON_MLA backend, metadata builder and impl. MLA runs prefill through
+  `forward_mha` (vLLM's MLA prefill backends, unchanged) and decode through `forward_mqa` with the
+  absorbed query (B, H, kv_lora_rank + rope_dim) over the latent cache (blocks, block_size,
+  kv_lora_rank + rope_dim). Only `forward_mqa` changes: the sparse operator sees MLA as one kv head
+  whose key is the whole latent row and whose value is its first `kv_lora_rank` channels (a view of
+  the same cache, so each attended row is read once), the head dims vLLM's `_v_up_proj` expects.
+- The builder keeps TRITON_MLA's decode metadata (block table and sequence lengths vLLM already keeps
+  on the device) and adds a `SparseDecodeWorkspace`, carved from one arena per engine outside any
+  capture, so the decode step has fixed shapes and no host synchronisation; it declares
+  `UNIFORM_SINGLE_TOKEN_DECODE`, and vLLM captures decode in full graphs.
+- Every decode token takes the sparse operator, as on the GQA GPU path (a captured graph cannot
+  branch on the replaying step's context lengths). It attends to every token of a context that fits
+  `token_budget + sink_tokens + local_tokens`, so it is exact there.
+- The index (summaries and low-bit codes of `index_channels` of the 576 latent channels, default 128)
+  is written in `do_kv_cache_update` right after vLLM's `concat_and_cache_mla`, by the fused Triton
+  index-write kernel (inside decode graphs too).
+
+Not supported (start-up errors naming the feature): quantised KV caches, sparse-attention models
+(DeepSeek V3.2's indexer), decode context parallelism, speculative decoding, the offload knob.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers.attention.mla_attention import MLACommonDecodeMetadata, MLACommonMetadata
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonMLAImpl, TritonMLAMetadataBuilder
+
+from vllm_asynctls._vllm_compat import BACKEND_NAME
+from vllm_asynctls.config import AsyncTLSConfig
+from vllm_asynctls.counters import COUNTERS
+from vllm_asynctls.layer_index import LayerIndex
+from vllm_asynctls.mla_decode import mla_key_rows, sparse_mla_decode
+
+logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
+
+try:  # vLLM >= 0.26 names how many query tokens a decode row may carry
+    from vllm.model_executor.layers.attention.mla_attention import QueryLenSupport
+except ImportError:  # pragma: no cover - older vLLM
+    QueryLenSupport = None
+
+
+@dataclass
+class AsyncTLSMLADecodeMetadata(MLACommonDecodeMetadata):
+    """TRITON_MLA's decode metadata (block_table (B, W) int32, seq_lens (B,) int32, B = decode rows,
+    padded by vLLM to the captured batch size with seq_len 0) plus the sparse operator's workspace."""
+
+    workspace: SparseDecodeWorkspace | None = None
+
+
+class AsyncTLSTritonMLAMetadataBuilder(TritonMLAMetadataBuilder):
+    """TRITON_MLA's metadata; decode rows also carry the sparse operator's workspace."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    if QueryLenSupport is not None:
+        query_len_support = QueryLenSupport.SINGLE_ONLY  # one query token per decode row
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+        self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
+        self.key_dim = self.mla_dims.kv_lora_rank + self.mla_dims.qk_rope_head_dim
+        self.sparse_config = self.asynctls.sparse_config(head_dim=self.key_dim, is_mla=True)
+        self.asynctls.check_cache_block_size(kv_cache_spec.block_size)
+        self.workspace_dtype = vllm_config.model_config.dtype
+        self.max_batch = max(vllm_config.scheduler_config.max_num_seqs,
+                             vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+        self._arena: WorkspaceArena | None = None
+        self._arena_width = -1
+        self._workspaces: dict[int, SparseDecodeWorkspace] = {}
+
+    def _workspace_args(self, batch: int, width: int) -> tuple:
+        return (batch, self.num_heads, 1, self.key_dim, self.mla_dims.kv_lora_rank, width,
+                self.kv_cache_spec.block_size, self.sparse_config, self.workspace_dtype, self.device)
+
+    def _workspace(self, batch: int, width: int) -> SparseDecodeWorkspace:
+        """This batch size's workspace; all sizes share one arena sized for the largest (their steps
+        never overlap), allocated at the first build, which vLLM runs before any capture."""
+        if width != self._arena_width:
+            nbytes = max(WorkspaceArena.required_bytes(*self._workspace_args(b, width))
+                         for b in range(1, max(self.max_batch, batch) + 1))
+            self._arena = WorkspaceArena(nbytes, self.device)
+            self._arena_width = width
+            self._workspaces.clear()
+            logger.info("asynctls (MLA): decode workspace arena %.1f MiB for batches up to %d",
+                        nbytes / 2**20, self.max_batch)
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            ws = SparseDecodeWorkspace(*self._workspace_args(batch, width), empty=self._arena.carver())
+            self._workspaces[batch] = ws
+        return ws
+
+    def _build_decode(self, block_table_tensor: torch.Tensor, seq_lens_device: torch.Tensor, *args,
+                      **kwargs) -> AsyncTLSMLADecodeMetadata:
+        base = super()._build_decode(block_table_tensor, seq_lens_device, *args, **kwargs)
+        return AsyncTLSMLADecodeMetadata(
+            block_table=base.block_table, seq_lens=base.seq_lens, dcp_tot_seq_lens=base.dcp_tot_seq_lens,
+            workspace=self._workspace(base.block_table.shape[0], base.block_table.shape[1]),
+        )
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> MLACommonMetadata:
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        self._count(common_attn_metadata, md.num_decodes or 0)
+        return md
+
+    @staticmethod
+    def _count(cm, num_decodes: int) -> None:
+        """Counters from host tensors vLLM already has (no device read). Padded rows hold 0."""
+        lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
+        if lens is None:
+            return
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        decode_lens = lens[:num_decodes]
+        COUNTERS.record_step(
+            prefill_tokens=int(qsl[-1] - qsl[num_decodes]),
+            dense_context_lens=[],
+            sparse_context_lens=decode_lens[decode_lens > 0].tolist(),
+        )
+
+
+class AsyncTLSTritonMLAImpl(TritonMLAImpl):
+    """TRITON_MLA for prefill; the Triton sparse operator for every decode row."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args) -> None:
+        if kv_cache_dtype != "auto":
+            raise NotImplementedError(
+                f"--attention-backend asynctls supports kv_cache_dtype 'auto' only; got {kv_cache_dtype!r}. "
+                "Drop --kv-cache-dtype"
+            )
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"--attention-backend asynctls does not support attention type {attn_type}")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
+        if self.dcp_world_size > 1:
+            raise NotImplementedError("--attention-backend asynctls does not support decode context parallelism")
+        vllm_config = get_current_vllm_config()
+        self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
+        if self.asynctls.offload:
+            raise NotImplementedError(
+                "asynctls knob offload=true is implemented for GQA/MHA models on the CPU platform; this is an "
+                "MLA model on GPU. Serve it with offload=false"
+            )
+        key_dim = self.kv_lora_rank + self.qk_rope_head_dim
+        self.sparse_config = self.asynctls.sparse_config(head_dim=key_dim, is_mla=True)
+        self.asynctls.check_index_calibration(vllm_config, key_dim, self.sparse_config.index_channels, is_mla=True)
+        self.layer_index = LayerIndex(self.sparse_config, 1, key_dim, is_mla=True)
+
+    def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
+        super().do_kv_cache_update(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)
+        if kv_cache.numel() == 0:
+            return
+        num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]  # (nb, bs, L + P)
+        self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
+        self.layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_cache.dtype), slot_mapping.flatten())
+
+    def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata: MLACommonMetadata, layer):
+        if isinstance(q, tuple):
+            q = torch.cat(q, dim=-1)  # (B, H, L + P) absorbed query
+        decode = attn_metadata.decode
+        out = sparse_mla_decode(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.kv_lora_rank,
+                                self.layer_index, self.sparse_config, self.scale, workspace=decode.workspace)
+        return out, None
+
+
+class AsyncTLSTritonMLABackend(TritonMLABackend):
+    """`--attention-backend asynctls` for MLA models on CUDA GPUs (vLLM's TRITON_MLA underneath)."""
+
+    supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False  # the sparse operator's split count depends on the batch size
+
+    @staticmethod
+    def get_impl_cls() -> type[AsyncTLSTritonMLAImpl]:
+        return AsyncTLSTritonMLAImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[AsyncTLSTritonMLAMetadataBuilder]:
+        return AsyncTLSTritonMLAMetadataBuilder
+
+    @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        reasons = list(super().validate_configuration(*args, **kwargs))
+        if kwargs.get("use_sparse"):
+            reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
+        if kwargs.get("use_kv_connector"):
+            reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
+        return reasons

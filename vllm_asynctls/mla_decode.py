@@ -1,0 +1,36 @@
+"""MLA on the sparse path: vLLM's latent cache seen as one kv head (no vLLM import here, so the kernel
+tests can check it on any machine).
+
+vLLM's MLA cache holds one row per token, `concat(kv_c_normed, k_pe)` of width `kv_lora_rank +
+rope_dim`, and decode runs with the absorbed query over those rows. For the sparse operator the whole
+row is the key and its first `kv_lora_rank` channels are the value: a view of the same cache, so each
+attended row is read once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mla_key_rows(kv_c_normed: torch.Tensor, k_pe: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The latent cache rows vLLM writes for these tokens, as keys of one kv head: (N, 1, L + P)."""
+    return torch.cat([kv_c_normed, k_pe.reshape(k_pe.shape[0], -1)], dim=-1).unsqueeze(1).to(dtype)
+
+
+def sparse_mla_decode(q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, kv_lora_rank: int, layer_index, sparse_config, scale: float,
+                      workspace=None) -> torch.Tensor:
+    """The Triton sparse operator over vLLM's latent cache for B decode rows: q (B, H, L + P) absorbed
+    query, cache (blocks, block_size, L + P), block_table (B, W) int32, seq_lens (B,) int32,
+    `layer_index` a `vllm_asynctls.layer_index.LayerIndex`; returns (B, H, L). Fixed shapes and no host
+    synchronisation (given a workspace), so it can be captured in a CUDA graph."""
+    from asynctls_tip_kernels.sparse_decode import sparse_decode_triton
+
+    key_cache = kv_c_and_k_pe_cache.unsqueeze(2)  # (nb, bs, 1, L + P)
+    value_cache = key_cache[..., :kv_lora_rank]  # (nb, bs, 1, L): the latent part, no copy
+    out, _, block_ids = sparse_decode_triton(
+        q, key_cache, value_cache, block_table, seq_lens, layer_index.index, sparse_config, scale,
+        previous_block_ids=layer_index.previous_blocks(block_table, seq_lens), workspace=workspace,
+    )
+    layer_index.record_blocks(block_table, seq_lens, block_ids)
+    return out
