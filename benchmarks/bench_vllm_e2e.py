@@ -54,7 +54,10 @@ MAX_SEQS = 16
 
 
 def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
-    """K and V bytes one token takes over all layers of a GQA model config."""
+    """KV-cache bytes one token takes over all layers: K and V of a GQA config, the latent row
+    (kv_lora_rank + qk_rope_head_dim) of an MLA one."""
+    if "kv_lora_rank" in cfg:
+        return cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * dtype_bytes
     return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * dtype_bytes
 
 
@@ -74,6 +77,31 @@ def qwen3_8b_config_dir(root: Path, max_positions: int) -> Path:
     }
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder
+
+
+def deepseek_v2_lite_config_dir(root: Path, max_positions: int) -> Path:
+    """config.json of DeepSeek-V2-Lite's attention shapes (MLA: 16 heads, latent 512 + rope 64, 27 layers)
+    with every MLP dense at 10,944 wide (about its 8 active experts' 8 x 1,408: the vLLM kit on the GPU
+    machine lacks vLLM's MoE kernels); no weights: vLLM's dummy load format."""
+    folder = root / "deepseek-v2-lite-shapes"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
+        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 27, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
+        "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "vocab_size": 102400, "max_position_embeddings": max_positions, "rope_theta": 10000.0,
+        "rope_scaling": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 100000,
+        "eos_token_id": 100001,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+THROUGHPUT_MODELS = {"qwen3-8b": qwen3_8b_config_dir, "deepseek-v2-lite": deepseek_v2_lite_config_dir}
 
 
 def small_model_dir(root: Path) -> Path:
@@ -198,13 +226,14 @@ def worker_throughput(a) -> dict:
     kv_tokens = cache.num_gpu_blocks * cache.block_size
     rows = []
     rng = random.Random(0)
+    top = min(150000, json.loads((Path(a.model) / "config.json").read_text())["vocab_size"])
     for context in contexts:
         _, fit = _fit(llm, context, lengths[-1])
         n = min(fit, MAX_SEQS)
         if n == 0:
             rows.append({"context": context, "requests_fit": 0})
             continue
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(context)])
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, top) for _ in range(context)])
                    for _ in range(n)]
 
         def run(max_tokens):
@@ -399,8 +428,9 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
 
 
 def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
-                     decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False, repeats: int = 5) -> None:
-    model = qwen3_8b_config_dir(out / "models", 131072)
+                     decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False, repeats: int = 5,
+                     model_shapes: str = "qwen3-8b") -> None:
+    model = THROUGHPUT_MODELS[model_shapes](out / "models", 131072)
     extra_s = 60 * (repeats - 1) * len(contexts.split(","))  # the timed runs beyond the first, per context
     if which == "dense":
         spawn(out, "tput_dense", 590 + extra_s, role="throughput", model=model, backend="default", contexts=contexts,
@@ -452,6 +482,8 @@ def main() -> None:
                    help="throughput stages: timed runs of each decode length (medians; the spread is recorded)")
     p.add_argument("--lagged", action="store_true",
                    help="asynctls stage: lagged selection (the paper's pipelining; results tput_asynctls_B_lagged)")
+    p.add_argument("--model-shapes", choices=sorted(THROUGHPUT_MODELS), default="qwen3-8b",
+                   help="throughput stages: the model whose shapes are served (dummy weights); use one --out per model")
     p.add_argument("--weights", choices=["dummy", "random"], default="dummy",
                    help="throughput stages: vLLM's dummy weights (degenerate selection), or re-initialised N(0, 0.02)")
     # worker arguments
@@ -476,7 +508,7 @@ def main() -> None:
         stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
     elif a.stage in ("dense", "asynctls"):
         stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights,
-                         a.decode_lengths, a.lagged, a.repeats)
+                         a.decode_lengths, a.lagged, a.repeats, a.model_shapes)
     elif a.stage == "report":
         stage_report(out)
     else:
