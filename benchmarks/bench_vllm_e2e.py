@@ -6,6 +6,8 @@ decode throughput against vLLM's default backend (FlashAttention 3, CUDA graphs)
     python benchmarks/bench_vllm_e2e.py --stage check --runs asynctls_cover,asynctls_cover_tp2,flash_attn,flash_attn_tp2 --out OUT  # 2 GPUs
     python benchmarks/bench_vllm_e2e.py --stage dense --out OUT       # Qwen3-8B shapes, default backend
     python benchmarks/bench_vllm_e2e.py --stage asynctls --out OUT    # same shapes, budgets 2048 and 1024
+    python benchmarks/bench_vllm_e2e.py --stage check --runs mla_triton,mla_asynctls_cover,mla_asynctls_256 --out OUT
+    python benchmarks/bench_vllm_e2e.py --stage dense --model-shapes deepseek-v2-lite --out OUT2  # MLA (then asynctls)
 
 Each engine runs in its own subprocess (vLLM's shutdown can hang; a fresh process frees the GPU).
 Results are JSON files in OUT; `--stage report` turns them into the table of `benchmarks/RESULTS.md`.
@@ -17,6 +19,8 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     (`enforce_eager=True`, which also drops torch.compile), the same compiled without CUDA graphs
     (`cudagraph_mode=NONE`: isolates graph capture), asynctls at a 256-token budget (must have run
     sparse: its counters), and on 2 GPUs asynctls and FLASH_ATTN at tensor parallelism 2.
+    The `mla_*` runs do the same for MLA on a 4-layer DeepSeek-V3-shaped model (latent 512 + rope 64)
+    against TRITON_MLA (the GPU MLA backend's parent), with vLLM's default MLA backend as the spread.
     `--runs asynctls_256_calibrated`: the 256-token run with index channels from a calibration file
     made first on the GPU (`vllm_asynctls.calibration`); the summary says whether every layer served
     with the file's channels.
@@ -31,6 +35,8 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     degenerates to the lowest-indexed blocks and its top-ks end in one pass. `--weights random`
     re-initialises the loaded model in place before the first prompt (`LLM.apply_model`: matrices and
     embeddings N(0, 0.02), norm weights 1), so q.k / sqrt(d) is of order one and the selection is real.
+    `--model-shapes deepseek-v2-lite`: the same for an MLA model (DeepSeek-V2-Lite's attention, dense MLPs)
+    against vLLM's default MLA backend (FLASH_ATTN_MLA on an H100 / H200).
 """
 
 from __future__ import annotations
