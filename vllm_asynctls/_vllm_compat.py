@@ -177,6 +177,16 @@ def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_wind
     return problems
 
 
+def gpu_backend_reasons(use_sparse: bool = False, use_kv_connector: bool = False, **_) -> list[str]:
+    """What both GPU backends add to their parent's `validate_configuration` reasons."""
+    reasons = []
+    if use_sparse:
+        reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
+    if use_kv_connector:
+        reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
+    return reasons
+
+
 def check_cuda_engine(vllm_config, cfg, sparse) -> None:
     """Start-up checks of the GPU backend against the engine (ValueError / NotImplementedError naming
     the setting)."""

@@ -66,7 +66,7 @@ from vllm_asynctls._vllm_compat import (
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
-from vllm_asynctls.mla_decode import mla_key_rows
+from vllm_asynctls.mla_decode import write_mla_index
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
@@ -537,11 +537,7 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
         super().do_kv_cache_update(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)
-        if kv_cache.numel() == 0:
-            return
-        num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]  # (nb, bs, L + P)
-        self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
-        self.layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_cache.dtype), slot_mapping.flatten())
+        write_mla_index(self.layer_index, kv_c_normed, k_pe, kv_cache, slot_mapping)
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata: AsyncTLSMLAMetadata, layer):
         md = attn_metadata

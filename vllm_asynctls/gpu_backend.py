@@ -38,12 +38,11 @@ decode context parallelism, modes other than "asynctls"; cascade attention is ne
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena, sparse_decode_triton
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
@@ -54,12 +53,12 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_asynctls._vllm_compat import AsyncTLSBackendTraits, rank_kv_heads, unsupported_impl_features
+from vllm_asynctls._vllm_compat import (
+    AsyncTLSBackendTraits, gpu_backend_reasons, rank_kv_heads, unsupported_impl_features,
+)
 from vllm_asynctls.config import AsyncTLSConfig
-from vllm_asynctls.counters import COUNTERS
+from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.layer_index import LayerIndex
-
-logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
 
 @dataclass
@@ -128,33 +127,11 @@ class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
         self.sparse_config = self.asynctls.sparse_config(head_dim=self.headdim, is_mla=False)
         self.asynctls.check_cache_block_size(kv_cache_spec.block_size)
-        self.workspace_dtype = vllm_config.model_config.dtype
-        self.max_batch = max(vllm_config.scheduler_config.max_num_seqs,
-                             vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-        self._arena: WorkspaceArena | None = None
-        self._arena_width = -1
-        self._workspaces: dict[int, SparseDecodeWorkspace] = {}
-
-    def _workspace_args(self, batch: int, width: int) -> tuple:
-        return (batch, self.num_heads_q, self.num_heads_kv, self.headdim, self.headdim, width,
-                self.block_size, self.sparse_config, self.workspace_dtype, self.device)
-
-    def _workspace(self, batch: int, width: int) -> SparseDecodeWorkspace:
-        """The workspace of this batch size; all sizes share one arena (their steps never overlap), sized
-        once for the largest, so CUDA graphs of every captured size cost one workspace of memory."""
-        if width != self._arena_width:  # first call (the block table's width is fixed per engine)
-            nbytes = max(WorkspaceArena.required_bytes(*self._workspace_args(b, width))
-                         for b in range(1, max(self.max_batch, batch) + 1))
-            self._arena = WorkspaceArena(nbytes, self.device)
-            self._arena_width = width
-            self._workspaces.clear()
-            logger.info("asynctls: decode workspace arena %.1f MiB for batches up to %d",
-                        nbytes / 2**20, self.max_batch)
-        ws = self._workspaces.get(batch)
-        if ws is None:
-            ws = SparseDecodeWorkspace(*self._workspace_args(batch, width), empty=self._arena.carver())
-            self._workspaces[batch] = ws
-        return ws
+        dtype = vllm_config.model_config.dtype
+        self.workspaces = DecodeWorkspaces(
+            lambda batch, width: (batch, self.num_heads_q, self.num_heads_kv, self.headdim, self.headdim, width,
+                                  self.block_size, self.sparse_config, dtype, self.device),
+            max_decode_batch(vllm_config), self.device, label="")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):
@@ -165,10 +142,10 @@ class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                     f"asynctls: a decode-only batch must have one token per request; got "
                     f"{cm.num_actual_tokens} tokens for {cm.num_reqs} requests"
                 )
-            self._count(cm, cm.num_reqs)
+            count_gpu_step(cm, cm.num_reqs)
             return self._decode_metadata(cm, cm.num_reqs)
         num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
-        self._count(cm, num_decodes)
+        count_gpu_step(cm, num_decodes)
         if num_decodes == 0:
             return super().build(common_prefix_len, cm, fast_build)
         dense = super().build(0, _prefill_suffix(cm, num_decodes, num_decode_tokens), fast_build)
@@ -181,25 +158,11 @@ class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             num_reqs=num_decodes,
             block_table=block_table[:num_decodes],
             seq_lens=cm.seq_lens[:num_decodes],
-            workspace=self._workspace(num_decodes, block_table.shape[1]),
+            workspace=self.workspaces.get(num_decodes, block_table.shape[1]),
         )
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         return False
-
-    @staticmethod
-    def _count(cm: CommonAttentionMetadata, num_decodes: int) -> None:
-        """Counters from host tensors vLLM already has (no device read). Padded rows hold 0."""
-        lens = cm.seq_lens_cpu_upper_bound
-        if lens is None:
-            return
-        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
-        decode_lens = lens[:num_decodes]
-        COUNTERS.record_step(
-            prefill_tokens=int(qsl[-1] - qsl[num_decodes]),
-            dense_context_lens=[],
-            sparse_context_lens=decode_lens[decode_lens > 0].tolist(),
-        )
 
 
 class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
@@ -293,11 +256,7 @@ class AsyncTLSFlashAttentionBackend(AsyncTLSBackendTraits, FlashAttentionBackend
 
     @classmethod
     def validate_configuration(cls, *args, **kwargs) -> list[str]:
-        reasons = list(super().validate_configuration(*args, **kwargs))
+        reasons = list(super().validate_configuration(*args, **kwargs)) + gpu_backend_reasons(**kwargs)
         if kwargs.get("use_mla"):
             reasons.append("MLA layers take vllm_asynctls.gpu_mla_backend.AsyncTLSTritonMLABackend, not this class")
-        if kwargs.get("use_sparse"):
-            reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
-        if kwargs.get("use_kv_connector"):
-            reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
         return reasons

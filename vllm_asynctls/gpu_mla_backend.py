@@ -26,25 +26,22 @@ Not supported (start-up errors naming the feature): quantised KV caches, sparse-
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.attention.mla_attention import MLACommonDecodeMetadata, MLACommonMetadata
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonMLAImpl, TritonMLAMetadataBuilder
 
-from vllm_asynctls._vllm_compat import BACKEND_NAME
+from vllm_asynctls._vllm_compat import BACKEND_NAME, gpu_backend_reasons
 from vllm_asynctls.config import AsyncTLSConfig
-from vllm_asynctls.counters import COUNTERS
+from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.layer_index import LayerIndex
-from vllm_asynctls.mla_decode import mla_key_rows, sparse_mla_decode
-
-logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
+from vllm_asynctls.mla_decode import sparse_mla_decode, write_mla_index
 
 try:  # vLLM >= 0.26 names how many query tokens a decode row may carry
     from vllm.model_executor.layers.attention.mla_attention import QueryLenSupport
@@ -73,60 +70,24 @@ class AsyncTLSTritonMLAMetadataBuilder(TritonMLAMetadataBuilder):
         self.key_dim = self.mla_dims.kv_lora_rank + self.mla_dims.qk_rope_head_dim
         self.sparse_config = self.asynctls.sparse_config(head_dim=self.key_dim, is_mla=True)
         self.asynctls.check_cache_block_size(kv_cache_spec.block_size)
-        self.workspace_dtype = vllm_config.model_config.dtype
-        self.max_batch = max(vllm_config.scheduler_config.max_num_seqs,
-                             vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-        self._arena: WorkspaceArena | None = None
-        self._arena_width = -1
-        self._workspaces: dict[int, SparseDecodeWorkspace] = {}
-
-    def _workspace_args(self, batch: int, width: int) -> tuple:
-        return (batch, self.num_heads, 1, self.key_dim, self.mla_dims.kv_lora_rank, width,
-                self.kv_cache_spec.block_size, self.sparse_config, self.workspace_dtype, self.device)
-
-    def _workspace(self, batch: int, width: int) -> SparseDecodeWorkspace:
-        """This batch size's workspace; all sizes share one arena sized for the largest (their steps
-        never overlap), allocated at the first build, which vLLM runs before any capture."""
-        if width != self._arena_width:
-            nbytes = max(WorkspaceArena.required_bytes(*self._workspace_args(b, width))
-                         for b in range(1, max(self.max_batch, batch) + 1))
-            self._arena = WorkspaceArena(nbytes, self.device)
-            self._arena_width = width
-            self._workspaces.clear()
-            logger.info("asynctls (MLA): decode workspace arena %.1f MiB for batches up to %d",
-                        nbytes / 2**20, self.max_batch)
-        ws = self._workspaces.get(batch)
-        if ws is None:
-            ws = SparseDecodeWorkspace(*self._workspace_args(batch, width), empty=self._arena.carver())
-            self._workspaces[batch] = ws
-        return ws
+        dtype = vllm_config.model_config.dtype
+        self.workspaces = DecodeWorkspaces(
+            lambda batch, width: (batch, self.num_heads, 1, self.key_dim, self.mla_dims.kv_lora_rank, width,
+                                  kv_cache_spec.block_size, self.sparse_config, dtype, self.device),
+            max_decode_batch(vllm_config), self.device, label=" (MLA)")
 
     def _build_decode(self, block_table_tensor: torch.Tensor, seq_lens_device: torch.Tensor, *args,
                       **kwargs) -> AsyncTLSMLADecodeMetadata:
         base = super()._build_decode(block_table_tensor, seq_lens_device, *args, **kwargs)
         return AsyncTLSMLADecodeMetadata(
             block_table=base.block_table, seq_lens=base.seq_lens, dcp_tot_seq_lens=base.dcp_tot_seq_lens,
-            workspace=self._workspace(base.block_table.shape[0], base.block_table.shape[1]),
+            workspace=self.workspaces.get(base.block_table.shape[0], base.block_table.shape[1]),
         )
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> MLACommonMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        self._count(common_attn_metadata, md.num_decodes or 0)
+        count_gpu_step(common_attn_metadata, md.num_decodes or 0)
         return md
-
-    @staticmethod
-    def _count(cm, num_decodes: int) -> None:
-        """Counters from host tensors vLLM already has (no device read). Padded rows hold 0."""
-        lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
-        if lens is None:
-            return
-        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
-        decode_lens = lens[:num_decodes]
-        COUNTERS.record_step(
-            prefill_tokens=int(qsl[-1] - qsl[num_decodes]),
-            dense_context_lens=[],
-            sparse_context_lens=decode_lens[decode_lens > 0].tolist(),
-        )
 
 
 class AsyncTLSTritonMLAImpl(TritonMLAImpl):
@@ -159,11 +120,7 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
         super().do_kv_cache_update(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)
-        if kv_cache.numel() == 0:
-            return
-        num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]  # (nb, bs, L + P)
-        self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
-        self.layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_cache.dtype), slot_mapping.flatten())
+        write_mla_index(self.layer_index, kv_c_normed, k_pe, kv_cache, slot_mapping)
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata: MLACommonMetadata, layer):
         if isinstance(q, tuple):
@@ -197,9 +154,4 @@ class AsyncTLSTritonMLABackend(TritonMLABackend):
 
     @classmethod
     def validate_configuration(cls, *args, **kwargs) -> list[str]:
-        reasons = list(super().validate_configuration(*args, **kwargs))
-        if kwargs.get("use_sparse"):
-            reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
-        if kwargs.get("use_kv_connector"):
-            reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
-        return reasons
+        return list(super().validate_configuration(*args, **kwargs)) + gpu_backend_reasons(**kwargs)

@@ -17,6 +17,16 @@ def mla_key_rows(kv_c_normed: torch.Tensor, k_pe: torch.Tensor, dtype: torch.dty
     return torch.cat([kv_c_normed, k_pe.reshape(k_pe.shape[0], -1)], dim=-1).unsqueeze(1).to(dtype)
 
 
+def write_mla_index(layer_index, kv_c_normed: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """Write the index of the rows vLLM just wrote into its latent cache (blocks, block_size, L + P);
+    `layer_index` (a `vllm_asynctls.layer_index.LayerIndex`) is allocated at the first real cache."""
+    if kv_cache.numel() == 0:
+        return
+    layer_index.ensure(kv_cache.shape[0], kv_cache.shape[1], kv_cache.dtype, kv_cache.device)
+    layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_cache.dtype), slot_mapping.flatten())
+
+
 def sparse_mla_decode(q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, kv_lora_rank: int, layer_index, sparse_config, scale: float,
                       workspace=None) -> torch.Tensor:

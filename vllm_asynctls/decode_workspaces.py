@@ -1,0 +1,64 @@
+"""The GPU backends' decode workspaces: one `SparseDecodeWorkspace` per decode batch size, all carved
+from one arena per engine (their steps never overlap), so CUDA graphs of every captured size cost one
+workspace of memory. Also the per-step counting both GPU builders share."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena
+
+from vllm_asynctls.counters import COUNTERS
+
+logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
+
+
+class DecodeWorkspaces:
+    """Workspaces by batch size. `workspace_args(batch, width)` gives `SparseDecodeWorkspace`'s
+    arguments for a batch of `batch` rows and a block table `width` columns wide. The arena is sized
+    at the first call for every batch up to `max_batch` (vLLM builds metadata before any capture)."""
+
+    def __init__(self, workspace_args: Callable[[int, int], tuple], max_batch: int, device, label: str) -> None:
+        self.workspace_args = workspace_args
+        self.max_batch = max_batch
+        self.device = device
+        self.label = label
+        self._arena: WorkspaceArena | None = None
+        self._width = -1
+        self._by_batch: dict[int, SparseDecodeWorkspace] = {}
+
+    def get(self, batch: int, width: int) -> SparseDecodeWorkspace:
+        if width != self._width:  # first call (the block table's width is fixed per engine)
+            nbytes = max(WorkspaceArena.required_bytes(*self.workspace_args(b, width))
+                         for b in range(1, max(self.max_batch, batch) + 1))
+            self._arena = WorkspaceArena(nbytes, self.device)
+            self._width = width
+            self._by_batch.clear()
+            logger.info("asynctls%s: decode workspace arena %.1f MiB for batches up to %d",
+                        self.label, nbytes / 2**20, self.max_batch)
+        ws = self._by_batch.get(batch)
+        if ws is None:
+            ws = SparseDecodeWorkspace(*self.workspace_args(batch, width), empty=self._arena.carver())
+            self._by_batch[batch] = ws
+        return ws
+
+
+def max_decode_batch(vllm_config) -> int:
+    """The largest decode batch a step can carry: max_num_seqs, or a larger CUDA-graph capture size."""
+    return max(vllm_config.scheduler_config.max_num_seqs, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+
+
+def count_gpu_step(cm, num_decodes: int) -> None:
+    """Counters of a GPU step (every decode row sparse), from host tensors vLLM already has (no device
+    read). Padded rows hold 0."""
+    lens = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    if lens is None:
+        return
+    qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+    decode_lens = lens[:num_decodes]
+    COUNTERS.record_step(
+        prefill_tokens=int(qsl[-1] - qsl[num_decodes]),
+        dense_context_lens=[],
+        sparse_context_lens=decode_lens[decode_lens > 0].tolist(),
+    )
