@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import pickle
+import sys
 
 import pytest
 import torch
@@ -214,37 +215,70 @@ def test_cpu_platform_honours_asynctls_and_only_asynctls(registered, caplog):
     assert CpuPlatform.get_attn_backend_cls(E.CUSTOM, _selector(attn_type="encoder_only")) == E.CPU_ATTN.get_path()
 
 
-def test_cuda_selector_routes_mla_layers_to_the_gpu_mla_backend(registered):
-    """On CUDA `CUSTOM` is bound to the FLASH_ATTN subclass; the wrapped CUDA selector sends MLA layers
-    to the TRITON_MLA subclass instead and leaves every other selection to vLLM's (here a stand-in:
-    vLLM's CPU build cannot import its CUDA platform)."""
+def test_cuda_selector_routes_mla_layers_to_the_gpu_mla_backend(registered, monkeypatch):
+    """On CUDA `CUSTOM` is bound to the FLASH_ATTN subclass; `patch_cuda_platform` wraps the CUDA selector
+    so MLA layers get the TRITON_MLA subclass and every other selection stays vLLM's. vLLM's CPU build
+    cannot import its CUDA platform, so a stand-in `vllm.platforms.cuda` takes its place here."""
+    import types
+
     from vllm.platforms.interface import DeviceCapability
 
     from vllm_asynctls import _vllm_compat
 
     calls = []
 
-    class FakeCudaPlatform:
+    class CudaPlatformBase:
         @classmethod
         def get_device_capability(cls, device_id=0):
             return DeviceCapability(9, 0)
 
-        get_attn_backend_cls = classmethod(_vllm_compat.cuda_attn_backend_selector(
-            lambda cls, selected, config, num_heads: calls.append((selected, config.use_mla)) or "vllm's choice"))
+        @classmethod
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            calls.append((cls.__name__, selected_backend, attn_selector_config.use_mla))
+            return "vllm's choice"
 
+    class NvmlCudaPlatform(CudaPlatformBase):  # what current_platform is on a GPU machine
+        pass
+
+    monkeypatch.setitem(sys.modules, "vllm.platforms.cuda", types.SimpleNamespace(CudaPlatformBase=CudaPlatformBase))
+    _vllm_compat.patch_cuda_platform()
+    _vllm_compat.patch_cuda_platform()  # idempotent: vLLM may load plugins more than once per process
     E = registered
     mla = dict(head_size=576, dtype=torch.bfloat16, block_size=16, use_mla=True)
-    assert FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**mla)) == _vllm_compat.GPU_MLA_BACKEND_PATH
+    assert NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**mla)) == _vllm_compat.GPU_MLA_BACKEND_PATH
     assert calls == []
-    assert FakeCudaPlatform.get_attn_backend_cls(E.TRITON_MLA, _selector(**mla)) == "vllm's choice"
-    assert FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(head_size=128)) == "vllm's choice"
-    assert calls == [(E.TRITON_MLA, True), (E.CUSTOM, False)]
+    assert NvmlCudaPlatform.get_attn_backend_cls(E.TRITON_MLA, _selector(**mla)) == "vllm's choice"
+    assert NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(head_size=128)) == "vllm's choice"
+    assert calls == [("NvmlCudaPlatform", E.TRITON_MLA, True), ("NvmlCudaPlatform", E.CUSTOM, False)]
     with pytest.raises(NotImplementedError, match="kv_cache_dtype 'auto'"):
-        FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="fp8")))
+        NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="fp8")))
     with pytest.raises(NotImplementedError, match="trained sparse attention"):
-        FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, use_sparse=True)))
+        NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, use_sparse=True)))
     with pytest.raises(ValueError, match="cannot serve this MLA model"):
-        FakeCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, dtype=torch.float32)))
+        NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, dtype=torch.float32)))
+    with pytest.raises(ValueError, match="cannot serve this MLA model.*PCP not supported"):
+        NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, use_pcp=True)))
+
+
+def test_gpu_engine_checks_name_context_parallelism_and_unfuse_the_mla_cache_write():
+    from types import SimpleNamespace
+
+    from vllm_asynctls import _vllm_compat
+
+    cfg = AsyncTLSConfig()
+    sparse = cfg.sparse_config(head_dim=576, is_mla=True)
+
+    def engine(dcp=1):
+        return SimpleNamespace(speculative_config=None,
+                               parallel_config=SimpleNamespace(enable_dbo=False, decode_context_parallel_size=dcp))
+
+    _vllm_compat.check_cuda_engine(engine(), cfg, sparse)
+    with pytest.raises(NotImplementedError, match="decode context parallelism; got --decode-context-parallel-size 2"):
+        _vllm_compat.check_cuda_engine(engine(dcp=2), cfg, sparse)
+    vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(
+        pass_config=SimpleNamespace(fuse_rope_kvcache_cat_mla=True)))
+    _vllm_compat.keep_mla_cache_write_unfused(vllm_config)
+    assert vllm_config.compilation_config.pass_config.fuse_rope_kvcache_cat_mla is False
 
 
 @pytest.mark.parametrize(

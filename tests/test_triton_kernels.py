@@ -1121,10 +1121,14 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
         lix.ensure(num_cache_blocks, cbs, torch.float32, DEVICE)
         ref.calibrate_index(lix.index, rows.to(DEVICE), config)  # as the first real write would
         lix.calibrated = True
-        lix.write(rows.to(DEVICE), slots.to(DEVICE))
+        # vLLM pads the rows it writes (slot -1) to the captured token count.
+        pad = torch.randn(3, 1, L + P, generator=gen)
+        lix.write(torch.cat([rows, pad]).to(DEVICE), torch.cat([slots, torch.full((3,), -1)]).to(DEVICE))
         previous = lix.previous_blocks(table, lens)  # lagged: what a request's first step starts from
         previous = None if previous is None else previous.clone()
-        return lix, previous, sparse_mla_decode(q, cache, table, lens, L, lix, config, scale)
+        # The workspace the GPU MLA builder makes: one kv head, key = latent + rope, value = latent.
+        ws = SparseDecodeWorkspace(B, H, 1, L + P, L, W, cbs, config, torch.float32, DEVICE)
+        return lix, previous, sparse_mla_decode(q, cache, table, lens, L, lix, config, scale, workspace=ws)
 
     covering = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=16, token_budget=160, sink_tokens=16,
                                              local_tokens=16, index_channels=32, lagged_selection=lagged)
@@ -1132,6 +1136,7 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
     dense = ref.dense_decode_attention(q, key_cache, value_cache, table, lens, scale)
     assert out.shape == (B, H, L)
     torch.testing.assert_close(out[:2].float(), dense[:2].float(), rtol=2e-5, atol=2e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # the padded row attends to nothing
 
     small = covering.with_(num_blocks=4, token_budget=24)
     lix, previous, out = run(small)

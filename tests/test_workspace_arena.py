@@ -42,3 +42,22 @@ def test_arena_too_small_names_the_fix():
     arena = WorkspaceArena(WorkspaceArena.required_bytes(*_args(2)), "cpu")
     with pytest.raises(ValueError, match="for_largest"):
         SparseDecodeWorkspace(*_args(64), empty=arena.carver())
+
+
+def test_gpu_builders_workspace_pool_is_sized_once_and_never_resized():
+    """`vllm_asynctls.decode_workspaces.DecodeWorkspaces`, what both GPU builders carve from: one arena for
+    every batch size up to the largest, one workspace per size, and an error (not a silent new arena that
+    captured graphs would not see) if the block table's width changed."""
+    from vllm_asynctls.decode_workspaces import DecodeWorkspaces
+
+    pool = DecodeWorkspaces(lambda batch, width: (batch, 8, 2, 64, 64, width, 16, CONFIG, torch.bfloat16, "cpu"),
+                            max_batch=8, device="cpu", label="")
+    three = pool.get(3, 40)
+    assert pool.get(3, 40) is three
+    eight = pool.get(8, 40)
+    base = pool._arena.buffer.data_ptr()
+    assert three.block_scores.data_ptr() == eight.block_scores.data_ptr() == base  # both carved from the start
+    assert pool._arena.buffer.numel() == max(WorkspaceArena.required_bytes(*_args(b)) for b in range(1, 9))
+    assert eight.out.shape == SparseDecodeWorkspace(*_args(8)).out.shape
+    with pytest.raises(RuntimeError, match="block table is 41 columns wide, not 40"):
+        pool.get(3, 41)

@@ -27,7 +27,7 @@ every vLLM process (API server, engine core, workers) before any config is parse
 On CUDA, `CUSTOM` is bound to `gpu_backend.AsyncTLSFlashAttentionBackend` (a FLASH_ATTN subclass)
 instead, and the CUDA platform's own selector resolves it (through the backend's
 `validate_configuration`, which names what a model needs that the backend lacks). Adaptation 3 there
-only routes MLA layers: `CudaPlatform.get_attn_backend_cls` is wrapped so that, with asynctls
+only routes MLA layers: `CudaPlatformBase.get_attn_backend_cls` is wrapped so that, with asynctls
 selected, an MLA layer gets `gpu_mla_backend.AsyncTLSTritonMLABackend` (a TRITON_MLA subclass),
 checked by its own `validate_configuration`. The KV-cache layout differences between 0.26 (`get_kv_cache_shape` /
 `get_kv_cache_stride_order`) and 0.32 stay inside the parent backends we subclass.
@@ -202,6 +202,12 @@ def check_cuda_engine(vllm_config, cfg, sparse) -> None:
         )
     if getattr(vllm_config.parallel_config, "enable_dbo", False):
         raise NotImplementedError("--attention-backend asynctls does not support dual-batch overlap (--enable-dbo)")
+    dcp = getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1)
+    if dcp > 1:
+        raise NotImplementedError(
+            f"--attention-backend asynctls does not support decode context parallelism; got "
+            f"--decode-context-parallel-size {dcp}"
+        )
     S = sparse.selection_block_size
     covers = sparse.num_blocks * S >= sparse.token_budget + 2 * S
     logger.info(
@@ -212,6 +218,15 @@ def check_cuda_engine(vllm_config, cfg, sparse) -> None:
         "selection_block_size < token_budget + 2 * selection_block_size here, so some may not be",
         cfg.dense_threshold,
     )
+
+
+def keep_mla_cache_write_unfused(vllm_config) -> None:
+    """vLLM's fused MLA RoPE + latent-cache write replaces the layer's cache update with a kernel that
+    never calls the backend's `do_kv_cache_update`, where the index is written: keep it off."""
+    pass_config = getattr(vllm_config.compilation_config, "pass_config", None)
+    if pass_config is not None and getattr(pass_config, "fuse_rope_kvcache_cat_mla", False):
+        pass_config.fuse_rope_kvcache_cat_mla = False
+        logger.info("asynctls: fuse_rope_kvcache_cat_mla turned off (the fused cache write would skip the index)")
 
 
 def check_model_supported(attn_selector_config) -> None:
@@ -304,6 +319,8 @@ def validate_vllm_config(vllm_config) -> None:
         cfg.check_index_calibration(vllm_config, head_dim, sparse.index_channels, is_mla)
         if _on_cuda():
             check_cuda_engine(vllm_config, cfg, sparse)
+            if is_mla:
+                keep_mla_cache_write_unfused(vllm_config)
         elif is_mla:
             check_cpu_mla_dense_threshold(head_dim, cfg.dense_threshold)
         if cfg.offload:

@@ -29,7 +29,12 @@ class DecodeWorkspaces:
         self._by_batch: dict[int, SparseDecodeWorkspace] = {}
 
     def get(self, batch: int, width: int) -> SparseDecodeWorkspace:
-        if width != self._width:  # first call (the block table's width is fixed per engine)
+        if width != self._width:
+            if self._arena is not None:
+                raise RuntimeError(
+                    f"asynctls: the block table is {width} columns wide, not {self._width} as when the decode "
+                    f"workspaces were sized; captured CUDA graphs still use the old ones, so they are not resized"
+                )
             nbytes = max(WorkspaceArena.required_bytes(*self.workspace_args(b, width))
                          for b in range(1, max(self.max_batch, batch) + 1))
             self._arena = WorkspaceArena(nbytes, self.device)

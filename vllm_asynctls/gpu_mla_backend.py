@@ -21,11 +21,14 @@ Design
   index-write kernel (inside decode graphs too).
 
 Not supported (start-up errors naming the feature): quantised KV caches, sparse-attention models
-(DeepSeek V3.2's indexer), decode context parallelism, speculative decoding, the offload knob.
+(DeepSeek V3.2's indexer), decode and prefill context parallelism, KV connectors, speculative decoding,
+the offload knob. vLLM's fused MLA RoPE + cache-write pass (`fuse_rope_kvcache_cat_mla`) would skip the
+index write, so the plugin turns it off for MLA models.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,7 +36,11 @@ import torch
 
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace
 from vllm.config import get_current_vllm_config
-from vllm.model_executor.layers.attention.mla_attention import MLACommonDecodeMetadata, MLACommonMetadata
+from vllm.model_executor.layers.attention.mla_attention import (
+    MLACommonDecodeMetadata,
+    MLACommonMetadata,
+    QueryLenSupport,
+)
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonMLAImpl, TritonMLAMetadataBuilder
 
@@ -42,12 +49,6 @@ from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.layer_index import LayerIndex
 from vllm_asynctls.mla_decode import sparse_mla_decode, write_mla_index
-
-try:  # vLLM >= 0.26 names how many query tokens a decode row may carry
-    from vllm.model_executor.layers.attention.mla_attention import QueryLenSupport
-except ImportError:  # pragma: no cover - older vLLM
-    QueryLenSupport = None
-
 
 @dataclass
 class AsyncTLSMLADecodeMetadata(MLACommonDecodeMetadata):
@@ -60,9 +61,10 @@ class AsyncTLSMLADecodeMetadata(MLACommonDecodeMetadata):
 class AsyncTLSTritonMLAMetadataBuilder(TritonMLAMetadataBuilder):
     """TRITON_MLA's metadata; decode rows also carry the sparse operator's workspace."""
 
+    # Pinned, whatever the parent declares (vLLM 0.32's TRITON_MLA takes multi-token decode rows): the
+    # sparse operator takes one query token per decode row.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-    if QueryLenSupport is not None:
-        query_len_support = QueryLenSupport.SINGLE_ONLY  # one query token per decode row
+    query_len_support: ClassVar[QueryLenSupport] = QueryLenSupport.SINGLE_ONLY
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
@@ -76,13 +78,16 @@ class AsyncTLSTritonMLAMetadataBuilder(TritonMLAMetadataBuilder):
                                   kv_cache_spec.block_size, self.sparse_config, dtype, self.device),
             max_decode_batch(vllm_config), self.device, label=" (MLA)")
 
+    def _reserve_attn_logits_workspace(self) -> None:
+        """TRITON_MLA reserves its split-KV scratch (max_num_seqs x heads x splits x 513 float32, GiBs at
+        vLLM's default 1024 sequences) in vLLM's shared workspace; the sparse operator never reads it."""
+
     def _build_decode(self, block_table_tensor: torch.Tensor, seq_lens_device: torch.Tensor, *args,
                       **kwargs) -> AsyncTLSMLADecodeMetadata:
         base = super()._build_decode(block_table_tensor, seq_lens_device, *args, **kwargs)
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
         return AsyncTLSMLADecodeMetadata(
-            block_table=base.block_table, seq_lens=base.seq_lens, dcp_tot_seq_lens=base.dcp_tot_seq_lens,
-            workspace=self.workspaces.get(base.block_table.shape[0], base.block_table.shape[1]),
-        )
+            **fields, workspace=self.workspaces.get(base.block_table.shape[0], base.block_table.shape[1]))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> MLACommonMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -92,6 +97,11 @@ class AsyncTLSTritonMLAMetadataBuilder(TritonMLAMetadataBuilder):
 
 class AsyncTLSTritonMLAImpl(TritonMLAImpl):
     """TRITON_MLA for prefill; the Triton sparse operator for every decode row."""
+
+    # No log-sum-exp from decode, so vLLM's own check rejects decode context parallelism at start-up;
+    # prefill context parallelism has not been run with the sparse path.
+    can_return_lse_for_decode: bool = False
+    supports_pcp: bool = False
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args) -> None:
@@ -104,8 +114,6 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
             raise NotImplementedError(f"--attention-backend asynctls does not support attention type {attn_type}")
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
-        if self.dcp_world_size > 1:
-            raise NotImplementedError("--attention-backend asynctls does not support decode context parallelism")
         vllm_config = get_current_vllm_config()
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
         if self.asynctls.offload:
@@ -125,6 +133,12 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata: MLACommonMetadata, layer):
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)  # (B, H, L + P) absorbed query
+        if self.layer_index.index is None:
+            raise RuntimeError(
+                "asynctls: this MLA layer decodes before its index was written: vLLM wrote the latent cache "
+                "without calling the backend's do_kv_cache_update (a compilation pass that fuses the cache "
+                "write, e.g. fuse_rope_kvcache_cat_mla?); report this with your compilation config"
+            )
         decode = attn_metadata.decode
         out = sparse_mla_decode(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.kv_lora_rank,
                                 self.layer_index, self.sparse_config, self.scale, workspace=decode.workspace)
@@ -151,6 +165,10 @@ class AsyncTLSTritonMLABackend(TritonMLABackend):
     @staticmethod
     def get_builder_cls() -> type[AsyncTLSTritonMLAMetadataBuilder]:
         return AsyncTLSTritonMLAMetadataBuilder
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # a connector would load blocks without writing their index
 
     @classmethod
     def validate_configuration(cls, *args, **kwargs) -> list[str]:

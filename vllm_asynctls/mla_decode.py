@@ -33,7 +33,9 @@ def sparse_mla_decode(q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor, block_
     """The Triton sparse operator over vLLM's latent cache for B decode rows: q (B, H, L + P) absorbed
     query, cache (blocks, block_size, L + P), block_table (B, W) int32, seq_lens (B,) int32,
     `layer_index` a `vllm_asynctls.layer_index.LayerIndex`; returns (B, H, L). Fixed shapes and no host
-    synchronisation (given a workspace), so it can be captured in a CUDA graph."""
+    synchronisation (given a workspace), so it can be captured in a CUDA graph. With a workspace the
+    result is the workspace's buffer, overwritten by the next call: consume it first (vLLM's
+    `_v_up_proj` does, right after)."""
     from asynctls_tip_kernels.sparse_decode import sparse_decode_triton
 
     key_cache = kv_c_and_k_pe_cache.unsqueeze(2)  # (nb, bs, 1, L + P)
