@@ -29,8 +29,8 @@ instead, and the CUDA platform's own selector resolves it (through the backend's
 `validate_configuration`, which names what a model needs that the backend lacks). Adaptation 3 there
 only routes MLA layers: `CudaPlatformBase.get_attn_backend_cls` is wrapped so that, with asynctls
 selected, an MLA layer gets `gpu_mla_backend.AsyncTLSTritonMLABackend` (a TRITON_MLA subclass),
-checked by its own `validate_configuration`. The KV-cache layout differences between 0.26 (`get_kv_cache_shape` /
-`get_kv_cache_stride_order`) and 0.32 stay inside the parent backends we subclass.
+checked by its own `validate_configuration`. The KV-cache layout differences between 0.26
+(`get_kv_cache_shape` / `get_kv_cache_stride_order`) and 0.32 stay inside the parent backends we subclass.
 """
 
 from __future__ import annotations
