@@ -66,7 +66,7 @@ from vllm_asynctls._vllm_compat import (
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
-from vllm_asynctls.mla_decode import write_mla_index
+from vllm_asynctls.mla_decode import mla_cache_views, write_mla_index
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
@@ -547,8 +547,7 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
             q = torch.cat(q, dim=-1)  # (B, H, L + P) absorbed query
         decode = md.decode
         L = self.kv_lora_rank
-        key_cache = kv_c_and_k_pe_cache.unsqueeze(2)  # (nb, bs, 1, L + P)
-        value_cache = key_cache[..., :L]  # (nb, bs, 1, L): a view of the latent part
+        key_cache, value_cache = mla_cache_views(kv_c_and_k_pe_cache, L)
         rows = md.sparse_rows
         block_table = decode.block_table[rows].to(torch.int32)
         seq_lens = decode.seq_lens[rows].to(torch.int32)

@@ -41,10 +41,10 @@ from vllm.model_executor.layers.attention.mla_attention import (
     MLACommonMetadata,
     QueryLenSupport,
 )
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonMLAImpl, TritonMLAMetadataBuilder
 
-from vllm_asynctls._vllm_compat import BACKEND_NAME, gpu_backend_reasons
+from vllm_asynctls._vllm_compat import BACKEND_NAME, gpu_backend_reasons, unsupported_impl_features
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.layer_index import LayerIndex
@@ -105,13 +105,13 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args) -> None:
-        if kv_cache_dtype != "auto":
+        problems = unsupported_impl_features(alibi_slopes, logits_soft_cap, None, sliding_window, attn_type,
+                                             kv_cache_dtype, kv_sharing_target_layer_name)
+        if problems:
             raise NotImplementedError(
-                f"--attention-backend asynctls supports kv_cache_dtype 'auto' only; got {kv_cache_dtype!r}. "
-                "Drop --kv-cache-dtype"
+                "--attention-backend asynctls does not support " + ", ".join(problems)
+                + "; serve this model with the default attention backend"
             )
-        if attn_type != AttentionType.DECODER:
-            raise NotImplementedError(f"--attention-backend asynctls does not support attention type {attn_type}")
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
         vllm_config = get_current_vllm_config()

@@ -17,6 +17,13 @@ def mla_key_rows(kv_c_normed: torch.Tensor, k_pe: torch.Tensor, dtype: torch.dty
     return torch.cat([kv_c_normed, k_pe.reshape(k_pe.shape[0], -1)], dim=-1).unsqueeze(1).to(dtype)
 
 
+def mla_cache_views(kv_c_and_k_pe_cache: torch.Tensor, kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's latent cache (blocks, block_size, L + P) as one kv head's key cache (blocks, block_size, 1,
+    L + P) and value cache (its first L channels): views, no copy."""
+    key_cache = kv_c_and_k_pe_cache.unsqueeze(2)
+    return key_cache, key_cache[..., :kv_lora_rank]
+
+
 def write_mla_index(layer_index, kv_c_normed: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
     """Write the index of the rows vLLM just wrote into its latent cache (blocks, block_size, L + P);
@@ -38,8 +45,7 @@ def sparse_mla_decode(q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor, block_
     `_v_up_proj` does, right after)."""
     from asynctls_tip_kernels.sparse_decode import sparse_decode_triton
 
-    key_cache = kv_c_and_k_pe_cache.unsqueeze(2)  # (nb, bs, 1, L + P)
-    value_cache = key_cache[..., :kv_lora_rank]  # (nb, bs, 1, L): the latent part, no copy
+    key_cache, value_cache = mla_cache_views(kv_c_and_k_pe_cache, kv_lora_rank)
     out, _, block_ids = sparse_decode_triton(
         q, key_cache, value_cache, block_table, seq_lens, layer_index.index, sparse_config, scale,
         previous_block_ids=layer_index.previous_blocks(block_table, seq_lens), workspace=workspace,
