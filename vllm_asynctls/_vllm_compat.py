@@ -177,14 +177,34 @@ def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_wind
     return problems
 
 
-def gpu_backend_reasons(use_sparse: bool = False, use_kv_connector: bool = False, **_) -> list[str]:
-    """What both GPU backends add to their parent's `validate_configuration` reasons."""
-    reasons = []
-    if use_sparse:
-        reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
-    if use_kv_connector:
-        reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
-    return reasons
+class AsyncTLSGPUBackendTraits:
+    """What both GPU backends (the FLASH_ATTN and the TRITON_MLA subclass) declare beyond their parent:
+    the plugin's name and KV-cache dtype, no batch invariance (the sparse operator's split count depends
+    on the batch size), no KV connectors (a connector would load blocks without writing their index),
+    and no models with a trained sparse attention. Put it first among the bases."""
+
+    supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False
+
+    @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        reasons = list(super().validate_configuration(*args, **kwargs))
+        if kwargs.get("use_sparse"):
+            reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
+        if kwargs.get("use_kv_connector"):
+            reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
+        return reasons
 
 
 def check_cuda_engine(vllm_config, cfg, sparse) -> None:

@@ -55,7 +55,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_asynctls._vllm_compat import (
-    AsyncTLSBackendTraits, gpu_backend_reasons, rank_kv_heads, unsupported_impl_features,
+    AsyncTLSBackendTraits, AsyncTLSGPUBackendTraits, rank_kv_heads, unsupported_impl_features,
 )
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
@@ -228,7 +228,7 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
         return output
 
 
-class AsyncTLSFlashAttentionBackend(AsyncTLSBackendTraits, FlashAttentionBackend):
+class AsyncTLSFlashAttentionBackend(AsyncTLSGPUBackendTraits, AsyncTLSBackendTraits, FlashAttentionBackend):
     """`--attention-backend asynctls` for GQA / MHA models on CUDA GPUs (vLLM's FLASH_ATTN underneath)."""
 
     @classmethod
@@ -238,14 +238,6 @@ class AsyncTLSFlashAttentionBackend(AsyncTLSBackendTraits, FlashAttentionBackend
     @classmethod
     def supports_mm_prefix(cls) -> bool:
         return False
-
-    @classmethod
-    def supports_batch_invariance(cls) -> bool:
-        return False  # the sparse operator's split count depends on the batch size
-
-    @classmethod
-    def supports_kv_connector(cls) -> bool:
-        return False  # a connector would load blocks without writing their index
 
     @staticmethod
     def get_impl_cls() -> type[AsyncTLSFlashAttentionImpl]:
@@ -257,7 +249,7 @@ class AsyncTLSFlashAttentionBackend(AsyncTLSBackendTraits, FlashAttentionBackend
 
     @classmethod
     def validate_configuration(cls, *args, **kwargs) -> list[str]:
-        reasons = list(super().validate_configuration(*args, **kwargs)) + gpu_backend_reasons(**kwargs)
+        reasons = list(super().validate_configuration(*args, **kwargs))
         if kwargs.get("use_mla"):
             reasons.append("MLA layers take vllm_asynctls.gpu_mla_backend.AsyncTLSTritonMLABackend, not this class")
         return reasons

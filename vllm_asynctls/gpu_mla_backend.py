@@ -44,7 +44,7 @@ from vllm.model_executor.layers.attention.mla_attention import (
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonMLAImpl, TritonMLAMetadataBuilder
 
-from vllm_asynctls._vllm_compat import BACKEND_NAME, gpu_backend_reasons, unsupported_impl_features
+from vllm_asynctls._vllm_compat import AsyncTLSGPUBackendTraits, unsupported_impl_features
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.layer_index import LayerIndex
@@ -145,18 +145,8 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
         return out, None
 
 
-class AsyncTLSTritonMLABackend(TritonMLABackend):
+class AsyncTLSTritonMLABackend(AsyncTLSGPUBackendTraits, TritonMLABackend):
     """`--attention-backend asynctls` for MLA models on CUDA GPUs (vLLM's TRITON_MLA underneath)."""
-
-    supported_kv_cache_dtypes = ["auto"]
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
-    @classmethod
-    def supports_batch_invariance(cls) -> bool:
-        return False  # the sparse operator's split count depends on the batch size
 
     @staticmethod
     def get_impl_cls() -> type[AsyncTLSTritonMLAImpl]:
@@ -165,11 +155,3 @@ class AsyncTLSTritonMLABackend(TritonMLABackend):
     @staticmethod
     def get_builder_cls() -> type[AsyncTLSTritonMLAMetadataBuilder]:
         return AsyncTLSTritonMLAMetadataBuilder
-
-    @classmethod
-    def supports_kv_connector(cls) -> bool:
-        return False  # a connector would load blocks without writing their index
-
-    @classmethod
-    def validate_configuration(cls, *args, **kwargs) -> list[str]:
-        return list(super().validate_configuration(*args, **kwargs)) + gpu_backend_reasons(**kwargs)
