@@ -207,6 +207,17 @@ class AsyncTLSGPUBackendTraits:
         return reasons
 
 
+def check_impl_features(*features) -> None:
+    """Raise NotImplementedError naming every feature `unsupported_impl_features(*features)` lists (the
+    impls of all backends call this before their parent's constructor)."""
+    problems = unsupported_impl_features(*features)
+    if problems:
+        raise NotImplementedError(
+            "--attention-backend asynctls does not support " + ", ".join(problems)
+            + "; serve this model with the default attention backend"
+        )
+
+
 def check_cuda_engine(vllm_config, cfg, sparse) -> None:
     """Start-up checks of the GPU backend against the engine (ValueError / NotImplementedError naming
     the setting)."""

@@ -61,12 +61,12 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
 from vllm_asynctls._vllm_compat import (
-    BACKEND_NAME, AsyncTLSBackendTraits, check_cpu_mla_dense_threshold, rank_kv_heads, unsupported_impl_features,
+    BACKEND_NAME, AsyncTLSBackendTraits, check_cpu_mla_dense_threshold, check_impl_features, rank_kv_heads,
 )
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.layer_index import LayerIndex
-from vllm_asynctls.mla_decode import mla_cache_views, write_mla_index
+from vllm_asynctls.mla_decode import mla_cache_views, mla_layer_index, write_mla_index
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
@@ -315,13 +315,8 @@ class AsyncTLSAttentionImpl(CPUAttentionBackendImpl):
         kv_sharing_target_layer_name: str | None = None,
         sinks: torch.Tensor | None = None,
     ) -> None:
-        problems = unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
-                                             kv_cache_dtype, kv_sharing_target_layer_name)
-        if problems:
-            raise NotImplementedError(
-                "--attention-backend asynctls does not support " + ", ".join(problems)
-                + "; serve this model with the default attention backend"
-            )
+        check_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
+                            kv_cache_dtype, kv_sharing_target_layer_name)
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
             logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
@@ -522,18 +517,11 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
         vllm_config = get_current_vllm_config()
         self.asynctls = _asynctls_config(vllm_config)
-        if self.asynctls.offload:
-            raise NotImplementedError(
-                "asynctls knob offload=true is implemented for GQA/MHA models; this is an MLA model. "
-                "Serve it with offload=false"
-            )
         key_dim = self.kv_lora_rank + self.qk_rope_head_dim
+        self.sparse_config, self.layer_index = mla_layer_index(self.asynctls, vllm_config, key_dim)
         check_cpu_mla_dense_threshold(key_dim, self.asynctls.dense_threshold)
         if vllm_config.cache_config is not None:
             self.asynctls.check_cache_block_size(vllm_config.cache_config.block_size)
-        self.sparse_config = self.asynctls.sparse_config(head_dim=key_dim, is_mla=True)
-        self.asynctls.check_index_calibration(vllm_config, key_dim, self.sparse_config.index_channels, is_mla=True)
-        self.layer_index = LayerIndex(self.sparse_config, 1, key_dim, is_mla=True)
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
         super().do_kv_cache_update(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)

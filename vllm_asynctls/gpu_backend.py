@@ -55,7 +55,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_asynctls._vllm_compat import (
-    AsyncTLSBackendTraits, AsyncTLSGPUBackendTraits, rank_kv_heads, unsupported_impl_features,
+    AsyncTLSBackendTraits, AsyncTLSGPUBackendTraits, check_impl_features, rank_kv_heads,
 )
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
@@ -173,13 +173,8 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
-        problems = unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
-                                             kv_cache_dtype, kv_sharing_target_layer_name)
-        if problems:
-            raise NotImplementedError(
-                "--attention-backend asynctls does not support " + ", ".join(problems)
-                + "; serve this model with the default attention backend"
-            )
+        check_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
+                            kv_cache_dtype, kv_sharing_target_layer_name)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         if self.dcp_world_size > 1:

@@ -44,11 +44,10 @@ from vllm.model_executor.layers.attention.mla_attention import (
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonMLAImpl, TritonMLAMetadataBuilder
 
-from vllm_asynctls._vllm_compat import AsyncTLSGPUBackendTraits, unsupported_impl_features
+from vllm_asynctls._vllm_compat import AsyncTLSGPUBackendTraits, check_impl_features
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
-from vllm_asynctls.layer_index import LayerIndex
-from vllm_asynctls.mla_decode import sparse_mla_decode, write_mla_index
+from vllm_asynctls.mla_decode import mla_layer_index, sparse_mla_decode, write_mla_index
 
 @dataclass
 class AsyncTLSMLADecodeMetadata(MLACommonDecodeMetadata):
@@ -105,26 +104,14 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args) -> None:
-        problems = unsupported_impl_features(alibi_slopes, logits_soft_cap, None, sliding_window, attn_type,
-                                             kv_cache_dtype, kv_sharing_target_layer_name)
-        if problems:
-            raise NotImplementedError(
-                "--attention-backend asynctls does not support " + ", ".join(problems)
-                + "; serve this model with the default attention backend"
-            )
+        check_impl_features(alibi_slopes, logits_soft_cap, None, sliding_window, attn_type,
+                            kv_cache_dtype, kv_sharing_target_layer_name)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
         vllm_config = get_current_vllm_config()
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
-        if self.asynctls.offload:
-            raise NotImplementedError(
-                "asynctls knob offload=true is implemented for GQA/MHA models on the CPU platform; this is an "
-                "MLA model on GPU. Serve it with offload=false"
-            )
-        key_dim = self.kv_lora_rank + self.qk_rope_head_dim
-        self.sparse_config = self.asynctls.sparse_config(head_dim=key_dim, is_mla=True)
-        self.asynctls.check_index_calibration(vllm_config, key_dim, self.sparse_config.index_channels, is_mla=True)
-        self.layer_index = LayerIndex(self.sparse_config, 1, key_dim, is_mla=True)
+        self.sparse_config, self.layer_index = mla_layer_index(
+            self.asynctls, vllm_config, self.kv_lora_rank + self.qk_rope_head_dim)
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
         super().do_kv_cache_update(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)

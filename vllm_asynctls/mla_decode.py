@@ -17,6 +17,21 @@ def mla_key_rows(kv_c_normed: torch.Tensor, k_pe: torch.Tensor, dtype: torch.dty
     return torch.cat([kv_c_normed, k_pe.reshape(k_pe.shape[0], -1)], dim=-1).unsqueeze(1).to(dtype)
 
 
+def mla_layer_index(asynctls, vllm_config, key_dim: int):
+    """An MLA layer's (sparse config, `LayerIndex`) from the plugin's `AsyncTLSConfig`: one kv head whose
+    key is the whole latent row (`key_dim` = kv_lora_rank + rope_dim). Raises for what MLA lacks."""
+    from vllm_asynctls.layer_index import LayerIndex
+
+    if asynctls.offload:
+        raise NotImplementedError(
+            "asynctls knob offload=true is implemented for GQA/MHA models; this is an MLA model. "
+            "Serve it with offload=false"
+        )
+    sparse_config = asynctls.sparse_config(head_dim=key_dim, is_mla=True)
+    asynctls.check_index_calibration(vllm_config, key_dim, sparse_config.index_channels, is_mla=True)
+    return sparse_config, LayerIndex(sparse_config, 1, key_dim, is_mla=True)
+
+
 def mla_cache_views(kv_c_and_k_pe_cache: torch.Tensor, kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's latent cache (blocks, block_size, L + P) as one kv head's key cache (blocks, block_size, 1,
     L + P) and value cache (its first L channels): views, no copy."""
