@@ -21,6 +21,7 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     sparse: its counters), and on 2 GPUs asynctls and FLASH_ATTN at tensor parallelism 2.
     The `mla_*` runs do the same for MLA on a 4-layer DeepSeek-V3-shaped model (latent 512 + rope 64)
     against TRITON_MLA (the GPU MLA backend's parent), with vLLM's default MLA backend as the spread.
+    `*_kv_bf16`: the covering runs with `kv_cache_dtype="bfloat16"` (the model dtype named), against 'auto'.
     `--runs asynctls_256_calibrated`: the 256-token run with index channels from a calibration file
     made first on the GPU (`vllm_asynctls.calibration`); the summary says whether every layer served
     with the file's channels.
@@ -162,6 +163,8 @@ def worker_check(a) -> dict:
 
     prompts = json.loads(Path(a.prompts).read_text())
     extra = {"compilation_config": {"cudagraph_mode": a.cudagraph_mode}} if a.cudagraph_mode else {}
+    if a.kv_cache_dtype:
+        extra["kv_cache_dtype"] = a.kv_cache_dtype
     llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, max_model_len=4096,
                gpu_memory_utilization=0.3, max_num_seqs=8, enable_prefix_caching=False,
                enforce_eager=a.eager, block_size=16, tensor_parallel_size=a.tp, **extra)
@@ -380,6 +383,11 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         "mla_asynctls_cover_eager": dict(backend="asynctls", knobs=json.dumps(cover), eager=True, mla=True),
         "mla_asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True)),
                                           mla=True),
+        # `--kv-cache-dtype bfloat16` on this bf16 model: the model's own dtype by name, the same cache as
+        # 'auto' (must equal the covering runs above).
+        "asynctls_cover_kv_bf16": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="bfloat16"),
+        "mla_asynctls_cover_kv_bf16": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="bfloat16",
+                                           mla=True),
         "mla_asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_mla_256"),
                                  mla=True),
         # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
@@ -416,6 +424,9 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         summary["asynctls_tp2_vs_tp1"] = _compare(res["asynctls_cover"], res["asynctls_cover_tp2"])
     if res.get("flash_attn") and res.get("flash_attn_tp2"):
         summary["flash_attn_tp2_vs_tp1"] = _compare(res["flash_attn"], res["flash_attn_tp2"])
+    for name in ("asynctls_cover", "mla_asynctls_cover"):
+        if res.get(name) and res.get(f"{name}_kv_bf16"):
+            summary[f"{name}_kv_bf16_vs_auto"] = _compare(res[name], res[f"{name}_kv_bf16"])
     if res.get("asynctls_cover") and res.get("asynctls_cover_nograph"):
         summary["asynctls_graph_vs_nograph"] = _compare(res["asynctls_cover_nograph"], res["asynctls_cover"])
     if res.get("asynctls_256_calibrated"):
@@ -481,6 +492,7 @@ def main() -> None:
     p.add_argument("--runs", help="check stage: comma-separated subset of its engine runs")
     p.add_argument("--cudagraph-mode", help="check worker: vLLM compilation_config cudagraph_mode")
     p.add_argument("--tp", type=int, default=1, help="check worker: tensor_parallel_size")
+    p.add_argument("--kv-cache-dtype", help="check worker: vLLM kv_cache_dtype")
     p.add_argument("--decode-lengths", default=f"{G_SHORT},{G_LONG}",
                    help="throughput stages: new tokens per timed run (decode rate from the shortest and longest; "
                         "more lengths show whether a cost is per step or once per run)")

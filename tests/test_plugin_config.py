@@ -250,14 +250,52 @@ def test_cuda_selector_routes_mla_layers_to_the_gpu_mla_backend(registered, monk
     assert NvmlCudaPlatform.get_attn_backend_cls(E.TRITON_MLA, _selector(**mla)) == "vllm's choice"
     assert NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(head_size=128)) == "vllm's choice"
     assert calls == [("NvmlCudaPlatform", E.TRITON_MLA, True), ("NvmlCudaPlatform", E.CUSTOM, False)]
-    with pytest.raises(NotImplementedError, match="kv_cache_dtype 'auto'"):
+    # The model's own dtype may be named (vLLM's GPU parents accept the name); any other KV dtype is refused.
+    assert NvmlCudaPlatform.get_attn_backend_cls(
+        E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="bfloat16"))) == _vllm_compat.GPU_MLA_BACKEND_PATH
+    with pytest.raises(NotImplementedError, match="kv_cache_dtype must be 'auto' or 'bfloat16'.*got 'fp8'"):
         NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="fp8")))
+    with pytest.raises(NotImplementedError, match="got 'float16'"):
+        NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="float16")))
     with pytest.raises(NotImplementedError, match="trained sparse attention"):
         NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, use_sparse=True)))
     with pytest.raises(ValueError, match="cannot serve this MLA model"):
         NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, dtype=torch.float32)))
     with pytest.raises(ValueError, match="cannot serve this MLA model.*PCP not supported"):
         NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, use_pcp=True)))
+
+
+def test_gpu_backends_accept_the_model_dtype_by_name_and_refuse_other_kv_cache_dtypes():
+    """What vLLM's CUDA selector hears from both GPU backends' `validate_configuration` (the shared traits,
+    over a stand-in parent: the CUDA backends cannot be imported from vLLM's CPU build)."""
+    from vllm_asynctls._vllm_compat import AsyncTLSGPUBackendTraits
+
+    class Parent:
+        @classmethod
+        def validate_configuration(cls, **kwargs):
+            return []
+
+    class Backend(AsyncTLSGPUBackendTraits, Parent):
+        pass
+
+    assert set(Backend.supported_kv_cache_dtypes) == {"auto", "float16", "bfloat16"}
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        assert Backend.validate_configuration(dtype=dtype, kv_cache_dtype="auto") == []
+        assert Backend.validate_configuration(dtype=dtype, kv_cache_dtype=name) == []
+    (reason,) = Backend.validate_configuration(dtype=torch.bfloat16, kv_cache_dtype="float16")
+    assert "kv_cache_dtype must be 'auto' or 'bfloat16'" in reason and "got 'float16'" in reason
+    (reason,) = Backend.validate_configuration(dtype=torch.float16, kv_cache_dtype="fp8_e4m3")
+    assert "'auto' or 'float16'" in reason and "got 'fp8_e4m3'" in reason
+    (reason,) = Backend.validate_configuration(dtype=torch.float32, kv_cache_dtype="bfloat16")
+    assert "kv_cache_dtype must be 'auto' (the model's torch.float32" in reason
+    # The impls' own check (no model dtype there) lets the names through and refuses quantised caches.
+    from vllm.v1.attention.backend import AttentionType
+
+    from vllm_asynctls._vllm_compat import unsupported_impl_features
+
+    assert unsupported_impl_features(None, None, None, None, AttentionType.DECODER, "bfloat16") == []
+    assert unsupported_impl_features(None, None, None, None, AttentionType.DECODER, "fp8") == [
+        "kv_cache_dtype 'fp8' (allowed: 'auto' or the model's own dtype)"]
 
 
 def test_gpu_engine_checks_name_context_parallelism_and_unfuse_the_mla_cache_write():
@@ -284,7 +322,8 @@ def test_gpu_engine_checks_name_context_parallelism_and_unfuse_the_mla_cache_wri
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype 'auto'"),
+        (dict(kv_cache_dtype="fp8"), "kv_cache_dtype must be 'auto' .*got 'fp8'"),
+        (dict(kv_cache_dtype="float32"), "kv_cache_dtype must be 'auto' .*got 'float32'"),
         (dict(use_sparse=True), "trained sparse attention"),
     ],
 )

@@ -153,6 +153,29 @@ def unsupported_reason(attn_selector_config) -> str | None:
     return None
 
 
+# KV-cache dtype names the sparse kernels read: the model's own dtype, by default ('auto') or by name. That
+# a name equals the model dtype is checked at selection (`kv_cache_dtype_reason`), where the dtype is known.
+UNQUANTISED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+
+
+def kv_cache_dtype_reason(kv_cache_dtype, model_dtype, on_gpu: bool) -> str | None:
+    """Why the sparse path cannot read a KV cache of `kv_cache_dtype` (None when it can). It reads the
+    model's own dtype: 'auto', or on GPU also that dtype's name ('bfloat16' for a bf16 model), which the
+    GPU parents accept; vLLM's CPU attention knows no such names."""
+    import torch
+
+    if kv_cache_dtype in (None, "auto"):
+        return None
+    allowed = ["'auto'"]
+    own_name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(model_dtype) if on_gpu else None
+    if own_name is not None:
+        if kv_cache_dtype == own_name:
+            return None
+        allowed.append(repr(own_name))
+    return (f"kv_cache_dtype must be {' or '.join(allowed)} (the model's {model_dtype}: the sparse kernels read "
+            f"unquantised K/V in the model dtype); got {kv_cache_dtype!r}")
+
+
 def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype,
                               kv_sharing_target_layer_name=None) -> list[str]:
     """What an attention layer asks for that the sparse path lacks (empty when nothing); the impls of
@@ -170,8 +193,8 @@ def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_wind
         problems.append(f"sliding window ({sliding_window})")
     if attn_type != AttentionType.DECODER:
         problems.append(f"attention type {attn_type}")
-    if kv_cache_dtype != "auto":
-        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (only 'auto')")
+    if kv_cache_dtype not in UNQUANTISED_KV_CACHE_DTYPES:
+        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (allowed: 'auto' or the model's own dtype)")
     if kv_sharing_target_layer_name is not None:
         problems.append(f"KV sharing with layer {kv_sharing_target_layer_name} (its index is never written)")
     return problems
@@ -183,7 +206,7 @@ class AsyncTLSGPUBackendTraits:
     on the batch size), no KV connectors (a connector would load blocks without writing their index),
     and no models with a trained sparse attention. Put it first among the bases."""
 
-    supported_kv_cache_dtypes = ["auto"]
+    supported_kv_cache_dtypes = list(UNQUANTISED_KV_CACHE_DTYPES)
 
     @staticmethod
     def get_name() -> str:
@@ -204,6 +227,9 @@ class AsyncTLSGPUBackendTraits:
             reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
         if kwargs.get("use_kv_connector"):
             reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
+        dtype_reason = kv_cache_dtype_reason(kwargs.get("kv_cache_dtype"), kwargs.get("dtype"), on_gpu=True)
+        if dtype_reason is not None:
+            reasons.append(dtype_reason)
         return reasons
 
 
@@ -260,19 +286,16 @@ def keep_mla_cache_write_unfused(vllm_config) -> None:
         logger.info("asynctls: fuse_rope_kvcache_cat_mla turned off (the fused cache write would skip the index)")
 
 
-def check_model_supported(attn_selector_config) -> None:
+def check_model_supported(attn_selector_config, on_gpu: bool = False) -> None:
     """Raise at start-up for combinations the sparse kernels lack."""
     if attn_selector_config.use_sparse:
         raise NotImplementedError(
             "--attention-backend asynctls: the model already uses a trained sparse attention "
             "(DeepSeek sparse attention / indexer); AsyncTLS applies to dense-attention models only"
         )
-    kv_dtype = attn_selector_config.kv_cache_dtype
-    if kv_dtype not in (None, "auto"):
-        raise NotImplementedError(
-            f"--attention-backend asynctls supports kv_cache_dtype 'auto' (the model dtype) only; got "
-            f"{kv_dtype!r}. Drop --kv-cache-dtype"
-        )
+    reason = kv_cache_dtype_reason(attn_selector_config.kv_cache_dtype, attn_selector_config.dtype, on_gpu)
+    if reason is not None:
+        raise NotImplementedError(f"--attention-backend asynctls: {reason}. Drop --kv-cache-dtype")
 
 
 def patch_cpu_platform() -> None:
@@ -308,7 +331,7 @@ def cuda_attn_backend_selector(original):
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if not (asynctls_selected(selected_backend) and attn_selector_config.use_mla):
             return original(cls, selected_backend, attn_selector_config, num_heads)
-        check_model_supported(attn_selector_config)
+        check_model_supported(attn_selector_config, on_gpu=True)
         from vllm_asynctls.gpu_mla_backend import AsyncTLSTritonMLABackend
 
         reasons = AsyncTLSTritonMLABackend.validate_configuration(

@@ -511,7 +511,7 @@ class AsyncTLSMLAImpl(CPUMLAImpl):
                  kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args) -> None:
         if kv_cache_dtype != "auto":
             raise NotImplementedError(
-                f"--attention-backend asynctls supports kv_cache_dtype 'auto' only; got {kv_cache_dtype!r}"
+                f"--attention-backend asynctls on CPU: kv_cache_dtype must be 'auto'; got {kv_cache_dtype!r}"
             )
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
