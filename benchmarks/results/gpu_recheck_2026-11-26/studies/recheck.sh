@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU machine, after the kit's first two calls (bash .vllm-gpu/pN/install.sh .vllm-gpu/pN, N = 1, 2):
+# installs the kit's last part (carry .vllm-gpu/p3 and .whl) and the project, then optionally the
+# compiled GPU kernel tests, then the real-vLLM check runs RUNS (bench_vllm_e2e.py --stage check).
+# Writes logs and summaries to $OUT/TAG.
+# usage: bash benchmarks/results/gpu_recheck_2026-11-26/studies/recheck.sh TAG RUNS [TIME_BUDGET_S] [tests]
+TAG=$1; RUNS=$2; TIME=${3:-400}; TESTS=$4
+mkdir -p $OUT/$TAG
+if [ ! -f /tmp/site/vllm/__init__.py ]; then bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 || exit 1; fi
+source /tmp/vllm-env.sh
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
+if [ "$TESTS" = tests ]; then
+  pip install -q --target /tmp/pyt .whl/*.whl 2>&1 | tail -1
+  PYTHONPATH=/tmp/pyt:$PYTHONPATH PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest tests/test_triton_kernels.py -m gpu \
+    -q --noconftest -p no:cacheprovider 2>&1 | tail -8 | tee $OUT/$TAG/gpu_tests.log
+fi
+[ -n "$RUNS" ] || exit 0
+python3 benchmarks/bench_vllm_e2e.py --stage check --runs "$RUNS" --time-budget "$TIME" --out /tmp/chk_$TAG 2>&1 | tail -60
+cp /tmp/chk_$TAG/check_summary*.json $OUT/$TAG/ 2>/dev/null
+for f in /tmp/chk_$TAG/check_*.log; do tail -c 4000 "$f" > "$OUT/$TAG/$(basename "$f").tail"; done
