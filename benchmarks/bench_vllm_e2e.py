@@ -22,6 +22,8 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     The `mla_*` runs do the same for MLA on a 4-layer DeepSeek-V3-shaped model (latent 512 + rope 64)
     against TRITON_MLA (the GPU MLA backend's parent), with vLLM's default MLA backend as the spread.
     `*_kv_bf16`: the covering runs with `kv_cache_dtype="bfloat16"` (the model dtype named), against 'auto'.
+    `*_fp8`: `kv_cache_dtype="fp8"` (e4m3, per-tensor scales) against FLASH_ATTN on the same fp8 cache
+    (`flash_attn_fp8`, itself compared with bf16 FLASH_ATTN: the quantisation's spread).
     `--runs asynctls_256_calibrated`: the 256-token run with index channels from a calibration file
     made first on the GPU (`vllm_asynctls.calibration`); the summary says whether every layer served
     with the file's channels.
@@ -197,11 +199,15 @@ def paper_knobs(budget: int, lagged: bool = False) -> dict:
             "local_tokens": 64, "dense_threshold": 0, "lagged_selection": lagged}
 
 
-def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | None = None) -> dict:
+def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | None = None,
+                             kv_cache_dtype: str | None = None) -> dict:
     """`LLM(...)` settings of the throughput runs on Qwen3-8B shapes: dummy weights, prefix caching,
-    at most MAX_SEQS requests, KV sized by `kv_bytes` (else 90% of the GPU), cache block 64 for asynctls."""
+    at most MAX_SEQS requests, KV sized by `kv_bytes` (else 90% of the GPU), cache block 64 for asynctls,
+    `kv_cache_dtype` when given (fp8: both backends)."""
     kw = dict(max_model_len=max_model_len, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
               skip_tokenizer_init=True, load_format="dummy")
+    if kv_cache_dtype:
+        kw["kv_cache_dtype"] = kv_cache_dtype
     if kv_bytes:
         kw["kv_cache_memory_bytes"] = int(kv_bytes)
     else:
@@ -222,7 +228,8 @@ def worker_throughput(a) -> dict:
     lengths = sorted({int(g) for g in a.decode_lengths.split(",")})
     if len(lengths) < 2 or lengths[0] < 1:
         raise ValueError(f"--decode-lengths needs two or more positive token counts; got {a.decode_lengths!r}")
-    kw = throughput_engine_kwargs(a.backend, max(contexts) + max(lengths[-1], G_LONG) + 64, a.kv_bytes)
+    kw = throughput_engine_kwargs(a.backend, max(contexts) + max(lengths[-1], G_LONG) + 64, a.kv_bytes,
+                                  a.kv_cache_dtype)
     t0 = time.perf_counter()
     llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, **kw)
     if a.weights == "random":
@@ -388,6 +395,14 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         "asynctls_cover_kv_bf16": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="bfloat16"),
         "mla_asynctls_cover_kv_bf16": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="bfloat16",
                                            mla=True),
+        # `--kv-cache-dtype fp8` (e4m3 with per-tensor scales): FLASH_ATTN on it is these runs' reference
+        # (FLASH_ATTN on fp8 vs bf16 is the quantisation's own spread); asynctls covering and at 256 tokens.
+        "flash_attn_fp8": dict(backend="FLASH_ATTN", kv_cache_dtype="fp8"),
+        "asynctls_cover_fp8": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="fp8"),
+        "asynctls_cover_lagged_fp8": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True)),
+                                          kv_cache_dtype="fp8"),
+        "asynctls_256_fp8": dict(backend="asynctls", knobs=json.dumps(small), kv_cache_dtype="fp8",
+                                 counters=str(out / "counters_256_fp8")),
         "mla_asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_mla_256"),
                                  mla=True),
         # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
@@ -415,7 +430,9 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
     summary = {}
     for name, r in res.items():
         summary[f"{name}_ran"] = r is not None
-        ref_name = "mla_triton" if name.startswith("mla_") else "flash_attn"
+        ref_name = "mla_triton" if name.startswith("mla_") else "flash_attn_fp8" if name.endswith("_fp8") else "flash_attn"
+        if name == "flash_attn_fp8":
+            ref_name = "flash_attn"
         if name != ref_name and r is not None and res.get(ref_name) is not None:
             summary[f"{name}_vs_{ref_name}"] = _compare(res[ref_name], r)
     if res.get("asynctls_cover") and res.get("asynctls_cover_eager"):
@@ -435,7 +452,7 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         file_layers = [list(map(list, layer)) for layer in load_calibration(out / "channels.json").layers]
         summary["asynctls_256_calibrated_serves_the_files_channels"] = (
             res["asynctls_256_calibrated"]["index_channels"] == [file_layers])
-    for prefix in ("counters_256", "counters_256_lagged_pca", "counters_mla_256"):
+    for prefix in ("counters_256", "counters_256_lagged_pca", "counters_mla_256", "counters_256_fp8"):
         counters = sorted(out.glob(f"{prefix}.*"))
         counters = [p for p in counters if not p.name.endswith(".tmp")]
         summary[f"asynctls_{prefix[len('counters_'):]}_counters"] = [json.loads(p.read_text()) for p in counters]
@@ -446,23 +463,25 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
 
 def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
                      decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False, repeats: int = 5,
-                     model_shapes: str = "qwen3-8b") -> None:
+                     model_shapes: str = "qwen3-8b", kv_cache_dtype: str | None = None) -> None:
     model = THROUGHPUT_MODELS[model_shapes](out / "models", 131072)
     extra_s = 60 * (repeats - 1) * len(contexts.split(","))  # the timed runs beyond the first, per context
     if which == "dense":
         spawn(out, "tput_dense", 590 + extra_s, role="throughput", model=model, backend="default", contexts=contexts,
-              weights=weights, decode_lengths=decode_lengths, repeats=repeats)
+              weights=weights, decode_lengths=decode_lengths, repeats=repeats, kv_cache_dtype=kv_cache_dtype)
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
     kv_bytes = None
     if dense is not None:
         config = json.loads((model / "config.json").read_text())
-        kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config)  # the dense run's K/V bytes
+        dtype_bytes = 1 if (kv_cache_dtype or "").startswith("fp8") else 2
+        kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config, dtype_bytes)  # the dense run's K/V bytes
     for budget in budgets:
         knobs = paper_knobs(budget, lagged)
         spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets) + extra_s,
               role="throughput", model=model, backend="asynctls", knobs=json.dumps(knobs), contexts=contexts,
-              kv_bytes=kv_bytes, weights=weights, decode_lengths=decode_lengths, repeats=repeats)
+              kv_bytes=kv_bytes, weights=weights, decode_lengths=decode_lengths, repeats=repeats,
+              kv_cache_dtype=kv_cache_dtype)
 
 
 def stage_report(out: Path) -> None:
@@ -492,7 +511,8 @@ def main() -> None:
     p.add_argument("--runs", help="check stage: comma-separated subset of its engine runs")
     p.add_argument("--cudagraph-mode", help="check worker: vLLM compilation_config cudagraph_mode")
     p.add_argument("--tp", type=int, default=1, help="check worker: tensor_parallel_size")
-    p.add_argument("--kv-cache-dtype", help="check worker: vLLM kv_cache_dtype")
+    p.add_argument("--kv-cache-dtype", help="throughput stages (both backends; one --out per dtype) and check "
+                                             "worker: vLLM kv_cache_dtype, e.g. fp8")
     p.add_argument("--decode-lengths", default=f"{G_SHORT},{G_LONG}",
                    help="throughput stages: new tokens per timed run (decode rate from the shortest and longest; "
                         "more lengths show whether a cost is per step or once per run)")
@@ -526,7 +546,7 @@ def main() -> None:
         stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
     elif a.stage in ("dense", "asynctls"):
         stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights,
-                         a.decode_lengths, a.lagged, a.repeats, a.model_shapes)
+                         a.decode_lengths, a.lagged, a.repeats, a.model_shapes, a.kv_cache_dtype)
     elif a.stage == "report":
         stage_report(out)
     else:

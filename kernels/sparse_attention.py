@@ -13,6 +13,9 @@ Design
 - Scores `q . k` go through `tl.dot` with float32 accumulation (bf16 products are exact in float32;
   float32 inputs use the IEEE path, not tf32). The probability-value product casts the probabilities to
   the cache dtype, as flash attention does; float32 caches keep float32 throughout.
+- fp8 caches (vLLM's `--kv-cache-dtype fp8`: rows hold K / k_scale and V / v_scale): rows are widened to
+  the query dtype (exact) for both dots, k_scale joins the softmax scale and v_scale multiplies each
+  split's accumulator; both scales are read from device tensors (vLLM may compute them after capture).
 """
 
 from __future__ import annotations
@@ -138,10 +141,10 @@ def _pdl_trigger(PDL: tl.constexpr):
 
 @triton.jit
 def _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr = False):
     # s[h, n] = q[h] . K[n] for BLOCK_H query rows (q_base: (BLOCK_H, 1) pointers, h_mask) and BLOCK_N
     # gathered key rows (k_row: (BLOCK_N,) pointers, valid), in BLOCK_DK-channel steps; tensor-core
-    # dots (IEEE float32 for float32 data), float32 accumulation.
+    # dots (IEEE float32 for float32 data; fp8 keys widened to the query dtype), float32 accumulation.
     s = tl.zeros((BLOCK_H, BLOCK_N), tl.float32)
     for d0 in range(0, DK, BLOCK_DK):
         offs_d = d0 + tl.arange(0, BLOCK_DK)
@@ -150,6 +153,8 @@ def _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK: tl.cons
         k = tl.load(k_row[:, None] + offs_d[None, :] * stride_kd, mask=valid[:, None] & d_mask[None, :], other=0.0)
         if IEEE:
             s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        elif KV_FP8:
+            s += tl.dot(q, tl.trans(k.to(q.dtype)))  # fp8 -> bf16/fp16 is exact
         else:
             s += tl.dot(q.to(k.dtype), tl.trans(k))
     return s
@@ -166,6 +171,8 @@ def _sparse_attn_split_kernel(
     l_out_ptr,  # float32, (B, Hq, NUM_SPLITS): running sum
     acc_out_ptr,  # float32, (B, Hq, NUM_SPLITS, DV): unnormalised output
     qk_scale,  # float: softmax scale * log2(e)
+    k_scale_ptr,  # float32 (1,): fp8 caches hold K / k_scale (KV_FP8 only)
+    v_scale_ptr,  # float32 (1,): and V / v_scale
     P,  # int: positions per (sequence, kv head)
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -186,13 +193,17 @@ def _sparse_attn_split_kernel(
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,  # float32 cache: exact float32 dots
     PDL: tl.constexpr,  # programmatic dependent launch: wait for the previous kernel first
+    KV_FP8: tl.constexpr = False,  # fp8 K/V: rows widened to the query dtype, scales applied per tensor
 ):
     # For q head h of kv group g and positions p_1..p_n of this split:
     #   s_i = scale * q_h . K[p_i]        (K[p] = key_cache[block_table[b, p // CBS], p % CBS, g])
     #   m = max_i s_i,  l = sum_i exp(s_i - m),  acc = sum_i exp(s_i - m) V[p_i]
     # (kept in base 2: s is pre-multiplied by log2(e)). The merge kernel combines the splits.
+    # fp8 caches hold K / k_scale and V / v_scale: k_scale joins qk_scale, v_scale multiplies acc at the end.
     if PDL:
         _pdl_wait(PDL)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     pid_bg = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -221,7 +232,8 @@ def _sparse_attn_split_kernel(
         row = pos_c % CBS
         k_row = k_ptr + phys * stride_kb + row * stride_kt + g * stride_kh  # (BLOCK_N,) pointers
 
-        s = _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK, BLOCK_H, BLOCK_N, BLOCK_DK, IEEE)
+        s = _gathered_qk(q_base, h_mask, k_row, valid, stride_qd, stride_kd, DK, BLOCK_H, BLOCK_N, BLOCK_DK, IEEE,
+                         KV_FP8)
         s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
 
@@ -234,10 +246,15 @@ def _sparse_attn_split_kernel(
         v = tl.load(v_row[:, None] + offs_dv[None, :] * stride_vd, mask=valid[:, None] & dv_mask[None, :], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        elif KV_FP8:
+            compute = q_ptr.dtype.element_ty
+            acc = acc * alpha[:, None] + tl.dot(p.to(compute), v.to(compute))
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
     _pdl_trigger(PDL)
     out_row = (b * HQ + heads) * NUM_SPLITS + pid_s  # (BLOCK_H,)
     tl.store(m_out_ptr + out_row, m_i, mask=h_mask)
@@ -328,16 +345,42 @@ class AttentionWorkspace:
         self.acc = empty((batch, num_q_heads, num_splits, head_dim_v), torch.float32)
 
 
-def _check(query, key_cache, value_cache, block_table, positions):
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_kv_scales(op: str, key_cache: torch.Tensor, kv_scales) -> None:
+    """fp8 caches need `kv_scales` = (k_scale, v_scale): one-element float32 tensors on the cache's device
+    (vLLM's `layer._k_scale`, `layer._v_scale`); other caches must not get them."""
+    fp8 = key_cache.dtype in FP8_CACHE_DTYPES
+
+    def scale_ok(t):
+        return isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == 1 and t.device == key_cache.device
+
+    if fp8 and not (isinstance(kv_scales, (tuple, list)) and len(kv_scales) == 2 and all(map(scale_ok, kv_scales))):
+        got = kv_scales if kv_scales is None or not isinstance(kv_scales, (tuple, list)) else [
+            f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            for t in kv_scales]
+        raise ValueError(f"{op}: an fp8 ({key_cache.dtype}) KV cache needs kv_scales = (k_scale, v_scale), one-element "
+                         f"float32 tensors on {key_cache.device}; got {got}")
+    if not fp8 and kv_scales is not None:
+        raise ValueError(f"{op}: kv_scales apply to fp8 KV caches only; the cache is {key_cache.dtype}")
+
+
+def _check(query, key_cache, value_cache, block_table, positions, kv_scales=None):
     if query.dim() != 3 or key_cache.dim() != 4 or value_cache.dim() != 4:
         raise ValueError(
             f"sparse_attention: query must be (B, Hq, Dk) and caches (blocks, block_size, Hkv, D); got "
             f"query {tuple(query.shape)}, key_cache {tuple(key_cache.shape)}, value_cache {tuple(value_cache.shape)}"
         )
     require_triton_device("sparse_attention", query, key_cache, value_cache)
-    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"sparse_attention: key/value cache dtype must match and be bf16/fp16/fp32; got "
-                         f"{key_cache.dtype}/{value_cache.dtype}")
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (
+            torch.bfloat16, torch.float16, torch.float32, *FP8_CACHE_DTYPES):
+        raise ValueError(f"sparse_attention: key/value cache dtype must match and be bf16/fp16/fp32/fp8 (e4m3, "
+                         f"e5m2); got {key_cache.dtype}/{value_cache.dtype}")
+    check_kv_scales("sparse_attention", key_cache, kv_scales)
+    if key_cache.dtype in FP8_CACHE_DTYPES and query.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"sparse_attention: with an fp8 KV cache the query must be bf16/fp16/fp32 (dequantise "
+                         f"an fp8 query first); got {query.dtype}")
     if block_table.dtype != torch.int32 or positions.dtype != torch.int32:
         raise ValueError(f"sparse_attention: block_table and positions must be int32; got {block_table.dtype}, "
                          f"{positions.dtype}")
@@ -359,13 +402,18 @@ def sparse_attention_triton(
     scale: float,
     out: torch.Tensor | None = None,
     workspace: AttentionWorkspace | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of `query` (B, Hq, Dk) over `positions` (B, Hkv, P; -1 = padding) -> (B, Hq, Dv).
 
     Same contract as the reference's `sparse_attention`. `out` and `workspace` may be preallocated
-    (decode under CUDA graphs); the launch shape depends on tensor shapes only.
+    (decode under CUDA graphs); the launch shape depends on tensor shapes only. An fp8 cache (vLLM's
+    `--kv-cache-dtype fp8`: stored = value / scale) takes `kv_scales` = (k_scale, v_scale), one-element
+    float32 tensors on the device, read by the kernel (no host synchronisation): the result is the
+    reference's over the dequantised caches.
     """
-    _check(query, key_cache, value_cache, block_table, positions)
+    _check(query, key_cache, value_cache, block_table, positions, kv_scales)
+    kv_fp8 = key_cache.dtype in FP8_CACHE_DTYPES
     B, Hq, Dk = query.shape
     Hkv = key_cache.shape[2]
     Dv = value_cache.shape[3]
@@ -385,7 +433,7 @@ def sparse_attention_triton(
     _sparse_attn_split_kernel[grid](
         query, key_cache, value_cache, block_table, positions,
         workspace.m, workspace.l, workspace.acc,
-        float(scale) * _LOG2E, P,
+        float(scale) * _LOG2E, *(kv_scales if kv_fp8 else (workspace.m, workspace.m)), P,
         query.stride(0), query.stride(1), query.stride(2),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), key_cache.stride(3),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), value_cache.stride(3),
@@ -394,7 +442,8 @@ def sparse_attention_triton(
         HQ=Hq, HKV=Hkv, GROUP=Hq // Hkv, DK=Dk, DV=Dv, CBS=key_cache.shape[1],
         BLOCK_H=plan["BLOCK_H"], BLOCK_N=plan["BLOCK_N"], BLOCK_DK=plan["BLOCK_DK"], BLOCK_DV=plan["BLOCK_DV"],
         SPLIT_LEN=plan["SPLIT_LEN"], NUM_SPLITS=plan["NUM_SPLITS"],
-        IEEE=float32_dots(key_cache.dtype), **pdl, **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG else {}),
+        IEEE=float32_dots(query.dtype if kv_fp8 else key_cache.dtype), KV_FP8=kv_fp8, **pdl,
+        **({"maxnreg": ATTN_MAXNREG} if ATTN_MAXNREG else {}),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     _sparse_attn_merge_kernel[(B * Hq,)](

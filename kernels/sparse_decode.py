@@ -30,7 +30,9 @@ import torch
 from .block_select import block_scores_triton, topk_rows
 from .index_basis import rotate_query_triton
 from . import sparse_decode_reference as _reference
-from .sparse_attention import AttentionWorkspace, attention_plan, pdl_scope, sparse_attention_triton
+from .sparse_attention import (
+    FP8_CACHE_DTYPES, AttentionWorkspace, attention_plan, check_kv_scales, pdl_scope, sparse_attention_triton,
+)
 from .sparse_config import SparseAttentionConfig
 from .token_select import index_query_triton, token_scores_triton, word_score_heads
 
@@ -182,9 +184,15 @@ class SparseDecodeWorkspace:
         self._pending_block_stage = None
 
 
-def _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config):
+def _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config, kv_scales):
     if not isinstance(config, SparseAttentionConfig):
         raise ValueError(f"config must be a SparseAttentionConfig; got {type(config).__name__}")
+    check_kv_scales("sparse_decode", key_cache, kv_scales)
+    if key_cache.dtype in FP8_CACHE_DTYPES and (config.index_bits == 16 or config.mode == "exact_topk"):
+        raise ValueError(
+            f"sparse_decode: an fp8 KV cache is read by the attention only; token scores from the full keys "
+            f"(index_bits=16, mode 'exact_topk') need a bf16/fp16/fp32 cache; got index_bits={config.index_bits}, "
+            f"mode={config.mode!r} with a {key_cache.dtype} cache (use index_bits 4 or 8)")
     if query.dim() != 3 or key_cache.dim() != 4 or value_cache.dim() != 4:
         raise ValueError(f"query must be (B, Hq, Dk) and caches 4-D; got {tuple(query.shape)}, "
                          f"{tuple(key_cache.shape)}, {tuple(value_cache.shape)}")
@@ -206,6 +214,7 @@ def sparse_decode_triton(
     seq_lens: torch.Tensor, index, config: SparseAttentionConfig, scale: float,
     previous_block_ids: torch.Tensor | None = None, workspace: SparseDecodeWorkspace | None = None,
     block_ids_out: torch.Tensor | None = None, defer_block_join: bool = False,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode step on the GPU -> (out (B, Hq, Dv), positions, block_ids (B, Hkv, num_blocks)).
 
@@ -222,8 +231,13 @@ def sparse_decode_triton(
     required: the workspace's buffer is the next call's) not read; `workspace.join_block_stage()` joins
     the last call. The block stage's inputs (`query`, `block_table`, `seq_lens`) are marked in use by its
     stream (`record_stream`), so the caching allocator does not hand their memory out before it ends.
+
+    kv_scales: for an fp8 cache (vLLM's `--kv-cache-dtype fp8`: stored = value / scale), (k_scale, v_scale),
+    one-element float32 tensors on the device (vLLM's `layer._k_scale`, `layer._v_scale`); only the
+    attention reads K/V (the index is written from the unquantised keys), so the result is the
+    reference's over the dequantised caches.
     """
-    _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config)
+    _check_inputs(query, key_cache, value_cache, block_table, seq_lens, index, config, kv_scales)
     B, Hq, Dk = query.shape
     Hkv, Dv = key_cache.shape[2], value_cache.shape[3]
     S = config.selection_block_size
@@ -241,7 +255,8 @@ def sparse_decode_triton(
         T = W * cbs
         all_positions = torch.arange(T, device=device, dtype=torch.int32).expand(B, Hkv, T)
         positions = torch.where(all_positions < seq_lens.view(B, 1, 1), all_positions, -1).to(torch.int32).contiguous()
-        out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale)
+        out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale,
+                                      kv_scales=kv_scales)
         no_blocks = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=device)
         return out, positions, no_blocks
 
@@ -254,7 +269,8 @@ def sparse_decode_triton(
         positions = topk_rows(scores.view(B * Hkv, n_sel * S), config.token_budget, seq_lens=seq_lens,
                               sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
                               rows_per_seq=Hkv).view(B, Hkv, config.attended_tokens)
-        out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale)
+        out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale,
+                                      kv_scales=kv_scales)
         no_blocks = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=device)
         return out, positions, no_blocks
 
@@ -286,7 +302,8 @@ def sparse_decode_triton(
         positions = _reference.attended_positions(selected, seq_lens, config).contiguous()
         block_ids = torch.full((B, Hkv, config.num_blocks), -1, dtype=torch.int32, device=device)
         block_ids[..., :kept] = kept_ids
-        out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale)
+        out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale,
+                                      kv_scales=kv_scales)
         return out, positions, block_ids
 
     # "asynctls"
@@ -320,7 +337,7 @@ def sparse_decode_triton(
             out, positions = _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index,
                                                         config, scale, ws, index_query,
                                                         previous_block_ids.contiguous() if lagged else block_ids,
-                                                        q_tokens)
+                                                        q_tokens, kv_scales=kv_scales)
         return out, positions, block_ids
     # The paper's pipelining: this step's block stage (whose ids only the next step reads) runs on its
     # own stream beside the token stage and the attention over the previous step's blocks, which run on
@@ -345,7 +362,8 @@ def sparse_decode_triton(
                                                     config, scale, ws, index_query, token_blocks, q_tokens,
                                                     scores_written=ws.token_scores_written,
                                                     ids_ready=index_query is not None and not inline
-                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline)
+                                                    and PIPELINED_EARLY_GATHER, write_index_query=inline,
+                                                    kv_scales=kv_scales)
     block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
     block_stream.wait_event(ws.token_scores_written)
     with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
@@ -380,7 +398,7 @@ def _index_queries(query, index, config):
 
 def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_lens, index, config, scale, ws,
                                index_query, token_blocks, q_tokens, scores_written=None, ids_ready=False,
-                               write_index_query=False):
+                               write_index_query=False, kv_scales=None):
     """Token scores inside `token_blocks`, their top-k (with the sink and local slots), then exact
     attention over the positions -> (out, positions (B, Hkv, attended_tokens)). `scores_written`: a CUDA
     event recorded on the current stream right after the token-score launch: it completes once the scores
@@ -402,7 +420,7 @@ def _token_stage_and_attention(query, key_cache, value_cache, block_table, seq_l
                           rows_per_seq=Hkv).view(B, Hkv, config.attended_tokens)
     out = sparse_attention_triton(query, key_cache, value_cache, block_table, positions, scale,
                                   out=None if ws is None else ws.out,
-                                  workspace=None if ws is None else ws.attention)
+                                  workspace=None if ws is None else ws.attention, kv_scales=kv_scales)
     return out, positions
 
 

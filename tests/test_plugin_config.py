@@ -278,24 +278,38 @@ def test_gpu_backends_accept_the_model_dtype_by_name_and_refuse_other_kv_cache_d
     class Backend(AsyncTLSGPUBackendTraits, Parent):
         pass
 
+    class Fp8Backend(Backend):  # as the GQA GPU backend (FLASH_ATTN's own check then decides per device)
+        fp8_kv_cache = True
+
     assert set(Backend.supported_kv_cache_dtypes) == {"auto", "float16", "bfloat16"}
     for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
-        assert Backend.validate_configuration(dtype=dtype, kv_cache_dtype="auto") == []
-        assert Backend.validate_configuration(dtype=dtype, kv_cache_dtype=name) == []
+        for backend in (Backend, Fp8Backend):
+            assert backend.validate_configuration(dtype=dtype, kv_cache_dtype="auto") == []
+            assert backend.validate_configuration(dtype=dtype, kv_cache_dtype=name) == []
     (reason,) = Backend.validate_configuration(dtype=torch.bfloat16, kv_cache_dtype="float16")
     assert "kv_cache_dtype must be 'auto' or 'bfloat16'" in reason and "got 'float16'" in reason
     (reason,) = Backend.validate_configuration(dtype=torch.float16, kv_cache_dtype="fp8_e4m3")
-    assert "'auto' or 'float16'" in reason and "got 'fp8_e4m3'" in reason
+    assert "'auto' or 'float16' (the model's" in reason and "got 'fp8_e4m3'" in reason
     (reason,) = Backend.validate_configuration(dtype=torch.float32, kv_cache_dtype="bfloat16")
     assert "kv_cache_dtype must be 'auto' (the model's torch.float32" in reason
-    # The impls' own check (no model dtype there) lets the names through and refuses quantised caches.
+    for name in ("fp8", "fp8_e4m3"):
+        assert Fp8Backend.validate_configuration(dtype=torch.bfloat16, kv_cache_dtype=name) == []
+    (reason,) = Fp8Backend.validate_configuration(dtype=torch.bfloat16, kv_cache_dtype="fp8_e5m2")
+    assert "'auto' or 'bfloat16' or 'fp8' or 'fp8_e4m3'" in reason and "got 'fp8_e5m2'" in reason
+    # The impls' own check (no model dtype there) lets the names through and refuses quantised caches,
+    # except the fp8 names where the impl reads them.
     from vllm.v1.attention.backend import AttentionType
 
-    from vllm_asynctls._vllm_compat import unsupported_impl_features
+    from vllm_asynctls._vllm_compat import (
+        FP8_KV_CACHE_DTYPES, UNQUANTISED_KV_CACHE_DTYPES, unsupported_impl_features,
+    )
 
-    assert unsupported_impl_features(None, None, None, None, AttentionType.DECODER, "bfloat16") == []
-    assert unsupported_impl_features(None, None, None, None, AttentionType.DECODER, "fp8") == [
-        "kv_cache_dtype 'fp8' (allowed: 'auto' or the model's own dtype)"]
+    decoder = (None, None, None, None, AttentionType.DECODER)
+    assert unsupported_impl_features(*decoder, "bfloat16") == []
+    assert unsupported_impl_features(*decoder, "fp8") == [
+        "kv_cache_dtype 'fp8' (allowed: 'auto', 'float16', 'bfloat16')"]
+    assert unsupported_impl_features(*decoder, "fp8",
+                                     kv_cache_dtypes=UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES) == []
 
 
 def test_gpu_engine_checks_name_context_parallelism_and_unfuse_the_mla_cache_write():
@@ -457,3 +471,8 @@ def test_index_is_counted_in_an_explicit_kv_cache_budget():
     reserve_index_memory(auto, cfg, 64, False, on_cuda=True)
     assert auto.cache_config.gpu_memory_utilization == lowered
     assert auto.cache_config.kv_cache_memory_bytes is None
+    # An fp8 KV cache takes a byte per channel, so the same index is a larger share of it.
+    fp8 = SimpleNamespace(cache_config=SimpleNamespace(kv_cache_memory_bytes=2**30, cache_dtype="fp8"),
+                          model_config=SimpleNamespace(dtype=torch.bfloat16))
+    reserve_index_memory(fp8, cfg, 64, False, on_cuda=True)
+    assert fp8.cache_config.kv_cache_memory_bytes == int(2**30 * (1 - 28.25 / (128 + 28.25)))

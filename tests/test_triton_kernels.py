@@ -773,6 +773,73 @@ def test_budget_covering_context_equals_dense():
     torch.testing.assert_close(out.float(), dense.float(), rtol=2e-5, atol=2e-5)
 
 
+def quantise_fp8(cache, scale, dtype):
+    """vLLM's fp8 KV cache write: stored = value / scale in `dtype`; returns (stored, dequantised float32)."""
+    stored = (cache.float() / scale).to(dtype)
+    return stored, stored.float() * scale
+
+
+FP8_CASES = [n for n in CASES if not CASES[n][6] and CASES[n][7]["index_bits"] != 16]
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("name", FP8_CASES)
+def test_fp8_kv_cache_equals_the_reference_over_dequantised_caches(name, fp8):
+    """vLLM's `--kv-cache-dtype fp8`: the operator reads fp8 K/V with per-tensor scales from a device tensor
+    and equals the reference run on the dequantised caches (float32); a covering budget equals dense
+    attention over them."""
+    c = build(name, seed=11)
+    k_scale, v_scale = 0.37, 1.9  # not powers of two: a scale applied twice or not at all shows
+    kc8, kc = quantise_fp8(c["key_cache"], k_scale, fp8)
+    vc8, vc = quantise_fp8(c["value_cache"], v_scale, fp8)
+    scales = (torch.tensor(k_scale, device=DEVICE), torch.tensor([v_scale], device=DEVICE))  # 0-d and (1,)
+    q, bt, sl, index = c["query"], c["block_table"], c["seq_lens"], c["index"]
+    tol = OUT_TOL[c["dtype"]]
+    for lagged in (False, True):
+        config = c["config"].with_(lagged_selection=lagged)
+        prev = None
+        if lagged:
+            _, _, prev = ref.sparse_decode(q.float(), kc, vc, bt, sl, index, config.with_(lagged_selection=False),
+                                           c["scale"])
+        want_out, want_pos, _ = ref.sparse_decode(q.float(), kc, vc, bt, sl, index, config, c["scale"],
+                                                  previous_block_ids=prev)
+        got_out, got_pos, _ = sparse_decode_triton(q, kc8, vc8, bt, sl, index, config, c["scale"],
+                                                   previous_block_ids=prev, kv_scales=scales)
+        assert got_out.dtype == q.dtype
+        if not torch.equal(got_pos, want_pos):  # a near-tie swapped an id: exact attention over got_pos
+            assert (got_pos != want_pos).float().mean() < 0.02
+            want_out = ref.sparse_attention(q.float(), kc, vc, bt, got_pos, c["scale"])
+        torch.testing.assert_close(got_out.float(), want_out, rtol=tol, atol=tol)
+    L = int(sl.max())
+    cover = c["config"].with_(num_blocks=c["block_table"].shape[1] * c["key_cache"].shape[1]
+                              // c["config"].selection_block_size, token_budget=L)
+    out, _, _ = sparse_decode_triton(q, kc8, vc8, bt, sl, index, cover, c["scale"], kv_scales=scales)
+    dense = ref.dense_decode_attention(q.float(), kc, vc, bt, sl, c["scale"])
+    dense_tol = 2e-5 if c["dtype"] == torch.float32 else tol
+    torch.testing.assert_close(out.float(), dense, rtol=dense_tol, atol=dense_tol)
+
+
+def test_fp8_kv_cache_needs_its_scales_and_a_low_bit_index():
+    c = build("small_gqa_odd_4bit", seed=12)
+    kc8, _ = quantise_fp8(c["key_cache"], 0.5, torch.float8_e4m3fn)
+    vc8, _ = quantise_fp8(c["value_cache"], 0.5, torch.float8_e4m3fn)
+    args = (c["query"], kc8, vc8, c["block_table"], c["seq_lens"], c["index"])
+    scales = (torch.tensor(0.5, device=DEVICE), torch.tensor(0.5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"fp8 \(torch.float8_e4m3fn\) KV cache needs kv_scales.*got None"):
+        sparse_decode_triton(*args, c["config"], c["scale"])
+    with pytest.raises(ValueError, match=r"needs kv_scales.*got \['torch.float32 \(3,\)"):
+        sparse_decode_triton(*args, c["config"], c["scale"], kv_scales=(torch.ones(3, device=DEVICE), scales[1]))
+    with pytest.raises(ValueError, match=r"needs kv_scales.*float"):
+        sparse_decode_triton(*args, c["config"], c["scale"], kv_scales=(0.5, 0.5))
+    with pytest.raises(ValueError, match="got index_bits=16, mode='asynctls'.*use index_bits 4 or 8"):
+        sparse_decode_triton(*args, c["config"].with_(index_bits=16), c["scale"], kv_scales=scales)
+    with pytest.raises(ValueError, match="got index_bits=4, mode='exact_topk'"):
+        sparse_decode_triton(*args, c["config"].with_(mode="exact_topk"), c["scale"], kv_scales=scales)
+    with pytest.raises(ValueError, match="kv_scales apply to fp8 KV caches only"):
+        sparse_decode_triton(c["query"], c["key_cache"], c["value_cache"], *args[3:], c["config"], c["scale"],
+                             kv_scales=scales)
+
+
 def test_topk_rows_ties_and_short_rows():
     scores = torch.randn(5, 300)
     scores[0, :250] = float("-inf")  # fewer candidates than k
@@ -1144,3 +1211,62 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
                                    previous_block_ids=previous)
     torch.testing.assert_close(out[:2].float(), want[:2].float(), rtol=2e-5, atol=2e-5)
     assert not torch.allclose(out[0].float(), dense[0].float(), atol=1e-3)  # it did select
+
+
+def test_gpu_backend_fp8_decode_over_vllms_byte_cache():
+    """What the GQA GPU backend runs under `--kv-cache-dtype fp8` (`vllm_asynctls.fp8_kv`): K/V written as
+    vLLM writes them (K / k_scale, V / v_scale in e4m3, in a byte tensor of FLASH_ATTN's logical (blocks,
+    kv heads, block_size, 2 * D) shape over an NHD layout), the query quantised by q_scale as the layer
+    does for FlashAttention 3, the index written from the unquantised keys. A covering budget equals dense
+    attention over the dequantised query and caches (float32); a small one equals the reference there."""
+    from vllm_asynctls.fp8_kv import fp8_decode_inputs
+    from vllm_asynctls.layer_index import LayerIndex
+
+    gen = torch.Generator().manual_seed(13)
+    Hkv, group, D, cbs = 2, 3, 32, 16
+    seq_lens = [150, 37, 0]  # the last row is padding, as in vLLM's captured batches
+    B, W = len(seq_lens), 12
+    nb = B * W + 1
+    table = torch.randperm(nb, generator=gen)[: B * W].view(B, W).to(torch.int32)
+    physical = torch.randint(0, 120, (nb, cbs, Hkv, 2 * D), dtype=torch.uint8, generator=gen)  # junk (finite)
+    kv_cache = physical.permute(0, 2, 1, 3)  # vLLM's logical shape over the NHD layout
+    slots = torch.cat([table[b, torch.arange(n) // cbs].long() * cbs + torch.arange(n) % cbs
+                       for b, n in enumerate(seq_lens)])
+    key = torch.randn(len(slots), Hkv, D, generator=gen) * (1 + 3 * (torch.rand(D, generator=gen) < 0.1))
+    value = torch.randn(len(slots), Hkv, D, generator=gen)
+    q_scale, k_scale, v_scale = (torch.tensor(s) for s in (0.05, 0.031, 0.011))
+    rows = physical.view(-1, Hkv, 2 * D)
+    rows[slots, :, :D] = (key / k_scale).to(torch.float8_e4m3fn).view(torch.uint8)  # reshape_and_cache_flash
+    rows[slots, :, D:] = (value / v_scale).to(torch.float8_e4m3fn).view(torch.uint8)
+    q8 = (torch.randn(B, Hkv * group, D, generator=gen) / q_scale).to(torch.float8_e4m3fn)
+    scale = 1.0 / math.sqrt(D)
+    kv_cache, q8, table, lens = (t.to(DEVICE) for t in (kv_cache, q8, table, torch.tensor(seq_lens, dtype=torch.int32)))
+    q_scale, k_scale, v_scale = (t.to(DEVICE) for t in (q_scale, k_scale, v_scale))
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(D, dim=-1)  # as the impl splits it
+    q, kc8, vc8, kv_scales = fp8_decode_inputs(q8, key_cache, value_cache, q_scale, k_scale, v_scale, torch.float32)
+    assert q.dtype == torch.float32 and kc8.dtype == vc8.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(q, q8.float() * q_scale)
+    kc, vc = kc8.float() * k_scale, vc8.float() * v_scale  # the dequantised caches: the truth here
+
+    def run(config):
+        lix = LayerIndex(config, Hkv, D, is_mla=False)
+        lix.ensure(nb, cbs, torch.float32, DEVICE)
+        ref.calibrate_index(lix.index, key.to(DEVICE), config)
+        lix.calibrated = True
+        lix.write(key.to(DEVICE), slots.to(DEVICE))
+        ws = SparseDecodeWorkspace(B, Hkv * group, Hkv, D, D, W, cbs, config, torch.float32, DEVICE)
+        out, _, _ = sparse_decode_triton(q, kc8, vc8, table, lens, lix.index, config, scale, workspace=ws,
+                                         kv_scales=kv_scales)
+        return lix, out
+
+    covering = SparseAttentionConfig(selection_block_size=16, num_blocks=16, token_budget=160, sink_tokens=16,
+                                     local_tokens=16, index_channels=8)
+    _, out = run(covering)
+    dense = ref.dense_decode_attention(q, kc, vc, table, lens, scale)
+    torch.testing.assert_close(out[:2], dense[:2], rtol=2e-5, atol=2e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    small = covering.with_(num_blocks=4, token_budget=24)
+    lix, out = run(small)
+    want, _, _ = ref.sparse_decode(q, kc, vc, table, lens, lix.index, small, scale)
+    torch.testing.assert_close(out[:2], want[:2], rtol=2e-5, atol=2e-5)
+    assert not torch.allclose(out[0], dense[0], atol=1e-3)  # it did select

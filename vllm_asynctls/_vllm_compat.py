@@ -156,15 +156,18 @@ def unsupported_reason(attn_selector_config) -> str | None:
 # KV-cache dtype names the sparse kernels read: the model's own dtype, by default ('auto') or by name. That
 # a name equals the model dtype is checked at selection (`kv_cache_dtype_reason`), where the dtype is known.
 UNQUANTISED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+# fp8 KV caches with per-tensor scales (vLLM's `--kv-cache-dtype fp8`, e4m3 on CUDA), which the GQA GPU
+# backend's attention dequantises while it reads them; FlashAttention 3 (its prefill) takes the same names.
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 
-def kv_cache_dtype_reason(kv_cache_dtype, model_dtype, on_gpu: bool) -> str | None:
-    """Why the sparse path cannot read a KV cache of `kv_cache_dtype` (None when it can). It reads the
-    model's own dtype: 'auto', or on GPU also that dtype's name ('bfloat16' for a bf16 model), which the
-    GPU parents accept; vLLM's CPU attention knows no such names."""
+def kv_cache_dtype_reason(kv_cache_dtype, model_dtype, on_gpu: bool, fp8: bool = False) -> str | None:
+    """Why the sparse path cannot read a KV cache of `kv_cache_dtype` (None when it can): the model's own
+    dtype, 'auto', or on GPU also by name ('bfloat16' for a bf16 model), which the GPU parents accept
+    (vLLM's CPU attention knows no such names); with `fp8` (the GQA GPU backend) also fp8."""
     import torch
 
-    if kv_cache_dtype in (None, "auto"):
+    if kv_cache_dtype in (None, "auto") or (fp8 and kv_cache_dtype in FP8_KV_CACHE_DTYPES):
         return None
     allowed = ["'auto'"]
     own_name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(model_dtype) if on_gpu else None
@@ -172,14 +175,18 @@ def kv_cache_dtype_reason(kv_cache_dtype, model_dtype, on_gpu: bool) -> str | No
         if kv_cache_dtype == own_name:
             return None
         allowed.append(repr(own_name))
+    if fp8:
+        allowed += [repr(name) for name in FP8_KV_CACHE_DTYPES]
+    what = "K/V in the model dtype or fp8" if fp8 else "unquantised K/V in the model dtype"
     return (f"kv_cache_dtype must be {' or '.join(allowed)} (the model's {model_dtype}: the sparse kernels read "
-            f"unquantised K/V in the model dtype); got {kv_cache_dtype!r}")
+            f"{what}); got {kv_cache_dtype!r}")
 
 
 def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype,
-                              kv_sharing_target_layer_name=None) -> list[str]:
+                              kv_sharing_target_layer_name=None,
+                              kv_cache_dtypes=UNQUANTISED_KV_CACHE_DTYPES) -> list[str]:
     """What an attention layer asks for that the sparse path lacks (empty when nothing); the impls of
-    both backends raise NotImplementedError listing these."""
+    every backend raise NotImplementedError listing these. `kv_cache_dtypes`: the names the impl reads."""
     from vllm.v1.attention.backend import AttentionType
 
     problems = []
@@ -193,8 +200,8 @@ def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_wind
         problems.append(f"sliding window ({sliding_window})")
     if attn_type != AttentionType.DECODER:
         problems.append(f"attention type {attn_type}")
-    if kv_cache_dtype not in UNQUANTISED_KV_CACHE_DTYPES:
-        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (allowed: 'auto' or the model's own dtype)")
+    if kv_cache_dtype not in kv_cache_dtypes:
+        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (allowed: {', '.join(map(repr, kv_cache_dtypes))})")
     if kv_sharing_target_layer_name is not None:
         problems.append(f"KV sharing with layer {kv_sharing_target_layer_name} (its index is never written)")
     return problems
@@ -204,9 +211,11 @@ class AsyncTLSGPUBackendTraits:
     """What both GPU backends (the FLASH_ATTN and the TRITON_MLA subclass) declare beyond their parent:
     the plugin's name and KV-cache dtype, no batch invariance (the sparse operator's split count depends
     on the batch size), no KV connectors (a connector would load blocks without writing their index),
-    and no models with a trained sparse attention. Put it first among the bases."""
+    and no models with a trained sparse attention. Put it first among the bases. `fp8_kv_cache`: whether
+    the backend's decode reads fp8 KV caches."""
 
     supported_kv_cache_dtypes = list(UNQUANTISED_KV_CACHE_DTYPES)
+    fp8_kv_cache: bool = False
 
     @staticmethod
     def get_name() -> str:
@@ -227,16 +236,17 @@ class AsyncTLSGPUBackendTraits:
             reasons.append("the model already uses a trained sparse attention; AsyncTLS applies to dense models")
         if kwargs.get("use_kv_connector"):
             reasons.append("KV connectors are not supported by asynctls on GPU (loaded blocks would miss the index)")
-        dtype_reason = kv_cache_dtype_reason(kwargs.get("kv_cache_dtype"), kwargs.get("dtype"), on_gpu=True)
+        dtype_reason = kv_cache_dtype_reason(kwargs.get("kv_cache_dtype"), kwargs.get("dtype"), on_gpu=True,
+                                             fp8=cls.fp8_kv_cache)
         if dtype_reason is not None:
             reasons.append(dtype_reason)
         return reasons
 
 
-def check_impl_features(*features) -> None:
+def check_impl_features(*features, kv_cache_dtypes=UNQUANTISED_KV_CACHE_DTYPES) -> None:
     """Raise NotImplementedError naming every feature `unsupported_impl_features(*features)` lists (the
     impls of all backends call this before their parent's constructor)."""
-    problems = unsupported_impl_features(*features)
+    problems = unsupported_impl_features(*features, kv_cache_dtypes=kv_cache_dtypes)
     if problems:
         raise NotImplementedError(
             "--attention-backend asynctls does not support " + ", ".join(problems)
@@ -422,6 +432,8 @@ def reserve_index_memory(vllm_config, cfg, head_dim: int, is_mla: bool, on_cuda:
     cache_config = vllm_config.cache_config
     dtype = vllm_config.model_config.dtype
     dtype_bytes = torch.tensor([], dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
+    if str(getattr(cache_config, "cache_dtype", "auto")).startswith("fp8"):
+        dtype_bytes = 1  # K/V take a byte per channel: the index's share of the memory doubles
     share = cfg.index_fraction(head_dim, is_mla, dtype_bytes)
     budget = getattr(cache_config, "kv_cache_memory_bytes", None)
     if not budget:

@@ -32,7 +32,7 @@ Design
 
 MLA models on GPU are served by `gpu_mla_backend.AsyncTLSTritonMLABackend` (the CUDA selector routes
 them there). Not supported (start-up errors naming the feature): sliding-window layers, ALiBi,
-soft-capping, learned sinks, quantised KV caches, KV-sharing layers, KV connectors (they would load
+soft-capping, learned sinks, KV caches quantised other than fp8 with per-tensor scales, KV-sharing layers, KV connectors (they would load
 blocks past the index write), speculative decoding, batch-invariant mode, decode context parallelism,
 modes other than "asynctls"; cascade attention is never chosen.
 """
@@ -55,10 +55,12 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_asynctls._vllm_compat import (
-    AsyncTLSBackendTraits, AsyncTLSGPUBackendTraits, check_impl_features, rank_kv_heads,
+    FP8_KV_CACHE_DTYPES, UNQUANTISED_KV_CACHE_DTYPES, AsyncTLSBackendTraits, AsyncTLSGPUBackendTraits,
+    check_impl_features, rank_kv_heads,
 )
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
+from vllm_asynctls.fp8_kv import fp8_decode_inputs
 from vllm_asynctls.layer_index import LayerIndex
 
 
@@ -174,9 +176,14 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
         check_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
-                            kv_cache_dtype, kv_sharing_target_layer_name)
+                            kv_cache_dtype, kv_sharing_target_layer_name,
+                            kv_cache_dtypes=UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        # fp8 KV cache: vLLM stores K / k_scale and V / v_scale as e4m3 and (FlashAttention 3 taking fp8
+        # queries) quantises the query by q_scale before forward; the decode path undoes that for the query
+        # and hands the operator the cache's own scales.
+        self.kv_fp8 = kv_cache_dtype in FP8_KV_CACHE_DTYPES
         if self.dcp_world_size > 1:
             raise NotImplementedError("--attention-backend asynctls does not support decode context parallelism")
         vllm_config = get_current_vllm_config()
@@ -192,31 +199,37 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
         if kv_cache.numel() == 0:
             return
         num_blocks, _, block_size, _ = kv_cache.shape  # logical (nb, Hkv, bs, 2 * D)
-        self.layer_index.ensure(num_blocks, block_size, kv_cache.dtype, kv_cache.device)
+        # The index summarises the keys as written (the model dtype, also under an fp8 cache).
+        self.layer_index.ensure(num_blocks, block_size, key.dtype, kv_cache.device)
         self.layer_index.write(key, slot_mapping, layer.layer_name)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         if isinstance(attn_metadata, AsyncTLSDecodeMetadata):
-            return self._sparse_decode(query, kv_cache, attn_metadata, output)
+            return self._sparse_decode(layer, query, kv_cache, attn_metadata, output)
         if not isinstance(attn_metadata, AsyncTLSMixedMetadata):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         md = attn_metadata
-        self._sparse_decode(query, kv_cache, md.decode, output)
+        self._sparse_decode(layer, query, kv_cache, md.decode, output)
         n = md.decode.num_actual_tokens
         super().forward(layer, query[n:], key[n:], value[n:], kv_cache, md.dense, output[n:],
                         output_scale, output_block_scale)
         return output
 
-    def _sparse_decode(self, query, kv_cache, md: AsyncTLSDecodeMetadata, output) -> torch.Tensor:
+    def _sparse_decode(self, layer, query, kv_cache, md: AsyncTLSDecodeMetadata, output) -> torch.Tensor:
         """Rows [0, md.num_reqs) of `output` from the sparse operator (one query token per request)."""
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)  # (nb, bs, Hkv, D)
         B = md.num_reqs
+        q, kv_scales = query[:B], None
+        if self.kv_fp8:
+            q, key_cache, value_cache, kv_scales = fp8_decode_inputs(
+                q, key_cache, value_cache, layer._q_scale, layer._k_scale, layer._v_scale, output.dtype)
         lix = self.layer_index
         out, _, block_ids = sparse_decode_triton(
-            query[:B], key_cache, value_cache, md.block_table, md.seq_lens, lix.index, self.sparse_config,
+            q, key_cache, value_cache, md.block_table, md.seq_lens, lix.index, self.sparse_config,
             self.scale, previous_block_ids=lix.previous_blocks(md.block_table, md.seq_lens), workspace=md.workspace,
+            kv_scales=kv_scales,
         )  # (B, Hq, D)
         lix.record_blocks(md.block_table, md.seq_lens, block_ids)
         output[:B].copy_(out.view(output[:B].shape))
@@ -225,6 +238,8 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
 
 class AsyncTLSFlashAttentionBackend(AsyncTLSGPUBackendTraits, AsyncTLSBackendTraits, FlashAttentionBackend):
     """`--attention-backend asynctls` for GQA / MHA models on CUDA GPUs (vLLM's FLASH_ATTN underneath)."""
+
+    fp8_kv_cache = True  # FLASH_ATTN's own `supports_kv_cache_dtype` decides where fp8 is available (FA3, SM90)
 
     @classmethod
     def supports_sink(cls) -> bool:

@@ -1,0 +1,23 @@
+"""vLLM's fp8 KV cache (`--kv-cache-dtype fp8`) as the sparse decode operator reads it (no vLLM import
+here, so the kernel tests can check it on any machine).
+
+vLLM stores K / k_scale and V / v_scale as float8 e4m3 in a byte tensor, with per-tensor scales kept on
+the layer (`_k_scale`, `_v_scale`: one-element float32 device tensors, calibrated or computed once), and
+quantises the query by `_q_scale` before the backend sees it (FlashAttention 3 takes fp8 queries). The
+decode path views the cache as e4m3, hands the operator the two scales (read by the kernel: no host
+synchronisation) and dequantises the query back to the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fp8_decode_inputs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, dtype: torch.dtype):
+    """(query in `dtype`, key cache, value cache as e4m3 views, kv_scales) for `sparse_decode_triton` from
+    vLLM's fp8 cache views (byte or e4m3) and the layer's scales; an fp8 query is dequantised by
+    `q_scale`, one in `dtype` already is passed through."""
+    if query.dtype == torch.float8_e4m3fn:
+        query = query.to(dtype) * q_scale
+    return query, key_cache.view(torch.float8_e4m3fn), value_cache.view(torch.float8_e4m3fn), (k_scale, v_scale)
