@@ -402,7 +402,7 @@ def sparse_attention_triton(
     scale: float,
     out: torch.Tensor | None = None,
     workspace: AttentionWorkspace | None = None,
-    kv_scales: torch.Tensor | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Exact attention of `query` (B, Hq, Dk) over `positions` (B, Hkv, P; -1 = padding) -> (B, Hq, Dv).
 

@@ -312,6 +312,49 @@ def test_gpu_backends_accept_the_model_dtype_by_name_and_refuse_other_kv_cache_d
                                      kv_cache_dtypes=UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES) == []
 
 
+def test_gpu_backends_refuse_per_head_quant_scales_at_selection():
+    """A checkpoint with per-head KV / query scales (compressed-tensors `attn_head`) is refused by the
+    selector through vLLM's own check, not at the first decode."""
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backend import AttentionBackend
+
+    from vllm_asynctls._vllm_compat import AsyncTLSGPUBackendTraits
+
+    class Backend(AsyncTLSGPUBackendTraits, AttentionBackend):
+        supported_dtypes = [torch.bfloat16]
+
+    common = dict(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16, use_mla=False,
+                  has_sink=False, use_sparse=False, use_mm_prefix=False, device_capability=DeviceCapability(9, 0),
+                  attn_type="decoder")
+    assert Backend.validate_configuration(use_per_head_quant_scales=False, **common) == []
+    assert Backend.validate_configuration(use_per_head_quant_scales=True, **common) == [
+        "per-head quant scales not supported"]
+
+
+def test_fp8_decode_inputs_dequantise_the_query_in_the_model_dtype():
+    """vLLM quantises the query by a per-tensor `_q_scale` (0-d by default, (1,) from a checkpoint's KV
+    scheme); the decode path must get it back in the model dtype (the workspace's), with the caches as
+    e4m3 views of vLLM's byte tensors and the layer's k / v scales."""
+    from vllm_asynctls.fp8_kv import fp8_decode_inputs
+
+    q = torch.randn(3, 8, 16)
+    q8 = (q / 0.05).to(torch.float8_e4m3fn)
+    cache = torch.randint(0, 120, (4, 16, 2, 32), dtype=torch.uint8)
+    k_cache, v_cache = cache.split(16, dim=-1)
+    k_scale, v_scale = torch.tensor(0.3), torch.tensor([0.7])
+    for q_scale in (torch.tensor(0.05), torch.tensor([0.05])):
+        got, kc, vc, scales = fp8_decode_inputs(q8, k_cache, v_cache, q_scale, k_scale, v_scale, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and got.shape == q.shape
+        torch.testing.assert_close(got, (q8.float() * 0.05).to(torch.bfloat16))
+        assert kc.dtype == vc.dtype == torch.float8_e4m3fn
+        assert kc.stride() == k_cache.stride() and kc.data_ptr() == k_cache.data_ptr()  # views, no copy
+        assert scales[0] is k_scale and scales[1] is v_scale
+    bf16 = q.to(torch.bfloat16)  # a query that arrives unquantised is passed through
+    assert fp8_decode_inputs(bf16, k_cache, v_cache, torch.tensor(0.05), k_scale, v_scale, torch.bfloat16)[0] is bf16
+    with pytest.raises(ValueError, match=r"per tensor \(one element\); got shape \(2,\)"):
+        fp8_decode_inputs(q8, k_cache, v_cache, torch.ones(2), k_scale, v_scale, torch.bfloat16)
+
+
 def test_gpu_engine_checks_name_context_parallelism_and_unfuse_the_mla_cache_write():
     from types import SimpleNamespace
 
@@ -327,6 +370,12 @@ def test_gpu_engine_checks_name_context_parallelism_and_unfuse_the_mla_cache_wri
     _vllm_compat.check_cuda_engine(engine(), cfg, sparse)
     with pytest.raises(NotImplementedError, match="decode context parallelism; got --decode-context-parallel-size 2"):
         _vllm_compat.check_cuda_engine(engine(dcp=2), cfg, sparse)
+    # An fp8 KV cache holds the keys quantised: exact token scores (index_bits=16) are refused at start-up.
+    fp8 = engine()
+    fp8.cache_config = SimpleNamespace(cache_dtype="fp8")
+    _vllm_compat.check_cuda_engine(fp8, cfg, sparse)
+    with pytest.raises(ValueError, match="knob index_bits=16 .*got index_bits=16 with --kv-cache-dtype fp8"):
+        _vllm_compat.check_cuda_engine(fp8, cfg, cfg.sparse_config(head_dim=128, is_mla=False).with_(index_bits=16))
     vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(
         pass_config=SimpleNamespace(fuse_rope_kvcache_cat_mla=True)))
     _vllm_compat.keep_mla_cache_write_unfused(vllm_config)

@@ -178,8 +178,9 @@ def kv_cache_dtype_reason(kv_cache_dtype, model_dtype, on_gpu: bool, fp8: bool =
     if fp8:
         allowed += [repr(name) for name in FP8_KV_CACHE_DTYPES]
     what = "K/V in the model dtype or fp8" if fp8 else "unquantised K/V in the model dtype"
-    return (f"kv_cache_dtype must be {' or '.join(allowed)} (the model's {model_dtype}: the sparse kernels read "
-            f"{what}); got {kv_cache_dtype!r}")
+    where = "" if on_gpu else " on the CPU platform"
+    return (f"kv_cache_dtype must be {' or '.join(allowed)}{where} (the model's {model_dtype}: the sparse "
+            f"kernels read {what}); got {kv_cache_dtype!r}")
 
 
 def unsupported_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type, kv_cache_dtype,
@@ -230,6 +231,10 @@ class AsyncTLSGPUBackendTraits:
         return False
 
     @classmethod
+    def supports_per_head_quant_scales(cls) -> bool:
+        return False  # the fp8 decode path takes one scale per tensor for q, k and v
+
+    @classmethod
     def validate_configuration(cls, *args, **kwargs) -> list[str]:
         reasons = list(super().validate_configuration(*args, **kwargs))
         if kwargs.get("use_sparse"):
@@ -269,6 +274,13 @@ def check_cuda_engine(vllm_config, cfg, sparse) -> None:
         )
     if getattr(vllm_config.parallel_config, "enable_dbo", False):
         raise NotImplementedError("--attention-backend asynctls does not support dual-batch overlap (--enable-dbo)")
+    kv_dtype = str(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
+    if kv_dtype.startswith("fp8") and sparse.index_bits == 16:
+        raise ValueError(
+            f"asynctls knob index_bits=16 scores tokens with the full keys, which an fp8 KV cache holds "
+            f"quantised; got index_bits=16 with --kv-cache-dtype {kv_dtype}. Use index_bits 4 or 8 (allowed: "
+            f"4, 8, 16), or an unquantised KV cache"
+        )
     dcp = getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1)
     if dcp > 1:
         raise NotImplementedError(
@@ -305,7 +317,8 @@ def check_model_supported(attn_selector_config, on_gpu: bool = False) -> None:
         )
     reason = kv_cache_dtype_reason(attn_selector_config.kv_cache_dtype, attn_selector_config.dtype, on_gpu)
     if reason is not None:
-        raise NotImplementedError(f"--attention-backend asynctls: {reason}. Drop --kv-cache-dtype")
+        raise NotImplementedError(f"--attention-backend asynctls: {reason}. Pass --kv-cache-dtype with an allowed "
+                                  "value (a checkpoint's own fp8 KV scheme applies when it is left at 'auto')")
 
 
 def patch_cpu_platform() -> None:

@@ -16,8 +16,12 @@ import torch
 def fp8_decode_inputs(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, dtype: torch.dtype):
     """(query in `dtype`, key cache, value cache as e4m3 views, kv_scales) for `sparse_decode_triton` from
-    vLLM's fp8 cache views (byte or e4m3) and the layer's scales; an fp8 query is dequantised by
-    `q_scale`, one in `dtype` already is passed through."""
+    vLLM's fp8 cache views (byte or e4m3) and the layer's per-tensor scales (0-d, or (1,) from a
+    checkpoint's KV scheme); an fp8 query is dequantised by `q_scale`, one in `dtype` already is passed
+    through."""
     if query.dtype == torch.float8_e4m3fn:
-        query = query.to(dtype) * q_scale
+        if q_scale.numel() != 1:
+            raise ValueError(f"asynctls: the fp8 query's scale must be per tensor (one element); got shape "
+                             f"{tuple(q_scale.shape)} (per-head quantisation scales are not supported)")
+        query = query.to(dtype) * q_scale.reshape(())  # a 0-d scale keeps `dtype`
     return query, key_cache.view(torch.float8_e4m3fn), value_cache.view(torch.float8_e4m3fn), (k_scale, v_scale)

@@ -177,7 +177,7 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
         check_impl_features(alibi_slopes, logits_soft_cap, sinks, sliding_window, attn_type,
                             kv_cache_dtype, kv_sharing_target_layer_name,
-                            kv_cache_dtypes=UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES)
+                            kv_cache_dtypes=AsyncTLSFlashAttentionBackend.supported_kv_cache_dtypes)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         # fp8 KV cache: vLLM stores K / k_scale and V / v_scale as e4m3 and (FlashAttention 3 taking fp8
@@ -240,6 +240,7 @@ class AsyncTLSFlashAttentionBackend(AsyncTLSGPUBackendTraits, AsyncTLSBackendTra
     """`--attention-backend asynctls` for GQA / MHA models on CUDA GPUs (vLLM's FLASH_ATTN underneath)."""
 
     fp8_kv_cache = True  # FLASH_ATTN's own `supports_kv_cache_dtype` decides where fp8 is available (FA3, SM90)
+    supported_kv_cache_dtypes = list(UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES)
 
     @classmethod
     def supports_sink(cls) -> bool:
