@@ -1155,6 +1155,19 @@ def test_graph_captured_before_the_basis_is_calibrated_uses_it():
     assert torch.equal(index.codes, before.codes)
 
 
+def _vllm_decode_batch(gen, cbs, seq_lens=(150, 37, 0), width=12):
+    """A decode batch as vLLM hands it over: (seq_lens, table width W, cache blocks, shuffled block table
+    (B, W) int32, the slots of every written token); the last row is padding (length 0), as in vLLM's
+    captured batches."""
+    seq_lens = list(seq_lens)
+    B = len(seq_lens)
+    num_cache_blocks = B * width + 1
+    table = torch.randperm(num_cache_blocks, generator=gen)[: B * width].view(B, width).to(torch.int32)
+    slots = torch.cat([table[b, torch.arange(n) // cbs].long() * cbs + torch.arange(n) % cbs
+                       for b, n in enumerate(seq_lens)])
+    return seq_lens, width, num_cache_blocks, table, slots
+
+
 @pytest.mark.parametrize("lagged", [False, True])
 def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
     """What the GPU MLA backend runs (`vllm_asynctls.mla_decode`): rows written as vLLM writes its MLA
@@ -1166,13 +1179,9 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
 
     gen = torch.Generator().manual_seed(11)
     L, P, H, cbs = 64, 32, 6, 16
-    seq_lens = [150, 37, 0]  # the last row is padding, as in vLLM's captured batches
-    B, W = len(seq_lens), 12
-    num_cache_blocks = B * W + 1
-    table = torch.randperm(num_cache_blocks, generator=gen)[: B * W].view(B, W).to(torch.int32)
+    seq_lens, W, num_cache_blocks, table, slots = _vllm_decode_batch(gen, cbs)
+    B = len(seq_lens)
     cache = torch.randn(num_cache_blocks, cbs, L + P, generator=gen)  # junk outside the sequences
-    slots = torch.cat([table[b, torch.arange(n) // cbs].long() * cbs + torch.arange(n) % cbs
-                       for b, n in enumerate(seq_lens)])
     kv_c = torch.randn(len(slots), L, generator=gen) * (1 + 3 * (torch.rand(L, generator=gen) < 0.1))
     k_pe = torch.randn(len(slots), 1, P, generator=gen)  # vLLM passes k_pe with a head axis of 1
     rows = mla_key_rows(kv_c, k_pe, torch.float32)
@@ -1225,14 +1234,10 @@ def test_gpu_backend_fp8_decode_over_vllms_byte_cache():
 
     gen = torch.Generator().manual_seed(13)
     Hkv, group, D, cbs = 2, 3, 32, 16
-    seq_lens = [150, 37, 0]  # the last row is padding, as in vLLM's captured batches
-    B, W = len(seq_lens), 12
-    nb = B * W + 1
-    table = torch.randperm(nb, generator=gen)[: B * W].view(B, W).to(torch.int32)
+    seq_lens, W, nb, table, slots = _vllm_decode_batch(gen, cbs)
+    B = len(seq_lens)
     physical = torch.randint(0, 120, (nb, cbs, Hkv, 2 * D), dtype=torch.uint8, generator=gen)  # junk (finite)
     kv_cache = physical.permute(0, 2, 1, 3)  # vLLM's logical shape over the NHD layout
-    slots = torch.cat([table[b, torch.arange(n) // cbs].long() * cbs + torch.arange(n) % cbs
-                       for b, n in enumerate(seq_lens)])
     key = torch.randn(len(slots), Hkv, D, generator=gen) * (1 + 3 * (torch.rand(D, generator=gen) < 0.1))
     value = torch.randn(len(slots), Hkv, D, generator=gen)
     q_scale, k_scale, v_scale = (torch.tensor(s) for s in (0.05, 0.031, 0.011))
