@@ -317,8 +317,10 @@ def check_model_supported(attn_selector_config, on_gpu: bool = False) -> None:
         )
     reason = kv_cache_dtype_reason(attn_selector_config.kv_cache_dtype, attn_selector_config.dtype, on_gpu)
     if reason is not None:
+        hint = (" (a checkpoint that declares an fp8 KV scheme turns 'auto' into fp8: name the model's dtype to "
+                "keep the cache unquantised)" if on_gpu else "")
         raise NotImplementedError(f"--attention-backend asynctls: {reason}. Pass --kv-cache-dtype with an allowed "
-                                  "value (a checkpoint's own fp8 KV scheme applies when it is left at 'auto')")
+                                  f"value{hint}")
 
 
 def patch_cpu_platform() -> None:
