@@ -23,7 +23,8 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     against TRITON_MLA (the GPU MLA backend's parent), with vLLM's default MLA backend as the spread.
     `*_kv_bf16`: the covering runs with `kv_cache_dtype="bfloat16"` (the model dtype named), against 'auto'.
     `*_fp8`: `kv_cache_dtype="fp8"` (e4m3, per-tensor scales) against FLASH_ATTN on the same fp8 cache
-    (`flash_attn_fp8`, itself compared with bf16 FLASH_ATTN: the quantisation's spread).
+    (`flash_attn_fp8`, itself compared with bf16 FLASH_ATTN: the quantisation's spread); `*_fp8_scaled` the
+    same with non-unit q / k / v scales set on every layer before the first prompt.
     `--runs asynctls_256_calibrated`: the 256-token run with index channels from a calibration file
     made first on the GPU (`vllm_asynctls.calibration`); the summary says whether every layer served
     with the file's channels.
@@ -170,6 +171,14 @@ def worker_check(a) -> dict:
     llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, max_model_len=4096,
                gpu_memory_utilization=0.3, max_num_seqs=8, enable_prefix_caching=False,
                enforce_eager=a.eager, block_size=16, tensor_parallel_size=a.tp, **extra)
+    if a.kv_scales:
+        import functools
+
+        from vllm_asynctls.evaluation.kv_scales import set_kv_scales
+
+        q, k, v = (float(x) for x in a.kv_scales.split(","))
+        changed = llm.apply_model(functools.partial(set_kv_scales, q=q, k=k, v=v))
+        print(f"kv scales q={q} k={k} v={v}: {changed} attention layers per worker", flush=True)
     sp = SamplingParams(temperature=0.0, max_tokens=24, logprobs=5, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
     result = []
@@ -300,7 +309,7 @@ def _calibrated(a) -> bool:
 def run_worker(a) -> None:
     if a.counters:
         os.environ["VLLM_ASYNCTLS_COUNTERS_FILE"] = a.counters
-    if a.weights == "random" or _lagged(a) or _calibrated(a):
+    if a.weights == "random" or _lagged(a) or _calibrated(a) or a.kv_scales:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
     result = worker_check(a) if a.role == "check" else worker_throughput(a)
     Path(a.result).write_text(json.dumps(result))
@@ -403,6 +412,11 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
                                           kv_cache_dtype="fp8"),
         "asynctls_256_fp8": dict(backend="asynctls", knobs=json.dumps(small), kv_cache_dtype="fp8",
                                  counters=str(out / "counters_256_fp8")),
+        # The same with non-unit q / k / v scales (`vllm_asynctls.evaluation.kv_scales`), set before the first
+        # prompt: a scale the decode path ignored or applied twice would show against FLASH_ATTN here.
+        "flash_attn_fp8_scaled": dict(backend="FLASH_ATTN", kv_cache_dtype="fp8", kv_scales="0.125,0.0625,0.03"),
+        "asynctls_cover_fp8_scaled": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="fp8",
+                                          kv_scales="0.125,0.0625,0.03"),
         "mla_asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_mla_256"),
                                  mla=True),
         # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
@@ -430,8 +444,9 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
     summary = {}
     for name, r in res.items():
         summary[f"{name}_ran"] = r is not None
-        ref_name = "mla_triton" if name.startswith("mla_") else "flash_attn_fp8" if name.endswith("_fp8") else "flash_attn"
-        if name == "flash_attn_fp8":
+        ref_name = ("mla_triton" if name.startswith("mla_") else "flash_attn_fp8" if name.endswith("_fp8")
+                    else "flash_attn_fp8_scaled" if name.endswith("_fp8_scaled") else "flash_attn")
+        if name in ("flash_attn_fp8", "flash_attn_fp8_scaled"):
             ref_name = "flash_attn"
         if name != ref_name and r is not None and res.get(ref_name) is not None:
             summary[f"{name}_vs_{ref_name}"] = _compare(res[ref_name], r)
@@ -535,6 +550,7 @@ def main() -> None:
     p.add_argument("--prompts")
     p.add_argument("--counters")
     p.add_argument("--kv-bytes")
+    p.add_argument("--kv-scales", help="check worker: fp8 q,k,v scales set on every attention layer after loading")
     a = p.parse_args()
     if a.repeats < 1:
         p.error(f"--repeats must be >= 1; got {a.repeats}")
