@@ -31,10 +31,11 @@ Design
   call `reset_counters` (through `collective_rpc`) after start-up before measuring.
 
 MLA models on GPU are served by `gpu_mla_backend.AsyncTLSTritonMLABackend` (the CUDA selector routes
-them there). Not supported (start-up errors naming the feature): sliding-window layers, ALiBi,
-soft-capping, learned sinks, KV caches quantised other than fp8 with per-tensor scales, KV-sharing layers, KV connectors (they would load
-blocks past the index write), speculative decoding, batch-invariant mode, decode context parallelism,
-modes other than "asynctls"; cascade attention is never chosen.
+them there). fp8 KV caches (`--kv-cache-dtype fp8`, per-tensor scales) are read by the sparse decode
+(`fp8_kv.py`). Not supported (start-up errors naming the feature): sliding-window layers, ALiBi,
+soft-capping, learned sinks, other quantised KV caches and per-head scales, KV-sharing layers, KV
+connectors (they would load blocks past the index write), speculative decoding, batch-invariant mode,
+decode context parallelism, modes other than "asynctls"; cascade attention is never chosen.
 """
 
 from __future__ import annotations
