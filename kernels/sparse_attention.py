@@ -354,7 +354,8 @@ def check_kv_scales(op: str, key_cache: torch.Tensor, kv_scales) -> None:
     fp8 = key_cache.dtype in FP8_CACHE_DTYPES
 
     def scale_ok(t):
-        return isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == 1 and t.device == key_cache.device
+        return (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == 1
+                and t.device == key_cache.device)
 
     if fp8 and not (isinstance(kv_scales, (tuple, list)) and len(kv_scales) == 2 and all(map(scale_ok, kv_scales))):
         got = kv_scales if kv_scales is None or not isinstance(kv_scales, (tuple, list)) else [
