@@ -489,7 +489,9 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
     kv_bytes = None
     if dense is not None:
         config = json.loads((model / "config.json").read_text())
-        dtype_bytes = 1 if (kv_cache_dtype or "").startswith("fp8") else 2
+        from vllm.utils.torch_utils import get_kv_cache_torch_dtype
+
+        dtype_bytes = get_kv_cache_torch_dtype(kv_cache_dtype or "auto", "bfloat16").itemsize  # the runs' dtype
         kv_bytes = dense["kv_tokens"] * kv_bytes_per_token(config, dtype_bytes)  # the dense run's K/V bytes
     for budget in budgets:
         knobs = paper_knobs(budget, lagged)

@@ -274,10 +274,12 @@ def check_cuda_engine(vllm_config, cfg, sparse) -> None:
         )
     if getattr(vllm_config.parallel_config, "enable_dbo", False):
         raise NotImplementedError("--attention-backend asynctls does not support dual-batch overlap (--enable-dbo)")
+    from vllm.utils.torch_utils import is_quantized_kv_cache
+
     kv_dtype = str(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
-    if kv_dtype.startswith("fp8") and sparse.index_bits == 16:
+    if is_quantized_kv_cache(kv_dtype) and sparse.index_bits == 16:
         raise ValueError(
-            f"asynctls knob index_bits=16 scores tokens with the full keys, which an fp8 KV cache holds "
+            f"asynctls knob index_bits=16 scores tokens with the full keys, which a quantised KV cache holds "
             f"quantised; got index_bits=16 with --kv-cache-dtype {kv_dtype}. Use index_bits 4 or 8 (allowed: "
             f"4, 8, 16), or an unquantised KV cache"
         )
@@ -442,14 +444,12 @@ def reserve_index_memory(vllm_config, cfg, head_dim: int, is_mla: bool, on_cuda:
     - On CPU without one, vLLM sizes the cache from free memory and the index comes out of the
       remaining headroom.
     """
-    import torch
+    from vllm.utils.torch_utils import get_kv_cache_torch_dtype
 
     cache_config = vllm_config.cache_config
-    dtype = vllm_config.model_config.dtype
-    dtype_bytes = torch.tensor([], dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
-    if str(getattr(cache_config, "cache_dtype", "auto")).startswith("fp8"):
-        dtype_bytes = 1  # K/V take a byte per channel: the index's share of the memory doubles
-    share = cfg.index_fraction(head_dim, is_mla, dtype_bytes)
+    # Bytes per K/V channel as vLLM stores them (one for fp8: the index's share of the memory doubles).
+    kv_dtype = get_kv_cache_torch_dtype(getattr(cache_config, "cache_dtype", "auto"), vllm_config.model_config.dtype)
+    share = cfg.index_fraction(head_dim, is_mla, kv_dtype.itemsize)
     budget = getattr(cache_config, "kv_cache_memory_bytes", None)
     if not budget:
         if on_cuda:
