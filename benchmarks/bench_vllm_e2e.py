@@ -24,7 +24,9 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     `*_kv_bf16`: the covering runs with `kv_cache_dtype="bfloat16"` (the model dtype named), against 'auto'.
     `*_fp8`: `kv_cache_dtype="fp8"` (e4m3, per-tensor scales) against FLASH_ATTN on the same fp8 cache
     (`flash_attn_fp8`, itself compared with bf16 FLASH_ATTN: the quantisation's spread); `*_fp8_scaled` the
-    same with non-unit q / k / v scales set on every layer before the first prompt.
+    same with non-unit q / k / v scales set on every layer before the first prompt. `mla_*_fp8` likewise
+    against TRITON_MLA on the same cache (`mla_triton_fp8`); `mla_triton_kv_bf16` is TRITON_MLA with the
+    model dtype named, against its 'auto' run.
     `--runs asynctls_256_calibrated`: the 256-token run with index channels from a calibration file
     made first on the GPU (`vllm_asynctls.calibration`); the summary says whether every layer served
     with the file's channels.
@@ -344,6 +346,16 @@ def spawn(out: Path, name: str, timeout: int, **args) -> dict | None:
     return json.loads(result.read_text())
 
 
+def check_reference(name: str) -> str:
+    """The dense run a check run is compared with: vLLM's backend on the same KV-cache dtype and scales
+    (FLASH_ATTN, TRITON_MLA for `mla_*`); the fp8 references against the unquantised one."""
+    base = "mla_triton" if name.startswith("mla_") else "flash_attn"
+    for suffix in ("_fp8_scaled", "_fp8"):
+        if name.endswith(suffix):
+            return base if name == base + suffix else base + suffix
+    return base
+
+
 def _compare(ref: dict, other: dict) -> dict:
     """Per prompt: greedy tokens agreeing from the start, and the largest |logprob difference| of the
     chosen token over those steps."""
@@ -419,6 +431,18 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
                                           kv_scales="0.125,0.0625,0.03"),
         "mla_asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_mla_256"),
                                  mla=True),
+        # TRITON_MLA itself with the model dtype named: its own 'auto' vs 'bfloat16' spread.
+        "mla_triton_kv_bf16": dict(backend="TRITON_MLA", kv_cache_dtype="bfloat16", mla=True),
+        # MLA on an fp8 cache (TRITON_MLA's e4m3 rows, `_k_scale` for key and value): TRITON_MLA on it is
+        # the reference; asynctls covering, at 256 tokens, and with non-unit scales.
+        "mla_triton_fp8": dict(backend="TRITON_MLA", kv_cache_dtype="fp8", mla=True),
+        "mla_asynctls_cover_fp8": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="fp8", mla=True),
+        "mla_asynctls_256_fp8": dict(backend="asynctls", knobs=json.dumps(small), kv_cache_dtype="fp8", mla=True,
+                                     counters=str(out / "counters_mla_256_fp8")),
+        "mla_triton_fp8_scaled": dict(backend="TRITON_MLA", kv_cache_dtype="fp8", kv_scales="0.125,0.0625,0.03",
+                                      mla=True),
+        "mla_asynctls_cover_fp8_scaled": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="fp8",
+                                              kv_scales="0.125,0.0625,0.03", mla=True),
         # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
         "asynctls_256_calibrated": dict(backend="asynctls", knobs=json.dumps(
             dict(small, index_calibration_file=str(out / "channels.json"))), counters=str(out / "counters_256_cal")),
@@ -441,13 +465,15 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
             continue
         res[name] = spawn(out, f"check_{name}", int(left), role="check", model=run_model,
                           prompts=out / "prompts.json", **kw)
-    summary = {}
+    summary = {f"{name}_ran": r is not None for name, r in res.items()}
+    # Runs of an earlier call into the same OUT count as references (not rerun), so a session can split
+    # its runs over several calls.
+    for path in sorted(out.glob("check_*.json")):
+        name = path.stem[len("check_"):]
+        if name not in res and not name.startswith("summary"):
+            res[name] = json.loads(path.read_text())
     for name, r in res.items():
-        summary[f"{name}_ran"] = r is not None
-        ref_name = ("mla_triton" if name.startswith("mla_") else "flash_attn_fp8" if name.endswith("_fp8")
-                    else "flash_attn_fp8_scaled" if name.endswith("_fp8_scaled") else "flash_attn")
-        if name in ("flash_attn_fp8", "flash_attn_fp8_scaled"):
-            ref_name = "flash_attn"
+        ref_name = check_reference(name)
         if name != ref_name and r is not None and res.get(ref_name) is not None:
             summary[f"{name}_vs_{ref_name}"] = _compare(res[ref_name], r)
     if res.get("asynctls_cover") and res.get("asynctls_cover_eager"):
@@ -456,9 +482,12 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         summary["asynctls_tp2_vs_tp1"] = _compare(res["asynctls_cover"], res["asynctls_cover_tp2"])
     if res.get("flash_attn") and res.get("flash_attn_tp2"):
         summary["flash_attn_tp2_vs_tp1"] = _compare(res["flash_attn"], res["flash_attn_tp2"])
-    for name in ("asynctls_cover", "mla_asynctls_cover"):
+    for name in ("asynctls_cover", "mla_asynctls_cover", "mla_triton"):
         if res.get(name) and res.get(f"{name}_kv_bf16"):
             summary[f"{name}_kv_bf16_vs_auto"] = _compare(res[name], res[f"{name}_kv_bf16"])
+    if res.get("mla_triton_kv_bf16") and res.get("mla_asynctls_cover_kv_bf16"):
+        summary["mla_asynctls_cover_kv_bf16_vs_mla_triton_kv_bf16"] = _compare(
+            res["mla_triton_kv_bf16"], res["mla_asynctls_cover_kv_bf16"])
     if res.get("asynctls_cover") and res.get("asynctls_cover_nograph"):
         summary["asynctls_graph_vs_nograph"] = _compare(res["asynctls_cover_nograph"], res["asynctls_cover"])
     if res.get("asynctls_256_calibrated"):
@@ -467,7 +496,8 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         file_layers = [list(map(list, layer)) for layer in load_calibration(out / "channels.json").layers]
         summary["asynctls_256_calibrated_serves_the_files_channels"] = (
             res["asynctls_256_calibrated"]["index_channels"] == [file_layers])
-    for prefix in ("counters_256", "counters_256_lagged_pca", "counters_mla_256", "counters_256_fp8"):
+    for prefix in ("counters_256", "counters_256_lagged_pca", "counters_mla_256", "counters_256_fp8",
+                   "counters_mla_256_fp8"):
         counters = sorted(out.glob(f"{prefix}.*"))
         counters = [p for p in counters if not p.name.endswith(".tmp")]
         summary[f"asynctls_{prefix[len('counters_'):]}_counters"] = [json.loads(p.read_text()) for p in counters]

@@ -250,11 +250,14 @@ def test_cuda_selector_routes_mla_layers_to_the_gpu_mla_backend(registered, monk
     assert NvmlCudaPlatform.get_attn_backend_cls(E.TRITON_MLA, _selector(**mla)) == "vllm's choice"
     assert NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(head_size=128)) == "vllm's choice"
     assert calls == [("NvmlCudaPlatform", E.TRITON_MLA, True), ("NvmlCudaPlatform", E.CUSTOM, False)]
-    # The model's own dtype may be named (vLLM's GPU parents accept the name); any other KV dtype is refused.
-    assert NvmlCudaPlatform.get_attn_backend_cls(
-        E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="bfloat16"))) == _vllm_compat.GPU_MLA_BACKEND_PATH
-    with pytest.raises(NotImplementedError, match="kv_cache_dtype must be 'auto' or 'bfloat16'.*got 'fp8'"):
-        NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="fp8")))
+    # The model's own dtype may be named (vLLM's GPU parents accept the name), and fp8 with per-tensor
+    # scales (TRITON_MLA's e4m3 cache) is read; any other KV dtype is refused.
+    for kv_cache_dtype in ("bfloat16", "fp8", "fp8_e4m3"):
+        assert NvmlCudaPlatform.get_attn_backend_cls(
+            E.CUSTOM, _selector(**dict(mla, kv_cache_dtype=kv_cache_dtype))) == _vllm_compat.GPU_MLA_BACKEND_PATH
+    with pytest.raises(NotImplementedError,
+                       match="kv_cache_dtype must be 'auto' or 'bfloat16' or 'fp8' or 'fp8_e4m3'.*got 'fp8_e5m2'"):
+        NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="fp8_e5m2")))
     with pytest.raises(NotImplementedError, match="got 'float16'"):
         NvmlCudaPlatform.get_attn_backend_cls(E.CUSTOM, _selector(**dict(mla, kv_cache_dtype="float16")))
     with pytest.raises(NotImplementedError, match="trained sparse attention"):
@@ -525,3 +528,31 @@ def test_index_is_counted_in_an_explicit_kv_cache_budget():
                           model_config=SimpleNamespace(dtype=torch.bfloat16))
     reserve_index_memory(fp8, cfg, 64, False, on_cuda=True)
     assert fp8.cache_config.kv_cache_memory_bytes == int(2**30 * (1 - 28.25 / (128 + 28.25)))
+
+
+def test_mla_index_is_written_from_the_unquantised_rows_under_an_fp8_cache():
+    """Under `--kv-cache-dtype fp8` vLLM hands the MLA impl's cache update a byte tensor: the index must be
+    allocated for and written from the rows in the model dtype, exactly as over an unquantised cache."""
+    from asynctls_tip_kernels import sparse_decode_reference as ref
+    from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+    from vllm_asynctls.layer_index import LayerIndex
+    from vllm_asynctls.mla_decode import mla_key_rows, write_mla_index
+
+    g = torch.Generator().manual_seed(5)
+    L, P, cbs, nb = 32, 16, 16, 6
+    config = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=4, token_budget=32, sink_tokens=16,
+                                           local_tokens=16, index_channels=16)
+    kv_c = (torch.randn(40, L, generator=g) * 3).to(torch.bfloat16)
+    k_pe = torch.randn(40, 1, P, generator=g).to(torch.bfloat16)
+    slots = torch.randperm(nb * cbs, generator=g)[:40]
+    written = {}
+    for cache_dtype in (torch.uint8, torch.bfloat16):  # fp8 (vLLM's byte view) and 'auto'
+        lix = LayerIndex(config, 1, L + P, is_mla=True)
+        write_mla_index(lix, kv_c, k_pe, torch.zeros(nb, cbs, L + P, dtype=cache_dtype), slots)
+        assert lix.index.key_dtype == torch.bfloat16
+        written[cache_dtype] = lix.index
+    want = ref.allocate_index(nb, cbs, 1, L + P, config, torch.bfloat16, "cpu")
+    ref.write_index(want, mla_key_rows(kv_c, k_pe, torch.bfloat16), slots, config)
+    for got in written.values():
+        for name in ("block_min", "block_max", "block_scale", "codes", "scales"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name

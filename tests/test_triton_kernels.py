@@ -101,7 +101,7 @@ def build(name, seed=0, basis=False):
     seq = torch.tensor(seq_lens, dtype=torch.int32)
     index = ref.allocate_index(num_cache_blocks, cbs, Hkv, Dk, config, dtype, "cpu")
     fill_summaries_with_junk(index, gen)  # junk to overwrite
-    slots, toks = [], []
+    slots = []
     for b, L in enumerate(seq_lens):
         pos = torch.arange(L)
         slots.append(table[b, pos // cbs].long() * cbs + pos % cbs)
@@ -1168,12 +1168,16 @@ def _vllm_decode_batch(gen, cbs, seq_lens=(150, 37, 0), width=12):
     return seq_lens, width, num_cache_blocks, table, slots
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["auto", "fp8"])
 @pytest.mark.parametrize("lagged", [False, True])
-def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
+def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged, fp8):
     """What the GPU MLA backend runs (`vllm_asynctls.mla_decode`): rows written as vLLM writes its MLA
     cache (`concat(kv_c_normed, k_pe)` into a (blocks, block_size, L + P) cache) and into the layer's
     index, then the sparse operator with the absorbed query. A covering budget equals dense MLA
-    attention (float32); a small one equals the reference operator on the same views."""
+    attention (float32); a small one equals the reference operator on the same views. With `fp8`
+    (`--kv-cache-dtype fp8`), the rows are stored as TRITON_MLA's cache holds them (row / k_scale in e4m3,
+    in a byte tensor), the index is written from the unquantised rows, and the truth is the same
+    attention over the dequantised cache (`_k_scale` scales key and value: one row)."""
     from vllm_asynctls.layer_index import LayerIndex
     from vllm_asynctls.mla_decode import mla_key_rows, sparse_mla_decode
 
@@ -1181,16 +1185,24 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
     L, P, H, cbs = 64, 32, 6, 16
     seq_lens, W, num_cache_blocks, table, slots = _vllm_decode_batch(gen, cbs)
     B = len(seq_lens)
-    cache = torch.randn(num_cache_blocks, cbs, L + P, generator=gen)  # junk outside the sequences
     kv_c = torch.randn(len(slots), L, generator=gen) * (1 + 3 * (torch.rand(L, generator=gen) < 0.1))
     k_pe = torch.randn(len(slots), 1, P, generator=gen)  # vLLM passes k_pe with a head axis of 1
     rows = mla_key_rows(kv_c, k_pe, torch.float32)
     assert rows.shape == (len(slots), 1, L + P)
-    cache.view(-1, L + P)[slots] = rows[:, 0]  # what concat_and_cache_mla writes
+    k_scale = torch.tensor(0.043)  # not a power of two: a scale missed or applied twice shows
+    if fp8:  # junk (finite e4m3 bit patterns) outside the sequences
+        cache = torch.randint(0, 120, (num_cache_blocks, cbs, L + P), dtype=torch.uint8, generator=gen)
+        cache.view(-1, L + P)[slots] = (rows[:, 0] / k_scale).to(torch.float8_e4m3fn).view(torch.uint8)
+        truth = cache.view(torch.float8_e4m3fn).float() * k_scale
+    else:
+        cache = torch.randn(num_cache_blocks, cbs, L + P, generator=gen)  # junk outside the sequences
+        cache.view(-1, L + P)[slots] = rows[:, 0]  # what concat_and_cache_mla writes
+        truth = cache
     q = torch.randn(B, H, L + P, generator=gen)
     scale = 1.0 / math.sqrt(L + P)
-    cache, q, table, lens = (t.to(DEVICE) for t in (cache, q, table, torch.tensor(seq_lens, dtype=torch.int32)))
-    key_cache = cache.unsqueeze(2)
+    cache, truth, q, table, lens, k_scale = (t.to(DEVICE) for t in (
+        cache, truth, q, table, torch.tensor(seq_lens, dtype=torch.int32), k_scale))
+    key_cache = truth.unsqueeze(2)
     value_cache = key_cache[..., :L]
 
     def run(config):
@@ -1205,7 +1217,8 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged):
         previous = None if previous is None else previous.clone()
         # The workspace the GPU MLA builder makes: one kv head, key = latent + rope, value = latent.
         ws = SparseDecodeWorkspace(B, H, 1, L + P, L, W, cbs, config, torch.float32, DEVICE)
-        return lix, previous, sparse_mla_decode(q, cache, table, lens, L, lix, config, scale, workspace=ws)
+        return lix, previous, sparse_mla_decode(q, cache, table, lens, L, lix, config, scale, workspace=ws,
+                                                k_scale=k_scale if fp8 else None)
 
     covering = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=16, token_budget=160, sink_tokens=16,
                                              local_tokens=16, index_channels=32, lagged_selection=lagged)

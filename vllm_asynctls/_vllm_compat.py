@@ -156,15 +156,16 @@ def unsupported_reason(attn_selector_config) -> str | None:
 # KV-cache dtype names the sparse kernels read: the model's own dtype, by default ('auto') or by name. That
 # a name equals the model dtype is checked at selection (`kv_cache_dtype_reason`), where the dtype is known.
 UNQUANTISED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
-# fp8 KV caches with per-tensor scales (vLLM's `--kv-cache-dtype fp8`, e4m3 on CUDA), which the GQA GPU
-# backend's attention dequantises while it reads them; FlashAttention 3 (its prefill) takes the same names.
+# fp8 KV caches with per-tensor scales (vLLM's `--kv-cache-dtype fp8`, e4m3 on CUDA), which the GPU
+# backends' attention dequantises while it reads them; FlashAttention 3 and TRITON_MLA (their prefill) take
+# the same names.
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 
 def kv_cache_dtype_reason(kv_cache_dtype, model_dtype, on_gpu: bool, fp8: bool = False) -> str | None:
     """Why the sparse path cannot read a KV cache of `kv_cache_dtype` (None when it can): the model's own
     dtype, 'auto', or on GPU also by name ('bfloat16' for a bf16 model), which the GPU parents accept
-    (vLLM's CPU attention knows no such names); with `fp8` (the GQA GPU backend) also fp8."""
+    (vLLM's CPU attention knows no such names); with `fp8` (the GPU backends) also fp8."""
     import torch
 
     if kv_cache_dtype in (None, "auto") or (fp8 and kv_cache_dtype in FP8_KV_CACHE_DTYPES):
@@ -310,14 +311,14 @@ def keep_mla_cache_write_unfused(vllm_config) -> None:
         logger.info("asynctls: fuse_rope_kvcache_cat_mla turned off (the fused cache write would skip the index)")
 
 
-def check_model_supported(attn_selector_config, on_gpu: bool = False) -> None:
-    """Raise at start-up for combinations the sparse kernels lack."""
+def check_model_supported(attn_selector_config, on_gpu: bool = False, fp8: bool = False) -> None:
+    """Raise at start-up for combinations the sparse kernels lack (`fp8`: the backend reads fp8 KV caches)."""
     if attn_selector_config.use_sparse:
         raise NotImplementedError(
             "--attention-backend asynctls: the model already uses a trained sparse attention "
             "(DeepSeek sparse attention / indexer); AsyncTLS applies to dense-attention models only"
         )
-    reason = kv_cache_dtype_reason(attn_selector_config.kv_cache_dtype, attn_selector_config.dtype, on_gpu)
+    reason = kv_cache_dtype_reason(attn_selector_config.kv_cache_dtype, attn_selector_config.dtype, on_gpu, fp8)
     if reason is not None:
         hint = (" (a checkpoint that declares an fp8 KV scheme turns 'auto' into fp8: name the model's dtype to "
                 "keep the cache unquantised)" if on_gpu else "")
@@ -358,8 +359,9 @@ def cuda_attn_backend_selector(original):
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if not (asynctls_selected(selected_backend) and attn_selector_config.use_mla):
             return original(cls, selected_backend, attn_selector_config, num_heads)
-        check_model_supported(attn_selector_config, on_gpu=True)
         from vllm_asynctls.gpu_mla_backend import AsyncTLSTritonMLABackend
+
+        check_model_supported(attn_selector_config, on_gpu=True, fp8=AsyncTLSTritonMLABackend.fp8_kv_cache)
 
         reasons = AsyncTLSTritonMLABackend.validate_configuration(
             device_capability=cls.get_device_capability(), **attn_selector_config._asdict())

@@ -20,7 +20,11 @@ Design
   is written in `do_kv_cache_update` right after vLLM's `concat_and_cache_mla`, by the fused Triton
   index-write kernel (inside decode graphs too).
 
-Not supported (start-up errors naming the feature): quantised KV caches, sparse-attention models
+fp8 KV caches (`--kv-cache-dtype fp8`, per-tensor scales) are read by the sparse decode as TRITON_MLA
+reads them: latent rows stored as row / k_scale, `_k_scale` for key and value (one row), queries in the
+model dtype (`fp8_kv.py`); the index is written from the unquantised rows.
+
+Not supported (start-up errors naming the feature): per-head KV scales, sparse-attention models
 (DeepSeek V3.2's indexer), decode and prefill context parallelism, KV connectors, speculative decoding,
 the offload knob. vLLM's fused MLA RoPE + cache-write pass (`fuse_rope_kvcache_cat_mla`) would skip the
 index write, so the plugin turns it off for MLA models.
@@ -44,7 +48,12 @@ from vllm.model_executor.layers.attention.mla_attention import (
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonMLAImpl, TritonMLAMetadataBuilder
 
-from vllm_asynctls._vllm_compat import AsyncTLSGPUBackendTraits, check_impl_features
+from vllm_asynctls._vllm_compat import (
+    FP8_KV_CACHE_DTYPES,
+    UNQUANTISED_KV_CACHE_DTYPES,
+    AsyncTLSGPUBackendTraits,
+    check_impl_features,
+)
 from vllm_asynctls.config import AsyncTLSConfig
 from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.mla_decode import mla_layer_index, sparse_mla_decode, write_mla_index
@@ -105,9 +114,12 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args) -> None:
         check_impl_features(alibi_slopes, logits_soft_cap, None, sliding_window, attn_type,
-                            kv_cache_dtype, kv_sharing_target_layer_name)
+                            kv_cache_dtype, kv_sharing_target_layer_name,
+                            kv_cache_dtypes=AsyncTLSTritonMLABackend.supported_kv_cache_dtypes)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, **mla_args)
+        # fp8 KV cache: TRITON_MLA's constructor keeps the query in the model dtype (no query quantisation).
+        self.kv_fp8 = kv_cache_dtype in FP8_KV_CACHE_DTYPES
         vllm_config = get_current_vllm_config()
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
         self.sparse_config, self.layer_index = mla_layer_index(
@@ -128,12 +140,16 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
             )
         decode = attn_metadata.decode
         out = sparse_mla_decode(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.kv_lora_rank,
-                                self.layer_index, self.sparse_config, self.scale, workspace=decode.workspace)
+                                self.layer_index, self.sparse_config, self.scale, workspace=decode.workspace,
+                                k_scale=layer._k_scale if self.kv_fp8 else None)
         return out, None
 
 
 class AsyncTLSTritonMLABackend(AsyncTLSGPUBackendTraits, TritonMLABackend):
     """`--attention-backend asynctls` for MLA models on CUDA GPUs (vLLM's TRITON_MLA underneath)."""
+
+    fp8_kv_cache = True  # TRITON_MLA's own checks decide where fp8 is available (SM89+)
+    supported_kv_cache_dtypes = list(UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES)
 
     @staticmethod
     def get_impl_cls() -> type[AsyncTLSTritonMLAImpl]:

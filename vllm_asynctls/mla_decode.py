@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_asynctls.fp8_kv import fp8_mla_decode_inputs
+
 
 def mla_key_rows(kv_c_normed: torch.Tensor, k_pe: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The latent cache rows vLLM writes for these tokens, as keys of one kv head: (N, 1, L + P)."""
@@ -42,28 +44,34 @@ def mla_cache_views(kv_c_and_k_pe_cache: torch.Tensor, kv_lora_rank: int) -> tup
 def write_mla_index(layer_index, kv_c_normed: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
     """Write the index of the rows vLLM just wrote into its latent cache (blocks, block_size, L + P);
-    `layer_index` (a `vllm_asynctls.layer_index.LayerIndex`) is allocated at the first real cache."""
+    `layer_index` (a `vllm_asynctls.layer_index.LayerIndex`) is allocated at the first real cache. The
+    index summarises the rows as computed (the model dtype), also under an fp8 (byte) cache."""
     if kv_cache.numel() == 0:
         return
-    layer_index.ensure(kv_cache.shape[0], kv_cache.shape[1], kv_cache.dtype, kv_cache.device)
-    layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_cache.dtype), slot_mapping.flatten())
+    layer_index.ensure(kv_cache.shape[0], kv_cache.shape[1], kv_c_normed.dtype, kv_cache.device)
+    layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_c_normed.dtype), slot_mapping.flatten())
 
 
 def sparse_mla_decode(q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, kv_lora_rank: int, layer_index, sparse_config, scale: float,
-                      workspace=None) -> torch.Tensor:
+                      workspace=None, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton sparse operator over vLLM's latent cache for B decode rows: q (B, H, L + P) absorbed
     query, cache (blocks, block_size, L + P), block_table (B, W) int32, seq_lens (B,) int32,
     `layer_index` a `vllm_asynctls.layer_index.LayerIndex`; returns (B, H, L). Fixed shapes and no host
     synchronisation (given a workspace), so it can be captured in a CUDA graph. With a workspace the
     result is the workspace's buffer, overwritten by the next call: consume it first (vLLM's
-    `_v_up_proj` does, right after)."""
+    `_v_up_proj` does, right after). `k_scale`: the layer's `_k_scale` for an fp8 cache (`--kv-cache-dtype
+    fp8`: rows stored as row / k_scale), None for an unquantised one."""
     from asynctls_tip_kernels.sparse_decode import sparse_decode_triton
 
+    kv_scales = None
+    if k_scale is not None:
+        kv_c_and_k_pe_cache, kv_scales = fp8_mla_decode_inputs(kv_c_and_k_pe_cache, k_scale)
     key_cache, value_cache = mla_cache_views(kv_c_and_k_pe_cache, kv_lora_rank)
     out, _, block_ids = sparse_decode_triton(
         q, key_cache, value_cache, block_table, seq_lens, layer_index.index, sparse_config, scale,
         previous_block_ids=layer_index.previous_blocks(block_table, seq_lens), workspace=workspace,
+        kv_scales=kv_scales,
     )
     layer_index.record_blocks(block_table, seq_lens, block_ids)
     return out
