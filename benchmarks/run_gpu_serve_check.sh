@@ -4,15 +4,19 @@
 # Builds the tiny Qwen3 of tests/tiny_models.py in bf16 (random weights), serves it with vLLM's defaults
 # (torch.compile, CUDA graphs), sends one completion over a prompt past dense_threshold and checks
 # that the plugin's backend served it. Logs under $OUT (default benchmarks/out).
-# SERVE_SPEC=DEEPSEEK_MLA serves the tiny DeepSeek-V3-style MLA model instead; arguments are passed on to
+# SERVE_SPEC=MLA serves a 4-layer DeepSeek-V3-shaped MLA model instead (bench_vllm_e2e.py's check model:
+# the tiny CPU test model's head dims have no vLLM GPU MLA prefill backend); arguments are passed on to
 # `vllm serve` (e.g. --kv-cache-dtype fp8).
-# Usage: source /tmp/vllm-env.sh && [SERVE_SPEC=DEEPSEEK_MLA] bash benchmarks/run_gpu_serve_check.sh [VLLM_SERVE_ARGS...]
+# Usage: source /tmp/vllm-env.sh && [SERVE_SPEC=MLA] bash benchmarks/run_gpu_serve_check.sh [VLLM_SERVE_ARGS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
 mkdir -p "$OUT"
-SPEC="${SERVE_SPEC:-QWEN3_GQA}"
-MODEL=$(python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny_models as t; print(t.cached_model(t.$SPEC, '/tmp/tiny_models'))")
+if [ "${SERVE_SPEC:-}" = MLA ]; then  # the MLA check model of bench_vllm_e2e.py (dims vLLM's GPU MLA prefill takes)
+  MODEL=$(python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import bench_vllm_e2e as b; print(b.small_mla_model_dir(Path('/tmp/serve_models')))")
+else
+  MODEL=$(python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny_models as t; print(t.cached_model(t.QWEN3_GQA, '/tmp/tiny_models'))")
+fi
 KNOBS='{"asynctls": {"token_budget": 128, "num_blocks": 16, "selection_block_size": 16, "sink_tokens": 16, "local_tokens": 16, "dense_threshold": 256}}'
 # The `vllm` console script, or its module (the kit puts vLLM on PYTHONPATH, not on PATH).
 if command -v vllm > /dev/null; then VLLM=(vllm); else VLLM=(python3 -m vllm.entrypoints.cli.main); fi
