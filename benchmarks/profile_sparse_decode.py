@@ -10,9 +10,12 @@ Compute, e.g. `ncu -k regex:_token_score --launch-skip 2 --launch-count 1 --sect
 
 With --lagged, the step runs lagged selection: its block stage on its own stream, overlapped with the
 token stage and the attention over the previous step's blocks (the per-kernel times then overlap).
+With --mla, the MLA operator instead (DeepSeek-V2-Lite latent 512 + rope 64, one kv head, --heads query
+heads, `SparseAttentionConfig.for_mla` at the same block settings); with --fp8 the cache is e4m3 with
+per-tensor scales (vLLM's `--kv-cache-dtype fp8`), and the row also gives the bytes a dense decode reads.
 
 Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--lagged]
-       [--index-basis pca] [--out FILE]
+       [--index-basis pca] [--mla [--heads 16]] [--fp8] [--out FILE]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_sparse_decode import QWEN3_8B, decode_write_ms, graph_time_ms, paged_case
+from bench_sparse_decode import MLA, QWEN3_8B, decode_write_ms, graph_time_ms, paged_case
 from asynctls_tip_kernels import sparse_attention, sparse_decode
 from asynctls_tip_kernels.sparse_config import INDEX_BASES, SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
@@ -55,23 +58,44 @@ def main(argv=None) -> dict:
                    help="lagged selection: the block stage on its own stream, pipelined with the token stage")
     p.add_argument("--index-basis", choices=INDEX_BASES, default="channels",
                    help="the index's coordinates (SparseAttentionConfig.index_basis)")
+    p.add_argument("--mla", action="store_true", help="the MLA operator (latent 512 + rope 64, one kv head)")
+    p.add_argument("--heads", type=int, default=16, help="query heads with --mla (DeepSeek-V2-Lite: 16)")
+    p.add_argument("--fp8", action="store_true", help="an e4m3 cache with per-tensor scales")
     p.add_argument("--out")
     a = p.parse_args(argv)
-    Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
-    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=a.budget,
-                                   lagged_selection=a.lagged, index_basis=a.index_basis)
-    q, kc, vc, table, seq_lens, index = paged_case(a.batch, a.context, Hq, Hkv, D, D, config, seed=1)
-    ws = SparseDecodeWorkspace(a.batch, Hq, Hkv, D, D, table.shape[1], kc.shape[1], config, q.dtype, "cuda")
-    scale = 1.0 / math.sqrt(D)
-    previous = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale)[2].clone() if a.lagged else None
+    if a.mla:
+        Hq, Hkv, Dk, Dv = a.heads, 1, MLA["kv_lora_rank"] + MLA["rope_dim"], MLA["kv_lora_rank"]
+        config = SparseAttentionConfig.for_mla(selection_block_size=64, num_blocks=128, token_budget=a.budget,
+                                               lagged_selection=a.lagged, index_basis=a.index_basis)
+    else:
+        Hq, Hkv = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"]
+        Dk = Dv = QWEN3_8B["head_dim"]
+        config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=a.budget,
+                                       lagged_selection=a.lagged, index_basis=a.index_basis)
+    q, kc, vc, table, seq_lens, index = paged_case(a.batch, a.context, Hq, Hkv, Dk, Dv, config, mla=a.mla, seed=1)
+    kv_scales, written_keys = None, kc  # the index write is timed on the keys as computed (bf16)
+    if a.fp8:  # stored = value / scale, as vLLM writes it; the index stays the one written from the bf16 keys
+        kv_scales = (torch.tensor(0.5, device="cuda"), torch.tensor(0.25, device="cuda"))
+        kc8 = (kc.float() / 0.5).to(torch.float8_e4m3fn)
+        if a.mla:
+            kv_scales = (kv_scales[0], kv_scales[0])  # one latent row: k_scale for both, as TRITON_MLA
+            kc, vc = kc8, kc8[..., :Dv]
+        else:
+            kc, vc = kc8, (vc.float() / 0.25).to(torch.float8_e4m3fn)
+    ws = SparseDecodeWorkspace(a.batch, Hq, Hkv, Dk, Dv, table.shape[1], kc.shape[1], config, q.dtype, "cuda")
+    scale = 1.0 / math.sqrt(192 if a.mla else Dk)  # DeepSeek-V2's softmax scale: qk_nope + rope head dim
+    previous = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale,
+                                    kv_scales=kv_scales)[2].clone() if a.lagged else None
 
     def step():
         return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, previous_block_ids=previous,
-                                    workspace=ws)
+                                    workspace=ws, kv_scales=kv_scales)
 
     has_pdl = hasattr(sparse_attention, "pdl_enabled")  # absent in kernels older than 2026-11-25 evening
     row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget,
-               lagged=a.lagged, index_basis=a.index_basis)
+               lagged=a.lagged, index_basis=a.index_basis, mla=a.mla, heads=Hq, fp8=a.fp8,
+               # what a dense decode reads: every K (and, but for MLA's shared latent row, V) row of the context
+               dense_bytes=a.batch * a.context * Hkv * (Dk if a.mla else Dk + Dv) * kc.element_size())
     if has_pdl:
         row["pdl_supported"] = sparse_attention.pdl_enabled(q)
         row["graph_us"] = graph_time_ms(step) * 1e3  # as shipped: PDL where the operator's schedule uses it
@@ -87,7 +111,7 @@ def main(argv=None) -> dict:
     row["kernels_us"] = kernel_times_us(step)  # without PDL: no kernel starts before the previous one ends
     if has_pdl:
         sparse_attention.USE_PDL = True
-    row["index_write_us"] = decode_write_ms(kc, table, seq_lens, index, config) * 1e3
+    row["index_write_us"] = decode_write_ms(written_keys, table, seq_lens, index, config) * 1e3
     print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}{', lagged' if a.lagged else ''}: whole step from a CUDA graph "
           f"{row.get('graph_us', float('nan')):.1f} us as shipped (PDL supported: {row.get('pdl_supported')}), "
           f"{row.get('graph_us_pdl_everywhere', float('nan')):.1f} us with PDL on every launch, "
