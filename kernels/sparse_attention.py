@@ -48,6 +48,13 @@ ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
 ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
+# Wide value rows (MLA's latent: 512 channels) with the short splits: one 64-row tile per split, 4 warps, a
+# 4-stage pipeline, instead of 32-row tiles, 8 warps and 2 stages. H200, 16 heads, 2,176 positions, split +
+# merge from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=16 59.6 -> 41.8 us (fp8 cache 63.6 -> 42.5);
+# with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32 111.7 -> 75.5.
+ATTN_WIDE_BLOCK_N = 64
+ATTN_WIDE_NUM_WARPS = 4
+ATTN_WIDE_STAGES = 4
 
 
 def require_triton_device(op: str, *tensors: torch.Tensor) -> None:
@@ -323,6 +330,11 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
                    and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
+    if block_dv > 128 and not long_splits:
+        tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
+        return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                    SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=tiles, head_blocks=head_blocks,
+                    num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
     per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
     want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))
     tiles_per_split = max(1, triton.cdiv(tiles, want_splits))

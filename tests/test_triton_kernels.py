@@ -66,6 +66,10 @@ SMALL = {
     "small_mla": ([90, 200], 32, 1, 20, 96, 64, True,
                   dict(selection_block_size=16, num_blocks=5, token_budget=48, sink_tokens=4, local_tokens=16,
                        index_channels=32, index_bits=4), torch.bfloat16),
+    # Value rows wider than 128 channels (MLA's latent): the attention's wide-row launch plan.
+    "small_mla_wide": ([90, 200, 37], 16, 1, 4, 288, 256, True,
+                       dict(selection_block_size=16, num_blocks=5, token_budget=72, sink_tokens=4, local_tokens=16,
+                            index_channels=32, index_bits=4), torch.float32),
 }
 # The benchmark's settings and shapes scaled down (contexts and budgets / 8..16; heads and dims as run).
 BENCH_SCALED = {
@@ -461,6 +465,23 @@ def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
     torch.testing.assert_close(sparse_attention_triton(q, kc, vc, table, positions, 0.2), want, rtol=tol, atol=tol)
     torch.testing.assert_close(sparse_attention_triton(q[:-1], kc, vc, table[:-1], positions[:-1], 0.2), want[:-1],
                                rtol=tol, atol=tol)
+
+
+def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
+    # MLA's latent rows (value 512 wide) with few (sequence, head block) groups: one 64-row tile per split,
+    # 4 warps, a 4-stage pipeline; with many groups the long splits stay. Exactness of this plan is checked
+    # by every test over the `small_mla_wide` case.
+    sa = sparse_attention
+    for B, P in ((1, 2176), (16, 2176), (8, 300), (16, 37)):
+        plan = sa.attention_plan(B, 16, 1, P, 576, 512)
+        assert (plan["BLOCK_N"], plan["SPLIT_LEN"], plan["num_warps"], plan["num_stages"]) == (
+            sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_NUM_WARPS, sa.ATTN_WIDE_STAGES)
+        assert plan["NUM_SPLITS"] == math.ceil(P / sa.ATTN_WIDE_BLOCK_N)
+    many_groups = sa.attention_plan(8, 128, 1, 2176, 576, 512)  # 128 heads: 8 head blocks per sequence
+    assert many_groups["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and many_groups["BLOCK_N"] == 32
+    assert sa.attention_plan(8, 32, 8, 2176, 128, 128)["BLOCK_N"] == sa.ATTN_BLOCK_N  # GQA unchanged
+    monkeypatch.setattr(sa, "ATTN_WIDE_BLOCK_N", 32)
+    assert sa.attention_plan(16, 16, 1, 2176, 576, 512)["NUM_SPLITS"] == 68
 
 
 @pytest.mark.parametrize("lagged, with_workspace", [(False, False), (True, False), (False, True), (True, True)])

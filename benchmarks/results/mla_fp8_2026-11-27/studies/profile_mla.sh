@@ -3,6 +3,7 @@
 # decode batch of the throughput rows (B=16), 32K and 64K, bf16 and fp8 caches, standard and lagged; plus
 # the copy bandwidth. One JSON of all rows and one log under $OUT/profile_mla (the device returns few files).
 mkdir -p $OUT/profile_mla /tmp/prof
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
 cd benchmarks
 python3 -c "import bench_sparse_decode as b; print(f'copy bandwidth {b.copy_bandwidth() / 1e12:.2f} TB/s')" \
   | tee $OUT/profile_mla/all.log
