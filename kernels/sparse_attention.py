@@ -48,10 +48,12 @@ ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
 ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
-# Wide value rows (MLA's latent: 512 channels) with the short splits: one 64-row tile per split, 4 warps, a
-# 4-stage pipeline, instead of 32-row tiles, 8 warps and 2 stages. H200, 16 heads, 2,176 positions, split +
+# Wide value rows (MLA's latent: at least ATTN_WIDE_MIN_DV = 512 channels) with the short splits: one 64-row
+# tile per split, 4 warps, a 4-stage pipeline, instead of 32-row tiles, 8 warps and 2 stages (head dims of
+# 256 keep those: not measured). H200, 16 heads, 2,176 positions, split +
 # merge from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=16 59.6 -> 41.8 us (fp8 cache 63.6 -> 42.5);
 # with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32 111.7 -> 75.5.
+ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
 ATTN_WIDE_STAGES = 4
@@ -312,8 +314,10 @@ def _sparse_attn_merge_kernel(
 
 
 def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_positions: int, head_dim_k: int,
-                   head_dim_v: int, num_sms: int = 132) -> dict:
-    """Launch shape for `sparse_attention`, a function of shapes only (so it is CUDA-graph stable)."""
+                   head_dim_v: int, num_sms: int = 132, query_bytes: int = 2) -> dict:
+    """Launch shape for `sparse_attention`, a function of shapes only (so it is CUDA-graph stable).
+    `query_bytes`: the query's element size; the wide-row plan's deep pipeline is for 16-bit rows (float32
+    ones would stage past shared memory)."""
     group = num_q_heads // num_kv_heads
     block_dv = triton.next_power_of_2(head_dim_v)
     # Heads per program: at least 16 rows for tl.dot; cap the float32 accumulator at 16K elements.
@@ -330,7 +334,7 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
                    and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
-    if block_dv > 128 and not long_splits:
+    if block_dv >= ATTN_WIDE_MIN_DV and not long_splits and query_bytes <= 2:
         tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=tiles, head_blocks=head_blocks,
@@ -431,7 +435,7 @@ def sparse_attention_triton(
     Hkv = key_cache.shape[2]
     Dv = value_cache.shape[3]
     P = positions.shape[2]
-    plan = attention_plan(B, Hq, Hkv, P, Dk, Dv)
+    plan = attention_plan(B, Hq, Hkv, P, Dk, Dv, query_bytes=query.element_size())
     if workspace is None:
         workspace = AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], Dv, query.device)
     elif workspace.acc.shape != (B, Hq, plan["NUM_SPLITS"], Dv):

@@ -162,7 +162,8 @@ class SparseDecodeWorkspace:
         self.positions = empty((batch, num_kv_heads, config.attended_tokens), i32)
         heads = word_score_heads(config, num_q_heads // num_kv_heads)
         self.index_query = None if heads is None else empty((batch, num_kv_heads, config.index_channels, heads), f32)
-        plan = attention_plan(batch, num_q_heads, num_kv_heads, config.attended_tokens, head_dim_k, head_dim_v)
+        plan = attention_plan(batch, num_q_heads, num_kv_heads, config.attended_tokens, head_dim_k, head_dim_v,
+                              query_bytes=dtype.itemsize)
         self.attention = AttentionWorkspace(batch, num_q_heads, plan["NUM_SPLITS"], head_dim_v, device, empty=empty)
         self.out = empty((batch, num_q_heads, head_dim_v), dtype)
 

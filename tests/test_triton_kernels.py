@@ -66,10 +66,10 @@ SMALL = {
     "small_mla": ([90, 200], 32, 1, 20, 96, 64, True,
                   dict(selection_block_size=16, num_blocks=5, token_budget=48, sink_tokens=4, local_tokens=16,
                        index_channels=32, index_bits=4), torch.bfloat16),
-    # Value rows wider than 128 channels (MLA's latent): the attention's wide-row launch plan.
-    "small_mla_wide": ([90, 200, 37], 16, 1, 4, 288, 256, True,
+    # MLA's latent width (576 / 512) in bf16: the attention's wide-row launch plan.
+    "small_mla_wide": ([90, 200, 37], 16, 1, 4, 576, 512, True,
                        dict(selection_block_size=16, num_blocks=5, token_budget=72, sink_tokens=4, local_tokens=16,
-                            index_channels=32, index_bits=4), torch.float32),
+                            index_channels=32, index_bits=4), torch.bfloat16),
 }
 # The benchmark's settings and shapes scaled down (contexts and budgets / 8..16; heads and dims as run).
 BENCH_SCALED = {
@@ -480,6 +480,8 @@ def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
     many_groups = sa.attention_plan(8, 128, 1, 2176, 576, 512)  # 128 heads: 8 head blocks per sequence
     assert many_groups["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and many_groups["BLOCK_N"] == 32
     assert sa.attention_plan(8, 32, 8, 2176, 128, 128)["BLOCK_N"] == sa.ATTN_BLOCK_N  # GQA unchanged
+    assert sa.attention_plan(8, 16, 4, 2176, 256, 256)["BLOCK_N"] == 32  # head dim 256: not measured, unchanged
+    assert sa.attention_plan(16, 16, 1, 2176, 576, 512, query_bytes=4)["BLOCK_N"] == 32  # float32: unchanged
     monkeypatch.setattr(sa, "ATTN_WIDE_BLOCK_N", 32)
     assert sa.attention_plan(16, 16, 1, 2176, 576, 512)["NUM_SPLITS"] == 68
 
