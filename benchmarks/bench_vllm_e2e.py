@@ -326,6 +326,7 @@ def run_worker(a) -> None:
 
 def spawn(out: Path, name: str, timeout: int, **args) -> dict | None:
     result = out / f"{name}.json"
+    result.unlink(missing_ok=True)  # an earlier call's result must not pass for this run's
     cmd = [sys.executable, __file__, "--worker", "--result", str(result)]
     for k, v in args.items():
         if v is True:
@@ -482,7 +483,7 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         summary["asynctls_tp2_vs_tp1"] = _compare(res["asynctls_cover"], res["asynctls_cover_tp2"])
     if res.get("flash_attn") and res.get("flash_attn_tp2"):
         summary["flash_attn_tp2_vs_tp1"] = _compare(res["flash_attn"], res["flash_attn_tp2"])
-    for name in ("asynctls_cover", "mla_asynctls_cover", "mla_triton"):
+    for name in ("asynctls_cover", "mla_asynctls_cover"):  # (mla_triton_kv_bf16 vs mla_triton: above)
         if res.get(name) and res.get(f"{name}_kv_bf16"):
             summary[f"{name}_kv_bf16_vs_auto"] = _compare(res[name], res[f"{name}_kv_bf16"])
     if res.get("mla_triton_kv_bf16") and res.get("mla_asynctls_cover_kv_bf16"):
