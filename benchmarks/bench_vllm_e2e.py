@@ -533,10 +533,13 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
 
 
 def stage_report(out: Path) -> None:
+    """The throughput table: per context and backend, the decode rate, the step time and, per repeat, the
+    step time each repeat gave on its own (when they spread more than the backends differ, the ratio is
+    noise: run more repeats or longer decode runs)."""
     dense = json.loads((out / "tput_dense.json").read_text())
     base = {r["context"]: r for r in dense["rows"]}
-    print("| context | backend | requests (fit) | decode tok/s | ms/step | vs dense |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| context | backend | requests (fit) | decode tok/s | ms/step | ms/step per repeat | vs dense |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for path in [out / "tput_dense.json", *sorted(out.glob("tput_asynctls_*.json"))]:
         data = json.loads(path.read_text())
         name = path.stem.replace("tput_", "")
@@ -545,8 +548,9 @@ def stage_report(out: Path) -> None:
                 continue
             b = base.get(r["context"])
             ratio = r["decode_tok_s"] / b["decode_tok_s"] if b and b.get("requests") else float("nan")
+            runs = " / ".join(f"{ms:.1f}" for ms in r.get("ms_per_step_runs", [])) or "-"
             print(f"| {r['context'] // 1024}K | {name} | {r['requests']} ({r['requests_fit']}) | "
-                  f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {ratio:.2f}x |")
+                  f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x |")
 
 
 def main() -> None:
