@@ -50,10 +50,11 @@ ATTN_LONG_SPLIT_STAGES = 3
 ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
 # Wide value rows (MLA's latent: at least ATTN_WIDE_MIN_DV = 512 channels) with up to 16 heads per program,
 # 16-bit queries and the short splits: one 64-row tile per split, 4 warps, 4 stages (which pipeline the key
-# chunks of the tile's dot), instead of 32-row tiles, 8 warps and 2 stages. Not measured, so on the old
-# plan: head dims of 256, float32 (past shared memory), 32 heads per program (4 warps spill registers). H200, 16 heads, 2,176 positions, split +
-# merge from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=16 59.6 -> 41.8 us (fp8 cache 63.6 -> 42.5);
-# with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32 111.7 -> 75.5.
+# chunks of the tile's dot), instead of 32-row tiles, 8 warps and 2 stages. H200, 16 heads, 2,176
+# positions, split + merge from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=16 59.6 -> 41.8 us
+# (fp8 cache 63.6 -> 42.5); with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32 111.7 -> 75.5. Not
+# measured, so on the old plan: head dims of 256, float32 (past shared memory), 32 heads per program (at
+# 4 warps they spill registers).
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
