@@ -45,6 +45,14 @@ BLOCK_SCORE_WARPS = 4
 BLOCK_SCORE_DK = 64  # key channels per step (< head dim: a pipelined loop over chunks)
 BLOCK_SCORE_STAGES = 2
 BLOCK_SCORE_MAXNREG = None  # register cap per thread for the block scorer (None: the compiler's choice)
+# Wide keys (MLA's latent + rope: at least BLOCK_SCORE_WIDE_MIN_DK = 512 channels, so 9 or more chunks of 64)
+# with up to 16 heads per program and 16-bit queries: 64 blocks per program and a 4-stage pipeline over the
+# chunks. H200, DeepSeek-V2-Lite latent, 16 heads, B=16, the whole operator step from a CUDA graph
+# (`benchmarks/RESULTS.md`, 2026-11-27): 32K 87.7 -> 80.4 us, 64K 92.0 -> 85.3 us, positions unchanged.
+# Not measured, so on the shipped tile: 17-32 heads per program (GLM-style groups of 20) and float32 queries.
+BLOCK_SCORE_WIDE_MIN_DK = 512
+BLOCK_SCORE_WIDE_TILE = 64
+BLOCK_SCORE_WIDE_STAGES = 4
 TOPK_INTERP_PASSES = 24  # value-space passes (model guesses, interpolation) before integer bisection
 TOPK_WARPS_SMALL = 4  # warps for rows of up to 2048 entries
 TOPK_WARPS_LARGE = 8  # warps for rows of more than 2048 entries (H100 sweep: 8 < 16 < 32 us)
@@ -459,6 +467,21 @@ def check_index_query(op: str, name: str, index_query: torch.Tensor, batch: int,
                          f"index_bits={bits}")
 
 
+def block_score_plan(group: int, head_dim: int, query_bytes: int = 2) -> dict:
+    """Launch shape of the block scorer for `group` q heads per kv head over keys of `head_dim` channels
+    (a function of shapes only, so CUDA-graph stable). `query_bytes`: the query's element size."""
+    block_h = max(16, triton.next_power_of_2(group))
+    if block_h > 32:
+        return dict(BLOCK_H=block_h, BLOCK_J=32, BLOCK_DK=min(64, triton.next_power_of_2(head_dim)),
+                    num_warps=8, num_stages=BLOCK_SCORE_STAGES)
+    block_dk = min(BLOCK_SCORE_DK, triton.next_power_of_2(head_dim))
+    if head_dim >= BLOCK_SCORE_WIDE_MIN_DK and block_h <= 16 and query_bytes <= 2:
+        return dict(BLOCK_H=block_h, BLOCK_J=BLOCK_SCORE_WIDE_TILE, BLOCK_DK=block_dk,
+                    num_warps=BLOCK_SCORE_WARPS, num_stages=BLOCK_SCORE_WIDE_STAGES)
+    return dict(BLOCK_H=block_h, BLOCK_J=BLOCK_SCORE_TILE, BLOCK_DK=block_dk,
+                num_warps=BLOCK_SCORE_WARPS, num_stages=BLOCK_SCORE_STAGES)
+
+
 def block_scores_triton(query, index, block_table, seq_lens, config, num_selection_blocks: int,
                         out: torch.Tensor | None = None, softmax_scale: float | None = None,
                         index_query: torch.Tensor | None = None, query_in_index_basis: bool = False) -> torch.Tensor:
@@ -499,16 +522,14 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
     temperature = group_temperature(softmax_scale, Dk)
     if out is None:
         out = torch.empty(B, Hkv, num_selection_blocks, dtype=torch.float32, device=query.device)
-    block_h = max(16, triton.next_power_of_2(group))
-    block_j = BLOCK_SCORE_TILE if block_h <= 32 else 32
-    block_dk = min(BLOCK_SCORE_DK if block_h <= 32 else 64, triton.next_power_of_2(Dk))
+    plan = block_score_plan(group, Dk, query.element_size())
     iq_c = iq_h = 1
     if index_query is not None:
         C = index.channel_ids.shape[1]
         iq_h = index_query.shape[-1]
         check_index_query("block_scores", "index_query", index_query, B, Hkv, C, group, config.index_bits)
         iq_c = C
-    grid = (B * Hkv, triton.cdiv(num_selection_blocks, block_j))
+    grid = (B * Hkv, triton.cdiv(num_selection_blocks, plan["BLOCK_J"]))
     _block_score_kernel[grid](
         query, bmin, bmax, bscale, block_table, seq_lens, out,
         index.channel_ids.contiguous() if index_query is not None else out,
@@ -519,14 +540,14 @@ def block_scores_triton(query, index, block_table, seq_lens, config, num_selecti
         bscale.stride(0), bscale.stride(1), bscale.stride(2),
         block_table.stride(0),
         HKV=Hkv, GROUP=group, DK=Dk, SBS=sbs, CBS=cbs,
-        BLOCK_H=block_h, BLOCK_J=block_j, BLOCK_DK=block_dk,
-        IEEE=float32_dots(query.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % block_dk == 0,
+        BLOCK_H=plan["BLOCK_H"], BLOCK_J=plan["BLOCK_J"], BLOCK_DK=plan["BLOCK_DK"],
+        IEEE=float32_dots(query.dtype), LSE=config.group_score == "lse", EVEN_DK=Dk % plan["BLOCK_DK"] == 0,
         MID=config.block_bound_weight != 1.0,
         IQ=index_query is not None, IQ_C=iq_c, IQ_H=iq_h, IQ_BITS=config.index_bits if index_query is not None else 4,
         IQ_BLOCK_C=triton.next_power_of_2(iq_c),
         **pdl_launch(query),
         **({"maxnreg": BLOCK_SCORE_MAXNREG} if BLOCK_SCORE_MAXNREG else {}),
-        num_warps=BLOCK_SCORE_WARPS if block_h <= 32 else 8, num_stages=BLOCK_SCORE_STAGES,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     return out
 

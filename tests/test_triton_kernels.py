@@ -305,15 +305,18 @@ def test_block_selection_with_bound_weight_matches_reference(name, weight):
                           SCORE_TOL[c["dtype"]])
 
 
+@pytest.mark.parametrize("name", ["small_gqa_odd_4bit", "small_mla_wide"])  # the shipped and the wide-key tile
 @pytest.mark.parametrize("local_tokens", [8, 7])  # 7: what a lagged block stage ranks with
-def test_block_scores_of_tiles_past_the_sequence(monkeypatch, local_tokens):
+def test_block_scores_of_tiles_past_the_sequence(monkeypatch, name, local_tokens):
     # vLLM's block table is as wide as the longest context the model allows and its batch is padded
     # with empty rows: tiles that start past a row's candidates write -inf without scoring. Tiles of
-    # 16 selection blocks (128 tokens) over a table 40 columns wider than needed, one row padded
-    # (seq_len 0), one too short to have candidates, one whose only candidate in its second tile is
-    # that tile's first token, one ending well inside its second tile.
-    monkeypatch.setattr(block_select, "BLOCK_SCORE_TILE", 16)
-    c = build("small_gqa_odd_4bit", seed=7)
+    # 128 tokens over a table 40 columns wider than needed, one row padded (seq_len 0), one too short to
+    # have candidates, one whose only candidate in its second tile is that tile's first token, one
+    # ending well inside its second tile.
+    c = build(name, seed=7)
+    tile = 128 // c["config"].selection_block_size
+    monkeypatch.setattr(block_select, "BLOCK_SCORE_TILE", tile)
+    monkeypatch.setattr(block_select, "BLOCK_SCORE_WIDE_TILE", tile)
     q, index = c["query"], c["index"]
     config = c["config"].with_(local_tokens=local_tokens)
     table = c["block_table"]
@@ -323,10 +326,10 @@ def test_block_scores_of_tiles_past_the_sequence(monkeypatch, local_tokens):
     seq[2] = 128 + local_tokens + 1  # one candidate in the second tile: its first position, 128
     want = ref.score_blocks(q, index, wide, seq, config)
     n_sel = want.shape[-1]
-    assert n_sel // 16 >= 4
+    assert n_sel // tile >= 4
     got = block_scores_triton(q, index, wide, seq, config, n_sel)
     finite = torch.isfinite(want)
-    assert torch.equal(finite, torch.isfinite(got)) and not finite[0].any() and finite[2, :, 16].all()
+    assert torch.equal(finite, torch.isfinite(got)) and not finite[0].any() and finite[2, :, tile].all()
     span = want[finite].abs().max()
     torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=float(SCORE_TOL[c["dtype"]] * span))
 
@@ -486,6 +489,23 @@ def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
     assert sa.attention_plan(16, 16, 1, 2176, 320, 300)["BLOCK_N"] == 32  # 300 channels (padded to 512)
     monkeypatch.setattr(sa, "ATTN_WIDE_BLOCK_N", 32)
     assert sa.attention_plan(16, 16, 1, 2176, 576, 512)["NUM_SPLITS"] == 68
+
+
+def test_wide_keys_take_the_block_scorers_deep_pipeline():
+    # MLA's latent + rope keys (576 channels) with up to 16 heads per program and 16-bit queries: 64 blocks
+    # per program, a 4-stage pipeline over the key chunks; GQA, float32 queries, GLM-style groups of 20
+    # heads and 128-head MLA keep their tiles. Exactness of this plan is checked by every block-stage test
+    # over the `small_mla_wide` case.
+    bs = block_select
+    wide = bs.block_score_plan(16, 576)
+    assert (wide["BLOCK_J"], wide["num_stages"], wide["BLOCK_DK"]) == (
+        bs.BLOCK_SCORE_WIDE_TILE, bs.BLOCK_SCORE_WIDE_STAGES, bs.BLOCK_SCORE_DK)
+    assert bs.block_score_plan(4, 128) == dict(BLOCK_H=16, BLOCK_J=bs.BLOCK_SCORE_TILE, BLOCK_DK=bs.BLOCK_SCORE_DK,
+                                               num_warps=bs.BLOCK_SCORE_WARPS, num_stages=bs.BLOCK_SCORE_STAGES)
+    for shape in ((16, 576, 4), (20, 576, 2), (16, 288, 2)):
+        assert bs.block_score_plan(*shape)["BLOCK_J"] == bs.BLOCK_SCORE_TILE, shape
+    many = bs.block_score_plan(128, 576)
+    assert (many["BLOCK_J"], many["num_warps"], many["BLOCK_H"]) == (32, 8, 128)
 
 
 @pytest.mark.parametrize("lagged, with_workspace", [(False, False), (True, False), (False, True), (True, True)])

@@ -1,6 +1,7 @@
-"""MLA selection-stage launch sweep (GPU, no vLLM). Prepared 2026-11-27 and not yet run: the next step
-after the attention sweep (`mla_attn_sweep.py`), aimed at the block scorer (16-19 us per layer at B=16
-for 9-19 MB of summaries) and the token scorer (19.4 us for 8.4 MB of codes), both latency-bound.
+"""MLA selection-stage launch sweep (GPU, no vLLM). Prepared 2026-11-27 (seventeenth session), run in the
+eighteenth (`../stage_sweep/`): the block scorer's winner shipped as `block_select.BLOCK_SCORE_WIDE_*`. The next
+step after the attention sweep (`mla_fp8_2026-11-27/studies/mla_attn_sweep.py`), aimed at the block scorer
+(16-19 us per layer at B=16 for 9-19 MB of summaries) and the token scorer (19.4 us for 8.4 MB of codes), both latency-bound.
 
 The operator step at DeepSeek-V2-Lite latent (576 / 512), 16 heads, B=16, budget 2048, blocks of 64 x 128,
 the standard step (the block stage on the critical path), 32K and 64K: for each setting of the module
