@@ -110,19 +110,22 @@ def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
     return query, key_cache, value_cache, table, seq_lens, index
 
 
-def decode_write_ms(key_cache, table, seq_lens, index, config) -> float:
+def decode_write_ms(key_cache, table, seq_lens, index, config, layers: int = 1) -> float:
     """Time of the index write a decode step adds per layer, which dense attention does not have: one
     new key per sequence merged into its partly filled last selection block (the key at position
-    L - 1 written again, into a copy of the index)."""
-    copy = dataclasses.replace(index, **{name: getattr(index, name).clone()
-                                         for name in ("block_min", "block_max", "block_scale", "codes", "scales")
-                                         if getattr(index, name) is not None})
+    L - 1 written again, into a copy of the index). `layers` = 1: a lone write from a graph of its own
+    (graph launch and a chain of dependent loads from a flushed L2: an upper bound); more: per layer,
+    `layers` writes into their own index copies back to back in one graph (as in a model's decode
+    graph, where the write is one small launch among many)."""
+    copies = [dataclasses.replace(index, **{name: getattr(index, name).clone()
+                                            for name in ("block_min", "block_max", "block_scale", "codes", "scales")
+                                            if getattr(index, name) is not None}) for _ in range(layers)]
     pos = seq_lens.long() - 1
     slots = table[torch.arange(len(pos), device=pos.device), pos // CACHE_BLOCK].long() * CACHE_BLOCK + pos % CACHE_BLOCK
     keys = key_cache.view(-1, *key_cache.shape[2:])[slots]
-    ws = IndexWriteWorkspace(copy.block_min.shape[0], copy.block_min.shape[1], "cuda")
-    ms = graph_time_ms(lambda: write_index_triton(copy, keys, slots, config, ws))
-    del copy
+    ws = IndexWriteWorkspace(index.block_min.shape[0], index.block_min.shape[1], "cuda")
+    ms = stacked_time_ms([lambda c=c: write_index_triton(c, keys, slots, config, ws) for c in copies]) / layers
+    del copies
     return ms
 
 
