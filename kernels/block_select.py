@@ -46,10 +46,10 @@ BLOCK_SCORE_DK = 64  # key channels per step (< head dim: a pipelined loop over 
 BLOCK_SCORE_STAGES = 2
 BLOCK_SCORE_MAXNREG = None  # register cap per thread for the block scorer (None: the compiler's choice)
 # Wide keys (MLA's latent + rope: at least BLOCK_SCORE_WIDE_MIN_DK = 512 channels, so 9 or more chunks of 64)
-# with up to 16 heads per program and 16-bit queries: 64 blocks per program and a 4-stage pipeline over the
-# chunks. H200, DeepSeek-V2-Lite latent, 16 heads, B=16, the whole operator step from a CUDA graph
-# (`benchmarks/RESULTS.md`, 2026-11-27): 32K 87.7 -> 80.4 us, 64K 92.0 -> 85.3 us, positions unchanged.
-# Not measured, so on the shipped tile: 17-32 heads per program (GLM-style groups of 20) and float32 queries.
+# with up to 32 heads per program and 16-bit queries: 64 blocks per program and a 4-stage pipeline over the
+# chunks. H200, latent 576, B=16, the whole operator step from a CUDA graph (`benchmarks/RESULTS.md`,
+# 2026-11-27), positions unchanged: 16 heads (DeepSeek-V2-Lite) 32K 87.7 -> 80.4 us, 64K 92.0 -> 85.3 us; 20
+# heads (GLM-style) 32K 146.8 -> 139.0 us. Not measured, so on the shipped tile: float32 queries.
 BLOCK_SCORE_WIDE_MIN_DK = 512
 BLOCK_SCORE_WIDE_TILE = 64
 BLOCK_SCORE_WIDE_STAGES = 4
@@ -475,7 +475,7 @@ def block_score_plan(group: int, head_dim: int, query_bytes: int = 2) -> dict:
         return dict(BLOCK_H=block_h, BLOCK_J=32, BLOCK_DK=min(64, triton.next_power_of_2(head_dim)),
                     num_warps=8, num_stages=BLOCK_SCORE_STAGES)
     block_dk = min(BLOCK_SCORE_DK, triton.next_power_of_2(head_dim))
-    if head_dim >= BLOCK_SCORE_WIDE_MIN_DK and block_h <= 16 and query_bytes <= 2:
+    if head_dim >= BLOCK_SCORE_WIDE_MIN_DK and query_bytes <= 2:
         return dict(BLOCK_H=block_h, BLOCK_J=BLOCK_SCORE_WIDE_TILE, BLOCK_DK=block_dk,
                     num_warps=BLOCK_SCORE_WARPS, num_stages=BLOCK_SCORE_WIDE_STAGES)
     return dict(BLOCK_H=block_h, BLOCK_J=BLOCK_SCORE_TILE, BLOCK_DK=block_dk,

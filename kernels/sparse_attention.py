@@ -48,13 +48,14 @@ ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
 ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
-# Wide value rows (MLA's latent: at least ATTN_WIDE_MIN_DV = 512 channels) with up to 16 heads per program,
-# 16-bit queries and the short splits: one 64-row tile per split, 4 warps, 4 stages (which pipeline the key
-# chunks of the tile's dot), instead of 32-row tiles, 8 warps and 2 stages. H200, 16 heads, 2,176
-# positions, split + merge from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=16 59.6 -> 41.8 us
-# (fp8 cache 63.6 -> 42.5); with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32 111.7 -> 75.5. Not
-# measured, so on the old plan: head dims of 256, float32 (past shared memory), 32 heads per program (at
-# 4 warps they spill registers).
+# Wide value rows (MLA's latent: at least ATTN_WIDE_MIN_DV = 512 channels) with one head block per kv head (at
+# most 32 heads), 16-bit queries and the short splits: one 64-row tile per split, 4 warps, 4 stages (which
+# pipeline the key chunks of the tile's dot), instead of 32-row tiles, 8 warps and 2 stages. H200, 2,176
+# positions, split + merge from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): 16 heads (DeepSeek-V2-Lite)
+# B=16 59.6 -> 41.8 us (fp8 cache 63.6 -> 42.5); with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32
+# 111.7 -> 75.5; 20 heads (GLM-style, 32 per program, where 4 warps spill registers and still win) B=16
+# 89.0 -> 47.1. Not measured, so on the old plan: head dims of 256, float32 (past shared memory), several
+# head blocks per kv head (DeepSeek-V3's 128 heads).
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
@@ -336,7 +337,7 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
                    and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
-    if head_dim_v >= ATTN_WIDE_MIN_DV and block_h <= 16 and not long_splits and query_bytes <= 2:
+    if head_dim_v >= ATTN_WIDE_MIN_DV and head_blocks == 1 and not long_splits and query_bytes <= 2:
         tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=tiles, head_blocks=head_blocks,

@@ -82,6 +82,10 @@ BENCH_SCALED = {
     "bench_mla_scaled": ([4096, 2500], 64, 1, 16, 576, 512, True,
                          dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
                               local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
+    # GLM-style MLA: 20 heads on the latent kv head (32 heads per program in the wide plans).
+    "bench_glm_scaled": ([4096, 2500, 777], 64, 1, 20, 576, 512, True,
+                         dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
+                              local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
 }
 CASES = dict(SMALL) if _INTERPRET else {**SMALL, **BENCH_SCALED}
 
@@ -471,12 +475,13 @@ def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
 
 
 def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
-    # MLA's latent rows (value 512 wide) with few (sequence, head block) groups: one 64-row tile per split,
-    # 4 warps, a 4-stage pipeline; with many groups the long splits stay. Exactness of this plan is checked
-    # by every test over the `small_mla_wide` case.
+    # MLA's latent rows (value 512 wide) with one head block per kv head (16 or GLM's 20 heads) and few
+    # (sequence, head block) groups: one 64-row tile per split, 4 warps, a 4-stage pipeline; with many
+    # groups the long splits stay. Exactness of this plan is checked by every test over the `small_mla_wide`
+    # case (and, compiled, `bench_glm_scaled`).
     sa = sparse_attention
-    for B, P in ((1, 2176), (16, 2176), (8, 300), (16, 37)):
-        plan = sa.attention_plan(B, 16, 1, P, 576, 512)
+    for B, P, H in ((1, 2176, 16), (16, 2176, 16), (8, 300, 16), (16, 37, 16), (16, 2176, 20), (1, 2176, 32)):
+        plan = sa.attention_plan(B, H, 1, P, 576, 512)
         assert (plan["BLOCK_N"], plan["SPLIT_LEN"], plan["num_warps"], plan["num_stages"]) == (
             sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_NUM_WARPS, sa.ATTN_WIDE_STAGES)
         assert plan["NUM_SPLITS"] == math.ceil(P / sa.ATTN_WIDE_BLOCK_N)
@@ -485,24 +490,25 @@ def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
     assert sa.attention_plan(8, 32, 8, 2176, 128, 128)["BLOCK_N"] == sa.ATTN_BLOCK_N  # GQA unchanged
     assert sa.attention_plan(8, 16, 4, 2176, 256, 256)["BLOCK_N"] == 32  # head dim 256: not measured, unchanged
     assert sa.attention_plan(16, 16, 1, 2176, 576, 512, query_bytes=4)["BLOCK_N"] == 32  # float32: unchanged
-    assert sa.attention_plan(16, 20, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 32 heads per program: unchanged
+    assert sa.attention_plan(1, 128, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 4 head blocks: not measured, unchanged
     assert sa.attention_plan(16, 16, 1, 2176, 320, 300)["BLOCK_N"] == 32  # 300 channels (padded to 512)
     monkeypatch.setattr(sa, "ATTN_WIDE_BLOCK_N", 32)
     assert sa.attention_plan(16, 16, 1, 2176, 576, 512)["NUM_SPLITS"] == 68
 
 
 def test_wide_keys_take_the_block_scorers_deep_pipeline():
-    # MLA's latent + rope keys (576 channels) with up to 16 heads per program and 16-bit queries: 64 blocks
-    # per program, a 4-stage pipeline over the key chunks; GQA, float32 queries, GLM-style groups of 20
-    # heads and 128-head MLA keep their tiles. Exactness of this plan is checked by every block-stage test
-    # over the `small_mla_wide` case.
+    # MLA's latent + rope keys (576 channels) with up to 32 heads per program (DeepSeek-V2-Lite's 16, GLM's
+    # 20) and 16-bit queries: 64 blocks per program, a 4-stage pipeline over the key chunks; GQA, float32
+    # queries and 128-head MLA keep their tiles. Exactness of this plan is checked by every block-stage test
+    # over the `small_mla_wide` case (and, compiled, `bench_glm_scaled`).
     bs = block_select
-    wide = bs.block_score_plan(16, 576)
-    assert (wide["BLOCK_J"], wide["num_stages"], wide["BLOCK_DK"]) == (
-        bs.BLOCK_SCORE_WIDE_TILE, bs.BLOCK_SCORE_WIDE_STAGES, bs.BLOCK_SCORE_DK)
+    for group in (16, 20):
+        wide = bs.block_score_plan(group, 576)
+        assert (wide["BLOCK_J"], wide["num_stages"], wide["BLOCK_DK"]) == (
+            bs.BLOCK_SCORE_WIDE_TILE, bs.BLOCK_SCORE_WIDE_STAGES, bs.BLOCK_SCORE_DK)
     assert bs.block_score_plan(4, 128) == dict(BLOCK_H=16, BLOCK_J=bs.BLOCK_SCORE_TILE, BLOCK_DK=bs.BLOCK_SCORE_DK,
                                                num_warps=bs.BLOCK_SCORE_WARPS, num_stages=bs.BLOCK_SCORE_STAGES)
-    for shape in ((16, 576, 4), (20, 576, 2), (16, 288, 2)):
+    for shape in ((16, 576, 4), (16, 288, 2)):
         assert bs.block_score_plan(*shape)["BLOCK_J"] == bs.BLOCK_SCORE_TILE, shape
     many = bs.block_score_plan(128, 576)
     assert (many["BLOCK_J"], many["num_warps"], many["BLOCK_H"]) == (32, 8, 128)

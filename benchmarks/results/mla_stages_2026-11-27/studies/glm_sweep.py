@@ -1,0 +1,50 @@
+"""GLM-style MLA (20 heads on one latent kv head, so 32 heads per program) launch sweep (GPU, no vLLM): the
+wide-row attention plan and the block scorer's wide-key plan both stop at 16 heads per program because
+nothing above was measured. Here, at B=16 and latent 576 / 512: (1) the attention split + merge over
+2,176 positions per sequence, each setting (one split of tiles x BLOCK_N x warps x stages) checked against
+the shipped plan; (2) the whole operator step at 32K with the block scorer's settings varied (the wide rule
+turned off so the module constants apply), positions compared with the shipped step's.
+Writes $OUT/glm_sweep.json."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "mla_fp8_2026-11-27", "studies"))
+sys.path.insert(0, HERE)
+import mla_attn_sweep as attn  # noqa: E402
+import mla_stage_sweep as stage  # noqa: E402
+
+from asynctls_tip_kernels import block_select  # noqa: E402
+
+HEADS = 20
+
+
+def main():
+    attn.H = HEADS
+    rows = [dict(part="attention", **attn.run(16, False, None))]
+    print(rows[-1], flush=True)
+    for setting in itertools.product((1,), (32, 64), (4, 8), (2, 3, 4)):
+        rows.append(dict(part="attention", **attn.run(16, False, setting)))
+        r = rows[-1]
+        print(f"attention {setting}: {r.get('us', float('nan')):.1f} us err {r.get('max_err_vs_shipped')} "
+              f"{r.get('error', '')[:80]}", flush=True)
+    stage.H = HEADS
+    stage.FAMILIES.pop("token")
+    stage.FAMILIES["block"] = (block_select, stage.FAMILIES["block"][1],
+                               list(itertools.product((32, 64, 128), (64,), (2, 3, 4), (4, 8))))
+    block_select.BLOCK_SCORE_WIDE_MIN_DK = 1 << 30
+    rows += [dict(part="step", **r) for r in stage.sweep_context(32768)]
+    with open(os.path.join(os.environ.get("OUT", "."), "glm_sweep.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), heads=HEADS, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
