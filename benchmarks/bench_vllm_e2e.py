@@ -42,7 +42,8 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     re-initialises the loaded model in place before the first prompt (`LLM.apply_model`: matrices and
     embeddings N(0, 0.02), norm weights 1), so q.k / sqrt(d) is of order one and the selection is real.
     `--model-shapes deepseek-v2-lite`: the same for an MLA model (DeepSeek-V2-Lite's attention, dense MLPs)
-    against vLLM's default MLA backend (FLASH_ATTN_MLA on an H100 / H200).
+    against vLLM's default MLA backend (FLASH_ATTN_MLA on an H100 / H200); `glm-4.7-flash`: GLM-4.7-Flash's
+    attention (20 heads on the latent, 47 layers), dense MLPs, likewise.
 """
 
 from __future__ import annotations
@@ -113,7 +114,33 @@ def deepseek_v2_lite_config_dir(root: Path, max_positions: int) -> Path:
     return folder
 
 
-THROUGHPUT_MODELS = {"qwen3-8b": qwen3_8b_config_dir, "deepseek-v2-lite": deepseek_v2_lite_config_dir}
+def glm_4_7_flash_config_dir(root: Path, max_positions: int) -> Path:
+    """config.json of GLM-4.7-Flash's attention shapes (MLA: 20 heads, latent 512 + rope 64, nope 192, v 256,
+    q_lora_rank 768, 47 layers, hidden 2,048; from its config.json) in vLLM's DeepSeek-V3 architecture (the
+    same MLA layers as its own `Glm4MoeLiteForCausalLM`, which needs a MoE layer; transformers' DeepSeek-V2
+    config refuses 20 heads on a hidden size of 2,048), with every MLP dense at 7,680 wide (its 4 active
+    experts and 1 shared expert of 1,536: the vLLM kit on the GPU machine lacks vLLM's MoE kernels); no
+    weights: vLLM's dummy load format."""
+    folder = root / "glm-4.7-flash-shapes"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 2048,
+        "intermediate_size": 7680, "moe_intermediate_size": 1536, "num_hidden_layers": 47,
+        "num_attention_heads": 20, "num_key_value_heads": 20, "n_routed_experts": 64, "n_shared_experts": 1,
+        "num_experts_per_tok": 4, "first_k_dense_replace": 47, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
+        "topk_method": "greedy", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+        "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64,
+        "v_head_dim": 256, "vocab_size": 154880, "max_position_embeddings": max_positions, "rope_theta": 1000000.0,
+        "rope_scaling": None, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+THROUGHPUT_MODELS = {"qwen3-8b": qwen3_8b_config_dir, "deepseek-v2-lite": deepseek_v2_lite_config_dir,
+                     "glm-4.7-flash": glm_4_7_flash_config_dir}
 
 
 def small_model_dir(root: Path) -> Path:

@@ -40,3 +40,22 @@ def test_check_runs_are_compared_with_vllms_backend_on_the_same_cache():
     assert ref("mla_asynctls_cover") == ref("mla_triton_fp8") == ref("mla_triton_kv_bf16") == "mla_triton"
     assert ref("mla_asynctls_256_fp8") == "mla_triton_fp8"
     assert ref("mla_asynctls_cover_fp8_scaled") == "mla_triton_fp8_scaled"
+
+
+def test_throughput_model_shapes_load_as_transformers_configs(tmp_path):
+    # Each shape model is a config.json vLLM loads with dummy weights; transformers must read it as the
+    # architecture it names, with the attention shapes the rows quote (KV bytes from the latent for MLA).
+    from transformers import AutoConfig
+
+    want = {"qwen3-8b": (36, 32, 8 * 128 * 2 * 2), "deepseek-v2-lite": (27, 16, 576 * 2),
+            "glm-4.7-flash": (47, 20, 576 * 2)}
+    assert set(bench_vllm_e2e.THROUGHPUT_MODELS) == set(want)
+    for name, make in bench_vllm_e2e.THROUGHPUT_MODELS.items():
+        folder = make(tmp_path, 131072)
+        cfg = AutoConfig.from_pretrained(folder)
+        layers, heads, per_layer = want[name]
+        assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.max_position_embeddings) == (layers, heads, 131072)
+        raw = json.loads((folder / "config.json").read_text())
+        assert bench_vllm_e2e.kv_bytes_per_token(raw) == layers * per_layer, name
+    glm = AutoConfig.from_pretrained(tmp_path / "glm-4.7-flash-shapes")
+    assert (glm.qk_nope_head_dim, glm.qk_rope_head_dim, glm.v_head_dim, glm.q_lora_rank) == (192, 64, 256, 768)
