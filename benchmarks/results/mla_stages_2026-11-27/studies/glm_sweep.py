@@ -4,13 +4,14 @@ nothing above was measured. Here, at B=16 and latent 576 / 512: (1) the attentio
 2,176 positions per sequence, each setting (one split of tiles x BLOCK_N x warps x stages) checked against
 the shipped plan; (2) the whole operator step at 32K with the block scorer's settings varied (the wide rule
 turned off so the module constants apply), positions compared with the shipped step's.
-Writes $OUT/glm_sweep.json."""
+`HEADS=128` in the environment (prepared, not yet run) sweeps DeepSeek-V3's 128 heads instead (4 head blocks:
+the wide plans do not apply there), batch `BATCH` (default 16). Writes $OUT/glm_sweep.json (glm_sweep_{HEADS}_b{BATCH}.json
+for other settings)."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import sys
 
@@ -24,26 +25,28 @@ import mla_stage_sweep as stage  # noqa: E402
 
 from asynctls_tip_kernels import block_select  # noqa: E402
 
-HEADS = 20
+HEADS = int(os.environ.get("HEADS", 20))
+BATCH = int(os.environ.get("BATCH", 16))
 
 
 def main():
     attn.H = HEADS
-    rows = [dict(part="attention", **attn.run(16, False, None))]
+    rows = [dict(part="attention", **attn.run(BATCH, False, None))]
     print(rows[-1], flush=True)
     for setting in itertools.product((1,), (32, 64), (4, 8), (2, 3, 4)):
-        rows.append(dict(part="attention", **attn.run(16, False, setting)))
+        rows.append(dict(part="attention", **attn.run(BATCH, False, setting)))
         r = rows[-1]
         print(f"attention {setting}: {r.get('us', float('nan')):.1f} us err {r.get('max_err_vs_shipped')} "
               f"{r.get('error', '')[:80]}", flush=True)
-    stage.H = HEADS
+    stage.H, stage.B = HEADS, BATCH
     stage.FAMILIES.pop("token")
     stage.FAMILIES["block"] = (block_select, stage.FAMILIES["block"][1],
                                list(itertools.product((32, 64, 128), (64,), (2, 3, 4), (4, 8))))
     block_select.BLOCK_SCORE_WIDE_MIN_DK = 1 << 30
     rows += [dict(part="step", **r) for r in stage.sweep_context(32768)]
-    with open(os.path.join(os.environ.get("OUT", "."), "glm_sweep.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), heads=HEADS, rows=rows), f, indent=1)
+    name = "glm_sweep.json" if (HEADS, BATCH) == (20, 16) else f"glm_sweep_{HEADS}_b{BATCH}.json"
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), heads=HEADS, batch=BATCH, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
