@@ -1,12 +1,12 @@
-"""GLM-style MLA (20 heads on one latent kv head, so 32 heads per program) launch sweep (GPU, no vLLM): the
-wide-row attention plan and the block scorer's wide-key plan both stop at 16 heads per program because
-nothing above was measured. Here, at B=16 and latent 576 / 512: (1) the attention split + merge over
-2,176 positions per sequence, each setting (one split of tiles x BLOCK_N x warps x stages) checked against
-the shipped plan; (2) the whole operator step at 32K with the block scorer's settings varied (the wide rule
-turned off so the module constants apply), positions compared with the shipped step's.
-`HEADS=128` in the environment (prepared, not yet run) sweeps DeepSeek-V3's 128 heads instead (4 head blocks:
-the wide plans do not apply there), batch `BATCH` (default 16). Writes $OUT/glm_sweep.json (glm_sweep_{HEADS}_b{BATCH}.json
-for other settings)."""
+"""GLM-style MLA (20 heads on one latent kv head, so 32 heads per program) launch sweep (GPU, no vLLM). Before
+it the wide-row attention plan and the block scorer's wide-key plan stopped at 16 heads per program (nothing
+above was measured); after it (2026-11-27) both apply up to 32. At B=16 and latent 576 / 512: (1) the
+attention split + merge over 2,176 positions per sequence, each setting (one split of tiles x BLOCK_N x warps
+x stages) checked against the shipped plan; (2) the whole operator step at 32K with the block scorer's
+settings varied (the wide rule turned off so the module constants apply), positions compared with the shipped
+step's. `HEADS=128` in the environment (prepared, not yet run) sweeps DeepSeek-V3's 128 heads instead (4 head
+blocks: the wide plans do not apply there), at batch `BATCH` (default 16). Writes $OUT/glm_sweep.json
+(glm_sweep_{HEADS}_b{BATCH}.json for other settings)."""
 
 from __future__ import annotations
 
