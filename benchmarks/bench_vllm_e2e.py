@@ -92,51 +92,49 @@ def qwen3_8b_config_dir(root: Path, max_positions: int) -> Path:
     return folder
 
 
-def deepseek_v2_lite_config_dir(root: Path, max_positions: int) -> Path:
-    """config.json of DeepSeek-V2-Lite's attention shapes (MLA: 16 heads, latent 512 + rope 64, 27 layers)
-    with every MLP dense at 10,944 wide (about its 8 active experts' 8 x 1,408: the vLLM kit on the GPU
-    machine lacks vLLM's MoE kernels); no weights: vLLM's dummy load format."""
-    folder = root / "deepseek-v2-lite-shapes"
+def _dense_mla_config_dir(root: Path, name: str, max_positions: int, **shapes) -> Path:
+    """config.json of an MLA model in vLLM's DeepSeek architecture with every layer's MLP dense
+    (`first_k_dense_replace` = all layers: the vLLM kit on the GPU machine lacks vLLM's MoE kernels), the
+    attention and MLP shapes from `shapes`; no weights: vLLM's dummy load format."""
+    folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
-        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
-        "num_experts_per_tok": 6, "first_k_dense_replace": 27, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
-        "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
-        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "vocab_size": 102400, "max_position_embeddings": max_positions, "rope_theta": 10000.0,
-        "rope_scaling": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 100000,
-        "eos_token_id": 100001,
+        "moe_layer_freq": 1, "n_group": 1, "topk_group": 1, "topk_method": "greedy", "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax", "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+        "max_position_embeddings": max_positions, "rope_scaling": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+        **shapes,
     }
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    cfg["first_k_dense_replace"] = cfg["num_hidden_layers"]
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder
+
+
+def deepseek_v2_lite_config_dir(root: Path, max_positions: int) -> Path:
+    """DeepSeek-V2-Lite's attention shapes (MLA: 16 heads, latent 512 + rope 64, 27 layers) with every MLP
+    dense at 10,944 wide (about its 8 active experts' 8 x 1,408)."""
+    return _dense_mla_config_dir(
+        root, "deepseek-v2-lite-shapes", max_positions,
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, norm_topk_prob=False, q_lora_rank=None, qk_nope_head_dim=128,
+        v_head_dim=128, vocab_size=102400, rope_theta=10000.0, rms_norm_eps=1e-6, bos_token_id=100000,
+        eos_token_id=100001)
 
 
 def glm_4_7_flash_config_dir(root: Path, max_positions: int) -> Path:
-    """config.json of GLM-4.7-Flash's attention shapes (MLA: 20 heads, latent 512 + rope 64, nope 192, v 256,
-    q_lora_rank 768, 47 layers, hidden 2,048; from its config.json) in vLLM's DeepSeek-V3 architecture (the
-    same MLA layers as its own `Glm4MoeLiteForCausalLM`, which needs a MoE layer; transformers' DeepSeek-V2
-    config refuses 20 heads on a hidden size of 2,048), with every MLP dense at 7,680 wide (its 4 active
-    experts and 1 shared expert of 1,536: the vLLM kit on the GPU machine lacks vLLM's MoE kernels); no
-    weights: vLLM's dummy load format."""
-    folder = root / "glm-4.7-flash-shapes"
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 2048,
-        "intermediate_size": 7680, "moe_intermediate_size": 1536, "num_hidden_layers": 47,
-        "num_attention_heads": 20, "num_key_value_heads": 20, "n_routed_experts": 64, "n_shared_experts": 1,
-        "num_experts_per_tok": 4, "first_k_dense_replace": 47, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
-        "topk_method": "greedy", "norm_topk_prob": True, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
-        "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64,
-        "v_head_dim": 256, "vocab_size": 154880, "max_position_embeddings": max_positions, "rope_theta": 1000000.0,
-        "rope_scaling": None, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
-        "eos_token_id": 1,
-    }
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
-    return folder
+    """GLM-4.7-Flash's attention shapes (MLA: 20 heads, latent 512 + rope 64, nope 192, v 256, q_lora_rank
+    768, 47 layers, hidden 2,048; from its config.json) in vLLM's DeepSeek-V3 architecture (the same MLA
+    layers as its own `Glm4MoeLiteForCausalLM`, which needs a MoE layer; transformers' DeepSeek-V2 config
+    refuses 20 heads on a hidden size of 2,048), with every MLP dense at 7,680 wide (its 4 active experts
+    and 1 shared expert of 1,536)."""
+    return _dense_mla_config_dir(
+        root, "glm-4.7-flash-shapes", max_positions,
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=2048, intermediate_size=7680,
+        moe_intermediate_size=1536, num_hidden_layers=47, num_attention_heads=20, n_routed_experts=64,
+        n_shared_experts=1, num_experts_per_tok=4, norm_topk_prob=True, q_lora_rank=768, qk_nope_head_dim=192,
+        v_head_dim=256, vocab_size=154880, rope_theta=1000000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1)
 
 
 THROUGHPUT_MODELS = {"qwen3-8b": qwen3_8b_config_dir, "deepseek-v2-lite": deepseek_v2_lite_config_dir,
