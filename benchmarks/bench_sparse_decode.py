@@ -124,7 +124,7 @@ def decode_write_ms(key_cache, table, seq_lens, index, config, layers: int = 1) 
     slots = table[torch.arange(len(pos), device=pos.device), pos // CACHE_BLOCK].long() * CACHE_BLOCK + pos % CACHE_BLOCK
     keys = key_cache.view(-1, *key_cache.shape[2:])[slots]
     ws = IndexWriteWorkspace(index.block_min.shape[0], index.block_min.shape[1], "cuda")
-    ms = stacked_time_ms([lambda c=c: write_index_triton(c, keys, slots, config, ws) for c in copies]) / layers
+    ms = stacked_time_ms([lambda c=c: write_index_triton(c, keys, slots, config, ws) for c in copies])  # per call
     del copies
     return ms
 

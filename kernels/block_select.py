@@ -45,7 +45,7 @@ BLOCK_SCORE_WARPS = 4
 BLOCK_SCORE_DK = 64  # key channels per step (< head dim: a pipelined loop over chunks)
 BLOCK_SCORE_STAGES = 2
 BLOCK_SCORE_MAXNREG = None  # register cap per thread for the block scorer (None: the compiler's choice)
-# Wide keys (MLA's latent + rope: at least BLOCK_SCORE_WIDE_MIN_DK = 512 channels, so 9 or more chunks of 64)
+# Wide keys (at least BLOCK_SCORE_WIDE_MIN_DK = 512 channels, 8 or more chunks of 64; MLA's latent + rope: 576, 9)
 # with up to 32 heads per program and 16-bit queries: 64 blocks per program and a 4-stage pipeline over the
 # chunks. H200, latent 576, B=16, the whole operator step from a CUDA graph (`benchmarks/RESULTS.md`,
 # 2026-11-27), positions unchanged: 16 heads (DeepSeek-V2-Lite) 32K 87.7 -> 80.4 us, 64K 92.0 -> 85.3 us; 20

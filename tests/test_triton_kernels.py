@@ -314,9 +314,8 @@ def test_block_selection_with_bound_weight_matches_reference(name, weight):
 def test_block_scores_of_tiles_past_the_sequence(monkeypatch, name, local_tokens):
     # vLLM's block table is as wide as the longest context the model allows and its batch is padded
     # with empty rows: tiles that start past a row's candidates write -inf without scoring. Tiles of
-    # 128 tokens over a table 40 columns wider than needed, one row padded (seq_len 0), one too short to
-    # have candidates, one whose only candidate in its second tile is that tile's first token, one
-    # ending well inside its second tile.
+    # 128 tokens over a table 40 columns wider than needed: row 0 padded (seq_len 0), row 2 with one
+    # candidate in its second tile, that tile's first token, and the case's other rows as built.
     c = build(name, seed=7)
     tile = 128 // c["config"].selection_block_size
     monkeypatch.setattr(block_select, "BLOCK_SCORE_TILE", tile)
@@ -485,7 +484,7 @@ def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
         assert (plan["BLOCK_N"], plan["SPLIT_LEN"], plan["num_warps"], plan["num_stages"]) == (
             sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_NUM_WARPS, sa.ATTN_WIDE_STAGES)
         assert plan["NUM_SPLITS"] == math.ceil(P / sa.ATTN_WIDE_BLOCK_N)
-    many_groups = sa.attention_plan(8, 128, 1, 2176, 576, 512)  # 128 heads: 8 head blocks per sequence
+    many_groups = sa.attention_plan(8, 128, 1, 2176, 576, 512)  # 128 heads: 4 head blocks per sequence
     assert many_groups["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and many_groups["BLOCK_N"] == 32
     assert sa.attention_plan(8, 32, 8, 2176, 128, 128)["BLOCK_N"] == sa.ATTN_BLOCK_N  # GQA unchanged
     assert sa.attention_plan(8, 16, 4, 2176, 256, 256)["BLOCK_N"] == 32  # head dim 256: not measured, unchanged
