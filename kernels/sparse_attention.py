@@ -60,6 +60,13 @@ ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
 ATTN_WIDE_STAGES = 4
+# The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
+# values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
+# past that (large budgets at small batches: 8K at B=1 gives 130 splits) it walks chunks of at most
+# MERGE_CHUNK_ELEMENTS. Compiled offline for sm_90 (4 warps): one 256 x 512 tile spills 3,872 bytes per
+# thread to the stack, a 128 x 512 one 128 bytes, chunks of 32 x 512 none (172 registers).
+MERGE_TILE_ELEMENTS = 32768
+MERGE_CHUNK_ELEMENTS = 16384
 
 
 def require_triton_device(op: str, *tensors: torch.Tensor) -> None:
@@ -285,7 +292,8 @@ def _sparse_attn_merge_kernel(
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # splits per tile: all of them (CHUNKS == 1), or a chunk
+    CHUNKS: tl.constexpr,  # tiles of BLOCK_S splits (more than one only past MERGE_TILE_ELEMENTS, see merge_plan)
     PDL: tl.constexpr,
 ):
     # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s; a head that saw no
@@ -296,24 +304,57 @@ def _sparse_attn_merge_kernel(
     b = pid // HQ
     h = pid % HQ
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < NUM_SPLITS
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < DV
-    m = tl.load(m_ptr + pid * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
-    l = tl.load(l_ptr + pid * NUM_SPLITS + offs_s, mask=s_mask, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)  # (BLOCK_S,)
-    acc = tl.load(
-        acc_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * DV + offs_dv[None, :],
-        mask=s_mask[:, None] & dv_mask[None, :],
-        other=0.0,
-    )
-    _pdl_trigger(PDL)
-    num = tl.sum(acc * w[:, None], axis=0)
-    den = tl.sum(l * w, axis=0)
+    if CHUNKS == 1:
+        s_mask = offs_s < NUM_SPLITS
+        m = tl.load(m_ptr + pid * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+        l = tl.load(l_ptr + pid * NUM_SPLITS + offs_s, mask=s_mask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_max)  # (BLOCK_S,)
+        acc = tl.load(
+            acc_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * DV + offs_dv[None, :],
+            mask=s_mask[:, None] & dv_mask[None, :],
+            other=0.0,
+        )
+        _pdl_trigger(PDL)
+        num = tl.sum(acc * w[:, None], axis=0)
+        den = tl.sum(l * w, axis=0)
+    else:
+        # Many splits (large budgets at small batches): two passes over chunks, so no tile holds every
+        # split's accumulator row.
+        m_run = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+        for c in range(CHUNKS):
+            s = c * BLOCK_S + offs_s
+            m_run = tl.maximum(m_run, tl.load(m_ptr + pid * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf")))
+        m_max = tl.max(m_run, axis=0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        num = tl.zeros((BLOCK_DV,), tl.float32)
+        den_run = tl.zeros((BLOCK_S,), tl.float32)
+        for c in range(CHUNKS):
+            s = c * BLOCK_S + offs_s
+            s_mask = s < NUM_SPLITS
+            w = tl.exp2(tl.load(m_ptr + pid * NUM_SPLITS + s, mask=s_mask, other=float("-inf")) - m_max)
+            den_run += tl.load(l_ptr + pid * NUM_SPLITS + s, mask=s_mask, other=0.0) * w
+            acc = tl.load(acc_ptr + (pid * NUM_SPLITS + s[:, None]) * DV + offs_dv[None, :],
+                          mask=s_mask[:, None] & dv_mask[None, :], other=0.0)
+            num += tl.sum(acc * w[:, None], axis=0)
+        _pdl_trigger(PDL)
+        den = tl.sum(den_run, axis=0)
     out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_dv * stride_od, out.to(out_ptr.dtype.element_ty), mask=dv_mask)
+
+
+def merge_plan(num_splits: int, head_dim_v: int) -> dict:
+    """Launch shape of the split merge: every split in one tile while it holds at most MERGE_TILE_ELEMENTS
+    accumulator values, else chunks of a power of two splits holding at most MERGE_CHUNK_ELEMENTS (one split
+    at least)."""
+    block_s, block_dv = triton.next_power_of_2(num_splits), triton.next_power_of_2(head_dim_v)
+    if block_s * block_dv <= MERGE_TILE_ELEMENTS:
+        return dict(BLOCK_S=block_s, CHUNKS=1)
+    block_s = 1 << (max(1, MERGE_CHUNK_ELEMENTS // block_dv).bit_length() - 1)
+    return dict(BLOCK_S=block_s, CHUNKS=triton.cdiv(num_splits, block_s))
 
 
 def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_positions: int, head_dim_k: int,
@@ -471,7 +512,7 @@ def sparse_attention_triton(
         workspace.m, workspace.l, workspace.acc, out,
         out.stride(0), out.stride(1), out.stride(2),
         HQ=Hq, DV=Dv, BLOCK_DV=plan["BLOCK_DV"], NUM_SPLITS=plan["NUM_SPLITS"],
-        BLOCK_S=triton.next_power_of_2(plan["NUM_SPLITS"]), **pdl,
+        **merge_plan(plan["NUM_SPLITS"], Dv), **pdl,
         num_warps=4,
     )
     return out

@@ -473,6 +473,35 @@ def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
                                rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("chunk_elements", [2 * 32, 4 * 32, 3 * 32])  # chunks of 2, 4 and (rounded down) 2 splits
+def test_many_splits_merge_in_chunks_and_equal_the_reference(monkeypatch, chunk_elements):
+    # Past MERGE_TILE_ELEMENTS accumulator values a head's splits merge in chunks (two passes), with
+    # padding, a head with nothing to attend, and splits of one tile each (short ones for one group).
+    B, Hkv, G, D, cbs, W, P = 2, 2, 2, 32, 16, 24, 270  # 9 splits of one 32-row tile
+    gen = torch.Generator().manual_seed(13)
+    table = torch.randperm(B * W + 1, generator=gen)[: B * W].view(B, W).to(torch.int32).to(DEVICE)
+    kc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
+    vc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE)
+    positions = torch.stack([torch.randperm(W * cbs, generator=gen)[:P] for _ in range(B * Hkv)]).view(B, Hkv, P)
+    positions[..., ::5] = -1
+    positions[1, 0] = -1
+    positions = positions.to(torch.int32).contiguous().to(DEVICE)
+    want = ref.sparse_attention(q, kc, vc, table, positions, 0.2)
+    plan = sparse_attention.attention_plan(B, Hkv * G, Hkv, P, D, D)
+    monkeypatch.setattr(sparse_attention, "MERGE_TILE_ELEMENTS", 2 * 32)
+    monkeypatch.setattr(sparse_attention, "MERGE_CHUNK_ELEMENTS", chunk_elements)
+    merge = sparse_attention.merge_plan(plan["NUM_SPLITS"], D)
+    assert merge["CHUNKS"] >= 2 and merge["BLOCK_S"] * merge["CHUNKS"] >= plan["NUM_SPLITS"], (plan, merge)
+    assert merge["BLOCK_S"] & (merge["BLOCK_S"] - 1) == 0 and plan["NUM_SPLITS"] % merge["BLOCK_S"]  # padded last
+    got = sparse_attention_triton(q, kc, vc, table, positions, 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not got[1, :G].any()  # kv head 0 of sequence 1 attends nothing: its q heads are zero
+    monkeypatch.undo()
+    assert sparse_attention.merge_plan(34, 512) == dict(BLOCK_S=64, CHUNKS=1)  # MLA, budget 2048: one tile
+    assert sparse_attention.merge_plan(130, 512) == dict(BLOCK_S=32, CHUNKS=5)  # MLA, budget 8K at B=1
+
+
 def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
     # MLA's latent rows (value 512 wide) with one head block per kv head (16 or GLM's 20 heads) and few
     # (sequence, head block) groups: one 64-row tile per split, 4 warps, a 4-stage pipeline; with many
