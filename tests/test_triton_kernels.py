@@ -436,17 +436,25 @@ def test_sparse_attention_rejects_a_workspace_of_other_launch_settings(monkeypat
         sparse_attention_triton(q, kc, vc, bt, positions, c["scale"], workspace=ws)
 
 
-def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
-    # At least ATTN_LONG_SPLIT_MIN_GROUPS (sequence, kv head, head block) groups take fewer, longer splits
-    # with a deeper pipeline; fewer groups keep the short splits. Both equal the reference, with padding
-    # and a row with nothing to attend.
-    B, Hkv, G, D, cbs, W, P = 4, 8, 2, 32, 16, 40, 600
-    gen = torch.Generator().manual_seed(12)
+def random_position_lists(B, Hkv, G, D, cbs, W, P, seed):
+    """float32 query and paged K / V on DEVICE (a shuffled table of W blocks of `cbs` per sequence, one
+    block spare) and P distinct random positions per (sequence, kv head), int64 on the CPU for the caller
+    to pad."""
+    gen = torch.Generator().manual_seed(seed)
     table = torch.randperm(B * W + 1, generator=gen)[: B * W].view(B, W).to(torch.int32).to(DEVICE)
     kc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
     vc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
     q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE)
     positions = torch.stack([torch.randperm(W * cbs, generator=gen)[:P] for _ in range(B * Hkv)]).view(B, Hkv, P)
+    return q, kc, vc, table, positions
+
+
+def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
+    # At least ATTN_LONG_SPLIT_MIN_GROUPS (sequence, kv head, head block) groups take fewer, longer splits
+    # with a deeper pipeline; fewer groups keep the short splits. Both equal the reference, with padding
+    # and a row with nothing to attend.
+    B, Hkv, G, D, cbs, W, P = 4, 8, 2, 32, 16, 40, 600
+    q, kc, vc, table, positions = random_position_lists(B, Hkv, G, D, cbs, W, P, seed=12)
     positions[..., ::3] = -1
     positions[2] = -1
     positions = positions.to(torch.int32).contiguous().to(DEVICE)
@@ -478,12 +486,7 @@ def test_many_splits_merge_in_chunks_and_equal_the_reference(monkeypatch, chunk_
     # Past MERGE_TILE_ELEMENTS accumulator values a head's splits merge in chunks (two passes), with
     # padding, a head with nothing to attend, and splits of one tile each (short ones for one group).
     B, Hkv, G, D, cbs, W, P = 2, 2, 2, 32, 16, 24, 270  # 9 splits of one 32-row tile
-    gen = torch.Generator().manual_seed(13)
-    table = torch.randperm(B * W + 1, generator=gen)[: B * W].view(B, W).to(torch.int32).to(DEVICE)
-    kc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
-    vc = torch.randn(B * W + 1, cbs, Hkv, D, generator=gen).to(DEVICE)
-    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE)
-    positions = torch.stack([torch.randperm(W * cbs, generator=gen)[:P] for _ in range(B * Hkv)]).view(B, Hkv, P)
+    q, kc, vc, table, positions = random_position_lists(B, Hkv, G, D, cbs, W, P, seed=13)
     positions[..., ::5] = -1
     positions[1, 0] = -1
     positions = positions.to(torch.int32).contiguous().to(DEVICE)
