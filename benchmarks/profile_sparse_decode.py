@@ -13,6 +13,8 @@ token stage and the attention over the previous step's blocks (the per-kernel ti
 With --mla, the MLA operator instead (DeepSeek-V2-Lite latent 512 + rope 64, one kv head, --heads query
 heads, `SparseAttentionConfig.for_mla` at the same block settings); with --fp8 the cache is e4m3 with
 per-tensor scales (vLLM's `--kv-cache-dtype fp8`), and the row also gives the bytes a dense decode reads.
+The step's index write (one new key per sequence) is timed through both of the writer's launch plans in the
+same run: one pass (shipped for decode-sized calls) and the two claim kernels.
 
 Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--lagged]
        [--index-basis pca] [--mla [--heads 16]] [--fp8] [--out FILE]
@@ -28,7 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_sparse_decode import MLA, QWEN3_8B, decode_write_ms, graph_time_ms, paged_case
-from asynctls_tip_kernels import sparse_attention, sparse_decode
+from asynctls_tip_kernels import index_write, sparse_attention, sparse_decode
 from asynctls_tip_kernels.sparse_config import INDEX_BASES, SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
 
@@ -111,8 +113,19 @@ def main(argv=None) -> dict:
     row["kernels_us"] = kernel_times_us(step)  # without PDL: no kernel starts before the previous one ends
     if has_pdl:
         sparse_attention.USE_PDL = True
-    row["index_write_us"] = decode_write_ms(written_keys, table, seq_lens, index, config) * 1e3
-    row["index_write_us_per_layer_of_8"] = decode_write_ms(written_keys, table, seq_lens, index, config, layers=8) * 1e3
+    def write_us(layers):
+        return decode_write_ms(written_keys, table, seq_lens, index, config, layers=layers) * 1e3
+
+    row["index_write_us"] = write_us(1)
+    row["index_write_us_per_layer_of_8"] = write_us(8)
+    if hasattr(index_write, "ONE_PASS_MAX_TOKENS"):  # the claim kernels: the decode write before 2026-11-27
+        saved = index_write.ONE_PASS_MAX_TOKENS
+        index_write.ONE_PASS_MAX_TOKENS = 0
+        try:
+            row["index_write_claimed_us"] = write_us(1)
+            row["index_write_claimed_us_per_layer_of_8"] = write_us(8)
+        finally:
+            index_write.ONE_PASS_MAX_TOKENS = saved
     print(f"{row['device']}, B={a.batch}, context {a.context}, budget {a.budget}{', lagged' if a.lagged else ''}: whole step from a CUDA graph "
           f"{row.get('graph_us', float('nan')):.1f} us as shipped (PDL supported: {row.get('pdl_supported')}), "
           f"{row.get('graph_us_pdl_everywhere', float('nan')):.1f} us with PDL on every launch, "
@@ -121,6 +134,9 @@ def main(argv=None) -> dict:
         print(f"  {name[:60]:60s} {us:7.2f} us per launch")
     print(f"  the step's index write (one new key per sequence): {row['index_write_us']:.1f} us alone from a CUDA graph, "
           f"{row['index_write_us_per_layer_of_8']:.1f} us per layer with 8 layers' writes in one graph")
+    if "index_write_claimed_us" in row:
+        print(f"  the same write through the claim kernels (two launches): {row['index_write_claimed_us']:.1f} us "
+              f"alone, {row['index_write_claimed_us_per_layer_of_8']:.1f} us per layer of 8")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(row, f, indent=1)

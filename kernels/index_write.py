@@ -39,6 +39,9 @@ from .index_basis import rotate_keys_triton
 from .sparse_decode_reference import SUMMARY_QMAX, SUMMARY_TOL
 
 _INT32_MAX = 2147483647
+# Calls of at most this many tokens (decode steps) take `_index_write_one_pass_kernel`, one launch
+# without the claim buffer; longer ones (prefill) the claim kernels, whose scan is O(SBS) per block.
+ONE_PASS_MAX_TOKENS = 256
 
 
 @triton.jit
@@ -49,6 +52,140 @@ def _round_half_even(x):
     f_even = (f - 2.0 * tl.floor(f * 0.5)) == 0.0
     up = (d > 0.5) | ((d == 0.5) & (~f_even))
     return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _masked_if(mask, flag):
+    # mask & a scalar flag; `!= 0` because Triton's interpreter turns that `&` into int32, which it
+    # refuses as a store mask.
+    return (mask & flag) != 0
+
+
+@triton.jit
+def _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, block, off, valid,
+                       stride_kh, stride_kd, stride_kn,
+                       stride_cb, stride_ct, stride_ch, stride_cc,
+                       stride_sb, stride_st, stride_sh,
+                       HKV: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_C: tl.constexpr, STORE_DTYPE: tl.constexpr):
+    # scale = max_c |k_c| / qmax; q_c = clamp(rne(k_c / scale), -qmax, qmax) (scale 0 -> divide by 1);
+    # stored_c = q_c + qmax + 1; 4 bits: byte i = stored_{2i} | stored_{2i+1} << 4. Stores only if `valid`.
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    h_mask = offs_h < HKV
+    key_row = key_ptr + i64 * stride_kn + offs_h[:, None] * stride_kh
+    code_row = codes_ptr + block * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch
+    if BITS == 4:
+        m = h_mask[:, None] & (offs_c[None, :] < C // 2)
+        ch_e = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :], mask=m, other=0)
+        ch_o = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :] + 1, mask=m, other=0)
+        x_e = tl.load(key_row + ch_e * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+        x_o = tl.load(key_row + ch_o * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x_e), axis=1), tl.max(tl.abs(x_o), axis=1))
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+        safe = tl.where(scale > 0, scale, 1.0)
+        q_e = _round_half_even(tl.math.div_rn(x_e, safe[:, None]))
+        q_o = _round_half_even(tl.math.div_rn(x_o, safe[:, None]))
+        s_e = (tl.minimum(tl.maximum(q_e, -QMAX), QMAX) + (QMAX + 1)).to(tl.int32)
+        s_o = (tl.minimum(tl.maximum(q_o, -QMAX), QMAX) + (QMAX + 1)).to(tl.int32)
+        byte = (s_e | (s_o << 4)).to(tl.uint8)
+        tl.store(code_row + offs_c[None, :] * stride_cc, byte, mask=_masked_if(m, valid))
+    else:
+        m = h_mask[:, None] & (offs_c[None, :] < C)
+        ch = tl.load(ch_ptr + offs_h[:, None] * C + offs_c[None, :], mask=m, other=0)
+        x = tl.load(key_row + ch * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+        safe = tl.where(scale > 0, scale, 1.0)
+        q = _round_half_even(tl.math.div_rn(x, safe[:, None]))
+        stored = (tl.minimum(tl.maximum(q, -QMAX), QMAX) + (QMAX + 1)).to(tl.uint8)
+        tl.store(code_row + offs_c[None, :] * stride_cc, stored, mask=_masked_if(m, valid))
+    tl.store(scales_ptr + block * stride_sb + off * stride_st + offs_h * stride_sh, scale,
+             mask=_masked_if(h_mask, valid))
+
+
+@triton.jit
+def _flat_key_layout(stride_kh, stride_kd, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    # Keys are folded as flat (BLOCK_H * BLOCK_D,) rows, head-major with each head padded to BLOCK_D, so a
+    # reshape gives the (BLOCK_H, BLOCK_D) tiles of the requantisation: (offsets in a key row, mask).
+    offs_f = tl.arange(0, BLOCK_H * BLOCK_D)
+    f_mask = ((offs_f // BLOCK_D) < HKV) & ((offs_f % BLOCK_D) < D)
+    f_off = (offs_f // BLOCK_D) * stride_kh + (offs_f % BLOCK_D) * stride_kd
+    return f_off, f_mask
+
+
+@triton.jit
+def _fold_group_keys(key_ptr, slot_ptr, j0, lo, hi, N, group, after, f_off, f_mask, flat_min, flat_max,
+                     stride_kn, SBS: tl.constexpr, KEY_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Min / max into the flat rows of the keys of tokens j0 + [lo, hi) (BLOCK_T at a time) whose slot is
+    # in selection block `group` and whose index is past `after`.
+    for t0 in range((lo // BLOCK_T) * BLOCK_T, hi, BLOCK_T):
+        offs_t = j0 + t0 + tl.arange(0, BLOCK_T)
+        s_t = tl.load(slot_ptr + offs_t, mask=offs_t < N, other=-1)
+        m_t = (s_t >= 0) & (s_t // SBS == group) & (offs_t > after)  # (BLOCK_T,)
+        k = tl.load(key_ptr + offs_t[:, None].to(tl.int64) * stride_kn + f_off[None, :],
+                    mask=m_t[:, None] & f_mask[None, :], other=0.0)  # (BLOCK_T, BLOCK_H * BLOCK_D)
+        k = k.to(KEY_DTYPE).to(tl.float32)
+        flat_min = tl.minimum(flat_min, tl.min(tl.where(m_t[:, None], k, float("inf")), axis=0))
+        flat_max = tl.maximum(flat_max, tl.max(tl.where(m_t[:, None], k, float("-inf")), axis=0))
+    return flat_min, flat_max
+
+
+@triton.jit
+def _load_old_summary(group, bmin_ptr, bmax_ptr, bscale_ptr, HKV: tl.constexpr, D: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The stored summary of selection block `group`, dequantised: (BLOCK_H, BLOCK_D) float32 min, max.
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < HKV
+    hd_mask = h_mask[:, None] & (offs_d[None, :] < D)
+    row = group * (HKV * D) + offs_h[:, None] * D + offs_d[None, :]
+    old_scale = tl.load(bscale_ptr + group * HKV + offs_h, mask=h_mask, other=0.0)
+    old_min = tl.load(bmin_ptr + row, mask=hd_mask, other=0).to(tl.float32) * old_scale[:, None]
+    old_max = tl.load(bmax_ptr + row, mask=hd_mask, other=0).to(tl.float32) * old_scale[:, None]
+    return old_min, old_max
+
+
+@triton.jit
+def _store_summary(flat_min, flat_max, old_min, old_max, reset, group, write, bmin_ptr, bmax_ptr, bscale_ptr,
+                   HKV: tl.constexpr, D: tl.constexpr, TOL: tl.constexpr, QMAX: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # For selection block G, over the call's tokens T_G in G (folded into flat_min / flat_max), per kv head:
+    #   min_G = min_{t in T_G} k_t                   if `reset` (some t in T_G has offset % SBS == 0),
+    #         = min(code_min_G * scale_G, min_t k_t)  otherwise (max alike; old_* hold the stored summary);
+    #   amax = max_d max(|min_d|, |max_d|); scale = amax / 127, one float32 step up if 127 * scale < amax;
+    #   safe = scale or 1 when 0;
+    #   code_min = floor(min / safe + TOL), minus 1 if code_min * scale > min;
+    #   code_max = ceil(max / safe - TOL), plus 1 if code_max * scale < max; both clamped to [-127, 127]
+    # with ceil(x) = -floor(-x). Each product is compared as it is (no add after it, so no fused
+    # multiply-add). Summaries are (G, Hkv, D) rows: contiguous, so no strides. Stores only if `write`.
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < HKV
+    hd_mask = h_mask[:, None] & (offs_d[None, :] < D)  # (BLOCK_H, BLOCK_D)
+    cur_min = tl.reshape(flat_min, (BLOCK_H, BLOCK_D))
+    cur_max = tl.reshape(flat_max, (BLOCK_H, BLOCK_D))
+    if reset == 0:
+        cur_min = tl.minimum(cur_min, old_min)
+        cur_max = tl.maximum(cur_max, old_max)
+    amax = tl.max(tl.where(hd_mask, tl.maximum(tl.abs(cur_min), tl.abs(cur_max)), 0.0), axis=1)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))  # (BLOCK_H,)
+    # nextafter(scale, inf) for scale >= 0: the next bit pattern up.
+    up = (scale.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+    scale = tl.where(scale * QMAX < amax, up, scale)
+    safe = tl.where(scale > 0, scale, 1.0)[:, None]
+    code_min = tl.floor(tl.math.div_rn(cur_min, safe) + TOL)
+    code_max = -tl.floor(-(tl.math.div_rn(cur_max, safe) - TOL))
+    code_min = tl.where(code_min * scale[:, None] > cur_min, code_min - 1.0, code_min)
+    code_max = tl.where(code_max * scale[:, None] < cur_max, code_max + 1.0, code_max)
+    code_min = tl.minimum(tl.maximum(code_min, -QMAX), QMAX)
+    code_max = tl.minimum(tl.maximum(code_max, -QMAX), QMAX)
+    row = group * (HKV * D) + offs_h[:, None] * D + offs_d[None, :]
+    tl.store(bmin_ptr + row, code_min.to(tl.int8), mask=_masked_if(hd_mask, write))
+    tl.store(bmax_ptr + row, code_max.to(tl.int8), mask=_masked_if(hd_mask, write))
+    tl.store(bscale_ptr + group * HKV + offs_h, scale, mask=_masked_if(h_mask, write))
 
 
 @triton.jit
@@ -71,48 +208,15 @@ def _index_codes_kernel(
     BLOCK_C: tl.constexpr,  # >= C // 2 for 4 bits, >= C for 8 bits
     STORE_DTYPE: tl.constexpr,  # the index's key dtype: the reference casts keys to it before quantising
 ):
-    # scale = max_c |k_c| / qmax; q_c = clamp(rne(k_c / scale), -qmax, qmax) (scale 0 -> divide by 1);
-    # stored_c = q_c + qmax + 1; 4 bits: byte i = stored_{2i} | stored_{2i+1} << 4.
     i = tl.program_id(0)
     slot = tl.load(slot_ptr + i)
     if slot >= 0:
-        block = slot // CBS
-        off = slot % CBS
         tl.atomic_min(claim_ptr + slot // SBS, i)
-        i64 = i.to(tl.int64)  # key offsets pass 2^31 elements for millions of tokens
         if BITS != 16:
-            QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
-            offs_h = tl.arange(0, BLOCK_H)
-            offs_c = tl.arange(0, BLOCK_C)
-            h_mask = offs_h < HKV
-            key_row = key_ptr + i64 * stride_kn + offs_h[:, None] * stride_kh
-            code_row = codes_ptr + block * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch
-            if BITS == 4:
-                m = h_mask[:, None] & (offs_c[None, :] < C // 2)
-                ch_e = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :], mask=m, other=0)
-                ch_o = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :] + 1, mask=m, other=0)
-                x_e = tl.load(key_row + ch_e * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
-                x_o = tl.load(key_row + ch_o * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
-                amax = tl.maximum(tl.max(tl.abs(x_e), axis=1), tl.max(tl.abs(x_o), axis=1))
-                scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
-                safe = tl.where(scale > 0, scale, 1.0)
-                q_e = _round_half_even(tl.math.div_rn(x_e, safe[:, None]))
-                q_o = _round_half_even(tl.math.div_rn(x_o, safe[:, None]))
-                s_e = (tl.minimum(tl.maximum(q_e, -QMAX), QMAX) + (QMAX + 1)).to(tl.int32)
-                s_o = (tl.minimum(tl.maximum(q_o, -QMAX), QMAX) + (QMAX + 1)).to(tl.int32)
-                byte = (s_e | (s_o << 4)).to(tl.uint8)
-                tl.store(code_row + offs_c[None, :] * stride_cc, byte, mask=m)
-            else:
-                m = h_mask[:, None] & (offs_c[None, :] < C)
-                ch = tl.load(ch_ptr + offs_h[:, None] * C + offs_c[None, :], mask=m, other=0)
-                x = tl.load(key_row + ch * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
-                amax = tl.max(tl.abs(x), axis=1)
-                scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
-                safe = tl.where(scale > 0, scale, 1.0)
-                q = _round_half_even(tl.math.div_rn(x, safe[:, None]))
-                stored = (tl.minimum(tl.maximum(q, -QMAX), QMAX) + (QMAX + 1)).to(tl.uint8)
-                tl.store(code_row + offs_c[None, :] * stride_cc, stored, mask=m)
-            tl.store(scales_ptr + block * stride_sb + off * stride_st + offs_h * stride_sh, scale, mask=h_mask)
+            i64 = i.to(tl.int64)  # key offsets pass 2^31 elements for millions of tokens
+            _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, slot // CBS, slot % CBS, slot >= 0,
+                               stride_kh, stride_kd, stride_kn, stride_cb, stride_ct, stride_ch, stride_cc,
+                               stride_sb, stride_st, stride_sh, HKV, C, BITS, BLOCK_H, BLOCK_C, STORE_DTYPE)
 
 
 @triton.jit
@@ -136,25 +240,14 @@ def _index_summary_kernel(
     BLOCK_SCAN: tl.constexpr,  # slots tested per scan step
     BLOCK_T: tl.constexpr,  # keys loaded per inner step
 ):
-    # For selection block G of this leader, over the call's tokens T_G in G, per kv head h:
-    #   min_G = min_{t in T_G} k_t                   if some t in T_G has offset % SBS == 0,
-    #         = min(code_min_G * scale_G, min_t k_t)  otherwise (max alike);
-    #   amax = max_d max(|min_d|, |max_d|); scale = amax / 127, one float32 step up if 127 * scale < amax;
-    #   safe = scale or 1 when 0;
-    #   code_min = floor(min / safe + TOL), minus 1 if code_min * scale > min;
-    #   code_max = ceil(max / safe - TOL), plus 1 if code_max * scale < max; both clamped to [-127, 127]
-    # with ceil(x) = -floor(-x). Each product is compared as it is (no add after it, so no fused
-    # multiply-add). Summaries are (G, Hkv, D) rows: contiguous, so no strides.
+    # The leader of each selection block (the claim) folds the block's new keys; `_store_summary` has the rule.
     i = tl.program_id(0)
     slot = tl.load(slot_ptr + i)
     if slot >= 0:
         group = slot // SBS
         if tl.load(claim_ptr + group) == i:
-            # The scan folds keys as flat (BLOCK_H * BLOCK_D,) rows, head-major with each head padded to
-            # BLOCK_D, so a reshape gives the (BLOCK_H, BLOCK_D) tiles of the requantisation.
-            offs_f = tl.arange(0, BLOCK_H * BLOCK_D)
-            f_mask = ((offs_f // BLOCK_D) < HKV) & ((offs_f % BLOCK_D) < D)
-            f_off = (offs_f // BLOCK_D) * stride_kh + (offs_f % BLOCK_D) * stride_kd
+            old_min, old_max = _load_old_summary(group, bmin_ptr, bmax_ptr, bscale_ptr, HKV, D, BLOCK_H, BLOCK_D)
+            f_off, f_mask = _flat_key_layout(stride_kh, stride_kd, HKV, D, BLOCK_H, BLOCK_D)
             flat_min = tl.full((BLOCK_H * BLOCK_D,), float("inf"), tl.float32)
             flat_max = tl.full((BLOCK_H * BLOCK_D,), float("-inf"), tl.float32)
             reset = 0
@@ -175,46 +268,57 @@ def _index_summary_kernel(
                     pos = tl.arange(0, BLOCK_SCAN)
                     lo = tl.min(tl.where(match, pos, BLOCK_SCAN), axis=0)
                     hi = tl.max(tl.where(match, pos, -1), axis=0) + 1
-                    for t0 in range((lo // BLOCK_T) * BLOCK_T, hi, BLOCK_T):
-                        offs_t = j0 + t0 + tl.arange(0, BLOCK_T)
-                        s_t = tl.load(slot_ptr + offs_t, mask=offs_t < N, other=-1)
-                        m_t = (s_t >= 0) & (s_t // SBS == group)  # (BLOCK_T,)
-                        k = tl.load(key_ptr + offs_t[:, None].to(tl.int64) * stride_kn + f_off[None, :],
-                                    mask=m_t[:, None] & f_mask[None, :], other=0.0)  # (BLOCK_T, BLOCK_H * BLOCK_D)
-                        k = k.to(KEY_DTYPE).to(tl.float32)
-                        flat_min = tl.minimum(flat_min, tl.min(tl.where(m_t[:, None], k, float("inf")), axis=0))
-                        flat_max = tl.maximum(flat_max, tl.max(tl.where(m_t[:, None], k, float("-inf")), axis=0))
+                    flat_min, flat_max = _fold_group_keys(key_ptr, slot_ptr, j0, lo, hi, N, group, i - 1, f_off,
+                                                          f_mask, flat_min, flat_max, stride_kn, SBS, KEY_DTYPE,
+                                                          BLOCK_T)
                 j0 += BLOCK_SCAN
-            offs_h = tl.arange(0, BLOCK_H)
-            offs_d = tl.arange(0, BLOCK_D)
-            h_mask = offs_h < HKV
-            hd_mask = h_mask[:, None] & (offs_d[None, :] < D)  # (BLOCK_H, BLOCK_D)
-            cur_min = tl.reshape(flat_min, (BLOCK_H, BLOCK_D))
-            cur_max = tl.reshape(flat_max, (BLOCK_H, BLOCK_D))
-            row = group * (HKV * D) + offs_h[:, None] * D + offs_d[None, :]  # (BLOCK_H, BLOCK_D)
-            scale_row = group * HKV + offs_h  # (BLOCK_H,)
-            if reset == 0:
-                old_scale = tl.load(bscale_ptr + scale_row, mask=h_mask, other=0.0)
-                old_min = tl.load(bmin_ptr + row, mask=hd_mask, other=0).to(tl.float32) * old_scale[:, None]
-                old_max = tl.load(bmax_ptr + row, mask=hd_mask, other=0).to(tl.float32) * old_scale[:, None]
-                cur_min = tl.minimum(cur_min, old_min)
-                cur_max = tl.maximum(cur_max, old_max)
-            amax = tl.max(tl.where(hd_mask, tl.maximum(tl.abs(cur_min), tl.abs(cur_max)), 0.0), axis=1)
-            scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))  # (BLOCK_H,)
-            # nextafter(scale, inf) for scale >= 0: the next bit pattern up.
-            up = (scale.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
-            scale = tl.where(scale * QMAX < amax, up, scale)
-            safe = tl.where(scale > 0, scale, 1.0)[:, None]
-            code_min = tl.floor(tl.math.div_rn(cur_min, safe) + TOL)
-            code_max = -tl.floor(-(tl.math.div_rn(cur_max, safe) - TOL))
-            code_min = tl.where(code_min * scale[:, None] > cur_min, code_min - 1.0, code_min)
-            code_max = tl.where(code_max * scale[:, None] < cur_max, code_max + 1.0, code_max)
-            code_min = tl.minimum(tl.maximum(code_min, -QMAX), QMAX)
-            code_max = tl.minimum(tl.maximum(code_max, -QMAX), QMAX)
-            tl.store(bmin_ptr + row, code_min.to(tl.int8), mask=hd_mask)
-            tl.store(bmax_ptr + row, code_max.to(tl.int8), mask=hd_mask)
-            tl.store(bscale_ptr + scale_row, scale, mask=h_mask)
+            _store_summary(flat_min, flat_max, old_min, old_max, reset, group, slot >= 0, bmin_ptr, bmax_ptr,
+                           bscale_ptr, HKV, D, TOL, QMAX, BLOCK_H, BLOCK_D)
             tl.store(claim_ptr + group, 2147483647)
+
+
+@triton.jit
+def _index_write_one_pass_kernel(
+    key_ptr, slot_ptr, ch_ptr, codes_ptr, scales_ptr, bmin_ptr, bmax_ptr, bscale_ptr,
+    N,  # int: new tokens in this call, at most BLOCK_N
+    stride_kn, stride_kh, stride_kd,
+    stride_cb, stride_ct, stride_ch, stride_cc,
+    stride_sb, stride_st, stride_sh,
+    HKV: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, CBS: tl.constexpr,
+    SBS: tl.constexpr, KEY_DTYPE: tl.constexpr, TOL: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # >= N: the whole call's slots in one tile
+    BLOCK_T: tl.constexpr,
+):
+    # Both kernels above in one launch for calls of at most BLOCK_N tokens (decode steps): a token leads
+    # its selection block if no earlier token of the call is in it (the claim's rule, read from the call's
+    # slots instead of an atomic). Branch-free, with every load that does not depend on the leader test
+    # (the token's own key, the stored summary) issued before it, so they overlap.
+    i = tl.program_id(0)
+    i64 = i.to(tl.int64)
+    slot = tl.load(slot_ptr + i)
+    valid = slot >= 0
+    slot = tl.where(valid, slot, 0)
+    group = slot // SBS
+    if BITS != 16:
+        _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, slot // CBS, slot % CBS, valid,
+                           stride_kh, stride_kd, stride_kn, stride_cb, stride_ct, stride_ch, stride_cc,
+                           stride_sb, stride_st, stride_sh, HKV, C, BITS, BLOCK_H, BLOCK_C, KEY_DTYPE)
+    f_off, f_mask = _flat_key_layout(stride_kh, stride_kd, HKV, D, BLOCK_H, BLOCK_D)
+    own = tl.load(key_ptr + i64 * stride_kn + f_off, mask=f_mask, other=0.0).to(KEY_DTYPE).to(tl.float32)
+    old_min, old_max = _load_old_summary(group, bmin_ptr, bmax_ptr, bscale_ptr, HKV, D, BLOCK_H, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    s_n = tl.load(slot_ptr + offs_n, mask=offs_n < N, other=-1)
+    same = (s_n >= 0) & (s_n // SBS == group)
+    leader = valid & (tl.sum((same & (offs_n < i)).to(tl.int32), axis=0) == 0)
+    later = same & (offs_n > i) & leader
+    reset = tl.max(((same & (offs_n >= i)) & (s_n % SBS == 0)).to(tl.int32), axis=0)
+    lo = tl.min(tl.where(later, offs_n, BLOCK_N), axis=0)
+    hi = tl.max(tl.where(later, offs_n, -1), axis=0) + 1
+    flat_min, flat_max = _fold_group_keys(key_ptr, slot_ptr, 0, lo, hi, N, group, i, f_off, f_mask, own, own,
+                                          stride_kn, SBS, KEY_DTYPE, BLOCK_T)
+    _store_summary(flat_min, flat_max, old_min, old_max, reset, group, leader, bmin_ptr, bmax_ptr, bscale_ptr,
+                   HKV, D, TOL, QMAX, BLOCK_H, BLOCK_D)
 
 
 class IndexWriteWorkspace:
@@ -267,7 +371,8 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     num_cache_blocks, per_block, Hkv, D = bmin.shape
     sbs = config.selection_block_size
     cbs = per_block * sbs
-    if workspace is None:
+    one_pass = N <= ONE_PASS_MAX_TOKENS
+    if workspace is None and not one_pass:
         workspace = IndexWriteWorkspace(num_cache_blocks, per_block, key.device)
     bits = config.index_bits
     C = index.channel_ids.shape[1]
@@ -278,27 +383,30 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
             raise ValueError(f"write_index: index_bits={bits} needs uint8 codes and float32 scales")
         cs, ss = codes.stride(), scales.stride()
     else:
-        codes = scales = workspace.claim  # unused pointers
+        codes = scales = bscale  # unused pointers
         cs, ss = (0, 0, 0, 0), (0, 0, 0)
     key_dtype = _TORCH_TO_TL[index.key_dtype]
+    block_h = max(2, triton.next_power_of_2(Hkv))
     block_c = max(2, triton.next_power_of_2(C // 2 if bits == 4 else C))
+    block_d = max(16, triton.next_power_of_2(D))
+    block_t = max(1, min(256, 8192 // (block_h * block_d)))  # keys loaded per step: 8 x 8 heads x 128
+    strides = (key.stride(0), key.stride(1), key.stride(2), *cs, *ss)
+    if one_pass:
+        _index_write_one_pass_kernel[(N,)](
+            key, slot_mapping, channel_ids, codes, scales, bmin, bmax, bscale, N, *strides,
+            HKV=Hkv, D=D, C=C, BITS=bits, CBS=cbs, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL,
+            QMAX=float(SUMMARY_QMAX), BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=block_t, num_warps=4,
+        )
+        return
     _index_codes_kernel[(N,)](
-        key, slot_mapping, channel_ids, codes, scales, workspace.claim,
-        key.stride(0), key.stride(1), key.stride(2),
-        cs[0], cs[1], cs[2], cs[3],
-        ss[0], ss[1], ss[2],
-        HKV=Hkv, C=C, BITS=bits, CBS=cbs, SBS=sbs,
-        BLOCK_H=max(2, triton.next_power_of_2(Hkv)), BLOCK_C=block_c,
-        STORE_DTYPE=key_dtype,
+        key, slot_mapping, channel_ids, codes, scales, workspace.claim, *strides,
+        HKV=Hkv, C=C, BITS=bits, CBS=cbs, SBS=sbs, BLOCK_H=block_h, BLOCK_C=block_c, STORE_DTYPE=key_dtype,
         num_warps=1 if Hkv * C <= 256 else 4,
     )
-    block_h = max(2, triton.next_power_of_2(Hkv))
-    block_d = max(16, triton.next_power_of_2(D))
     _index_summary_kernel[(N,)](
         key, slot_mapping, bmin, bmax, bscale, workspace.claim, N,
         key.stride(0), key.stride(1), key.stride(2),
         HKV=Hkv, D=D, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL, QMAX=float(SUMMARY_QMAX),
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_SCAN=256,
-        BLOCK_T=max(1, min(256, 8192 // (block_h * block_d))),  # keys loaded per step: 8 x 8 heads x 128
-        num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_SCAN=256, BLOCK_T=block_t, num_warps=4,
     )

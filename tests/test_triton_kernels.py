@@ -33,6 +33,7 @@ from asynctls_tip_kernels import sparse_decode_reference as ref  # noqa: E402
 from asynctls_tip_kernels import block_select  # noqa: E402
 from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
 from asynctls_tip_kernels.index_basis import rotate_triton  # noqa: E402
+from asynctls_tip_kernels import index_write  # noqa: E402
 from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
 from asynctls_tip_kernels import sparse_attention  # noqa: E402
 from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
@@ -165,8 +166,16 @@ def assert_same_summaries(gpu, want):
     assert torch.equal(gpu.block_max.cpu(), want.block_max)
 
 
+@pytest.fixture(params=["one_pass", "claimed"])
+def write_plan(request, monkeypatch):
+    """Each index write test runs through both launch plans of `write_index_triton` at every call size:
+    one pass (decode-sized calls) and the claim kernels (prefill-sized calls)."""
+    monkeypatch.setattr(index_write, "ONE_PASS_MAX_TOKENS", 1 << 30 if request.param == "one_pass" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_write_index_matches_reference(name):
+def test_write_index_matches_reference(name, write_plan):
     c = build(name, seed=1)
     config, index = c["config"], c["index"]
     # Prefill-like call: shuffled tokens, padding slots, over a junk-filled index (fresh copy).
@@ -187,7 +196,7 @@ def test_write_index_matches_reference(name):
     if fresh.codes is not None:
         assert torch.equal(gpu.scales.cpu(), fresh.scales)
         assert torch.equal(gpu.codes.cpu(), fresh.codes)
-    assert bool((ws.claim == torch.iinfo(torch.int32).max).all()), "claim buffer not released"
+    assert bool((ws.claim == torch.iinfo(torch.int32).max).all()), "claim buffer not released"  # or untouched
     # Decode-like call: one token per sequence, some starting a fresh selection block.
     seq_lens = c["seq_lens"].cpu()
     table = c["block_table"].cpu()
@@ -200,7 +209,7 @@ def test_write_index_matches_reference(name):
 
 
 @pytest.mark.parametrize("Hkv, Dk, dtype", [(1, 576, torch.bfloat16), (3, 40, torch.float16)])
-def test_write_index_summaries_odd_head_shapes(Hkv, Dk, dtype):
+def test_write_index_summaries_odd_head_shapes(Hkv, Dk, dtype, write_plan):
     # MLA's key width (not a power of two) and an odd head count: the writer's (heads, channels) tiles
     # are padded, so the per-head scale must only see real channels. Prefill with a split block, then
     # decode tokens that merge without growing the scale and tokens that grow it.
@@ -223,7 +232,7 @@ def test_write_index_summaries_odd_head_shapes(Hkv, Dk, dtype):
 
 
 @pytest.mark.parametrize("subnormal", [False, True], ids=["normal", "subnormal"])
-def test_write_index_summaries_bound_exactly(subnormal):
+def test_write_index_summaries_bound_exactly(subnormal, write_plan):
     # Adversarial summary rows (values at, beside and a fraction of TOL off code * scale products, the
     # extreme channel, 1e-30 .. 1e30, negative zeros, scales one float32 step up; subnormal keys and
     # scales in their own case) written as keys of selection blocks: the writer must store the
@@ -1149,7 +1158,7 @@ def test_rotate_equals_the_references_rotation(n, hq, hkv, d, dtype):
 
 
 @pytest.mark.parametrize("name", PCA_CASES)
-def test_write_index_with_a_basis_matches_reference(name):
+def test_write_index_with_a_basis_matches_reference(name, write_plan):
     # The writer rotates the keys into the basis (one launch), then writes as without a basis: the same
     # summaries and codes as the reference writing the keys so rotated.
     c = build(name, seed=2, basis=True)
