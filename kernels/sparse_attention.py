@@ -48,18 +48,23 @@ ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
 ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the compiler's choice)
-# Wide value rows (MLA's latent: at least ATTN_WIDE_MIN_DV = 512 channels) with one head block per kv head (at
-# most 32 heads), 16-bit queries and the short splits: one 64-row tile per split, 4 warps, 4 stages (which
-# pipeline the key chunks of the tile's dot), instead of 32-row tiles, 8 warps and 2 stages. H200, 2,176
-# positions, split + merge from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): 16 heads (DeepSeek-V2-Lite)
-# B=16 59.6 -> 41.8 us (fp8 cache 63.6 -> 42.5); with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32
-# 111.7 -> 75.5; 20 heads (GLM-style, 32 per program, where 4 warps spill registers and still win) B=16
-# 89.0 -> 47.1. Not measured, so on the old plan: head dims of 256, float32 (past shared memory), several
-# head blocks per kv head (DeepSeek-V3's 128 heads).
+# Wide value rows (MLA's latent: at least ATTN_WIDE_MIN_DV = 512 channels) with 16-bit queries: one 64-row tile
+# per split, 4 warps, 4 stages (which pipeline the key chunks of the tile's dot), instead of 32-row tiles, 8
+# warps and 2 stages (or the long splits). H200, 2,176 positions, split + merge from a CUDA graph
+# (`benchmarks/RESULTS.md`, 2026-11-27): 16 heads (DeepSeek-V2-Lite) B=16 59.6 -> 41.8 us (fp8 cache 63.6 ->
+# 42.5); with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32 111.7 -> 75.5 (against the long splits); 20
+# heads (GLM-style, 32 per program, where 4 warps spill registers and still win) B=16 89.0 -> 47.1; 128 heads
+# (DeepSeek-V3: 4 head blocks of 32) B=8 138.8 -> 85.2 (against the long splits). It applies with at most
+# ATTN_WIDE_MAX_HEAD_BLOCKS head blocks per kv head, and where the long splits would apply only up to
+# ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block) groups: both measured at 32 groups; past that the
+# wide plan's many splits also grow the split buffers (batch x heads x 34 splits x 512 floats at budget 2048).
+# Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more groups.
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
 ATTN_WIDE_STAGES = 4
+ATTN_WIDE_MAX_HEAD_BLOCKS = 4
+ATTN_WIDE_LONG_MAX_GROUPS = 32
 # The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
 # values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
 # past that (large budgets at small batches: 8K at B=1 gives 130 splits) it walks chunks of at most
@@ -378,7 +383,9 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
                    and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
-    if head_dim_v >= ATTN_WIDE_MIN_DV and head_blocks == 1 and not long_splits and query_bytes <= 2:
+    wide = (head_dim_v >= ATTN_WIDE_MIN_DV and query_bytes <= 2 and head_blocks <= ATTN_WIDE_MAX_HEAD_BLOCKS
+            and (not long_splits or programs <= ATTN_WIDE_LONG_MAX_GROUPS))
+    if wide:
         tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=tiles, head_blocks=head_blocks,

@@ -87,6 +87,10 @@ BENCH_SCALED = {
     "bench_glm_scaled": ([4096, 2500, 777], 64, 1, 20, 576, 512, True,
                          dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
                               local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
+    # DeepSeek-V3-style MLA: 128 heads (4 head blocks of 32 per kv head in the wide attention plan).
+    "bench_dsv3_scaled": ([4096, 777], 64, 1, 128, 576, 512, True,
+                          dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
+                               local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
 }
 CASES = dict(SMALL) if _INTERPRET else {**SMALL, **BENCH_SCALED}
 
@@ -515,25 +519,45 @@ def test_many_splits_merge_in_chunks_and_equal_the_reference(monkeypatch, chunk_
 
 
 def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
-    # MLA's latent rows (value 512 wide) with one head block per kv head (16 or GLM's 20 heads) and few
-    # (sequence, head block) groups: one 64-row tile per split, 4 warps, a 4-stage pipeline; with many
-    # groups the long splits stay. Exactness of this plan is checked by every test over the `small_mla_wide`
-    # case (and, compiled, `bench_glm_scaled`).
+    # MLA's latent rows (value 512 wide) with up to 4 head blocks per kv head (16, GLM's 20, DeepSeek-V3's 128
+    # heads) and at most 32 (sequence, head block) groups where the long splits would apply: one 64-row tile per
+    # split, 4 warps, a 4-stage pipeline; with more groups the long splits stay. Exactness of this plan is
+    # checked by every test over the `small_mla_wide` case, by the several-head-block test below and, compiled,
+    # over `bench_glm_scaled` and `bench_dsv3_scaled`.
     sa = sparse_attention
-    for B, P, H in ((1, 2176, 16), (16, 2176, 16), (8, 300, 16), (16, 37, 16), (16, 2176, 20), (1, 2176, 32)):
+    for B, P, H in ((1, 2176, 16), (16, 2176, 16), (32, 2176, 16), (8, 300, 16), (16, 37, 16), (16, 2176, 20),
+                    (1, 2176, 32), (1, 2176, 128), (8, 2176, 128), (64, 37, 16)):
         plan = sa.attention_plan(B, H, 1, P, 576, 512)
         assert (plan["BLOCK_N"], plan["SPLIT_LEN"], plan["num_warps"], plan["num_stages"]) == (
-            sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_NUM_WARPS, sa.ATTN_WIDE_STAGES)
+            sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_NUM_WARPS, sa.ATTN_WIDE_STAGES), (B, P, H)
         assert plan["NUM_SPLITS"] == math.ceil(P / sa.ATTN_WIDE_BLOCK_N)
-    many_groups = sa.attention_plan(8, 128, 1, 2176, 576, 512)  # 128 heads: 4 head blocks per sequence
-    assert many_groups["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and many_groups["BLOCK_N"] == 32
+    for B, H in ((16, 128), (64, 16), (48, 20)):  # more than 32 groups: the long splits stay
+        many_groups = sa.attention_plan(B, H, 1, 2176, 576, 512)
+        assert many_groups["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and many_groups["BLOCK_N"] == 32, (B, H)
+    assert sa.attention_plan(1, 256, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 8 head blocks: not measured
     assert sa.attention_plan(8, 32, 8, 2176, 128, 128)["BLOCK_N"] == sa.ATTN_BLOCK_N  # GQA unchanged
     assert sa.attention_plan(8, 16, 4, 2176, 256, 256)["BLOCK_N"] == 32  # head dim 256: not measured, unchanged
     assert sa.attention_plan(16, 16, 1, 2176, 576, 512, query_bytes=4)["BLOCK_N"] == 32  # float32: unchanged
-    assert sa.attention_plan(1, 128, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 4 head blocks: not measured, unchanged
     assert sa.attention_plan(16, 16, 1, 2176, 320, 300)["BLOCK_N"] == 32  # 300 channels (padded to 512)
     monkeypatch.setattr(sa, "ATTN_WIDE_BLOCK_N", 32)
     assert sa.attention_plan(16, 16, 1, 2176, 576, 512)["NUM_SPLITS"] == 68
+
+
+def test_wide_plan_over_several_head_blocks_equals_the_reference():
+    # More heads on the latent kv head than one program holds (40: two head blocks of 32, as DeepSeek-V3's
+    # 128 make four), bf16 rows 512 wide: the wide plan equals the reference, with padding and a short list.
+    B, Hkv, G, D, cbs, W, P = 2, 1, 40, 512, 16, 6, 70
+    q, kc, vc, table, positions = random_position_lists(B, Hkv, G, D, cbs, W, P, seed=14)
+    q, kc, vc = (t.to(torch.bfloat16) for t in (q, kc, vc))
+    positions[..., ::7] = -1
+    positions[1, 0, 20:] = -1
+    positions = positions.to(torch.int32).contiguous().to(DEVICE)
+    plan = sparse_attention.attention_plan(B, Hkv * G, Hkv, P, D, D)
+    assert plan["head_blocks"] == 2 and plan["BLOCK_N"] == sparse_attention.ATTN_WIDE_BLOCK_N, plan
+    want = ref.sparse_attention(q, kc, vc, table, positions, 0.05)
+    got = sparse_attention_triton(q, kc, vc, table, positions, 0.05)
+    tol = OUT_TOL[torch.bfloat16]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_wide_keys_take_the_block_scorers_deep_pipeline():

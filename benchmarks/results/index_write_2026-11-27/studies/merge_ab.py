@@ -27,10 +27,11 @@ CASES = [("mla", 1, 32768, 8192), ("mla", 1, 65536, 16384), ("gqa", 1, 65536, 81
          ("mla", 16, 32768, 2048)]
 
 
-def run(kind, B, L, budget):
+def build_step(kind, B, L, budget, heads=16):
+    """The whole operator step on a random paged case (`paged_case`): (step, shapes (B, Hq, Hkv, P, Dk, Dv))."""
     num_blocks = max(128, budget // 64)
     if kind == "mla":
-        Hq, Hkv, Dk, Dv = 16, 1, MLA["kv_lora_rank"] + MLA["rope_dim"], MLA["kv_lora_rank"]
+        Hq, Hkv, Dk, Dv = heads, 1, MLA["kv_lora_rank"] + MLA["rope_dim"], MLA["kv_lora_rank"]
         config = SparseAttentionConfig.for_mla(selection_block_size=64, num_blocks=num_blocks, token_budget=budget)
         scale = 1.0 / math.sqrt(192)
     else:
@@ -44,7 +45,12 @@ def run(kind, B, L, budget):
     def step():
         return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
 
-    plan = sparse_attention.attention_plan(B, Hq, Hkv, config.attended_tokens, Dk, Dv)
+    return step, (B, Hq, Hkv, config.attended_tokens, Dk, Dv)
+
+
+def run(kind, B, L, budget):
+    step, (B, Hq, Hkv, P, Dk, Dv) = build_step(kind, B, L, budget)
+    plan = sparse_attention.attention_plan(B, Hq, Hkv, P, Dk, Dv)
     row = dict(device=torch.cuda.get_device_name(), operator=kind, batch=B, context=L, budget=budget,
                splits=plan["NUM_SPLITS"], merge_plan=sparse_attention.merge_plan(plan["NUM_SPLITS"], Dv))
     saved = sparse_attention.MERGE_TILE_ELEMENTS
