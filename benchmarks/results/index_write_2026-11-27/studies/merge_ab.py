@@ -40,10 +40,14 @@ def build_step(kind, B, L, budget, heads=16):
         config = SparseAttentionConfig(selection_block_size=64, num_blocks=num_blocks, token_budget=budget)
         scale = 1.0 / math.sqrt(Dk)
     q, kc, vc, table, seq_lens, index = paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=kind == "mla", seed=1)
-    ws = SparseDecodeWorkspace(B, Hq, Hkv, Dk, Dv, table.shape[1], kc.shape[1], config, q.dtype, "cuda")
+    workspaces = {}
 
-    def step():
-        return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=ws)
+    def step():  # a workspace per attention plan (the plan sizes its split buffers)
+        plan = tuple(sorted(sparse_attention.attention_plan(B, Hq, Hkv, config.attended_tokens, Dk, Dv).items()))
+        if plan not in workspaces:
+            workspaces[plan] = SparseDecodeWorkspace(B, Hq, Hkv, Dk, Dv, table.shape[1], kc.shape[1], config, q.dtype,
+                                                     "cuda")
+        return sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale, workspace=workspaces[plan])
 
     return step, (B, Hq, Hkv, config.attended_tokens, Dk, Dv)
 
