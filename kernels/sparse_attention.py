@@ -54,17 +54,20 @@ ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the c
 # (`benchmarks/RESULTS.md`, 2026-11-27): 16 heads (DeepSeek-V2-Lite) B=16 59.6 -> 41.8 us (fp8 cache 63.6 ->
 # 42.5); with 3 stages B=1 19.1 -> 15.6, B=8 37.3 -> 29.4, B=32 111.7 -> 75.5 (against the long splits); 20
 # heads (GLM-style, 32 per program, where 4 warps spill registers and still win) B=16 89.0 -> 47.1; 128 heads
-# (DeepSeek-V3: 4 head blocks of 32) B=8 138.8 -> 85.2 (against the long splits). It applies with at most
-# ATTN_WIDE_MAX_HEAD_BLOCKS head blocks per kv head, and where the long splits would apply only up to
-# ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block) groups: both measured at 32 groups; past that the
-# wide plan's many splits also grow the split buffers (batch x heads x 34 splits x 512 floats at budget 2048).
+# (DeepSeek-V3: 4 head blocks of 32) B=8 138.8 -> 85.2 (against the long splits). Whole step at 32K, budget
+# 2048, against the long splits (`benchmarks/results/index_write_2026-11-27/attn_ab/`): 128 heads B=8 357.8 ->
+# 310.7 us, B=16 668.6 -> 570.9, B=32 1271.8 -> 1102.4; 16 heads B=32 164.3 -> 123.8, B=128 462.0 -> 405.7; 20
+# heads B=64 421.8 -> 280.6. It applies with at most ATTN_WIDE_MAX_HEAD_BLOCKS head blocks per kv head and, where
+# the long splits would apply, up to ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block) groups, the most
+# measured; the wide plan's 34 splits (budget 2048) also grow the split buffers to batch x heads x 34 x 512
+# floats (285 MB at 128 groups of 32 heads) where the long splits need 4 to 12.
 # Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more groups.
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
 ATTN_WIDE_STAGES = 4
 ATTN_WIDE_MAX_HEAD_BLOCKS = 4
-ATTN_WIDE_LONG_MAX_GROUPS = 32
+ATTN_WIDE_LONG_MAX_GROUPS = 128
 # The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
 # values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
 # past that (large budgets at small batches: 8K at B=1 gives 130 splits) it walks chunks of at most

@@ -520,18 +520,19 @@ def test_many_splits_merge_in_chunks_and_equal_the_reference(monkeypatch, chunk_
 
 def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
     # MLA's latent rows (value 512 wide) with up to 4 head blocks per kv head (16, GLM's 20, DeepSeek-V3's 128
-    # heads) and at most 32 (sequence, head block) groups where the long splits would apply: one 64-row tile per
-    # split, 4 warps, a 4-stage pipeline; with more groups the long splits stay. Exactness of this plan is
+    # heads) and at most 128 (sequence, head block) groups where the long splits would apply: one 64-row tile
+    # per split, 4 warps, a 4-stage pipeline; with more groups the long splits stay. Exactness of this plan is
     # checked by every test over the `small_mla_wide` case, by the several-head-block test below and, compiled,
     # over `bench_glm_scaled` and `bench_dsv3_scaled`.
     sa = sparse_attention
     for B, P, H in ((1, 2176, 16), (16, 2176, 16), (32, 2176, 16), (8, 300, 16), (16, 37, 16), (16, 2176, 20),
-                    (1, 2176, 32), (1, 2176, 128), (8, 2176, 128), (64, 37, 16)):
+                    (1, 2176, 32), (1, 2176, 128), (8, 2176, 128), (32, 2176, 128), (128, 2176, 16),
+                    (64, 2176, 20), (256, 37, 16)):
         plan = sa.attention_plan(B, H, 1, P, 576, 512)
         assert (plan["BLOCK_N"], plan["SPLIT_LEN"], plan["num_warps"], plan["num_stages"]) == (
             sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_BLOCK_N, sa.ATTN_WIDE_NUM_WARPS, sa.ATTN_WIDE_STAGES), (B, P, H)
         assert plan["NUM_SPLITS"] == math.ceil(P / sa.ATTN_WIDE_BLOCK_N)
-    for B, H in ((16, 128), (64, 16), (48, 20)):  # more than 32 groups: the long splits stay
+    for B, H in ((48, 128), (256, 16), (160, 20)):  # more than 128 groups: the long splits stay
         many_groups = sa.attention_plan(B, H, 1, 2176, 576, 512)
         assert many_groups["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and many_groups["BLOCK_N"] == 32, (B, H)
     assert sa.attention_plan(1, 256, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 8 head blocks: not measured

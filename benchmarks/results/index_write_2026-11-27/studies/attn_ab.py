@@ -1,9 +1,12 @@
 """The MLA attention's wide plan past one head block and past the long splits' threshold (GPU, no vLLM): the
-shipped rule (`sparse_attention.ATTN_WIDE_MAX_HEAD_BLOCKS` = 4, `ATTN_WIDE_LONG_MAX_GROUPS` = 32, 2026-11-27)
-against the rule before it (one head block, never where the long splits apply: the two constants at 1 and 0)
-in one run, MLA latent 576 / 512 at 32K, budget 2048, blocks of 64 x 128: the whole operator step from a CUDA
-graph, the split + merge kernels' eager device time, each plan, and the largest output difference. 128 heads
-at B=16 (64 groups: unchanged) is the control. Writes $OUT/attn_ab.json."""
+shipped rule (`sparse_attention.ATTN_WIDE_MAX_HEAD_BLOCKS` = 4, `ATTN_WIDE_LONG_MAX_GROUPS`) against the rule
+before it (one head block, never where the long splits apply: the two constants at 1 and 0) in one run, MLA
+latent 576 / 512 at 32K, budget 2048, blocks of 64 x 128: the whole operator step from a CUDA graph, the split
++ merge kernels' eager device time, each plan, and the largest output difference. Writes $OUT/attn_ab.json.
+
+Recorded (2026-11-27, `../attn_ab/`): `attn_ab.json` ran the first five cases with the groups limit at 32 (128
+heads at B=16, 64 groups, the unchanged control); `attn_ab_more_groups.json` the next five with the limit
+lifted, which set it to 128. Run as it is now, 128 heads at B=48 (192 groups) is the control."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from merge_ab import build_step, graph_time_ms, kernel_times_us  # noqa: E402
 
 from asynctls_tip_kernels import sparse_attention as sa  # noqa: E402
 
-CASES = [(128, 1), (128, 8), (16, 32), (20, 32), (128, 16)]  # (heads, batch)
+CASES = [(128, 1), (128, 8), (16, 32), (20, 32), (128, 16), (16, 64), (20, 64), (16, 128), (128, 32),
+         (128, 48)]  # (heads, batch)
 
 
 def run(heads, B):
