@@ -42,6 +42,10 @@ _INT32_MAX = 2147483647
 # Calls of at most this many tokens (decode steps) take `_index_write_one_pass_kernel`, one launch
 # without the claim buffer; longer ones (prefill) the claim kernels, whose scan is O(SBS) per block.
 ONE_PASS_MAX_TOKENS = 256
+# The one-pass kernel's launch: heads per tile at least ONE_PASS_MIN_BLOCK_H (1: MLA's one latent head is not
+# padded to two), ONE_PASS_WARPS warps.
+ONE_PASS_MIN_BLOCK_H = 1
+ONE_PASS_WARPS = 4
 
 
 @triton.jit
@@ -392,11 +396,13 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     block_t = max(1, min(256, 8192 // (block_h * block_d)))  # keys loaded per step: 8 x 8 heads x 128
     strides = (key.stride(0), key.stride(1), key.stride(2), *cs, *ss)
     if one_pass:
+        one_h = max(ONE_PASS_MIN_BLOCK_H, triton.next_power_of_2(Hkv))
         _index_write_one_pass_kernel[(N,)](
             key, slot_mapping, channel_ids, codes, scales, bmin, bmax, bscale, N, *strides,
             HKV=Hkv, D=D, C=C, BITS=bits, CBS=cbs, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL,
-            QMAX=float(SUMMARY_QMAX), BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
-            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=block_t, num_warps=4,
+            QMAX=float(SUMMARY_QMAX), BLOCK_H=one_h, BLOCK_C=block_c, BLOCK_D=block_d,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=max(1, min(256, 8192 // (one_h * block_d))),
+            num_warps=ONE_PASS_WARPS,
         )
         return
     _index_codes_kernel[(N,)](
