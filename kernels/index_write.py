@@ -26,6 +26,13 @@ Design
   loaded only between the first and the last match of each scan step: a decode call costs one key
   load per leader: 5.6 us per decode call on an H100, against 312 us when every step of the scan
   loaded keys as 3-D tiles (`benchmarks/RESULTS.md`, 2026-11-26).
+- `_index_write_one_pass_kernel` serves calls of at most ONE_PASS_MAX_TOKENS tokens (decode steps): both
+  kernels' work in one launch, without the claim buffer. The call's slots fit one tile, so a token leads
+  its selection block when no earlier token of the call is in it (the claim's rule, without the atomic and
+  the launch boundary). Every load that does not depend on that test (the token's own key, the stored
+  summary, the index channels) is issued before it, and the kernel is branch-free (non-leaders' stores
+  are masked), so the chain of dependent loads is the slot, then everything else. Per layer in a decode
+  graph on an H200 (RESULTS, 2026-11-27): MLA B=16 13.9 -> 6.0 us, GQA B=8 7.5 -> 3.9.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ _INT32_MAX = 2147483647
 # without the claim buffer; longer ones (prefill) the claim kernels, whose scan is O(SBS) per block.
 ONE_PASS_MAX_TOKENS = 256
 # The one-pass kernel's launch: heads per tile at least ONE_PASS_MIN_BLOCK_H (1: MLA's one latent head is not
-# padded to two), ONE_PASS_WARPS warps.
+# padded to two), ONE_PASS_WARPS warps. H200, one new key per sequence, per layer with 8 layers' writes in one
+# CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): MLA B=16 13.9 us (claim kernels) -> 10.0 (one pass, two
+# heads per tile) -> 6.0 (one head); GQA B=8 7.5 -> 3.9; 8 warps lose (7.1, 5.1).
 ONE_PASS_MIN_BLOCK_H = 1
 ONE_PASS_WARPS = 4
 
@@ -343,9 +352,9 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     reference's `write_index` bit for bit (int8 summary codes, their float32 `block_scale`, token
     codes and scales). Keys are cast to `index.key_dtype` first (and rotated by `index.basis` when set,
     by `index_basis.rotate_triton`: the reference's rotation up to float32 summation order). No host
-    synchronisation; padded
-    (negative) slots are skipped. `block_min` / `block_max` must be contiguous int8 and `block_scale`
-    contiguous float32, as `allocate_index` makes them."""
+    synchronisation; padded (negative) slots are skipped. `block_min` / `block_max` must be contiguous int8 and `block_scale`
+    contiguous float32, as `allocate_index` makes them. `workspace` holds the claim buffer of calls longer
+    than ONE_PASS_MAX_TOKENS (allocated here when None; pass one to keep allocations out of a graph)."""
     require_triton_device("write_index", key, index.block_min)
     bmin, bmax, bscale = index.block_min, index.block_max, index.block_scale
     if bmin.dtype != torch.int8 or bmax.dtype != torch.int8 or bscale.dtype != torch.float32:
