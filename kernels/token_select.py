@@ -31,8 +31,13 @@ from .sparse_decode_reference import group_temperature
 from .sparse_attention import _gathered_qk, _pdl_trigger, _pdl_wait, float32_dots, inline_asm_enabled, pdl_launch, require_triton_device
 
 # Launch tunables (measured on the H100, see benchmarks/bench_sparse_decode.py --sweep).
-TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 32 q heads)
+TOKEN_SCORE_TILE = 128  # candidates per program (group of <= 16 q heads)
 TOKEN_SCORE_WARPS = 4
+# Groups of 17-32 q heads (the dot's 32 rows; GLM's 20 heads on MLA's latent): 256 candidates, 8 warps. H200,
+# MLA step at 20 heads, B=16, 32K (`benchmarks/RESULTS.md`, 2026-11-27): 94.3-95.6 us at 128 x 4 -> 90.3;
+# at 16 heads the same setting gained 0.7 us (87.7 -> 87.0), so those keep 128 x 4.
+TOKEN_SCORE_TILE_32 = 256
+TOKEN_SCORE_WARPS_32 = 8
 WORD_SCORE_WARPS = 4  # word path: WORD_SCORE_SUB candidates per thread, 32 * warps * sub per program
 WORD_SCORE_SUB = 2
 WORD_SCORE_PAIRS = True  # word path: 64-bit code loads (two words) where the layout allows
@@ -362,8 +367,8 @@ def token_scores_triton(query, index, key_cache, block_table, seq_lens, block_id
              and codes.data_ptr() % 4 == 0)
     pairs = (WORD_SCORE_PAIRS and words and (C * bits // 32) % 2 == 0 and all(st % 8 == 0 for st in cs[:3])
              and codes.data_ptr() % 8 == 0)
-    block_t = TOKEN_SCORE_TILE if block_h <= 32 else 32
-    num_warps = TOKEN_SCORE_WARPS if block_h <= 32 else 8
+    block_t, num_warps = ((TOKEN_SCORE_TILE, TOKEN_SCORE_WARPS) if block_h <= 16 else
+                          (TOKEN_SCORE_TILE_32, TOKEN_SCORE_WARPS_32) if block_h <= 32 else (32, 8))
     if write_index_query and index_query is None:
         raise ValueError("token_scores: write_index_query=True needs the index_query buffer to write; got None")
     if words:
