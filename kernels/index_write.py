@@ -30,8 +30,8 @@ Design
   kernels' work in one launch, without the claim buffer. The call's slots fit one tile, so a token leads
   its selection block when no earlier token of the call is in it (the claim's rule, without the atomic and
   the launch boundary). Every load that does not depend on that test (the token's own key, the stored
-  summary, the index channels) is issued before it, and the kernel is branch-free (non-leaders' stores
-  are masked), so the chain of dependent loads is the slot, then everything else. Per layer in a decode
+  summary, the index channels) is issued before it, and no branch depends on it (non-leaders' stores are
+  masked), so the chain of dependent loads is the slot, then everything else. Per layer in a decode
   graph on an H200 (RESULTS, 2026-11-27): MLA B=16 13.9 -> 6.0 us, GQA B=8 7.5 -> 3.9.
 """
 
@@ -305,8 +305,9 @@ def _index_write_one_pass_kernel(
 ):
     # Both kernels above in one launch for calls of at most BLOCK_N tokens (decode steps): a token leads
     # its selection block if no earlier token of the call is in it (the claim's rule, read from the call's
-    # slots instead of an atomic). Branch-free, with every load that does not depend on the leader test
-    # (the token's own key, the stored summary) issued before it, so they overlap.
+    # slots instead of an atomic). No branch on the leader test (non-leaders' stores are masked), and every
+    # load that does not depend on it (the token's own key, the stored summary) is issued before it, so they
+    # overlap. Padded slots read selection block 0 (a negative one would address before the buffers).
     i = tl.program_id(0)
     i64 = i.to(tl.int64)
     slot = tl.load(slot_ptr + i)
@@ -352,8 +353,8 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     reference's `write_index` bit for bit (int8 summary codes, their float32 `block_scale`, token
     codes and scales). Keys are cast to `index.key_dtype` first (and rotated by `index.basis` when set,
     by `index_basis.rotate_triton`: the reference's rotation up to float32 summation order). No host
-    synchronisation; padded (negative) slots are skipped. `block_min` / `block_max` must be contiguous int8 and `block_scale`
-    contiguous float32, as `allocate_index` makes them. `workspace` holds the claim buffer of calls longer
+    synchronisation; padded (negative) slots are skipped. `block_min` / `block_max` must be contiguous int8
+    and `block_scale` contiguous float32, as `allocate_index` makes them. `workspace` holds the claim buffer of calls longer
     than ONE_PASS_MAX_TOKENS (allocated here when None; pass one to keep allocations out of a graph)."""
     require_triton_device("write_index", key, index.block_min)
     bmin, bmax, bscale = index.block_min, index.block_max, index.block_scale

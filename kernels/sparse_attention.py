@@ -38,7 +38,8 @@ ATTN_NUM_STAGES = 2
 # splits with a deeper software pipeline, so the three dependent loads of each tile (position, block table,
 # K/V rows) overlap across tiles. H100, budget 2048, per layer (`benchmarks/RESULTS.md`, 2026-11-26): B=8,
 # 64K: pipelined step 58.5 -> 57.2 us, standard 71.7 -> 71.2; B=32: 188.6 -> 180.1, 209.2 -> 199.8; MLA with
-# 128 heads (32 groups): 0.457 -> 0.390 ms. Fewer groups (B=1; MLA with 16 heads at B=8) keep the short
+# 128 heads (32 groups): 0.457 -> 0.390 ms (MLA's wide rows now take the wide plan below instead, up to 128
+# groups). Fewer groups (B=1; MLA with 16 heads at B=8) keep the short
 # splits: there the long ones were 1.2 us and 3% slower; so do lists too short for ATTN_LONG_SPLIT_MIN_TILES
 # tiles per long split (budget 512 at B=8: 20 tiles, 3 per split, about 0.6 us slower). ASYNCTLS_ATTN_LONG_SPLITS=0
 # in the environment turns them off (the short splits everywhere, as before 2026-11-26's thirteenth session).
@@ -59,15 +60,19 @@ ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the c
 # 310.7 us, B=16 668.6 -> 570.9, B=32 1271.8 -> 1102.4; 16 heads B=32 164.3 -> 123.8, B=128 462.0 -> 405.7; 20
 # heads B=64 421.8 -> 280.6. It applies with at most ATTN_WIDE_MAX_HEAD_BLOCKS head blocks per kv head and, where
 # the long splits would apply, up to ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block) groups, the most
-# measured; the wide plan's 34 splits (budget 2048) also grow the split buffers to batch x heads x 34 x 512
-# floats (285 MB at 128 groups of 32 heads) where the long splits need 4 to 12.
-# Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more groups.
+# measured. Its many splits (34 at budget 2048, where the long splits take 4 to 12) grow the float32 split
+# buffers to batch x heads x splits x 512: the plan stays below ATTN_WIDE_MAX_SPLIT_BYTES of them (the largest
+# measured, 285 MB at 128 groups of 32 heads). A server's decode workspace arena is sized for its largest batch
+# outside vLLM's KV-cache budget (like its CUDA graphs, from the memory `gpu_memory_utilization` leaves): at
+# budget 2048 and batches up to 512 it grows from 33 to 136 MiB for 16 heads and from 128 to 272 MiB for 128.
+# Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more groups or bytes.
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
 ATTN_WIDE_STAGES = 4
 ATTN_WIDE_MAX_HEAD_BLOCKS = 4
 ATTN_WIDE_LONG_MAX_GROUPS = 128
+ATTN_WIDE_MAX_SPLIT_BYTES = 288 * 2**20
 # The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
 # values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
 # past that (large budgets at small batches: 8K at B=1 gives 130 splits) it walks chunks of at most
@@ -386,10 +391,12 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
                    and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
+    wide_tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
     wide = (head_dim_v >= ATTN_WIDE_MIN_DV and query_bytes <= 2 and head_blocks <= ATTN_WIDE_MAX_HEAD_BLOCKS
-            and (not long_splits or programs <= ATTN_WIDE_LONG_MAX_GROUPS))
+            and (not long_splits or programs <= ATTN_WIDE_LONG_MAX_GROUPS)
+            and batch * num_q_heads * wide_tiles * head_dim_v * 4 <= ATTN_WIDE_MAX_SPLIT_BYTES)
     if wide:
-        tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
+        tiles = wide_tiles
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=tiles, head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
@@ -496,8 +503,11 @@ def sparse_attention_triton(
         raise ValueError(f"sparse_attention: workspace holds {tuple(workspace.acc.shape)} split buffers; this launch "
                          f"needs {(B, Hq, plan['NUM_SPLITS'], Dv)}: NUM_SPLITS={plan['NUM_SPLITS']} from "
                          f"ATTN_PROGRAMS_PER_SM={ATTN_PROGRAMS_PER_SM}, ATTN_BLOCK_N={ATTN_BLOCK_N}, "
-                         f"ATTN_WIDE_BLOCK_N={ATTN_WIDE_BLOCK_N} and a {query.dtype} query (a workspace built for "
-                         "other shapes, another query dtype or other launch settings)")
+                         f"ATTN_WIDE_BLOCK_N={ATTN_WIDE_BLOCK_N}, "
+                         f"ATTN_WIDE_MAX_HEAD_BLOCKS={ATTN_WIDE_MAX_HEAD_BLOCKS}, "
+                         f"ATTN_WIDE_LONG_MAX_GROUPS={ATTN_WIDE_LONG_MAX_GROUPS}, ATTN_WIDE_MAX_SPLIT_BYTES="
+                         f"{ATTN_WIDE_MAX_SPLIT_BYTES} and a {query.dtype} query (a workspace built for other "
+                         "shapes, another query dtype or other launch settings)")
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
     grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])

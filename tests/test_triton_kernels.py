@@ -212,6 +212,38 @@ def test_write_index_matches_reference(name, write_plan):
     assert_same_summaries(gpu, fresh)
 
 
+def test_write_index_takes_one_pass_up_to_its_limit():
+    # The writer's own dispatch: calls of at most ONE_PASS_MAX_TOKENS tokens take the one-pass kernel (the
+    # claim buffer untouched), one token more the claim kernels; both equal the reference, with padded slots
+    # far below zero (their selection block would be negative) and many tokens of one selection block.
+    S = 8
+    config = SparseAttentionConfig(selection_block_size=S, num_blocks=2, token_budget=16, sink_tokens=0,
+                                   local_tokens=0, index_channels=4, index_bits=4)
+    limit = index_write.ONE_PASS_MAX_TOKENS
+    gen = torch.Generator().manual_seed(21)
+    want = ref.allocate_index(2 * limit // 16 + 2, 16, 2, 16, config, torch.float32, "cpu")
+    fill_summaries_with_junk(want, gen)
+    got = copy_index(want, lambda t: t.to(DEVICE).clone())
+    ws = IndexWriteWorkspace(want.block_min.shape[0], want.block_min.shape[1], DEVICE)
+    start = 3  # the first call starts mid-block: its first block merges into the junk summary
+    for n, sentinel in ((limit, 7), (limit + 1, None)):
+        slots = torch.arange(start, start + n)
+        slots[torch.randperm(n, generator=gen)[:5]] = torch.tensor([-1, -3 * S - 1, -10**6, -S, -2])
+        keys = torch.randn(n, 2, 16, generator=gen)
+        if sentinel is not None:
+            ws.claim.fill_(sentinel)
+        ref.write_index(want, keys, slots, config)
+        write_index_triton(got, keys.to(DEVICE), slots.to(DEVICE), config, ws)
+        assert_same_summaries(got, want)
+        assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scales.cpu(), want.scales)
+        if sentinel is not None:  # one pass: the claim buffer is not used
+            assert bool((ws.claim == sentinel).all())
+            ws.claim.fill_(torch.iinfo(torch.int32).max)
+        else:  # the claim kernels: every claim released
+            assert bool((ws.claim == torch.iinfo(torch.int32).max).all())
+        start += n
+
+
 @pytest.mark.parametrize("Hkv, Dk, dtype", [(1, 576, torch.bfloat16), (3, 40, torch.float16)])
 def test_write_index_summaries_odd_head_shapes(Hkv, Dk, dtype, write_plan):
     # MLA's key width (not a power of two) and an odd head count: the writer's (heads, channels) tiles
@@ -536,6 +568,11 @@ def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
         many_groups = sa.attention_plan(B, H, 1, 2176, 576, 512)
         assert many_groups["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and many_groups["BLOCK_N"] == 32, (B, H)
     assert sa.attention_plan(1, 256, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 8 head blocks: not measured
+    with monkeypatch.context() as m:  # the long splits off: only the split buffers' bytes bound the wide plan
+        m.setenv("ASYNCTLS_ATTN_LONG_SPLITS", "0")
+        assert sa.attention_plan(32, 128, 1, 2176, 576, 512)["BLOCK_N"] == sa.ATTN_WIDE_BLOCK_N  # 285 MB
+        assert sa.attention_plan(64, 128, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 570 MB of split buffers
+        assert sa.attention_plan(1, 16, 1, 8 * 2176, 576, 512)["BLOCK_N"] == sa.ATTN_WIDE_BLOCK_N
     assert sa.attention_plan(8, 32, 8, 2176, 128, 128)["BLOCK_N"] == sa.ATTN_BLOCK_N  # GQA unchanged
     assert sa.attention_plan(8, 16, 4, 2176, 256, 256)["BLOCK_N"] == 32  # head dim 256: not measured, unchanged
     assert sa.attention_plan(16, 16, 1, 2176, 576, 512, query_bytes=4)["BLOCK_N"] == 32  # float32: unchanged
