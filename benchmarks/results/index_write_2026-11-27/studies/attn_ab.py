@@ -10,14 +10,13 @@ lifted, which set it to 128. Run as it is now, 128 heads at B=48 (192 groups) is
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from merge_ab import build_step, graph_time_ms, kernel_times_us  # noqa: E402
+from merge_ab import build_step, graph_time_ms, kernel_times_us, run_cases  # noqa: E402
 
 from asynctls_tip_kernels import sparse_attention as sa  # noqa: E402
 
@@ -47,16 +46,10 @@ def run(heads, B):
 
 
 def main():
-    rows = []
-    for case in CASES:
-        rows.append(run(*case))
-        r = rows[-1]
-        print(f"MLA {r['heads']} heads B={r['batch']}: step {r['before_step_us']:.1f} -> {r['shipped_step_us']:.1f} us, "
-              f"split + merge {r['before_attention_kernels_us']:.1f} -> {r['shipped_attention_kernels_us']:.1f} us; "
-              f"plans {r['before_plan']} -> {r['shipped_plan']}; max diff {r['max_abs_diff']:.2e}", flush=True)
-        torch.cuda.empty_cache()
-    with open(os.path.join(os.environ.get("OUT", "."), "attn_ab.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    run_cases(CASES, run, lambda r: (
+        f"MLA {r['heads']} heads B={r['batch']}: step {r['before_step_us']:.1f} -> {r['shipped_step_us']:.1f} us, "
+        f"split + merge {r['before_attention_kernels_us']:.1f} -> {r['shipped_attention_kernels_us']:.1f} us; "
+        f"plans {r['before_plan']} -> {r['shipped_plan']}; max diff {r['max_abs_diff']:.2e}"), "attn_ab.json")
 
 
 if __name__ == "__main__":

@@ -72,18 +72,23 @@ def run(kind, B, L, budget):
     return row
 
 
-def main():
+def run_cases(cases, run, describe, name):
+    """`run(*case)` for each case, printing `describe(row)`; the rows go to $OUT/`name`."""
     rows = []
-    for case in CASES:
+    for case in cases:
         rows.append(run(*case))
-        r = rows[-1]
-        print(f"{r['operator']} B={r['batch']} {r['context']} budget {r['budget']} ({r['splits']} splits, "
-              f"{r['merge_plan']}): step {r['shipped_step_us']:.1f} us shipped vs {r['one_tile_step_us']:.1f} one tile; "
-              f"merge kernel {r['shipped_merge_kernel_us']:.1f} vs {r['one_tile_merge_kernel_us']:.1f} us; "
-              f"max diff {r['max_abs_diff']:.2e}", flush=True)
+        print(describe(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    with open(os.path.join(os.environ.get("OUT", "."), "merge_ab.json"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(rows, f, indent=1)
+
+
+def main():
+    run_cases(CASES, run, lambda r: (
+        f"{r['operator']} B={r['batch']} {r['context']} budget {r['budget']} ({r['splits']} splits, "
+        f"{r['merge_plan']}): step {r['shipped_step_us']:.1f} us shipped vs {r['one_tile_step_us']:.1f} one tile; "
+        f"merge kernel {r['shipped_merge_kernel_us']:.1f} vs {r['one_tile_merge_kernel_us']:.1f} us; "
+        f"max diff {r['max_abs_diff']:.2e}"), "merge_ab.json")
 
 
 if __name__ == "__main__":
