@@ -72,6 +72,15 @@ SMALL = {
                        dict(selection_block_size=16, num_blocks=5, token_budget=72, sink_tokens=4, local_tokens=16,
                             index_channels=32, index_bits=4), torch.bfloat16),
 }
+
+
+def _bench_mla_case(seq_lens, heads):
+    """The MLA benchmark's settings scaled down: latent 576 / 512 on one kv head, blocks of 64, budget 512."""
+    return (seq_lens, 64, 1, heads, 576, 512, True,
+            dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64, local_tokens=64,
+                 index_channels=128, index_bits=4), torch.bfloat16)
+
+
 # The benchmark's settings and shapes scaled down (contexts and budgets / 8..16; heads and dims as run).
 BENCH_SCALED = {
     "bench_qwen3_8b_scaled": ([4096, 3000, 4096], 64, 8, 4, 128, 128, False,
@@ -80,17 +89,11 @@ BENCH_SCALED = {
     "bench_qwen3_8b_scaled_b256": ([8192, 5000], 64, 8, 4, 128, 128, False,
                                    dict(selection_block_size=64, num_blocks=16, token_budget=256, sink_tokens=64,
                                         local_tokens=64, index_channels=32, index_bits=4), torch.bfloat16),
-    "bench_mla_scaled": ([4096, 2500], 64, 1, 16, 576, 512, True,
-                         dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
-                              local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
+    "bench_mla_scaled": _bench_mla_case([4096, 2500], 16),
     # GLM-style MLA: 20 heads on the latent kv head (32 heads per program in the wide plans).
-    "bench_glm_scaled": ([4096, 2500, 777], 64, 1, 20, 576, 512, True,
-                         dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
-                              local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
+    "bench_glm_scaled": _bench_mla_case([4096, 2500, 777], 20),
     # DeepSeek-V3-style MLA: 128 heads (4 head blocks of 32 per kv head in the wide attention plan).
-    "bench_dsv3_scaled": ([4096, 777], 64, 1, 128, 576, 512, True,
-                          dict(selection_block_size=64, num_blocks=16, token_budget=512, sink_tokens=64,
-                               local_tokens=64, index_channels=128, index_bits=4), torch.bfloat16),
+    "bench_dsv3_scaled": _bench_mla_case([4096, 777], 128),
 }
 CASES = dict(SMALL) if _INTERPRET else {**SMALL, **BENCH_SCALED}
 
