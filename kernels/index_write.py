@@ -400,19 +400,17 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
         codes = scales = bscale  # unused pointers
         cs, ss = (0, 0, 0, 0), (0, 0, 0)
     key_dtype = _TORCH_TO_TL[index.key_dtype]
-    block_h = max(2, triton.next_power_of_2(Hkv))
+    block_h = max(ONE_PASS_MIN_BLOCK_H if one_pass else 2, triton.next_power_of_2(Hkv))
     block_c = max(2, triton.next_power_of_2(C // 2 if bits == 4 else C))
     block_d = max(16, triton.next_power_of_2(D))
     block_t = max(1, min(256, 8192 // (block_h * block_d)))  # keys loaded per step: 8 x 8 heads x 128
     strides = (key.stride(0), key.stride(1), key.stride(2), *cs, *ss)
     if one_pass:
-        one_h = max(ONE_PASS_MIN_BLOCK_H, triton.next_power_of_2(Hkv))
         _index_write_one_pass_kernel[(N,)](
             key, slot_mapping, channel_ids, codes, scales, bmin, bmax, bscale, N, *strides,
             HKV=Hkv, D=D, C=C, BITS=bits, CBS=cbs, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL,
-            QMAX=float(SUMMARY_QMAX), BLOCK_H=one_h, BLOCK_C=block_c, BLOCK_D=block_d,
-            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=max(1, min(256, 8192 // (one_h * block_d))),
-            num_warps=ONE_PASS_WARPS,
+            QMAX=float(SUMMARY_QMAX), BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=block_t, num_warps=ONE_PASS_WARPS,
         )
         return
     _index_codes_kernel[(N,)](

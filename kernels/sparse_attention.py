@@ -396,9 +396,8 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
             and (not long_splits or programs <= ATTN_WIDE_LONG_MAX_GROUPS)
             and batch * num_q_heads * wide_tiles * head_dim_v * 4 <= ATTN_WIDE_MAX_SPLIT_BYTES)
     if wide:
-        tiles = wide_tiles
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                    SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=tiles, head_blocks=head_blocks,
+                    SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=wide_tiles, head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
     per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
     want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))
