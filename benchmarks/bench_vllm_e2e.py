@@ -253,6 +253,23 @@ def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | N
     return kw
 
 
+def stepped_step_times(engine, prompts, max_tokens: int, tag: str) -> list[float]:
+    """Wall time of every `engine.step()` (a vLLM `LLMEngine`) while `prompts` decode `max_tokens` new tokens
+    each, added together. Their median is the decode step time, which one slow step (a host hiccup, the
+    prefix-cache lookups of the first step) does not move the way it moves a whole run's time."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, sp)
+    times = []
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def worker_throughput(a) -> dict:
     import random
     import statistics
@@ -307,11 +324,17 @@ def worker_throughput(a) -> dict:
         t_short, t_long = t_by_length[lengths[0]], t_by_length[lengths[-1]]
         steps = lengths[-1] - lengths[0]
         per_repeat = [1000 * (tl - ts) / steps for ts, tl in zip(times[lengths[0]], times[lengths[-1]])]
+        # The same decode stepped one engine step at a time, every step timed: the median step.
+        step_s = stepped_step_times(llm.llm_engine, prompts, lengths[-1], f"stepped-{context}")
+        median_step = statistics.median(step_s)
         rows.append({"context": context, "requests_fit": fit, "requests": n, "prefill_s": t_prefill,
                      "t_short_s": t_short, "t_long_s": t_long, "t_by_length_s": t_by_length,
                      "repeats": a.repeats, "t_runs_s": times, "ms_per_step_runs": per_repeat,
                      "ms_per_step": 1000 * (t_long - t_short) / steps,
-                     "decode_tok_s": n * steps / (t_long - t_short)})
+                     "decode_tok_s": n * steps / (t_long - t_short),
+                     "step_ms_median": 1000 * median_step, "step_ms_quartiles": [
+                         1000 * q for q in statistics.quantiles(step_s, n=4)],
+                     "decode_tok_s_stepped": n / median_step})
         print(json.dumps(rows[-1]), flush=True)
     kv_bytes = getattr(cache, "kv_cache_memory_bytes", None)
     result = {"kv_tokens": kv_tokens, "block_size": cache.block_size, "start_s": start_s, "rows": rows,
@@ -563,8 +586,9 @@ def stage_report(out: Path) -> None:
     noise: run more repeats or longer decode runs)."""
     dense = json.loads((out / "tput_dense.json").read_text())
     base = {r["context"]: r for r in dense["rows"]}
-    print("| context | backend | requests (fit) | decode tok/s | ms/step | ms/step per repeat | vs dense |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| context | backend | requests (fit) | decode tok/s | ms/step | ms/step per repeat | vs dense | "
+          "median step ms (quartiles) | vs dense, median step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in [out / "tput_dense.json", *sorted(out.glob("tput_asynctls_*.json"))]:
         data = json.loads(path.read_text())
         name = path.stem.replace("tput_", "")
@@ -574,8 +598,15 @@ def stage_report(out: Path) -> None:
             b = base.get(r["context"])
             ratio = r["decode_tok_s"] / b["decode_tok_s"] if b and b.get("requests") else float("nan")
             runs = " / ".join(f"{ms:.1f}" for ms in r.get("ms_per_step_runs", [])) or "-"
+            stepped = stepped_ratio = "-"
+            if "step_ms_median" in r:
+                q1, _, q3 = r["step_ms_quartiles"]
+                stepped = f"{r['step_ms_median']:.2f} ({q1:.2f}-{q3:.2f})"
+                if b and "step_ms_median" in b:
+                    stepped_ratio = f"{r['decode_tok_s_stepped'] / b['decode_tok_s_stepped']:.2f}x"
             print(f"| {r['context'] // 1024}K | {name} | {r['requests']} ({r['requests_fit']}) | "
-                  f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x |")
+                  f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x | {stepped} | "
+                  f"{stepped_ratio} |")
 
 
 def main() -> None:

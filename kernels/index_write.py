@@ -75,12 +75,25 @@ def _masked_if(mask, flag):
 
 
 @triton.jit
-def _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, block, off, valid,
-                       stride_kh, stride_kd, stride_kn,
+def _gather_key_channels(key_row, tail_row, ch, mask, stride_kd, stride_td, SPLIT: tl.constexpr,
+                         HAS_TAIL: tl.constexpr):
+    # Channels `ch` of a key row; with a tail, channels from SPLIT on are read from the tail's row.
+    if HAS_TAIL:
+        head = tl.load(key_row + ch * stride_kd, mask=mask & (ch < SPLIT), other=0.0)
+        tail = tl.load(tail_row + (ch - SPLIT) * stride_td, mask=mask & (ch >= SPLIT), other=0.0)
+        return tl.where(ch < SPLIT, head, tail)
+    else:
+        return tl.load(key_row + ch * stride_kd, mask=mask, other=0.0)
+
+
+@triton.jit
+def _write_token_codes(key_ptr, tail_ptr, i64, ch_ptr, codes_ptr, scales_ptr, block, off, valid,
+                       stride_kh, stride_kd, stride_kn, stride_tn, stride_th, stride_td,
                        stride_cb, stride_ct, stride_ch, stride_cc,
                        stride_sb, stride_st, stride_sh,
                        HKV: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_C: tl.constexpr, STORE_DTYPE: tl.constexpr):
+                       BLOCK_C: tl.constexpr, STORE_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+                       HAS_TAIL: tl.constexpr):
     # scale = max_c |k_c| / qmax; q_c = clamp(rne(k_c / scale), -qmax, qmax) (scale 0 -> divide by 1);
     # stored_c = q_c + qmax + 1; 4 bits: byte i = stored_{2i} | stored_{2i+1} << 4. Stores only if `valid`.
     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
@@ -88,13 +101,16 @@ def _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, block, off, 
     offs_c = tl.arange(0, BLOCK_C)
     h_mask = offs_h < HKV
     key_row = key_ptr + i64 * stride_kn + offs_h[:, None] * stride_kh
+    tail_row = tail_ptr + i64 * stride_tn + offs_h[:, None] * stride_th
     code_row = codes_ptr + block * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch
     if BITS == 4:
         m = h_mask[:, None] & (offs_c[None, :] < C // 2)
         ch_e = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :], mask=m, other=0)
         ch_o = tl.load(ch_ptr + offs_h[:, None] * C + 2 * offs_c[None, :] + 1, mask=m, other=0)
-        x_e = tl.load(key_row + ch_e * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
-        x_o = tl.load(key_row + ch_o * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+        x_e = _gather_key_channels(key_row, tail_row, ch_e, m, stride_kd, stride_td, SPLIT,
+                                   HAS_TAIL).to(STORE_DTYPE).to(tl.float32)
+        x_o = _gather_key_channels(key_row, tail_row, ch_o, m, stride_kd, stride_td, SPLIT,
+                                   HAS_TAIL).to(STORE_DTYPE).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(x_e), axis=1), tl.max(tl.abs(x_o), axis=1))
         scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
         safe = tl.where(scale > 0, scale, 1.0)
@@ -107,7 +123,8 @@ def _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, block, off, 
     else:
         m = h_mask[:, None] & (offs_c[None, :] < C)
         ch = tl.load(ch_ptr + offs_h[:, None] * C + offs_c[None, :], mask=m, other=0)
-        x = tl.load(key_row + ch * stride_kd, mask=m, other=0.0).to(STORE_DTYPE).to(tl.float32)
+        x = _gather_key_channels(key_row, tail_row, ch, m, stride_kd, stride_td, SPLIT,
+                                 HAS_TAIL).to(STORE_DTYPE).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
         scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
         safe = tl.where(scale > 0, scale, 1.0)
@@ -130,16 +147,42 @@ def _flat_key_layout(stride_kh, stride_kd, HKV: tl.constexpr, D: tl.constexpr, B
 
 
 @triton.jit
-def _fold_group_keys(key_ptr, slot_ptr, j0, lo, hi, N, group, after, f_off, f_mask, flat_min, flat_max,
-                     stride_kn, SBS: tl.constexpr, KEY_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr):
+def _flat_tail_layout(stride_th, stride_td, HKV: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # With keys held in two parts, the flat rows' channels from SPLIT on: (offsets in a tail row, mask).
+    offs_f = tl.arange(0, BLOCK_H * BLOCK_D)
+    d = offs_f % BLOCK_D
+    t_mask = ((offs_f // BLOCK_D) < HKV) & (d >= SPLIT) & (d < D)
+    t_off = (offs_f // BLOCK_D) * stride_th + (d - SPLIT) * stride_td
+    return t_off, t_mask
+
+
+@triton.jit
+def _load_flat_keys(key_ptr, tail_ptr, tok, rows_mask, f_off, f_mask, t_off, t_mask, stride_kn, stride_tn,
+                    HAS_TAIL: tl.constexpr):
+    # Flat key rows of tokens `tok` (int64; (), or (T,) with rows_mask (T,)): channels from the key's
+    # row, and with a tail those from SPLIT on (t_mask) from the tail's row.
+    if HAS_TAIL:
+        head = tl.load(key_ptr + tok * stride_kn + f_off, mask=rows_mask & f_mask & (~t_mask), other=0.0)
+        tail = tl.load(tail_ptr + tok * stride_tn + t_off, mask=rows_mask & t_mask, other=0.0)
+        return tl.where(t_mask, tail, head)
+    else:
+        return tl.load(key_ptr + tok * stride_kn + f_off, mask=rows_mask & f_mask, other=0.0)
+
+
+@triton.jit
+def _fold_group_keys(key_ptr, tail_ptr, slot_ptr, j0, lo, hi, N, group, after, f_off, f_mask, t_off, t_mask,
+                     flat_min, flat_max, stride_kn, stride_tn, SBS: tl.constexpr, KEY_DTYPE: tl.constexpr,
+                     BLOCK_T: tl.constexpr, HAS_TAIL: tl.constexpr):
     # Min / max into the flat rows of the keys of tokens j0 + [lo, hi) (BLOCK_T at a time) whose slot is
     # in selection block `group` and whose index is past `after`.
     for t0 in range((lo // BLOCK_T) * BLOCK_T, hi, BLOCK_T):
         offs_t = j0 + t0 + tl.arange(0, BLOCK_T)
         s_t = tl.load(slot_ptr + offs_t, mask=offs_t < N, other=-1)
         m_t = (s_t >= 0) & (s_t // SBS == group) & (offs_t > after)  # (BLOCK_T,)
-        k = tl.load(key_ptr + offs_t[:, None].to(tl.int64) * stride_kn + f_off[None, :],
-                    mask=m_t[:, None] & f_mask[None, :], other=0.0)  # (BLOCK_T, BLOCK_H * BLOCK_D)
+        k = _load_flat_keys(key_ptr, tail_ptr, offs_t[:, None].to(tl.int64), m_t[:, None], f_off[None, :],
+                            f_mask[None, :], t_off[None, :], t_mask[None, :], stride_kn, stride_tn,
+                            HAS_TAIL)  # (BLOCK_T, BLOCK_H * BLOCK_D)
         k = k.to(KEY_DTYPE).to(tl.float32)
         flat_min = tl.minimum(flat_min, tl.min(tl.where(m_t[:, None], k, float("inf")), axis=0))
         flat_max = tl.maximum(flat_max, tl.max(tl.where(m_t[:, None], k, float("-inf")), axis=0))
@@ -227,9 +270,10 @@ def _index_codes_kernel(
         tl.atomic_min(claim_ptr + slot // SBS, i)
         if BITS != 16:
             i64 = i.to(tl.int64)  # key offsets pass 2^31 elements for millions of tokens
-            _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, slot // CBS, slot % CBS, slot >= 0,
-                               stride_kh, stride_kd, stride_kn, stride_cb, stride_ct, stride_ch, stride_cc,
-                               stride_sb, stride_st, stride_sh, HKV, C, BITS, BLOCK_H, BLOCK_C, STORE_DTYPE)
+            _write_token_codes(key_ptr, key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, slot // CBS, slot % CBS,
+                               slot >= 0, stride_kh, stride_kd, stride_kn, 0, 0, 0, stride_cb, stride_ct, stride_ch,
+                               stride_cc, stride_sb, stride_st, stride_sh, HKV, C, BITS, BLOCK_H, BLOCK_C,
+                               STORE_DTYPE, 0, False)
 
 
 @triton.jit
@@ -281,9 +325,9 @@ def _index_summary_kernel(
                     pos = tl.arange(0, BLOCK_SCAN)
                     lo = tl.min(tl.where(match, pos, BLOCK_SCAN), axis=0)
                     hi = tl.max(tl.where(match, pos, -1), axis=0) + 1
-                    flat_min, flat_max = _fold_group_keys(key_ptr, slot_ptr, j0, lo, hi, N, group, i - 1, f_off,
-                                                          f_mask, flat_min, flat_max, stride_kn, SBS, KEY_DTYPE,
-                                                          BLOCK_T)
+                    flat_min, flat_max = _fold_group_keys(key_ptr, key_ptr, slot_ptr, j0, lo, hi, N, group, i - 1,
+                                                          f_off, f_mask, f_off, f_mask, flat_min, flat_max,
+                                                          stride_kn, 0, SBS, KEY_DTYPE, BLOCK_T, False)
                 j0 += BLOCK_SCAN
             _store_summary(flat_min, flat_max, old_min, old_max, reset, group, slot >= 0, bmin_ptr, bmax_ptr,
                            bscale_ptr, HKV, D, TOL, QMAX, BLOCK_H, BLOCK_D)
@@ -292,9 +336,12 @@ def _index_summary_kernel(
 
 @triton.jit
 def _index_write_one_pass_kernel(
-    key_ptr, slot_ptr, ch_ptr, codes_ptr, scales_ptr, bmin_ptr, bmax_ptr, bscale_ptr,
+    key_ptr,  # key dtype, (N, Hkv, SPLIT): the keys' first SPLIT channels, any strides
+    tail_ptr,  # key dtype, (N, Hkv, D - SPLIT): their other channels, when HAS_TAIL (MLA's k_pe)
+    slot_ptr, ch_ptr, codes_ptr, scales_ptr, bmin_ptr, bmax_ptr, bscale_ptr,
     N,  # int: new tokens in this call, at most BLOCK_N
     stride_kn, stride_kh, stride_kd,
+    stride_tn, stride_th, stride_td,
     stride_cb, stride_ct, stride_ch, stride_cc,
     stride_sb, stride_st, stride_sh,
     HKV: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, CBS: tl.constexpr,
@@ -302,6 +349,8 @@ def _index_write_one_pass_kernel(
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,  # >= N: the whole call's slots in one tile
     BLOCK_T: tl.constexpr,
+    SPLIT: tl.constexpr,  # D without a tail
+    HAS_TAIL: tl.constexpr,
 ):
     # Both kernels above in one launch for calls of at most BLOCK_N tokens (decode steps): a token leads
     # its selection block if no earlier token of the call is in it (the claim's rule, read from the call's
@@ -315,11 +364,14 @@ def _index_write_one_pass_kernel(
     slot = tl.where(valid, slot, 0)
     group = slot // SBS
     if BITS != 16:
-        _write_token_codes(key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, slot // CBS, slot % CBS, valid,
-                           stride_kh, stride_kd, stride_kn, stride_cb, stride_ct, stride_ch, stride_cc,
-                           stride_sb, stride_st, stride_sh, HKV, C, BITS, BLOCK_H, BLOCK_C, KEY_DTYPE)
+        _write_token_codes(key_ptr, tail_ptr, i64, ch_ptr, codes_ptr, scales_ptr, slot // CBS, slot % CBS, valid,
+                           stride_kh, stride_kd, stride_kn, stride_tn, stride_th, stride_td, stride_cb, stride_ct,
+                           stride_ch, stride_cc, stride_sb, stride_st, stride_sh, HKV, C, BITS, BLOCK_H, BLOCK_C,
+                           KEY_DTYPE, SPLIT, HAS_TAIL)
     f_off, f_mask = _flat_key_layout(stride_kh, stride_kd, HKV, D, BLOCK_H, BLOCK_D)
-    own = tl.load(key_ptr + i64 * stride_kn + f_off, mask=f_mask, other=0.0).to(KEY_DTYPE).to(tl.float32)
+    t_off, t_mask = _flat_tail_layout(stride_th, stride_td, HKV, D, SPLIT, BLOCK_H, BLOCK_D)
+    own = _load_flat_keys(key_ptr, tail_ptr, i64, True, f_off, f_mask, t_off, t_mask, stride_kn, stride_tn,
+                          HAS_TAIL).to(KEY_DTYPE).to(tl.float32)
     old_min, old_max = _load_old_summary(group, bmin_ptr, bmax_ptr, bscale_ptr, HKV, D, BLOCK_H, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     s_n = tl.load(slot_ptr + offs_n, mask=offs_n < N, other=-1)
@@ -329,8 +381,8 @@ def _index_write_one_pass_kernel(
     reset = tl.max(((same & (offs_n >= i)) & (s_n % SBS == 0)).to(tl.int32), axis=0)
     lo = tl.min(tl.where(later, offs_n, BLOCK_N), axis=0)
     hi = tl.max(tl.where(later, offs_n, -1), axis=0) + 1
-    flat_min, flat_max = _fold_group_keys(key_ptr, slot_ptr, 0, lo, hi, N, group, i, f_off, f_mask, own, own,
-                                          stride_kn, SBS, KEY_DTYPE, BLOCK_T)
+    flat_min, flat_max = _fold_group_keys(key_ptr, tail_ptr, slot_ptr, 0, lo, hi, N, group, i, f_off, f_mask, t_off,
+                                          t_mask, own, own, stride_kn, stride_tn, SBS, KEY_DTYPE, BLOCK_T, HAS_TAIL)
     _store_summary(flat_min, flat_max, old_min, old_max, reset, group, leader, bmin_ptr, bmax_ptr, bscale_ptr,
                    HKV, D, TOL, QMAX, BLOCK_H, BLOCK_D)
 
@@ -348,15 +400,22 @@ _TORCH_TO_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.fl
 
 
 def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, config,
-                       workspace: IndexWriteWorkspace | None = None) -> None:
+                       workspace: IndexWriteWorkspace | None = None, key_tail: torch.Tensor | None = None) -> None:
     """Fold new keys (N, Hkv, D) at `slot_mapping` (N,) int64 into `index`, in place; equals the
     reference's `write_index` bit for bit (int8 summary codes, their float32 `block_scale`, token
     codes and scales). Keys are cast to `index.key_dtype` first (and rotated by `index.basis` when set,
     by `index_basis.rotate_triton`: the reference's rotation up to float32 summation order). No host
     synchronisation; padded (negative) slots are skipped. `block_min` / `block_max` must be contiguous int8
     and `block_scale` contiguous float32, as `allocate_index` makes them. `workspace` holds the claim buffer of calls longer
-    than ONE_PASS_MAX_TOKENS (allocated here when None; pass one to keep allocations out of a graph)."""
+    than ONE_PASS_MAX_TOKENS (allocated here when None; pass one to keep allocations out of a graph).
+    `key_tail` (N, Hkv, P), same dtype as `key`: the keys' last P channels when the caller holds them in two
+    parts (MLA's `kv_c_normed` and `k_pe`); the key is then `cat([key, key_tail], -1)`, which decode calls read
+    from both parts without making it."""
     require_triton_device("write_index", key, index.block_min)
+    if key_tail is not None:
+        if key_tail.dim() != 3 or key.dim() != 3 or key_tail.shape[:2] != key.shape[:2] or key_tail.dtype != key.dtype:
+            raise ValueError(f"write_index: key_tail must be (N, Hkv, P) with key's (N, Hkv) and dtype; got key "
+                             f"{tuple(key.shape)} {key.dtype}, key_tail {tuple(key_tail.shape)} {key_tail.dtype}")
     bmin, bmax, bscale = index.block_min, index.block_max, index.block_scale
     if bmin.dtype != torch.int8 or bmax.dtype != torch.int8 or bscale.dtype != torch.float32:
         raise ValueError(f"write_index: block_min/block_max must be int8 and block_scale float32; got "
@@ -368,9 +427,13 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     if not (bmin.is_contiguous() and bmax.is_contiguous() and bscale.is_contiguous()):
         raise ValueError("write_index: block_min/block_max/block_scale must be contiguous (allocate_index makes "
                          "them so)")
-    if key.dim() != 3 or key.shape[1:] != bmin.shape[2:]:
-        raise ValueError(f"write_index: key must be (N, Hkv, D) = (N, {bmin.shape[2]}, {bmin.shape[3]}); "
-                         f"got {tuple(key.shape)}")
+    split = key.shape[-1] if key.dim() == 3 else -1
+    full_shape = (*key.shape[:2], split + key_tail.shape[2]) if key_tail is not None else tuple(key.shape)
+    if len(full_shape) != 3 or tuple(full_shape[1:]) != tuple(bmin.shape[2:]):
+        raise ValueError(f"write_index: key must be (N, Hkv, D) = (N, {bmin.shape[2]}, {bmin.shape[3]})"
+                         f"{' with its tail' if key_tail is not None else ''}; got {tuple(full_shape)}")
+    if key_tail is not None and (index.basis is not None or key.shape[0] > ONE_PASS_MAX_TOKENS):
+        key, key_tail = torch.cat([key, key_tail], dim=-1), None  # prefill, or a rotated index
     if slot_mapping.dtype != torch.int64 or slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(f"write_index: slot_mapping must be (N,) int64; got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
@@ -406,11 +469,15 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     block_t = max(1, min(256, 8192 // (block_h * block_d)))  # keys loaded per step: 8 x 8 heads x 128
     strides = (key.stride(0), key.stride(1), key.stride(2), *cs, *ss)
     if one_pass:
+        tail = key if key_tail is None else key_tail
+        tail_strides = (0, 0, 0) if key_tail is None else key_tail.stride()
         _index_write_one_pass_kernel[(N,)](
-            key, slot_mapping, channel_ids, codes, scales, bmin, bmax, bscale, N, *strides,
+            key, tail, slot_mapping, channel_ids, codes, scales, bmin, bmax, bscale, N, *strides[:3],
+            *tail_strides, *strides[3:],
             HKV=Hkv, D=D, C=C, BITS=bits, CBS=cbs, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL,
             QMAX=float(SUMMARY_QMAX), BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
-            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=block_t, num_warps=ONE_PASS_WARPS,
+            BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=block_t, SPLIT=split if key_tail is not None else D,
+            HAS_TAIL=key_tail is not None, num_warps=ONE_PASS_WARPS,
         )
         return
     _index_codes_kernel[(N,)](

@@ -26,10 +26,49 @@ def test_report_gives_ratios_and_each_repeats_step_time(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| context | backend |") and "ms/step per repeat" in lines[0]
     assert lines[2:] == [
-        "| 32K | dense | 16 (64) | 2000 | 8.0 | 7.9 / 8.1 | 1.00x |",
-        "| 64K | dense | 16 (64) | 1000 | 16.0 | 12.0 / 20.5 | 1.00x |",
-        "| 32K | asynctls_2048 | 16 (64) | 3000 | 5.3 | 5.2 / 5.4 | 1.50x |",  # a context that did not fit: no row
+        "| 32K | dense | 16 (64) | 2000 | 8.0 | 7.9 / 8.1 | 1.00x | - | - |",
+        "| 64K | dense | 16 (64) | 1000 | 16.0 | 12.0 / 20.5 | 1.00x | - | - |",
+        "| 32K | asynctls_2048 | 16 (64) | 3000 | 5.3 | 5.2 / 5.4 | 1.50x | - | - |",  # a context that did not fit: no row
     ]
+
+
+def test_report_gives_the_median_step_and_its_ratio_when_recorded(tmp_path, capsys):
+    def stepped(row, median_ms, quartiles):
+        return {**row, "step_ms_median": median_ms, "step_ms_quartiles": quartiles,
+                "decode_tok_s_stepped": 1000 * row["requests"] / median_ms}
+
+    (tmp_path / "tput_dense.json").write_text(json.dumps({"rows": [
+        stepped(_row(32768, 16, 2000.0, 8.0, [7.9, 8.1]), 4.0, [3.9, 4.0, 4.4])]}))
+    (tmp_path / "tput_asynctls_2048.json").write_text(json.dumps({"rows": [
+        stepped(_row(32768, 16, 3000.0, 5.3, [5.2, 5.4]), 5.0, [4.8, 5.0, 5.1])]}))
+    bench_vllm_e2e.stage_report(tmp_path)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "median step ms (quartiles)" in lines[0]
+    assert lines[2].endswith("| 1.00x | 4.00 (3.90-4.40) | 1.00x |")
+    assert lines[3].endswith("| 1.50x | 5.00 (4.80-5.10) | 0.80x |")  # the two ways can disagree: both shown
+
+
+class _Engine:
+    """A stand-in for vLLM's LLMEngine: every request finishes after `steps` calls of step()."""
+
+    def __init__(self, steps):
+        self.steps, self.requests, self.calls = steps, [], 0
+
+    def add_request(self, request_id, prompt, params):
+        self.requests.append((request_id, prompt, params.max_tokens))
+
+    def has_unfinished_requests(self):
+        return self.calls < self.steps
+
+    def step(self):
+        self.calls += 1
+
+
+def test_stepped_step_times_times_every_step_of_the_prompts_run():
+    engine = _Engine(steps=7)
+    times = bench_vllm_e2e.stepped_step_times(engine, ["a", "b", "c"], 40, "t")
+    assert len(times) == 7 and all(t >= 0 for t in times)
+    assert engine.requests == [("t-0", "a", 40), ("t-1", "b", 40), ("t-2", "c", 40)]
 
 
 def test_check_runs_are_compared_with_vllms_backend_on_the_same_cache():

@@ -270,6 +270,49 @@ def test_write_index_summaries_odd_head_shapes(Hkv, Dk, dtype, write_plan):
     assert bool(want.block_scale[1].gt(0).all() and want.block_scale[2, 0].gt(0).all())  # written blocks
 
 
+@pytest.mark.parametrize("Hkv, Dk, split, dtype, bits", [(1, 576, 512, torch.bfloat16, 4),
+                                                          (3, 40, 24, torch.float16, 8),
+                                                          (2, 48, 47, torch.float32, 16)])
+def test_write_index_with_a_key_tail_equals_the_whole_key(Hkv, Dk, split, dtype, bits, write_plan):
+    # Keys held in two strided parts (MLA's kv_c_normed and k_pe): the same index as the joined key, with
+    # index channels on both sides of the split, padded slots, and decode-sized calls in which later tokens
+    # fold into an earlier token's selection block (the one-pass kernel's scan reads the tail too).
+    config = SparseAttentionConfig(selection_block_size=8, num_blocks=2, token_budget=16, sink_tokens=0,
+                                   local_tokens=0, index_channels=8, index_bits=bits)
+    gen = torch.Generator().manual_seed(13)
+    want = ref.allocate_index(4, 16, Hkv, Dk, config, dtype, "cpu")
+    channels = torch.stack([torch.randperm(Dk, generator=gen)[:8] for _ in range(Hkv)])
+    channels[:, :2] = torch.tensor([split - 1, split])  # both sides of the split, every head
+    ref.set_index_channels(want, channels)
+    fill_summaries_with_junk(want, gen)
+    got = copy_index(want, lambda t: t.to(DEVICE).clone())
+    ws = IndexWriteWorkspace(4, 2, DEVICE)
+    keys = (torch.randn(40, Hkv, Dk, generator=gen) * torch.rand(1, 1, Dk, generator=gen) * 3).to(dtype)
+    # The parts as strided views of separate buffers full of junk: the head inside wider rows, the tail
+    # every other channel (so a misread offset or mask reads junk, not the neighbouring part).
+    head_rows = torch.full((40, Hkv, Dk + 5), 1e4, dtype=dtype)
+    head_rows[..., 5:5 + split] = keys[..., :split]
+    tail_rows = torch.full((40, Hkv, 2 * (Dk - split) + 3), -1e4, dtype=dtype)
+    tail_rows[..., 1:2 * (Dk - split):2] = keys[..., split:]
+    head = head_rows.to(DEVICE)[..., 5:5 + split]
+    tail = tail_rows.to(DEVICE)[..., 1:2 * (Dk - split):2]
+    assert not head.is_contiguous() and tail.stride(-1) == 2
+    slots = torch.cat([torch.arange(16, 36), torch.arange(40, 60)])
+    slots[[3, 30]] = torch.tensor([-1, -1000])
+    calls = [slice(0, 20), slice(20, 25), slice(25, 40)]  # a prefill-sized call, then shorter ones
+    for sl in calls:
+        ref.write_index(want, keys[sl], slots[sl], config)
+        write_index_triton(got, head[sl], slots[sl].to(DEVICE), config, ws, key_tail=tail[sl])
+        assert_same_summaries(got, want)
+        if want.codes is not None:
+            assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scales.cpu(), want.scales)
+    with pytest.raises(ValueError, match="key_tail must be"):
+        write_index_triton(got, head[:2], slots[:2].to(DEVICE), config, ws, key_tail=tail[:2].float().half()
+                           if dtype != torch.float16 else tail[:2].float())
+    with pytest.raises(ValueError, match="with its tail"):
+        write_index_triton(got, head[:2], slots[:2].to(DEVICE), config, ws, key_tail=tail[:2, :, :-1])
+
+
 @pytest.mark.parametrize("subnormal", [False, True], ids=["normal", "subnormal"])
 def test_write_index_summaries_bound_exactly(subnormal, write_plan):
     # Adversarial summary rows (values at, beside and a fraction of TOL off code * scale products, the

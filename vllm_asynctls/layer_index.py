@@ -116,18 +116,25 @@ class LayerIndex:
             ref.calibrate_index(self.index, calib, self.config)
             self.calibrated = True
 
-    def write(self, key: torch.Tensor, slot_mapping: torch.Tensor, layer_name: str | None = None) -> None:
+    def write(self, key: torch.Tensor, slot_mapping: torch.Tensor, layer_name: str | None = None,
+              key_tail: torch.Tensor | None = None) -> None:
         """key (N, Hkv, D), possibly padded past slot_mapping's length; slot_mapping (N,) (negative =
-        padding); layer_name: vLLM's name of the attention layer (needed with a calibration file)."""
+        padding); layer_name: vLLM's name of the attention layer (needed with a calibration file);
+        key_tail (N, Hkv, P): the keys' last P channels when they come in two parts (MLA), read by the GPU
+        writer without joining them."""
         n = min(key.shape[0], slot_mapping.shape[0])
         key, slot_mapping = key[:n], slot_mapping[:n]
+        key_tail = None if key_tail is None else key_tail[:n]
         needs_calibration = self.config.index_bits != 16 or self.config.index_basis == "pca"
         if not self.calibrated and needs_calibration and not _capturing() and not _is_dummy_run():
-            self._calibrate(key, slot_mapping, layer_name)
+            self._calibrate(key if key_tail is None else torch.cat([key, key_tail], dim=-1), slot_mapping,
+                            layer_name)
         if self._write_workspace is not None:
             from asynctls_tip_kernels.index_write import write_index_triton
 
             write_index_triton(self.index, key, slot_mapping.to(torch.int64), self.config,
-                               workspace=self._write_workspace)
+                               workspace=self._write_workspace, key_tail=key_tail)
         else:
+            if key_tail is not None:
+                key = torch.cat([key, key_tail], dim=-1)
             ref.write_index(self.index, key, slot_mapping, self.config)

@@ -49,7 +49,9 @@ def write_mla_index(layer_index, kv_c_normed: torch.Tensor, k_pe: torch.Tensor, 
     if kv_cache.numel() == 0:
         return
     layer_index.ensure(kv_cache.shape[0], kv_cache.shape[1], kv_c_normed.dtype, kv_cache.device)
-    layer_index.write(mla_key_rows(kv_c_normed, k_pe, kv_c_normed.dtype), slot_mapping.flatten())
+    # The latent and rope parts go to the writer apart: decode steps read both without a joined copy.
+    layer_index.write(kv_c_normed.unsqueeze(1), slot_mapping.flatten(),
+                      key_tail=k_pe.reshape(k_pe.shape[0], 1, -1).to(kv_c_normed.dtype))
 
 
 def sparse_mla_decode(q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor, block_table: torch.Tensor,
