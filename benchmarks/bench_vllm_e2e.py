@@ -34,7 +34,10 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16). Each context:
     one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
     decode rate = requests x 64 / (t72 - t8) (`--decode-lengths 8,40,72,136` times more runs, each
-    recorded, the rate still from the shortest and longest). asynctls gets the same KV-cache bytes as the dense run
+    recorded, the rate still from the shortest and longest). Then the longest run once more, stepped one
+    `LLMEngine.step()` at a time with every step timed: requests / median step is the second rate in the
+    report, which one slow step cannot move (a run that takes a second longer than its repeats shifts the
+    first rate by up to tens of percent; RESULTS, 2026-11-27). asynctls gets the same KV-cache bytes as the dense run
     (`kv_cache_memory_bytes`), out of which the plugin reserves its index, so the comparison is at
     equal memory. vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and k_norm) make q
     and k so small that every block and token score of a row is the same float: the selection then
