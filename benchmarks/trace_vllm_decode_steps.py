@@ -8,11 +8,13 @@ one. When that rate moves, this script says where the time went: a step that cos
 
     python benchmarks/trace_vllm_decode_steps.py --backend asynctls --context 65536 --out OUT
     python benchmarks/trace_vllm_decode_steps.py --backend default --context 65536 --out OUT
+    python benchmarks/trace_vllm_decode_steps.py --model glm-4.7-flash-shapes --kv-cache-dtype fp8 \
+        --context 32768 --repeats 3 --out OUT   # the GLM-shaped throughput runs' repeats, step by step
 
-Same engine as `bench_vllm_e2e.py --stage asynctls|dense` (Qwen3-8B shapes, dummy or `--weights
-random`, prefix caching, block 64 for asynctls, budget 2048): a prefill-only pass fills the prefix
-cache, then one run of `--short` and one of `--long` new tokens are stepped with
-`LLMEngine.step()` in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and every step timed.
+Same engine as `bench_vllm_e2e.py --stage asynctls|dense` (Qwen3-8B shapes by default, or `--model`'s,
+dummy or `--weights random`, prefix caching, block 64 for asynctls, budget 2048): a prefill-only pass fills
+the prefix cache, then a run of `--short` and one of `--long` new tokens (`--repeats` times, alternating) are
+stepped with `LLMEngine.step()` in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and every step timed.
 `--profile-steps 4,100` profiles those decode steps of the long run (a few steps each) with
 torch.profiler and writes the per-kernel GPU times. OUT gets `trace_<label>.json` and
 `trace_<label>.png` (step time against step index, one line per run).
@@ -28,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# --model: bench_vllm_e2e.THROUGHPUT_MODELS' key for each choice.
+MODEL_SHAPES = {"qwen3-8b-shapes": "qwen3-8b", "deepseek-v2-lite-shapes": "deepseek-v2-lite",
+                "glm-4.7-flash-shapes": "glm-4.7-flash"}
 
 
 def _new_compiles(cache_dir: Path, seen: set[str]) -> list[str]:
@@ -73,19 +78,19 @@ def trace(a) -> dict:
     from vllm.inputs import TokensPrompt
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_vllm_e2e import (MAX_SEQS, _fit, _llm, paper_knobs, qwen3_8b_config_dir, small_model_dir,
+    from bench_vllm_e2e import (MAX_SEQS, THROUGHPUT_MODELS, _fit, _llm, paper_knobs, small_model_dir,
                                 throughput_engine_kwargs)
 
     out = Path(a.out)
     cache_dir = Path(os.environ["TRITON_CACHE_DIR"])
     seen: set[str] = set()
-    kw = throughput_engine_kwargs(a.backend, a.context + a.long + 64, a.kv_bytes)
+    kw = throughput_engine_kwargs(a.backend, a.context + a.long + 64, a.kv_bytes, a.kv_cache_dtype)
     if a.model == "small":  # a 4-layer model with random weights: the CPU smoke test
         model = small_model_dir(out / "models")
         for cuda_only in ("load_format", "gpu_memory_utilization", "kv_cache_memory_bytes"):
             kw.pop(cuda_only, None)
     else:
-        model = qwen3_8b_config_dir(out / "models", 131072)
+        model = THROUGHPUT_MODELS[MODEL_SHAPES[a.model]](out / "models", 131072)
     knobs = paper_knobs(a.budget, a.lagged) if a.backend == "asynctls" else None
     t0 = time.perf_counter()
     llm = _llm(str(model), a.backend, knobs, **kw)
@@ -109,7 +114,9 @@ def trace(a) -> dict:
     engine = llm.llm_engine
     profile_at = sorted(int(s) for s in a.profile_steps.split(",")) if a.profile_steps else []
     runs = {}
-    for label, max_tokens in (("prefill", 1), ("short", a.short), ("long", a.long)):
+    schedule = [("prefill", 1)] + [(f"{name}{'' if r == 0 else f'_{r + 1}'}", n) for r in range(a.repeats)
+                                   for name, n in (("short", a.short), ("long", a.long))]
+    for label, max_tokens in schedule:
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
         for i, p in enumerate(prompts):
             engine.add_request(f"{label}-{i}", p, sp)
@@ -163,8 +170,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for label in ("short", "long"):
-        steps = result["runs"][label]["steps"]
+    for label, run in result["runs"].items():
+        if label == "prefill":
+            continue
+        steps = run["steps"]
         ax.plot([s["step"] for s in steps], [1e3 * s["s"] for s in steps], marker=".", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("engine step of the run (step 0 recomputes the prompt's last block)")
@@ -179,8 +188,12 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["asynctls", "default"], default="asynctls")
-    p.add_argument("--model", choices=["qwen3-8b-shapes", "small"], default="qwen3-8b-shapes",
-                   help="small: bench_vllm_e2e's 4-layer check model (CPU smoke test)")
+    p.add_argument("--model", choices=sorted(MODEL_SHAPES) + ["small"], default="qwen3-8b-shapes",
+                   help="the shapes of bench_vllm_e2e's throughput models (dummy weights), or small: its 4-layer "
+                        "check model (CPU smoke test)")
+    p.add_argument("--kv-cache-dtype", help="vLLM kv_cache_dtype, e.g. fp8")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="the short and long runs this many times, alternating (later ones labelled short_2, long_2, ...)")
     p.add_argument("--context", type=int, default=65536)
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--requests", type=int, default=0, help="at most this many (default: as many as fit, <= 16)")
@@ -197,6 +210,8 @@ def main() -> None:
     for name, v in (("--context", a.context), ("--short", a.short), ("--budget", a.budget)):
         if v < 1:
             p.error(f"{name} must be a positive integer; got {v}")
+    if a.repeats < 1:
+        p.error(f"--repeats must be a positive integer; got {a.repeats}")
     if a.long <= a.short:
         p.error(f"--long must be larger than --short ({a.short}); got {a.long}")
     out = Path(a.out)
