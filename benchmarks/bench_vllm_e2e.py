@@ -257,19 +257,23 @@ def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | N
 
 
 def stepped_step_times(engine, prompts, max_tokens: int, tag: str) -> list[float]:
-    """Wall time of every `engine.step()` (a vLLM `LLMEngine`) while `prompts` decode `max_tokens` new tokens
-    each, added together. Their median is the decode step time, which one slow step (a host hiccup, the
-    prefix-cache lookups of the first step) does not move the way it moves a whole run's time."""
+    """Wall time of every `engine.step()` (a vLLM `LLMEngine`) while `prompts`, all added at once, decode
+    `max_tokens` new tokens each. Their median is the decode step time, which one slow step (a host hiccup, a
+    Triton compile, the first step's recompute of the prompts' last blocks) does not move the way it moves a
+    whole run's time. Raises if a request finished with fewer tokens."""
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, sp)
-    times = []
+    times, finished = [], {}
     while engine.has_unfinished_requests():
         t = time.perf_counter()
-        engine.step()
+        outs = engine.step()
         times.append(time.perf_counter() - t)
+        finished.update((o.request_id, len(o.outputs[0].token_ids)) for o in outs if o.finished)
+    if len(finished) != len(prompts) or any(n != max_tokens for n in finished.values()):
+        raise RuntimeError(f"stepped run: expected {len(prompts)} requests of {max_tokens} tokens; got {finished}")
     return times
 
 
@@ -337,6 +341,8 @@ def worker_throughput(a) -> dict:
                      "decode_tok_s": n * steps / (t_long - t_short),
                      "step_ms_median": 1000 * median_step, "step_ms_quartiles": [
                          1000 * q for q in statistics.quantiles(step_s, n=4)],
+                     "stepped_steps": len(step_s), "stepped_total_s": sum(step_s), "step_ms_max": 1000 * max(step_s),
+                     "step_ms_first": 1000 * step_s[0],
                      "decode_tok_s_stepped": n / median_step})
         print(json.dumps(rows[-1]), flush=True)
     kv_bytes = getattr(cache, "kv_cache_memory_bytes", None)

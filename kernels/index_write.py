@@ -160,8 +160,9 @@ def _flat_tail_layout(stride_th, stride_td, HKV: tl.constexpr, D: tl.constexpr, 
 @triton.jit
 def _load_flat_keys(key_ptr, tail_ptr, tok, rows_mask, f_off, f_mask, t_off, t_mask, stride_kn, stride_tn,
                     HAS_TAIL: tl.constexpr):
-    # Flat key rows of tokens `tok` (int64; (), or (T,) with rows_mask (T,)): channels from the key's
-    # row, and with a tail those from SPLIT on (t_mask) from the tail's row.
+    # Flat key rows of tokens `tok` (int64): one token (() with the (F,) offsets), or (T, 1) with rows_mask
+    # (T, 1) and (1, F) offsets and masks. Channels from the key's row, and with a tail those from SPLIT on
+    # (t_mask) from the tail's row.
     if HAS_TAIL:
         head = tl.load(key_ptr + tok * stride_kn + f_off, mask=rows_mask & f_mask & (~t_mask), other=0.0)
         tail = tl.load(tail_ptr + tok * stride_tn + t_off, mask=rows_mask & t_mask, other=0.0)
@@ -273,7 +274,7 @@ def _index_codes_kernel(
             _write_token_codes(key_ptr, key_ptr, i64, ch_ptr, codes_ptr, scales_ptr, slot // CBS, slot % CBS,
                                slot >= 0, stride_kh, stride_kd, stride_kn, 0, 0, 0, stride_cb, stride_ct, stride_ch,
                                stride_cc, stride_sb, stride_st, stride_sh, HKV, C, BITS, BLOCK_H, BLOCK_C,
-                               STORE_DTYPE, 0, False)
+                               STORE_DTYPE, SPLIT=0, HAS_TAIL=False)
 
 
 @triton.jit
@@ -326,7 +327,7 @@ def _index_summary_kernel(
                     hi = tl.max(tl.where(match, pos, -1), axis=0) + 1
                     flat_min, flat_max = _fold_group_keys(key_ptr, key_ptr, slot_ptr, j0, lo, hi, N, group, i - 1,
                                                           f_off, f_mask, f_off, f_mask, flat_min, flat_max,
-                                                          stride_kn, 0, SBS, KEY_DTYPE, BLOCK_T, False)
+                                                          stride_kn, 0, SBS, KEY_DTYPE, BLOCK_T, HAS_TAIL=False)
                 j0 += BLOCK_SCAN
             # Loaded after the scan, not before it: held through a long prefill scan it cost 4-10% (RESULTS).
             old_min, old_max = _load_old_summary(group, bmin_ptr, bmax_ptr, bscale_ptr, HKV, D, BLOCK_H, BLOCK_D)
@@ -412,7 +413,7 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     `key_tail` (N, Hkv, P), same dtype as `key`: the keys' last P channels when the caller holds them in two
     parts (MLA's `kv_c_normed` and `k_pe`); the key is then `cat([key, key_tail], -1)`, which decode calls read
     from both parts without making it."""
-    require_triton_device("write_index", key, index.block_min)
+    require_triton_device("write_index", key, index.block_min, *(() if key_tail is None else (key_tail,)))
     if key_tail is not None:
         if key_tail.dim() != 3 or key.dim() != 3 or key_tail.shape[:2] != key.shape[:2] or key_tail.dtype != key.dtype:
             raise ValueError(f"write_index: key_tail must be (N, Hkv, P) with key's (N, Hkv) and dtype; got key "
@@ -431,8 +432,10 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     split = key.shape[-1] if key.dim() == 3 else -1
     full_shape = (*key.shape[:2], split + key_tail.shape[2]) if key_tail is not None else tuple(key.shape)
     if len(full_shape) != 3 or tuple(full_shape[1:]) != tuple(bmin.shape[2:]):
+        got = (f"key {tuple(key.shape)} + key_tail {tuple(key_tail.shape)} = {tuple(full_shape)}"
+               if key_tail is not None else str(tuple(full_shape)))
         raise ValueError(f"write_index: key must be (N, Hkv, D) = (N, {bmin.shape[2]}, {bmin.shape[3]})"
-                         f"{' with its tail' if key_tail is not None else ''}; got {tuple(full_shape)}")
+                         f"{' with its tail' if key_tail is not None else ''}; got {got}")
     if key_tail is not None and (index.basis is not None or key.shape[0] > ONE_PASS_MAX_TOKENS):
         key, key_tail = torch.cat([key, key_tail], dim=-1), None  # prefill, or a rotated index
     if slot_mapping.dtype != torch.int64 or slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
@@ -473,8 +476,8 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
         tail = key if key_tail is None else key_tail
         tail_strides = (0, 0, 0) if key_tail is None else key_tail.stride()
         _index_write_one_pass_kernel[(N,)](
-            key, tail, slot_mapping, channel_ids, codes, scales, bmin, bmax, bscale, N, *strides[:3],
-            *tail_strides, *strides[3:],
+            key, tail, slot_mapping, channel_ids, codes, scales, bmin, bmax, bscale, N, *key.stride(),
+            *tail_strides, *cs, *ss,
             HKV=Hkv, D=D, C=C, BITS=bits, CBS=cbs, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL,
             QMAX=float(SUMMARY_QMAX), BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
             BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_T=block_t, SPLIT=split if key_tail is not None else D,
@@ -492,3 +495,27 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
         HKV=Hkv, D=D, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL, QMAX=float(SUMMARY_QMAX),
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_SCAN=256, BLOCK_T=block_t, num_warps=4,
     )
+
+
+def warm_write_index(index, key: torch.Tensor, config, workspace: IndexWriteWorkspace,
+                     key_tail: torch.Tensor | None = None) -> None:
+    """Compile every kernel variant a `write_index_triton` call can take for keys laid out like `key` (and
+    `key_tail`), by writing calls of every size class with every slot padded: nothing is written. Triton
+    compiles a variant at its first launch; a decode graph's warm-up compiles only its batch sizes, so a
+    prefill chunk of another size class (a one-pass tile of up to ONE_PASS_MAX_TOKENS, the call's length
+    a multiple of 16, 1, or neither, or a claim-kernel call) compiled at serving time, a stall vLLM logs as
+    "JIT compilation during inference" (about 1 s on an H200; RESULTS, 2026-11-27). Call it outside a CUDA
+    graph capture, once per layout."""
+    sizes = {1, ONE_PASS_MAX_TOKENS + 1, ONE_PASS_MAX_TOKENS + 16}
+    tile = 16
+    while tile <= ONE_PASS_MAX_TOKENS:
+        sizes |= {tile - 1, tile}
+        tile *= 2
+
+    def like(t, n):
+        return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device).zero_()
+
+    for n in sorted(sizes):
+        slots = torch.full((n,), -1, dtype=torch.int64, device=key.device)
+        write_index_triton(index, like(key, n), slots, config, workspace,
+                           key_tail=None if key_tail is None else like(key_tail, n))

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -49,26 +52,39 @@ def test_report_gives_the_median_step_and_its_ratio_when_recorded(tmp_path, caps
 
 
 class _Engine:
-    """A stand-in for vLLM's LLMEngine: every request finishes after `steps` calls of step()."""
+    """A stand-in for vLLM's LLMEngine: one token per request and step, every request done after max_tokens
+    steps (`short` requests stop one token early)."""
 
-    def __init__(self, steps):
-        self.steps, self.requests, self.calls = steps, [], 0
+    def __init__(self, short=()):
+        self.requests, self.tokens, self.short = [], {}, set(short)
 
     def add_request(self, request_id, prompt, params):
         self.requests.append((request_id, prompt, params.max_tokens))
+        self.tokens[request_id] = 0
 
     def has_unfinished_requests(self):
-        return self.calls < self.steps
+        return any(not self._done(r) for r in self.tokens)
+
+    def _done(self, r):
+        return self.tokens[r] >= self.requests[0][2] - (r in self.short)
 
     def step(self):
-        self.calls += 1
+        outs = []
+        for r in self.tokens:
+            if not self._done(r):
+                self.tokens[r] += 1
+                outs.append(SimpleNamespace(request_id=r, finished=self._done(r),
+                                            outputs=[SimpleNamespace(token_ids=[0] * self.tokens[r])]))
+        return outs
 
 
 def test_stepped_step_times_times_every_step_of_the_prompts_run():
-    engine = _Engine(steps=7)
+    engine = _Engine()
     times = bench_vllm_e2e.stepped_step_times(engine, ["a", "b", "c"], 40, "t")
-    assert len(times) == 7 and all(t >= 0 for t in times)
+    assert len(times) == 40 and all(t >= 0 for t in times)
     assert engine.requests == [("t-0", "a", 40), ("t-1", "b", 40), ("t-2", "c", 40)]
+    with pytest.raises(RuntimeError, match="expected 3 requests of 40 tokens"):
+        bench_vllm_e2e.stepped_step_times(_Engine(short={"t-1"}), ["a", "b", "c"], 40, "t")
 
 
 def test_check_runs_are_compared_with_vllms_backend_on_the_same_cache():

@@ -556,3 +556,66 @@ def test_mla_index_is_written_from_the_unquantised_rows_under_an_fp8_cache():
     for got in written.values():
         for name in ("block_min", "block_max", "block_scale", "codes", "scales"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_gpu_index_writes_warm_every_writer_variant_once_outside_a_capture(monkeypatch):
+    """On the Triton path the first write outside a CUDA graph capture first compiles every writer variant
+    (`warm_write_index`, with the call's own key layout), so prefill sizes no decode graph ran do not compile
+    while serving; later writes, and writes while capturing, only write."""
+    from asynctls_tip_kernels import index_write
+    from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+    from vllm_asynctls import layer_index
+    from vllm_asynctls.layer_index import LayerIndex
+
+    calls = []
+    monkeypatch.setattr(index_write, "warm_write_index",
+                        lambda index, key, config, ws, key_tail=None: calls.append(("warm", key, key_tail)))
+    monkeypatch.setattr(index_write, "write_index_triton",
+                        lambda index, key, slots, config, workspace=None, key_tail=None:
+                        calls.append(("write", key, key_tail)))
+    capturing = [False]
+    monkeypatch.setattr(layer_index, "_capturing", lambda: capturing[0])
+    config = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=4, token_budget=32, sink_tokens=16,
+                                           local_tokens=16, index_channels=16)
+    lix = LayerIndex(config, 1, 48, is_mla=True)
+    lix.ensure(4, 16, torch.bfloat16, "cpu")
+    lix._write_workspace = object()  # what a CUDA index gets: the Triton path
+    lix.calibrated = True
+    kv_c, k_pe, slots = torch.randn(5, 1, 32), torch.randn(5, 1, 16), torch.arange(5)
+    capturing[0] = True
+    lix.write(kv_c, slots, key_tail=k_pe)  # while capturing: no warm-up (it would launch into the graph)
+    capturing[0] = False
+    lix.write(kv_c, slots, key_tail=k_pe)
+    lix.write(kv_c[:2], slots[:2], key_tail=k_pe[:2])
+    assert [c[0] for c in calls] == ["write", "warm", "write", "write"]
+    assert calls[1][1] is not None and calls[1][1].shape == (5, 1, 32) and calls[1][2].shape == (5, 1, 16)
+
+
+@pytest.mark.parametrize("basis", ["channels", "pca"])
+def test_an_index_written_in_two_parts_calibrates_on_the_joined_keys(monkeypatch, basis):
+    """The first real write calibrates the index (channels or basis) on the whole key: writing the latent and rope
+    parts apart gives the index that writing the joined rows gives."""
+    from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+    from vllm_asynctls import layer_index
+    from vllm_asynctls.layer_index import LayerIndex
+
+    monkeypatch.setattr(layer_index, "_is_dummy_run", lambda: False)
+    g = torch.Generator().manual_seed(8)
+    config = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=4, token_budget=32, sink_tokens=16,
+                                           local_tokens=16, index_channels=16, index_basis=basis)
+    kv_c = torch.randn(40, 1, 32, generator=g) * torch.linspace(0.1, 3, 32)
+    k_pe = torch.randn(40, 1, 16, generator=g) * 4  # the largest channels are the rope part's
+    slots = torch.randperm(96, generator=g)[:40]
+    apart, joined = LayerIndex(config, 1, 48, is_mla=True), LayerIndex(config, 1, 48, is_mla=True)
+    for lix in (apart, joined):
+        lix.ensure(6, 16, torch.float32, "cpu")
+    apart.write(kv_c, slots, key_tail=k_pe)
+    joined.write(torch.cat([kv_c, k_pe], dim=-1), slots)
+    assert apart.calibrated and joined.calibrated
+    if basis == "channels":  # rope channels chosen: the tail was seen
+        assert bool((apart.index.channel_ids >= 32).any())
+    else:  # the leading direction lies mostly in the rope part
+        assert float(apart.index.basis[0, 0, 32:].norm()) > 0.5
+    for name in ("channel_ids", "block_min", "block_max", "block_scale", "codes", "scales", "basis"):
+        a, b = getattr(apart.index, name), getattr(joined.index, name)
+        assert (a is None and b is None) or torch.equal(a, b), name

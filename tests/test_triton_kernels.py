@@ -34,7 +34,7 @@ from asynctls_tip_kernels import block_select  # noqa: E402
 from asynctls_tip_kernels.block_select import block_scores_triton, select_blocks_triton, topk_rows  # noqa: E402
 from asynctls_tip_kernels.index_basis import rotate_triton  # noqa: E402
 from asynctls_tip_kernels import index_write  # noqa: E402
-from asynctls_tip_kernels.index_write import IndexWriteWorkspace, write_index_triton  # noqa: E402
+from asynctls_tip_kernels.index_write import IndexWriteWorkspace, warm_write_index, write_index_triton  # noqa: E402
 from asynctls_tip_kernels import sparse_attention  # noqa: E402
 from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
@@ -299,18 +299,57 @@ def test_write_index_with_a_key_tail_equals_the_whole_key(Hkv, Dk, split, dtype,
     assert not head.is_contiguous() and tail.stride(-1) == 2
     slots = torch.cat([torch.arange(16, 36), torch.arange(40, 60)])
     slots[[3, 30]] = torch.tensor([-1, -1000])
-    calls = [slice(0, 20), slice(20, 25), slice(25, 40)]  # a prefill-sized call, then shorter ones
+    calls = [slice(0, 20), slice(20, 25), slice(25, 40)]  # `write_plan` picks the plan (claimed: joined first)
     for sl in calls:
         ref.write_index(want, keys[sl], slots[sl], config)
         write_index_triton(got, head[sl], slots[sl].to(DEVICE), config, ws, key_tail=tail[sl])
         assert_same_summaries(got, want)
         if want.codes is not None:
             assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scales.cpu(), want.scales)
+    other_dtype = torch.float16 if dtype != torch.float16 else torch.float32
     with pytest.raises(ValueError, match="key_tail must be"):
-        write_index_triton(got, head[:2], slots[:2].to(DEVICE), config, ws, key_tail=tail[:2].float().half()
-                           if dtype != torch.float16 else tail[:2].float())
+        write_index_triton(got, head[:2], slots[:2].to(DEVICE), config, ws, key_tail=tail[:2].to(other_dtype))
     with pytest.raises(ValueError, match="with its tail"):
         write_index_triton(got, head[:2], slots[:2].to(DEVICE), config, ws, key_tail=tail[:2, :, :-1])
+
+
+def test_write_index_with_a_key_tail_into_a_basis_equals_the_whole_key():
+    # A pca index rotates the whole key, so the writer joins the parts first: the same index as the joined key
+    # written by the same kernels (the rotation equals the reference's only up to float32 summation order).
+    c = build("small_mla", seed=4, basis=True)
+    config, index = c["config"].with_(index_basis="pca"), c["index"]
+    keys, slots = c["flat_keys"][:40].to(DEVICE), c["slots"][:40].to(DEVICE)
+    split = keys.shape[-1] - 7
+    joined, apart = (copy_index(index, lambda t: t.to(DEVICE).clone()) for _ in range(2))
+    for t in (joined, apart):
+        fill_summaries_with_junk_on(t, seed=9)
+    for sl in (slice(0, 30), slice(30, 31), slice(31, 40)):
+        write_index_triton(joined, keys[sl], slots[sl], config)
+        write_index_triton(apart, keys[sl, :, :split], slots[sl], config, key_tail=keys[sl, :, split:])
+    for name in ("block_min", "block_max", "block_scale", "codes", "scales"):
+        assert torch.equal(getattr(apart, name), getattr(joined, name)), name
+
+
+@pytest.mark.parametrize("tail", [False, True], ids=["one_part", "key_tail"])
+def test_warm_write_index_writes_nothing(tail, monkeypatch):
+    # Every size class of call, each slot padded: the index, its junk summaries and the claim buffer stay as they
+    # were (the warm-up only makes Triton compile the variants). A one-pass limit of 32 keeps the interpreter
+    # quick: calls of 1, 15, 16, 31, 32 tokens in one pass, 33 and 48 through the claim kernels.
+    monkeypatch.setattr(index_write, "ONE_PASS_MAX_TOKENS", 32)
+    config = SparseAttentionConfig(selection_block_size=8, num_blocks=2, token_budget=16, sink_tokens=0,
+                                   local_tokens=0, index_channels=8, index_bits=4)
+    gen = torch.Generator().manual_seed(17)
+    index = ref.allocate_index(4, 16, 2, 40, config, torch.float16, "cpu")
+    fill_summaries_with_junk(index, gen)
+    index.codes.copy_(torch.randint(0, 256, index.codes.shape, generator=gen, dtype=torch.uint8))
+    index.scales.copy_(torch.rand(index.scales.shape, generator=gen))
+    got = copy_index(index, lambda t: t.to(DEVICE).clone())
+    ws = IndexWriteWorkspace(4, 2, DEVICE)
+    key = torch.randn(3, 2, 40, generator=gen).half().to(DEVICE)
+    warm_write_index(got, key[..., :24] if tail else key, config, ws, key_tail=key[..., 24:] if tail else None)
+    for name in ("block_min", "block_max", "block_scale", "codes", "scales"):
+        assert torch.equal(getattr(got, name).cpu(), getattr(index, name)), name
+    assert bool((ws.claim == torch.iinfo(torch.int32).max).all())
 
 
 @pytest.mark.parametrize("subnormal", [False, True], ids=["normal", "subnormal"])

@@ -56,6 +56,7 @@ class LayerIndex:
         self.index: ref.SparseIndex | None = None
         self.calibrated = False
         self._write_workspace = None  # Triton path: the claim buffer, allocated with the index
+        self._write_warmed = False  # Triton path: every writer variant compiled (`warm_write_index`)
         self.lagged = None  # LaggedBlockState with lagged_selection, allocated with the index
 
     def ensure(self, num_cache_blocks: int, cache_block_size: int, dtype: torch.dtype, device) -> ref.SparseIndex:
@@ -100,7 +101,8 @@ class LayerIndex:
         if self.lagged is not None:
             self.lagged.record(block_table, seq_lens, block_ids)
 
-    def _calibrate(self, key: torch.Tensor, slot_mapping: torch.Tensor, layer_name: str | None) -> None:
+    def _calibrate(self, key: torch.Tensor, key_tail: torch.Tensor | None, slot_mapping: torch.Tensor,
+                   layer_name: str | None) -> None:
         if self.calibration is not None:
             if layer_name is None:
                 raise RuntimeError("asynctls: a layer with an index calibration file was written without its name")
@@ -110,6 +112,8 @@ class LayerIndex:
                 layer_number(layer_name), self.calibration_kv_heads, device=self.index.channel_ids.device))
             self.calibrated = True
             return
+        if key_tail is not None:
+            key = torch.cat([key, key_tail], dim=-1)
         valid = slot_mapping >= 0
         calib = key[valid]  # data-dependent shape: once per layer, never inside a graph capture
         if calib.shape[0] > 0:
@@ -120,18 +124,22 @@ class LayerIndex:
               key_tail: torch.Tensor | None = None) -> None:
         """key (N, Hkv, D), possibly padded past slot_mapping's length; slot_mapping (N,) (negative =
         padding); layer_name: vLLM's name of the attention layer (needed with a calibration file);
-        key_tail (N, Hkv, P): the keys' last P channels when they come in two parts (MLA), read by the GPU
-        writer without joining them."""
+        key_tail (N, Hkv, P): the keys' last P channels when they come in two parts (MLA); the GPU writer
+        reads both parts of calls of at most 256 tokens without a basis, and joins them for the rest."""
         n = min(key.shape[0], slot_mapping.shape[0])
         key, slot_mapping = key[:n], slot_mapping[:n]
         key_tail = None if key_tail is None else key_tail[:n]
         needs_calibration = self.config.index_bits != 16 or self.config.index_basis == "pca"
         if not self.calibrated and needs_calibration and not _capturing() and not _is_dummy_run():
-            self._calibrate(key if key_tail is None else torch.cat([key, key_tail], dim=-1), slot_mapping,
-                            layer_name)
+            self._calibrate(key, key_tail, slot_mapping, layer_name)
         if self._write_workspace is not None:
-            from asynctls_tip_kernels.index_write import write_index_triton
+            from asynctls_tip_kernels.index_write import warm_write_index, write_index_triton
 
+            if not self._write_warmed and not _capturing():
+                # vLLM's warm-up runs reach here first (CUDA graphs: before capture), so prefill sizes their
+                # graphs never run do not compile while serving.
+                warm_write_index(self.index, key, self.config, self._write_workspace, key_tail=key_tail)
+                self._write_warmed = True
             write_index_triton(self.index, key, slot_mapping.to(torch.int64), self.config,
                                workspace=self._write_workspace, key_tail=key_tail)
         else:
