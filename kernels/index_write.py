@@ -411,8 +411,9 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     and `block_scale` contiguous float32, as `allocate_index` makes them. `workspace` holds the claim buffer of calls longer
     than ONE_PASS_MAX_TOKENS (allocated here when None; pass one to keep allocations out of a graph).
     `key_tail` (N, Hkv, P), same dtype as `key`: the keys' last P channels when the caller holds them in two
-    parts (MLA's `kv_c_normed` and `k_pe`); the key is then `cat([key, key_tail], -1)`, which decode calls read
-    from both parts without making it."""
+    parts (MLA's `kv_c_normed` and `k_pe`); the key is then `cat([key, key_tail], -1)`, which calls of at most
+    ONE_PASS_MAX_TOKENS tokens into an index without a basis read from both parts without making it (the others
+    join them first)."""
     require_triton_device("write_index", key, index.block_min, *(() if key_tail is None else (key_tail,)))
     if key_tail is not None:
         if key_tail.dim() != 3 or key.dim() != 3 or key_tail.shape[:2] != key.shape[:2] or key_tail.dtype != key.dtype:
@@ -471,7 +472,6 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
     block_c = max(2, triton.next_power_of_2(C // 2 if bits == 4 else C))
     block_d = max(16, triton.next_power_of_2(D))
     block_t = max(1, min(256, 8192 // (block_h * block_d)))  # keys loaded per step: 8 x 8 heads x 128
-    strides = (key.stride(0), key.stride(1), key.stride(2), *cs, *ss)
     if one_pass:
         tail = key if key_tail is None else key_tail
         tail_strides = (0, 0, 0) if key_tail is None else key_tail.stride()
@@ -485,13 +485,12 @@ def write_index_triton(index, key: torch.Tensor, slot_mapping: torch.Tensor, con
         )
         return
     _index_codes_kernel[(N,)](
-        key, slot_mapping, channel_ids, codes, scales, workspace.claim, *strides,
+        key, slot_mapping, channel_ids, codes, scales, workspace.claim, *key.stride(), *cs, *ss,
         HKV=Hkv, C=C, BITS=bits, CBS=cbs, SBS=sbs, BLOCK_H=block_h, BLOCK_C=block_c, STORE_DTYPE=key_dtype,
         num_warps=1 if Hkv * C <= 256 else 4,
     )
     _index_summary_kernel[(N,)](
-        key, slot_mapping, bmin, bmax, bscale, workspace.claim, N,
-        key.stride(0), key.stride(1), key.stride(2),
+        key, slot_mapping, bmin, bmax, bscale, workspace.claim, N, *key.stride(),
         HKV=Hkv, D=D, SBS=sbs, KEY_DTYPE=key_dtype, TOL=SUMMARY_TOL, QMAX=float(SUMMARY_QMAX),
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_SCAN=256, BLOCK_T=block_t, num_warps=4,
     )
