@@ -242,9 +242,10 @@ def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | N
                              kv_cache_dtype: str | None = None) -> dict:
     """`LLM(...)` settings of the throughput runs on Qwen3-8B shapes: dummy weights, prefix caching,
     at most MAX_SEQS requests, KV sized by `kv_bytes` (else 90% of the GPU), cache block 64 for asynctls,
-    `kv_cache_dtype` when given (fp8: both backends)."""
+    `kv_cache_dtype` when given (fp8: both backends). vLLM's JIT monitor logs every Triton compile after
+    warm-up, with its constexprs (by default it names each kernel once): a compile while serving is a spike."""
     kw = dict(max_model_len=max_model_len, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
-              skip_tokenizer_init=True, load_format="dummy")
+              skip_tokenizer_init=True, load_format="dummy", jit_monitor_verbose=True)
     if kv_cache_dtype:
         kw["kv_cache_dtype"] = kv_cache_dtype
     if kv_bytes:

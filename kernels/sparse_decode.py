@@ -389,6 +389,38 @@ def sparse_decode_triton(
     return out, positions, block_ids
 
 
+def warm_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          block_table: torch.Tensor, config: SparseAttentionConfig, scale: float, max_batch: int,
+                          kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[int]:
+    """Compile every launch variant the decode step's attention can take for batches of 1 to `max_batch` rows,
+    with inputs laid out like these (a decode call's own): one all-padded attention launch per distinct
+    `attention_plan` (its split count follows the batch), at the smallest batch that takes it. Returns those
+    batch sizes.
+
+    A CUDA graph compiles only its own batch sizes' variants. A step that mixes prefill and decode runs the
+    attention outside any graph, at whatever number of decode rows it holds, and Triton compiled that batch's
+    variant while serving: vLLM logged "JIT compilation during inference" of the split and merge kernels,
+    about 0.7-0.9 s each on an H200 (RESULTS, 2026-11-27). Call it outside a CUDA graph capture, once per
+    layout; the caches are only read (every position is padding)."""
+    Hq, Dk = query.shape[1], query.shape[2]
+    Hkv, Dv = key_cache.shape[2], value_cache.shape[3]
+    first_batch_of_plan: dict[tuple, int] = {}
+    for batch in range(1, max_batch + 1):
+        plan = attention_plan(batch, Hq, Hkv, config.attended_tokens, Dk, Dv, query_bytes=query.element_size())
+        first_batch_of_plan.setdefault(tuple(sorted(plan.items())), batch)
+
+    def like(t, n):
+        return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device).zero_()
+
+    pipelined = config.mode == "asynctls" and config.lagged_selection
+    with pdl_scope(PDL_PIPELINED_STEP if pipelined else PDL_STANDARD_STEP):
+        for batch in first_batch_of_plan.values():
+            positions = torch.full((batch, Hkv, config.attended_tokens), -1, dtype=torch.int32, device=query.device)
+            sparse_attention_triton(like(query, batch), key_cache, value_cache, like(block_table, batch), positions,
+                                    scale, kv_scales=kv_scales)
+    return sorted(first_batch_of_plan.values())
+
+
 def _index_queries(query, index, config):
     """(query for the block stage, query for the token stage): both in the index's coordinates with a
     basis (`index_basis="pca"`, one rotation launch), except the token stage's with index_bits 16 (exact

@@ -591,6 +591,27 @@ def test_gpu_index_writes_warm_every_writer_variant_once_outside_a_capture(monke
     assert calls[1][1] is not None and calls[1][1].shape == (5, 1, 32) and calls[1][2].shape == (5, 1, 16)
 
 
+def test_gpu_decode_warms_every_attention_variant_once_outside_a_capture(monkeypatch):
+    """A GPU layer's first decode outside a CUDA graph capture first compiles the attention of every decode batch
+    up to the engine's largest (`warm_decode_attention`, with the call's own inputs), so a step mixing prefill and
+    decode rows does not compile one while serving; later decodes, and decodes while capturing, do not warm."""
+    from vllm_asynctls import decode_workspaces
+    from vllm_asynctls.decode_workspaces import DecodeAttentionWarmup
+
+    calls = []
+    monkeypatch.setattr(decode_workspaces, "warm_decode_attention", lambda *args: calls.append(args))
+    capturing = [True]
+    monkeypatch.setattr(decode_workspaces, "_capturing", lambda: capturing[0])
+    warm = DecodeAttentionWarmup(max_batch=48)
+    inputs = ("q", "k", "v", "block_table", "config", 0.125, ("k_scale", "v_scale"))
+    warm(*inputs)  # while capturing: nothing (it would launch into the graph)
+    assert calls == []
+    capturing[0] = False
+    warm(*inputs)
+    warm(*inputs)
+    assert calls == [("q", "k", "v", "block_table", "config", 0.125, 48, ("k_scale", "v_scale"))]
+
+
 @pytest.mark.parametrize("basis", ["channels", "pca"])
 def test_an_index_written_in_two_parts_calibrates_on_the_joined_keys(monkeypatch, basis):
     """The first real write calibrates the index (channels or basis) on the whole key: writing the latent and rope

@@ -38,7 +38,9 @@ from asynctls_tip_kernels.index_write import IndexWriteWorkspace, warm_write_ind
 from asynctls_tip_kernels import sparse_attention  # noqa: E402
 from asynctls_tip_kernels.sparse_attention import sparse_attention_triton  # noqa: E402
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
-from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton  # noqa: E402
+from asynctls_tip_kernels import sparse_decode  # noqa: E402
+from asynctls_tip_kernels.sparse_decode import (  # noqa: E402
+    SparseDecodeWorkspace, sparse_decode_triton, warm_decode_attention)
 from asynctls_tip_kernels.token_select import (  # noqa: E402
     build_index_query, index_query_triton, select_tokens_triton, token_scores_triton, word_score_heads)
 from test_sparse_reference import adversarial_summaries, assert_exact_summary, fill_summaries_with_junk  # noqa: E402
@@ -350,6 +352,53 @@ def test_warm_write_index_writes_nothing(tail, monkeypatch):
     for name in ("block_min", "block_max", "block_scale", "codes", "scales"):
         assert torch.equal(getattr(got, name).cpu(), getattr(index, name)), name
     assert bool((ws.claim == torch.iinfo(torch.int32).max).all())
+
+
+def test_warm_decode_attention_launches_every_batchs_plan_once_at_its_smallest_batch(monkeypatch):
+    # Qwen3-8B shapes at the paper's settings: the split count follows the batch, so batches up to 64 take
+    # several variants. Each must be launched once, at the smallest batch that takes it, all-padded, with the
+    # decode call's own query and block-table layouts (strides are part of what Triton specialises on).
+    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=2048)
+    query = torch.zeros(40, 32, 128, dtype=torch.bfloat16, device=DEVICE)[:5]  # rows of vLLM's query buffer
+    block_table = torch.zeros(24, 33, dtype=torch.int32, device=DEVICE)[:5, :31]  # a view of a wider buffer
+    cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    calls = []
+
+    def record(q, k, v, bt, positions, scale, kv_scales=None):
+        calls.append((q.shape[0], q.stride(), q.dtype, bt.shape, bt.stride(), positions.clone(), k is cache, v is cache,
+                      sparse_attention.pdl_launch(q)))
+
+    monkeypatch.setattr(sparse_decode, "sparse_attention_triton", record)
+    batches = warm_decode_attention(query, cache, cache, block_table, config, 0.1, 64)
+
+    def plan(b):
+        return sparse_attention.attention_plan(b, 32, 8, config.attended_tokens, 128, 128)
+
+    assert batches == [c[0] for c in calls] and len(batches) > 2
+    assert len({tuple(sorted(plan(b).items())) for b in batches}) == len(batches)
+    for b in range(1, 65):
+        first = min(c for c in range(1, b + 1) if plan(c) == plan(b))
+        assert first in batches, b
+    for b, q_stride, dtype, bt_shape, bt_stride, positions, k_is_cache, v_is_cache, pdl in calls:
+        assert q_stride == query.stride() and dtype == query.dtype and k_is_cache and v_is_cache
+        assert bt_shape == (b, 31) and bt_stride == block_table.stride()
+        assert positions.shape == (b, 8, config.attended_tokens) and bool((positions == -1).all())
+        assert pdl == sparse_attention.pdl_launch(query)
+
+
+def test_warm_decode_attention_reads_only():
+    # Launched for real (compiled on a GPU, the interpreter here): the caches and the block table stay as they were.
+    config = SparseAttentionConfig(selection_block_size=8, num_blocks=2, token_budget=16, sink_tokens=0,
+                                   local_tokens=0, index_channels=8, index_bits=4)
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(3, 16, 2, 40, generator=gen).to(torch.float16).to(DEVICE)
+    before = cache.clone()
+    block_table = torch.arange(6, dtype=torch.int32, device=DEVICE).view(3, 2) % 3
+    query = torch.randn(3, 6, 40, generator=gen).to(torch.float16).to(DEVICE)
+    batches = warm_decode_attention(query, cache, cache[..., :24], block_table, config, 0.2, 3)
+    assert batches[0] == 1
+    assert torch.equal(cache, before)
+    assert torch.equal(block_table.cpu(), torch.arange(6, dtype=torch.int32).view(3, 2) % 3)
 
 
 @pytest.mark.parametrize("subnormal", [False, True], ids=["normal", "subnormal"])

@@ -1,15 +1,17 @@
 """The GPU backends' decode workspaces: one `SparseDecodeWorkspace` per decode batch size, all carved
 from one arena per engine (their steps never overlap), so CUDA graphs of every captured size cost one
-workspace of memory. Also the per-step counting both GPU builders share."""
+workspace of memory. Also the attention warm-up both GPU impls run once per layer, and the per-step counting
+both GPU builders share."""
 
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
-from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena
+from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena, warm_decode_attention
 
 from vllm_asynctls.counters import COUNTERS
+from vllm_asynctls.layer_index import _capturing
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
@@ -47,6 +49,23 @@ class DecodeWorkspaces:
             ws = SparseDecodeWorkspace(*self.workspace_args(batch, width), empty=self._arena.carver())
             self._by_batch[batch] = ws
         return ws
+
+
+class DecodeAttentionWarmup:
+    """One layer's attention warm-up: at its first decode outside a CUDA-graph capture (vLLM's warm-up run
+    before capture, or the first request in eager mode), `warm_decode_attention` compiles the attention
+    variant of every decode batch up to `max_batch`, so that a step mixing prefill and decode rows does not
+    compile one while serving. Later calls, and calls while capturing, do nothing."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.max_batch = max_batch
+        self.done = False
+
+    def __call__(self, query, key_cache, value_cache, block_table, config, scale: float, kv_scales=None) -> None:
+        if self.done or _capturing():
+            return
+        warm_decode_attention(query, key_cache, value_cache, block_table, config, scale, self.max_batch, kv_scales)
+        self.done = True
 
 
 def max_decode_batch(vllm_config) -> int:

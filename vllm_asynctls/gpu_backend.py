@@ -60,7 +60,7 @@ from vllm_asynctls._vllm_compat import (
     check_impl_features, rank_kv_heads,
 )
 from vllm_asynctls.config import AsyncTLSConfig
-from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
+from vllm_asynctls.decode_workspaces import DecodeAttentionWarmup, DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.fp8_kv import fp8_decode_inputs
 from vllm_asynctls.layer_index import LayerIndex
 
@@ -194,6 +194,7 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
                                                             is_mla=False)
         self.layer_index = LayerIndex(self.sparse_config, num_kv_heads, head_size, is_mla=False, calibration=calibration,
                                       calibration_kv_heads=rank_kv_heads(vllm_config, num_kv_heads) if calibration else None)
+        self.warm_attention = DecodeAttentionWarmup(max_decode_batch(vllm_config))
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -226,6 +227,7 @@ class AsyncTLSFlashAttentionImpl(FlashAttentionImpl):
         if self.kv_fp8:
             q, key_cache, value_cache, kv_scales = fp8_decode_inputs(
                 q, key_cache, value_cache, layer._q_scale, layer._k_scale, layer._v_scale, output.dtype)
+        self.warm_attention(q, key_cache, value_cache, md.block_table, self.sparse_config, self.scale, kv_scales)
         lix = self.layer_index
         out, _, block_ids = sparse_decode_triton(
             q, key_cache, value_cache, md.block_table, md.seq_lens, lix.index, self.sparse_config,

@@ -55,7 +55,7 @@ from vllm_asynctls._vllm_compat import (
     check_impl_features,
 )
 from vllm_asynctls.config import AsyncTLSConfig
-from vllm_asynctls.decode_workspaces import DecodeWorkspaces, count_gpu_step, max_decode_batch
+from vllm_asynctls.decode_workspaces import DecodeAttentionWarmup, DecodeWorkspaces, count_gpu_step, max_decode_batch
 from vllm_asynctls.mla_decode import mla_layer_index, sparse_mla_decode, write_mla_index
 
 @dataclass
@@ -124,6 +124,7 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
         self.asynctls = AsyncTLSConfig.from_vllm_config(vllm_config)
         self.sparse_config, self.layer_index = mla_layer_index(
             self.asynctls, vllm_config, self.kv_lora_rank + self.qk_rope_head_dim)
+        self.warm_attention = DecodeAttentionWarmup(max_decode_batch(vllm_config))
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
         super().do_kv_cache_update(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)
@@ -141,7 +142,7 @@ class AsyncTLSTritonMLAImpl(TritonMLAImpl):
         decode = attn_metadata.decode
         out = sparse_mla_decode(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.kv_lora_rank,
                                 self.layer_index, self.sparse_config, self.scale, workspace=decode.workspace,
-                                k_scale=layer._k_scale if self.kv_fp8 else None)
+                                k_scale=layer._k_scale if self.kv_fp8 else None, warm_attention=self.warm_attention)
         return out, None
 
 

@@ -56,20 +56,23 @@ def write_mla_index(layer_index, kv_c_normed: torch.Tensor, k_pe: torch.Tensor, 
 
 def sparse_mla_decode(q: torch.Tensor, kv_c_and_k_pe_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, kv_lora_rank: int, layer_index, sparse_config, scale: float,
-                      workspace=None, k_scale: torch.Tensor | None = None) -> torch.Tensor:
+                      workspace=None, k_scale: torch.Tensor | None = None, warm_attention=None) -> torch.Tensor:
     """The Triton sparse operator over vLLM's latent cache for B decode rows: q (B, H, L + P) absorbed
     query, cache (blocks, block_size, L + P), block_table (B, W) int32, seq_lens (B,) int32,
     `layer_index` a `vllm_asynctls.layer_index.LayerIndex`; returns (B, H, L). Fixed shapes and no host
     synchronisation (given a workspace), so it can be captured in a CUDA graph. With a workspace the
     result is the workspace's buffer, overwritten by the next call: consume it first (vLLM's
     `_v_up_proj` does, right after). `k_scale`: the layer's `_k_scale` for an fp8 cache (`--kv-cache-dtype
-    fp8`: rows stored as row / k_scale), None for an unquantised one."""
+    fp8`: rows stored as row / k_scale), None for an unquantised one. `warm_attention`: the layer's
+    `DecodeAttentionWarmup`, called with the operator's inputs first."""
     from asynctls_tip_kernels.sparse_decode import sparse_decode_triton
 
     kv_scales = None
     if k_scale is not None:
         kv_c_and_k_pe_cache, kv_scales = fp8_mla_decode_inputs(kv_c_and_k_pe_cache, k_scale)
     key_cache, value_cache = mla_cache_views(kv_c_and_k_pe_cache, kv_lora_rank)
+    if warm_attention is not None:
+        warm_attention(q, key_cache, value_cache, block_table, sparse_config, scale, kv_scales)
     out, _, block_ids = sparse_decode_triton(
         q, key_cache, value_cache, block_table, seq_lens, layer_index.index, sparse_config, scale,
         previous_block_ids=layer_index.previous_blocks(block_table, seq_lens), workspace=workspace,
