@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -617,6 +618,19 @@ def stage_report(out: Path) -> None:
             print(f"| {r['context'] // 1024}K | {name} | {r['requests']} ({r['requests_fit']}) | "
                   f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x | {stepped} | "
                   f"{stepped_ratio} |")
+    print("\nKernel compiles while serving (vLLM's JIT monitor, in each engine's log; each one stalls a step):")
+    for path in [out / "tput_dense.json", *sorted(out.glob("tput_asynctls_*.json"))]:
+        log = path.with_suffix(".log")
+        names = jit_compiles_while_serving(log.read_text(errors="replace")) if log.exists() else None
+        counts = {n: names.count(n) for n in dict.fromkeys(names)} if names is not None else {}
+        listed = ", ".join(f"{n} x{c}" for n, c in counts.items()) or "none"
+        print(f"- {path.stem.replace('tput_', '')}: {listed if names is not None else 'no log'}")
+
+
+def jit_compiles_while_serving(log_text: str) -> list[str]:
+    """Kernel names of the compiles vLLM's JIT monitor logged after warm-up, in order (the throughput engines
+    log every compile: `jit_monitor_verbose`)."""
+    return re.findall(r"compilation during inference: (\w+)", log_text)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ def test_report_gives_ratios_and_each_repeats_step_time(tmp_path, capsys):
     bench_vllm_e2e.stage_report(tmp_path)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| context | backend |") and "ms/step per repeat" in lines[0]
-    assert lines[2:] == [
+    assert lines[2:lines.index("")] == [
         "| 32K | dense | 16 (64) | 2000 | 8.0 | 7.9 / 8.1 | 1.00x | - | - |",
         "| 64K | dense | 16 (64) | 1000 | 16.0 | 12.0 / 20.5 | 1.00x | - | - |",
         "| 32K | asynctls_2048 | 16 (64) | 3000 | 5.3 | 5.2 / 5.4 | 1.50x | - | - |",  # a context that did not fit: no row
@@ -49,6 +49,25 @@ def test_report_gives_the_median_step_and_its_ratio_when_recorded(tmp_path, caps
     assert "median step ms (quartiles)" in lines[0]
     assert lines[2].endswith("| 1.00x | 4.00 (3.90-4.40) | 1.00x |")
     assert lines[3].endswith("| 1.50x | 5.00 (4.80-5.10) | 0.80x |")  # the two ways can disagree: both shown
+
+
+def test_report_lists_each_engines_kernel_compiles_while_serving(tmp_path, capsys):
+    # Lines as vLLM's monitor writes them (verbose: with constexprs; default: the kernel name then a full stop).
+    (tmp_path / "tput_dense.json").write_text(json.dumps({"rows": [_row(32768, 16, 2000.0, 8.0, [7.9, 8.1])]}))
+    (tmp_path / "tput_dense.log").write_text("INFO Kernel JIT monitor activated; monitored JIT compilations ...\n")
+    (tmp_path / "tput_asynctls_2048.json").write_text(json.dumps({"rows": [_row(32768, 16, 3000.0, 5.3, [5.3])]}))
+    (tmp_path / "tput_asynctls_2048.log").write_text(
+        "(EngineCore pid=7) WARNING [jit_monitor.py:132] Triton kernel JIT compilation during inference: "
+        "_sparse_attn_split_kernel (constexprs={NUM_SPLITS=10}; signature={}). This causes a latency spike\n"
+        "(EngineCore pid=7) WARNING [jit_monitor.py:132] Triton kernel JIT compilation during inference: "
+        "_compute_slot_mapping_kernel. This causes a latency spike; consider extending warmup\n"
+        "(EngineCore pid=7) WARNING [jit_monitor.py:132] Triton kernel JIT compilation during inference: "
+        "_sparse_attn_split_kernel (constexprs={NUM_SPLITS=6}; signature={}). This causes a latency spike\n")
+    (tmp_path / "tput_asynctls_1024.json").write_text(json.dumps({"rows": [_row(32768, 16, 3000.0, 5.3, [5.3])]}))
+    bench_vllm_e2e.stage_report(tmp_path)
+    tail = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert tail == ["- dense: none", "- asynctls_1024: no log",
+                    "- asynctls_2048: _sparse_attn_split_kernel x2, _compute_slot_mapping_kernel x1"]
 
 
 class _Engine:
