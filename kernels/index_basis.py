@@ -25,7 +25,9 @@ ROTATE_BLOCK_E = 64  # output coordinates per program
 ROTATE_BLOCK_D = 128  # input coordinates per step
 
 
-@triton.jit
+# R (rows of one kv head's group) follows the call's row count: unspecialised, so a decode batch run outside any
+# CUDA graph (a step mixing prefill and decode rows) never compiles a variant of its own while serving.
+@triton.jit(do_not_specialize=["R"])
 def _rotate_kernel(x_ptr, basis_ptr, out_ptr, R, stride_xn, stride_xh, stride_xd, stride_on, stride_oh,
                    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_D: tl.constexpr, PDL: tl.constexpr):

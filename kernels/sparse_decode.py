@@ -331,7 +331,7 @@ def sparse_decode_triton(
     if streams is None:
         if ws is not None:
             ws.join_block_stage()  # a deferred block stage still uses the workspace's block buffers
-        with pdl_scope(PDL_STANDARD_STEP):
+        with _step_pdl(pipelined=False):
             q_index, q_tokens = _index_queries(query, index, config)
             block_ids = _select_blocks(q_index, index, block_table, seq_lens, config, n_sel, scale, ws, index_query,
                                        previous_block_ids if lagged else None, block_ids_out)
@@ -349,7 +349,7 @@ def sparse_decode_triton(
     block_stream, token_stream = streams
     main = torch.cuda.current_stream(device)
     token_stream.wait_stream(main)
-    with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(token_stream):
+    with _step_pdl(pipelined=True), torch.cuda.stream(token_stream):
         # On the token stream, so the token scorer follows the rotation by programmatic dependent launch;
         # the block stage waits for the token scores, hence for it too.
         q_index, q_tokens = _index_queries(query, index, config)
@@ -367,7 +367,7 @@ def sparse_decode_triton(
                                                     kv_scales=kv_scales)
     block_stream.wait_stream(main)  # implied by the event below (the token stream waited for main); kept explicit
     block_stream.wait_event(ws.token_scores_written)
-    with pdl_scope(PDL_PIPELINED_STEP), torch.cuda.stream(block_stream):
+    with _step_pdl(pipelined=True), torch.cuda.stream(block_stream):
         block_ids = _select_blocks(q_index, index, block_table, seq_lens, config, n_sel, scale, ws, None,
                                    previous_block_ids, block_ids_out)
         if defer_block_join:
@@ -389,6 +389,19 @@ def sparse_decode_triton(
     return out, positions, block_ids
 
 
+def _step_pdl(pipelined: bool):
+    """The PDL scope of a decode step's launches: the pipelined step's or the standard step's."""
+    return pdl_scope(PDL_PIPELINED_STEP if pipelined else PDL_STANDARD_STEP)
+
+
+def _first_batch_of_each_plan(max_batch: int, *plan_args, **plan_kwargs) -> list[int]:
+    """The smallest batch of each distinct `attention_plan(batch, ...)` over batches 1..max_batch."""
+    first: dict[tuple, int] = {}
+    for batch in range(1, max_batch + 1):
+        first.setdefault(tuple(sorted(attention_plan(batch, *plan_args, **plan_kwargs).items())), batch)
+    return sorted(first.values())
+
+
 def warm_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                           block_table: torch.Tensor, config: SparseAttentionConfig, scale: float, max_batch: int,
                           kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[int]:
@@ -402,23 +415,23 @@ def warm_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
     variant while serving: vLLM logged "JIT compilation during inference" of the split and merge kernels,
     about 0.7-0.9 s each on an H200 (RESULTS, 2026-11-27). Call it outside a CUDA graph capture, once per
     layout; the caches are only read (every position is padding)."""
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("warm_decode_attention: called inside a CUDA graph capture; its launches would join the "
+                           "graph (call it before capture)")
     Hq, Dk = query.shape[1], query.shape[2]
     Hkv, Dv = key_cache.shape[2], value_cache.shape[3]
-    first_batch_of_plan: dict[tuple, int] = {}
-    for batch in range(1, max_batch + 1):
-        plan = attention_plan(batch, Hq, Hkv, config.attended_tokens, Dk, Dv, query_bytes=query.element_size())
-        first_batch_of_plan.setdefault(tuple(sorted(plan.items())), batch)
+    batches = _first_batch_of_each_plan(max_batch, Hq, Hkv, config.attended_tokens, Dk, Dv,
+                                        query_bytes=query.element_size())
 
     def like(t, n):
         return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device).zero_()
 
-    pipelined = config.mode == "asynctls" and config.lagged_selection
-    with pdl_scope(PDL_PIPELINED_STEP if pipelined else PDL_STANDARD_STEP):
-        for batch in first_batch_of_plan.values():
+    with _step_pdl(pipelined=config.mode == "asynctls" and config.lagged_selection):
+        for batch in batches:
             positions = torch.full((batch, Hkv, config.attended_tokens), -1, dtype=torch.int32, device=query.device)
             sparse_attention_triton(like(query, batch), key_cache, value_cache, like(block_table, batch), positions,
                                     scale, kv_scales=kv_scales)
-    return sorted(first_batch_of_plan.values())
+    return batches
 
 
 def _index_queries(query, index, config):

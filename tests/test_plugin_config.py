@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 from vllm_asynctls.config import AsyncTLSConfig
 
 
@@ -594,22 +595,73 @@ def test_gpu_index_writes_warm_every_writer_variant_once_outside_a_capture(monke
 def test_gpu_decode_warms_every_attention_variant_once_outside_a_capture(monkeypatch):
     """A GPU layer's first decode outside a CUDA graph capture first compiles the attention of every decode batch
     up to the engine's largest (`warm_decode_attention`, with the call's own inputs), so a step mixing prefill and
-    decode rows does not compile one while serving; later decodes, and decodes while capturing, do not warm."""
+    decode rows does not compile one while serving; later decodes, decodes while capturing, and other layers
+    with the same layouts (Triton's compiled kernels are per process) do not warm."""
     from vllm_asynctls import decode_workspaces
     from vllm_asynctls.decode_workspaces import DecodeAttentionWarmup
 
     calls = []
     monkeypatch.setattr(decode_workspaces, "warm_decode_attention", lambda *args: calls.append(args))
+    monkeypatch.setattr(DecodeAttentionWarmup, "_warmed_layouts", set())
     capturing = [True]
     monkeypatch.setattr(decode_workspaces, "_capturing", lambda: capturing[0])
-    warm = DecodeAttentionWarmup(max_batch=48)
-    inputs = ("q", "k", "v", "block_table", "config", 0.125, ("k_scale", "v_scale"))
-    warm(*inputs)  # while capturing: nothing (it would launch into the graph)
+    q, cache, table = torch.zeros(3, 4, 8), torch.zeros(5, 16, 2, 8), torch.zeros(3, 7, dtype=torch.int32)
+    scales = (torch.ones(1), torch.ones(1))
+    config = SparseAttentionConfig(selection_block_size=16, num_blocks=4, token_budget=32, sink_tokens=16,
+                                   local_tokens=16, index_channels=8)
+    layer = DecodeAttentionWarmup(max_batch=48)
+    layer(q, cache, cache, table, config, 0.125, scales)  # while capturing: nothing (it would launch into the graph)
     assert calls == []
     capturing[0] = False
-    warm(*inputs)
-    warm(*inputs)
-    assert calls == [("q", "k", "v", "block_table", "config", 0.125, 48, ("k_scale", "v_scale"))]
+    layer(q, cache, cache, table, config, 0.125, scales)
+    layer(q, cache, cache, table, config, 0.125, scales)
+    assert calls == [(q, cache, cache, table, config, 0.125, 48, scales)]
+    DecodeAttentionWarmup(max_batch=48)(q[:1], cache, cache, table[:1], config, 0.125, scales)  # same layouts
+    assert len(calls) == 1
+    DecodeAttentionWarmup(max_batch=48)(q.double(), cache, cache, table, config, 0.125, scales)  # another dtype
+    DecodeAttentionWarmup(max_batch=48)(q, cache, cache, table, config, 0.125, None)  # an unquantised cache
+    DecodeAttentionWarmup(max_batch=64)(q, cache, cache, table, config, 0.125, scales)  # more batches
+    assert len(calls) == 4
+
+
+def test_gpu_gqa_decode_warms_with_the_operators_own_inputs(monkeypatch):
+    """The GQA impl's decode hands its warm-up exactly what it hands the operator, before the operator runs."""
+    from vllm_asynctls import gpu_backend
+    from vllm_asynctls.gpu_backend import AsyncTLSDecodeMetadata, AsyncTLSFlashAttentionImpl
+
+    order = []
+    impl = object.__new__(AsyncTLSFlashAttentionImpl)
+    impl.head_size, impl.kv_fp8, impl.scale = 8, False, 0.3
+    impl.sparse_config = SparseAttentionConfig(selection_block_size=16, num_blocks=4, token_budget=32, sink_tokens=16,
+                                               local_tokens=16, index_channels=8)
+
+    class Index:
+        index = "index"
+
+        def previous_blocks(self, block_table, seq_lens):
+            return None
+
+        def record_blocks(self, block_table, seq_lens, block_ids):
+            order.append("record")
+
+    impl.layer_index = Index()
+    impl.warm_attention = lambda *args: order.append(("warm", args))
+
+    def operator(q, key_cache, value_cache, block_table, seq_lens, index, config, scale, **kw):
+        order.append(("operator", (q, key_cache, value_cache, block_table, config, scale, kw["kv_scales"])))
+        return torch.zeros(2, 4, 8), None, None
+
+    monkeypatch.setattr(gpu_backend, "sparse_decode_triton", operator)
+    kv_cache = torch.zeros(5, 2, 16, 16)  # vLLM's logical (blocks, kv heads, block size, 2 x head size)
+    md = AsyncTLSDecodeMetadata(num_actual_tokens=2, num_reqs=2, block_table=torch.zeros(2, 3, dtype=torch.int32),
+                                seq_lens=torch.ones(2, dtype=torch.int32), workspace=None)
+    impl._sparse_decode(None, torch.randn(6, 4, 8), kv_cache, md, torch.zeros(6, 4 * 8))
+    (warm, warm_args), (op, op_args), record = order
+    assert (warm, op, record) == ("warm", "operator", "record")
+    assert len(warm_args) == len(op_args)
+    for a, b in zip(warm_args, op_args):
+        assert a is b or (isinstance(a, torch.Tensor) and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+                          and a.shape == b.shape), (a, b)
 
 
 @pytest.mark.parametrize("basis", ["channels", "pca"])

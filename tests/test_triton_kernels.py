@@ -355,32 +355,38 @@ def test_warm_write_index_writes_nothing(tail, monkeypatch):
 
 
 def test_warm_decode_attention_launches_every_batchs_plan_once_at_its_smallest_batch(monkeypatch):
-    # Qwen3-8B shapes at the paper's settings: the split count follows the batch, so batches up to 64 take
-    # several variants. Each must be launched once, at the smallest batch that takes it, all-padded, with the
-    # decode call's own query and block-table layouts (strides are part of what Triton specialises on).
+    # Qwen3-8B shapes at the paper's settings: the split count follows the batch, so batches up to 50 take
+    # several variants (50 the last one's first). Each must be launched once, at the smallest batch that takes
+    # it, all-padded, with the decode call's own query, cache and block-table layouts and scales (strides are
+    # part of what Triton specialises on).
     config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=2048)
-    query = torch.zeros(40, 32, 128, dtype=torch.bfloat16, device=DEVICE)[:5]  # rows of vLLM's query buffer
+    qkv = torch.zeros(40, (32 + 16) * 128, dtype=torch.bfloat16, device=DEVICE)
+    query = qkv[:5, :32 * 128].view(5, 32, 128)  # a view of vLLM's fused qkv rows: row stride 6144
     block_table = torch.zeros(24, 33, dtype=torch.int32, device=DEVICE)[:5, :31]  # a view of a wider buffer
-    cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    key_cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    value_cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    scales = (torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE))
     calls = []
 
     def record(q, k, v, bt, positions, scale, kv_scales=None):
-        calls.append((q.shape[0], q.stride(), q.dtype, bt.shape, bt.stride(), positions.clone(), k is cache, v is cache,
-                      sparse_attention.pdl_launch(q)))
+        calls.append((q.shape, q.stride(), q.dtype, bt.shape, bt.stride(), positions.clone(), k is key_cache,
+                      v is value_cache, kv_scales is scales, sparse_attention.pdl_launch(q)))
 
     monkeypatch.setattr(sparse_decode, "sparse_attention_triton", record)
-    batches = warm_decode_attention(query, cache, cache, block_table, config, 0.1, 64)
+    batches = warm_decode_attention(query, key_cache, value_cache, block_table, config, 0.1, 50, kv_scales=scales)
 
     def plan(b):
         return sparse_attention.attention_plan(b, 32, 8, config.attended_tokens, 128, 128)
 
-    assert batches == [c[0] for c in calls] and len(batches) > 2
+    assert batches == [c[0][0] for c in calls] and len(batches) > 2 and batches[-1] == 50
     assert len({tuple(sorted(plan(b).items())) for b in batches}) == len(batches)
-    for b in range(1, 65):
+    for b in range(1, 51):
         first = min(c for c in range(1, b + 1) if plan(c) == plan(b))
         assert first in batches, b
-    for b, q_stride, dtype, bt_shape, bt_stride, positions, k_is_cache, v_is_cache, pdl in calls:
-        assert q_stride == query.stride() and dtype == query.dtype and k_is_cache and v_is_cache
+    for q_shape, q_stride, dtype, bt_shape, bt_stride, positions, k_ok, v_ok, scales_ok, pdl in calls:
+        b = q_shape[0]
+        assert q_shape == (b, 32, 128) and q_stride == query.stride() and dtype == query.dtype
+        assert k_ok and v_ok and scales_ok
         assert bt_shape == (b, 31) and bt_stride == block_table.stride()
         assert positions.shape == (b, 8, config.attended_tokens) and bool((positions == -1).all())
         assert pdl == sparse_attention.pdl_launch(query)
@@ -1508,8 +1514,19 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged, fp8):
         previous = None if previous is None else previous.clone()
         # The workspace the GPU MLA builder makes: one kv head, key = latent + rope, value = latent.
         ws = SparseDecodeWorkspace(B, H, 1, L + P, L, W, cbs, config, torch.float32, DEVICE)
-        return lix, previous, sparse_mla_decode(q, cache, table, lens, L, lix, config, scale, workspace=ws,
-                                                k_scale=k_scale if fp8 else None)
+        warmed = []
+
+        def warm(*args):  # the layer's DecodeAttentionWarmup: the operator's own inputs, then a real warm-up
+            warmed.append(args)
+            warm_decode_attention(*args[:6], B, args[6])
+
+        out = sparse_mla_decode(q, cache, table, lens, L, lix, config, scale, workspace=ws,
+                                k_scale=k_scale if fp8 else None, warm_attention=warm)
+        (wq, wk, wv, wbt, wconfig, wscale, wscales), = warmed
+        assert wq is q and wbt is table and wconfig is config and wscale == scale
+        assert wk.shape == (num_cache_blocks, cbs, 1, L + P) and wv.shape == (num_cache_blocks, cbs, 1, L)
+        assert wk.dtype == (torch.float8_e4m3fn if fp8 else torch.float32) and (wscales is not None) == fp8
+        return lix, previous, out
 
     covering = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=16, token_budget=160, sink_tokens=16,
                                              local_tokens=16, index_channels=32, lagged_selection=lagged)
@@ -1565,6 +1582,7 @@ def test_gpu_backend_fp8_decode_over_vllms_byte_cache():
         lix.calibrated = True
         lix.write(key.to(DEVICE), slots.to(DEVICE))
         ws = SparseDecodeWorkspace(B, Hkv * group, Hkv, D, D, W, cbs, config, torch.float32, DEVICE)
+        assert warm_decode_attention(q, kc8, vc8, table, config, scale, B, kv_scales)[0] == 1  # fp8 variants too
         out, _, _ = sparse_decode_triton(q, kc8, vc8, table, lens, lix.index, config, scale, workspace=ws,
                                          kv_scales=kv_scales)
         return lix, out

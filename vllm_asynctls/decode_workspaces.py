@@ -52,10 +52,16 @@ class DecodeWorkspaces:
 
 
 class DecodeAttentionWarmup:
-    """One layer's attention warm-up: at its first decode outside a CUDA-graph capture (vLLM's warm-up run
-    before capture, or the first request in eager mode), `warm_decode_attention` compiles the attention
-    variant of every decode batch up to `max_batch`, so that a step mixing prefill and decode rows does not
-    compile one while serving. Later calls, and calls while capturing, do nothing."""
+    """One layer's attention warm-up: at its first decode outside a CUDA-graph capture, `warm_decode_attention`
+    compiles the attention variant of every decode batch up to `max_batch`, so that a step mixing prefill and
+    decode rows (run outside any graph, at any number of decode rows) does not compile one while serving.
+    That first decode is vLLM's warm-up run before capture under full CUDA graphs (`cudagraph_mode` FULL or
+    FULL_AND_PIECEWISE, the default); with `enforce_eager` or PIECEWISE graphs it is the first decode served,
+    which then pays the compiles (seconds with an empty Triton cache). Later calls, and calls while
+    capturing, do nothing; so do the other layers' first calls once a layer warmed the same layouts (Triton's
+    compiled kernels are per process too)."""
+
+    _warmed_layouts: set[tuple] = set()  # per process, shared by the layers
 
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
@@ -64,7 +70,12 @@ class DecodeAttentionWarmup:
     def __call__(self, query, key_cache, value_cache, block_table, config, scale: float, kv_scales=None) -> None:
         if self.done or _capturing():
             return
-        warm_decode_attention(query, key_cache, value_cache, block_table, config, scale, self.max_batch, kv_scales)
+        layout = (self.max_batch, config, kv_scales is None, str(query.device),
+                  *((t.dtype, tuple(t.shape[1:]), t.stride()) for t in (query, key_cache, value_cache, block_table)))
+        if layout not in self._warmed_layouts:
+            warm_decode_attention(query, key_cache, value_cache, block_table, config, scale, self.max_batch,
+                                  kv_scales)
+            self._warmed_layouts.add(layout)
         self.done = True
 
 
