@@ -58,6 +58,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -600,7 +601,8 @@ def stage_report(out: Path) -> None:
     print("| context | backend | requests (fit) | decode tok/s | ms/step | ms/step per repeat | vs dense | "
           "median step ms (quartiles) | vs dense, median step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for path in [out / "tput_dense.json", *sorted(out.glob("tput_asynctls_*.json"))]:
+    paths = [out / "tput_dense.json", *sorted(out.glob("tput_asynctls_*.json"))]
+    for path in paths:
         data = json.loads(path.read_text())
         name = path.stem.replace("tput_", "")
         for r in data["rows"]:
@@ -619,12 +621,13 @@ def stage_report(out: Path) -> None:
                   f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x | {stepped} | "
                   f"{stepped_ratio} |")
     print("\nKernel compiles while serving (vLLM's JIT monitor, in each engine's log; each one stalls a step):")
-    for path in [out / "tput_dense.json", *sorted(out.glob("tput_asynctls_*.json"))]:
+    for path in paths:
         log = path.with_suffix(".log")
-        names = jit_compiles_while_serving(log.read_text(errors="replace")) if log.exists() else None
-        counts = {n: names.count(n) for n in dict.fromkeys(names)} if names is not None else {}
-        listed = ", ".join(f"{n} x{c}" for n, c in counts.items()) or "none"
-        print(f"- {path.stem.replace('tput_', '')}: {listed if names is not None else 'no log'}")
+        if not log.exists():
+            print(f"- {path.stem.replace('tput_', '')}: no log")
+            continue
+        counts = Counter(jit_compiles_while_serving(log.read_text(errors="replace")))  # first-seen order
+        print(f"- {path.stem.replace('tput_', '')}: {', '.join(f'{n} x{c}' for n, c in counts.items()) or 'none'}")
 
 
 def jit_compiles_while_serving(log_text: str) -> list[str]:

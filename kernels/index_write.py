@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import require_triton_device
+from .sparse_attention import require_triton_device, zero_rows_like
 from .index_basis import rotate_keys_triton
 from .sparse_decode_reference import SUMMARY_QMAX, SUMMARY_TOL
 
@@ -511,10 +511,7 @@ def warm_write_index(index, key: torch.Tensor, config, workspace: IndexWriteWork
         sizes |= {tile - 1, tile}
         tile *= 2
 
-    def like(t, n):
-        return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device).zero_()
-
     for n in sorted(sizes):
         slots = torch.full((n,), -1, dtype=torch.int64, device=key.device)
-        write_index_triton(index, like(key, n), slots, config, workspace,
-                           key_tail=None if key_tail is None else like(key_tail, n))
+        write_index_triton(index, zero_rows_like(key, n), slots, config, workspace,
+                           key_tail=None if key_tail is None else zero_rows_like(key_tail, n))

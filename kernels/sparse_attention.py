@@ -82,6 +82,12 @@ MERGE_TILE_ELEMENTS = 32768
 MERGE_CHUNK_ELEMENTS = 16384
 
 
+def zero_rows_like(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeros shaped like `t` with `n` rows along dim 0 and `t`'s own strides: what a warm-up launch passes
+    for a call's input, since Triton specialises a kernel on its arguments' strides."""
+    return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device).zero_()
+
+
 def require_triton_device(op: str, *tensors: torch.Tensor) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
     if os.environ.get("TRITON_INTERPRET") == "1":

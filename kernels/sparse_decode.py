@@ -32,6 +32,7 @@ from .index_basis import rotate_query_triton
 from . import sparse_decode_reference as _reference
 from .sparse_attention import (
     FP8_CACHE_DTYPES, AttentionWorkspace, attention_plan, check_kv_scales, pdl_scope, sparse_attention_triton,
+    zero_rows_like,
 )
 from .sparse_config import SparseAttentionConfig
 from .token_select import index_query_triton, token_scores_triton, word_score_heads
@@ -423,14 +424,11 @@ def warm_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
     batches = _first_batch_of_each_plan(max_batch, Hq, Hkv, config.attended_tokens, Dk, Dv,
                                         query_bytes=query.element_size())
 
-    def like(t, n):
-        return torch.empty_strided((n, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device).zero_()
-
     with _step_pdl(pipelined=config.mode == "asynctls" and config.lagged_selection):
         for batch in batches:
             positions = torch.full((batch, Hkv, config.attended_tokens), -1, dtype=torch.int32, device=query.device)
-            sparse_attention_triton(like(query, batch), key_cache, value_cache, like(block_table, batch), positions,
-                                    scale, kv_scales=kv_scales)
+            sparse_attention_triton(zero_rows_like(query, batch), key_cache, value_cache,
+                                    zero_rows_like(block_table, batch), positions, scale, kv_scales=kv_scales)
     return batches
 
 
