@@ -562,10 +562,13 @@ def test_mla_index_is_written_from_the_unquantised_rows_under_an_fp8_cache():
 def test_gpu_index_writes_warm_every_writer_variant_once_outside_a_capture(monkeypatch):
     """On the Triton path the first write outside a CUDA graph capture first compiles every writer variant
     (`warm_write_index`, with the call's own key layout), so prefill sizes no decode graph ran do not compile
-    while serving; later writes, and writes while capturing, only write."""
+    while serving; later writes, and writes while capturing, only write; another layer whose key and index
+    layouts a layer already warmed in this process (Triton's compiled kernels are per process) only writes,
+    and one with other layouts warms too."""
     from asynctls_tip_kernels import index_write
     from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
-    from vllm_asynctls import layer_index
+    from vllm_asynctls import kernel_warmup
+    from vllm_asynctls.kernel_warmup import WarmOnce
     from vllm_asynctls.layer_index import LayerIndex
 
     calls = []
@@ -574,14 +577,20 @@ def test_gpu_index_writes_warm_every_writer_variant_once_outside_a_capture(monke
     monkeypatch.setattr(index_write, "write_index_triton",
                         lambda index, key, slots, config, workspace=None, key_tail=None:
                         calls.append(("write", key, key_tail)))
+    monkeypatch.setattr(WarmOnce, "_warmed_layouts", set())
     capturing = [False]
-    monkeypatch.setattr(layer_index, "_capturing", lambda: capturing[0])
+    monkeypatch.setattr(kernel_warmup, "capturing", lambda: capturing[0])
     config = SparseAttentionConfig.for_mla(selection_block_size=16, num_blocks=4, token_budget=32, sink_tokens=16,
                                            local_tokens=16, index_channels=16)
-    lix = LayerIndex(config, 1, 48, is_mla=True)
-    lix.ensure(4, 16, torch.bfloat16, "cpu")
-    lix._write_workspace = object()  # what a CUDA index gets: the Triton path
-    lix.calibrated = True
+
+    def layer(num_cache_blocks=4, dtype=torch.bfloat16):
+        lix = LayerIndex(config, 1, 48, is_mla=True)
+        lix.ensure(num_cache_blocks, 16, dtype, "cpu")
+        lix._write_workspace = object()  # what a CUDA index gets: the Triton path
+        lix.calibrated = True
+        return lix
+
+    lix = layer()
     kv_c, k_pe, slots = torch.randn(5, 1, 32), torch.randn(5, 1, 16), torch.arange(5)
     capturing[0] = True
     lix.write(kv_c, slots, key_tail=k_pe)  # while capturing: no warm-up (it would launch into the graph)
@@ -590,6 +599,15 @@ def test_gpu_index_writes_warm_every_writer_variant_once_outside_a_capture(monke
     lix.write(kv_c[:2], slots[:2], key_tail=k_pe[:2])
     assert [c[0] for c in calls] == ["write", "warm", "write", "write"]
     assert calls[1][1] is not None and calls[1][1].shape == (5, 1, 32) and calls[1][2].shape == (5, 1, 16)
+    calls.clear()
+    layer().write(kv_c[:3], slots[:3], key_tail=k_pe[:3])  # same layouts, another call length: only writes
+    assert [c[0] for c in calls] == ["write"]
+    calls.clear()
+    layer().write(kv_c, slots)  # no key tail
+    layer(num_cache_blocks=8).write(kv_c, slots, key_tail=k_pe)  # another index shape
+    layer(dtype=torch.float16).write(kv_c, slots, key_tail=k_pe)  # another index dtype
+    layer().write(torch.randn(5, 1, 64)[..., :32], slots, key_tail=k_pe)  # other key strides
+    assert [c[0] for c in calls] == ["warm", "write"] * 4
 
 
 def test_gpu_decode_warms_every_attention_variant_once_outside_a_capture(monkeypatch):
@@ -597,14 +615,15 @@ def test_gpu_decode_warms_every_attention_variant_once_outside_a_capture(monkeyp
     up to the engine's largest (`warm_decode_attention`, with the call's own inputs), so a step mixing prefill and
     decode rows does not compile one while serving; later decodes, decodes while capturing, and other layers
     with the same layouts (Triton's compiled kernels are per process) do not warm."""
-    from vllm_asynctls import decode_workspaces
+    from vllm_asynctls import decode_workspaces, kernel_warmup
     from vllm_asynctls.decode_workspaces import DecodeAttentionWarmup
+    from vllm_asynctls.kernel_warmup import WarmOnce
 
     calls = []
     monkeypatch.setattr(decode_workspaces, "warm_decode_attention", lambda *args: calls.append(args))
-    monkeypatch.setattr(DecodeAttentionWarmup, "_warmed_layouts", set())
+    monkeypatch.setattr(WarmOnce, "_warmed_layouts", set())
     capturing = [True]
-    monkeypatch.setattr(decode_workspaces, "_capturing", lambda: capturing[0])
+    monkeypatch.setattr(kernel_warmup, "capturing", lambda: capturing[0])
     q, cache, table = torch.zeros(3, 4, 8), torch.zeros(5, 16, 2, 8), torch.zeros(3, 7, dtype=torch.int32)
     scales = (torch.ones(1), torch.ones(1))
     config = SparseAttentionConfig(selection_block_size=16, num_blocks=4, token_budget=32, sink_tokens=16,

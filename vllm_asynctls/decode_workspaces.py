@@ -11,7 +11,7 @@ from typing import Callable
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena, warm_decode_attention
 
 from vllm_asynctls.counters import COUNTERS
-from vllm_asynctls.layer_index import _capturing
+from vllm_asynctls.kernel_warmup import WarmOnce, row_layout
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
@@ -58,25 +58,18 @@ class DecodeAttentionWarmup:
     That first decode is vLLM's warm-up run before capture under full CUDA graphs (`cudagraph_mode` FULL or
     FULL_AND_PIECEWISE, the default); with `enforce_eager` or PIECEWISE graphs it is the first decode served,
     which then pays the compiles (seconds with an empty Triton cache). Later calls, and calls while
-    capturing, do nothing; so do the other layers' first calls once a layer warmed the same layouts (Triton's
-    compiled kernels are per process too)."""
-
-    _warmed_layouts: set[tuple] = set()  # per process, shared by the layers
+    capturing, do nothing; so do the other layers' first calls once a layer warmed the same layouts
+    (`WarmOnce`)."""
 
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
-        self.done = False
+        self._once = WarmOnce()
 
     def __call__(self, query, key_cache, value_cache, block_table, config, scale: float, kv_scales=None) -> None:
-        if self.done or _capturing():
-            return
-        layout = (self.max_batch, config, kv_scales is None, str(query.device),
-                  *((t.dtype, tuple(t.shape[1:]), t.stride()) for t in (query, key_cache, value_cache, block_table)))
-        if layout not in self._warmed_layouts:
-            warm_decode_attention(query, key_cache, value_cache, block_table, config, scale, self.max_batch,
-                                  kv_scales)
-            self._warmed_layouts.add(layout)
-        self.done = True
+        self._once(lambda: ("decode_attention", self.max_batch, config, kv_scales is None, str(query.device),
+                            *map(row_layout, (query, key_cache, value_cache, block_table))),
+                   lambda: warm_decode_attention(query, key_cache, value_cache, block_table, config, scale,
+                                                 self.max_batch, kv_scales))
 
 
 def max_decode_batch(vllm_config) -> int:

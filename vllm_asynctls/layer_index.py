@@ -26,11 +26,13 @@ import torch
 
 from asynctls_tip_kernels import sparse_decode_reference as ref
 
+from vllm_asynctls.kernel_warmup import WarmOnce, row_layout, tensor_layout
+from vllm_asynctls.kernel_warmup import capturing as _capturing
+
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+# The index's tensors, whose layouts the writer's compiled variants can depend on.
+_INDEX_TENSORS = ("block_min", "block_max", "block_scale", "channel_ids", "codes", "scales", "basis")
 
 
 def _is_dummy_run() -> bool:
@@ -56,7 +58,7 @@ class LayerIndex:
         self.index: ref.SparseIndex | None = None
         self.calibrated = False
         self._write_workspace = None  # Triton path: the claim buffer, allocated with the index
-        self._write_warmed = False  # Triton path: every writer variant compiled (`warm_write_index`)
+        self._write_warmup = WarmOnce()  # Triton path: every writer variant compiled (`warm_write_index`)
         self.lagged = None  # LaggedBlockState with lagged_selection, allocated with the index
 
     def ensure(self, num_cache_blocks: int, cache_block_size: int, dtype: torch.dtype, device) -> ref.SparseIndex:
@@ -135,11 +137,12 @@ class LayerIndex:
         if self._write_workspace is not None:
             from asynctls_tip_kernels.index_write import warm_write_index, write_index_triton
 
-            if not self._write_warmed and not _capturing():
-                # vLLM's warm-up runs reach here first (CUDA graphs: before capture), so prefill sizes their
-                # graphs never run do not compile while serving.
-                warm_write_index(self.index, key, self.config, self._write_workspace, key_tail=key_tail)
-                self._write_warmed = True
+            # vLLM's warm-up runs reach here first (CUDA graphs: before capture), so prefill sizes their
+            # graphs never run do not compile while serving.
+            self._write_warmup(
+                lambda: ("index_write", self.config, str(key.device), self.index.key_dtype, row_layout(key),
+                         row_layout(key_tail), *(tensor_layout(getattr(self.index, f)) for f in _INDEX_TENSORS)),
+                lambda: warm_write_index(self.index, key, self.config, self._write_workspace, key_tail=key_tail))
             write_index_triton(self.index, key, slot_mapping.to(torch.int64), self.config,
                                workspace=self._write_workspace, key_tail=key_tail)
         else:
