@@ -634,6 +634,24 @@ def random_position_lists(B, Hkv, G, D, cbs, W, P, seed):
     return q, kc, vc, table, positions
 
 
+def test_long_split_count_fills_whole_waves_as_measured():
+    # Qwen3-8B shapes at budget 2048 (2,176 positions, 68 tiles): the split count that was fastest in the H200
+    # sweep of 1-8 forced splits at each batch (benchmarks/RESULTS.md, 2026-11-27), where about 3 programs per SM
+    # rounded up took 3 splits at B=24 (576 programs: a second wave of 48), 10% slower than 5.
+    fastest = {8: 8, 12: 5, 16: 4, 20: 3, 24: 5, 28: 2, 32: 2, 40: 3, 48: 4}
+    for batch, splits in fastest.items():
+        plan = sparse_attention.attention_plan(batch, 32, 8, 2176, 128, 128)
+        assert plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
+        assert plan["NUM_SPLITS"] == splits, batch
+    # Every count keeps ATTN_LONG_SPLIT_MIN_TILES tiles per split, and lists split while two splits fit one wave.
+    for programs in range(32, 600):
+        for tiles in (4, 5, 17, 68, 132):
+            splits = sparse_attention.long_split_count(programs, tiles, 528)
+            assert tiles // splits >= sparse_attention.ATTN_LONG_SPLIT_MIN_TILES or splits == 1
+            if programs * 2 <= 528 and tiles >= 2 * sparse_attention.ATTN_LONG_SPLIT_MIN_TILES:
+                assert splits > 1, (programs, tiles)
+
+
 def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
     # At least ATTN_LONG_SPLIT_MIN_GROUPS (sequence, kv head, head block) groups take fewer, longer splits
     # with a deeper pipeline; fewer groups keep the short splits. Both equal the reference, with padding
