@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 
 import torch
@@ -48,12 +49,15 @@ ATTN_LONG_SPLIT_MIN_GROUPS = 32
 ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
-# Long splits resident per SM for head dims <= 128 (3 stages of 32 K and V rows: 48 KB of shared memory each).
-# Their split count minimises the waves of that many programs per SM times the tiles each walks
-# (`long_split_count`): the old count, about 3 programs per SM rounded up, left a partial second wave at some
+# Long splits resident per SM for head dims of 65-128 (3 stages of 32 16-bit K and V rows of 128: 48 KB of shared
+# memory each). Their split count minimises the waves of that many programs per SM times the tiles each walks
+# (`long_split_count`): the old count, about 3 programs per SM rounded up, left a small second wave at some
 # batches. H200, Qwen3-8B shapes, budget 2048, whole standard step per layer, splits 1-8 forced
-# (`benchmarks/results/mla_step_bucket_2026-11-27/split_sweep.json`): the wave count picked the fastest or
-# within 1.3% of it at every batch of 8-48, where the old count was 5-14% slower at B=24, 40 and 48.
+# (`benchmarks/results/mla_step_bucket_2026-11-27/split_sweep.json`): the two constants below were fitted to
+# those 12 points, where the wave count picks the fastest count at each and the old count was 5-14% slower at
+# B=24, 40 and 48. The A/B after it (`wave_split_ab.json`): 0-10.5% faster at B=4-56 on a bf16 cache; on an
+# fp8 cache (half the shared memory per tile, so more programs resident) B=8 and 24 2-3% faster, B=40 2.0% slower.
+# Other head dims keep the old count (unmeasured).
 ATTN_LONG_SPLIT_SLOTS_PER_SM = 4
 # Each program's fixed cost in tiles walked: its query load, its split row written and read back by the merge
 # (8 KB of float32 accumulator for 16 heads of 128 against 16 KB of K and V per tile).
@@ -386,15 +390,17 @@ def merge_plan(num_splits: int, head_dim_v: int) -> dict:
     return dict(BLOCK_S=block_s, CHUNKS=triton.cdiv(num_splits, block_s))
 
 
-def long_split_count(programs: int, tiles: int, slots: int) -> int:
+@functools.lru_cache(maxsize=None)
+def long_split_count(programs: int, tiles: int, slots: int, min_tiles: int, program_tiles: int) -> int:
     """Splits of each of `programs` position lists of `tiles` tiles when `slots` programs run at once: the
-    count with the fewest waves times what each program walks (its tiles and ATTN_LONG_SPLIT_PROGRAM_TILES),
-    at least ATTN_LONG_SPLIT_MIN_TILES tiles per split; ties go to fewer splits (less to merge)."""
+    count with the fewest waves times what each program walks (its tiles and `program_tiles`), at least
+    `min_tiles` tiles per split; ties go to fewer splits (less to merge). Cached: `attention_plan` runs on
+    every eager call."""
     best, best_cost = 1, None
-    for splits in range(1, max(1, tiles // ATTN_LONG_SPLIT_MIN_TILES) + 1):
-        per_split = triton.cdiv(tiles, splits)
-        waves = triton.cdiv(programs * triton.cdiv(tiles, per_split), slots)
-        cost = waves * (per_split + ATTN_LONG_SPLIT_PROGRAM_TILES)
+    for splits in range(1, max(1, tiles // min_tiles) + 1):
+        per_split = -(-tiles // splits)
+        waves = -(-programs * -(-tiles // per_split) // slots)
+        cost = waves * (per_split + program_tiles)
         if best_cost is None or cost < best_cost:
             best, best_cost = splits, cost
     return best
@@ -431,8 +437,9 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
     per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
     want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))
-    if long_splits and block_dv <= 128:
-        want_splits = long_split_count(programs, tiles, ATTN_LONG_SPLIT_SLOTS_PER_SM * num_sms)
+    if long_splits and block_dv == 128 and block_dk == 128:
+        want_splits = long_split_count(programs, tiles, ATTN_LONG_SPLIT_SLOTS_PER_SM * num_sms,
+                                       ATTN_LONG_SPLIT_MIN_TILES, ATTN_LONG_SPLIT_PROGRAM_TILES)
     tiles_per_split = max(1, triton.cdiv(tiles, want_splits))
     num_splits = triton.cdiv(tiles, tiles_per_split)
     return dict(BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,

@@ -75,7 +75,9 @@ class WorkspaceArena:
 
     A server captures one CUDA graph per batch size; their steps never run at the same time, so their
     workspaces can share memory: the arena costs the largest workspace, not the sum over batch sizes.
-    Build it with `WorkspaceArena.for_largest(...)` (the arguments of the largest `SparseDecodeWorkspace`).
+    Build it with `WorkspaceArena.for_largest(...)` (the arguments of the `SparseDecodeWorkspace` needing the
+    most bytes: the largest of `required_bytes` over the batch sizes, not always the largest batch's, since
+    the attention's split count follows the batch).
     """
 
     ALIGN = 256
@@ -115,7 +117,8 @@ class WorkspaceArena:
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype, device="meta").element_size()
             if offset + nbytes > self.buffer.numel():
                 raise ValueError(f"WorkspaceArena of {self.buffer.numel()} bytes is too small for this workspace; "
-                                 "size it with WorkspaceArena.for_largest(...) of the largest batch")
+                                 "size it with WorkspaceArena.for_largest(...) of the workspace needing the most bytes "
+                                 "(the largest required_bytes over the batch sizes)")
             t = self.buffer[offset:offset + nbytes].view(dtype).view(shape)
             offset += self._aligned(nbytes)
             return t

@@ -559,6 +559,33 @@ def test_mla_index_is_written_from_the_unquantised_rows_under_an_fp8_cache():
             assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
+def test_warm_once_warms_each_layout_once_per_process_and_then_reads_nothing(monkeypatch):
+    """`WarmOnce`: a layer warms at its first call outside a capture unless a layer of this process warmed the
+    same layout; after its first call (warmed or skipped) neither the layout nor the warm-up is evaluated again."""
+    from vllm_asynctls import kernel_warmup
+    from vllm_asynctls.kernel_warmup import WarmOnce
+
+    monkeypatch.setattr(WarmOnce, "_warmed_layouts", set())
+    capturing = [True]
+    monkeypatch.setattr(kernel_warmup, "capturing", lambda: capturing[0])
+    layouts, warms = [], []
+
+    def call(layer, key):
+        layer(lambda: layouts.append(key) or key, lambda: warms.append(key))
+
+    first, second, other = WarmOnce(), WarmOnce(), WarmOnce()
+    call(first, ("write", 1))  # while capturing: nothing runs
+    assert (layouts, warms) == ([], [])
+    capturing[0] = False
+    call(first, ("write", 1))
+    call(second, ("write", 1))  # the same layout, another layer: skipped
+    call(other, ("attention", 1))  # another kind
+    assert warms == [("write", 1), ("attention", 1)] and len(layouts) == 3
+    for layer in (first, second, other):
+        call(layer, ("write", 2))
+    assert len(layouts) == 3 and len(warms) == 2
+
+
 def test_gpu_index_writes_warm_every_writer_variant_once_outside_a_capture(monkeypatch):
     """On the Triton path the first write outside a CUDA graph capture first compiles every writer variant
     (`warm_write_index`, with the call's own key layout), so prefill sizes no decode graph ran do not compile

@@ -643,12 +643,12 @@ def test_long_split_count_fills_whole_waves_as_measured():
         plan = sparse_attention.attention_plan(batch, 32, 8, 2176, 128, 128)
         assert plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
         assert plan["NUM_SPLITS"] == splits, batch
-    # Every count keeps ATTN_LONG_SPLIT_MIN_TILES tiles per split, and lists split while two splits fit one wave.
+    # Every count keeps its least tiles per split, and lists split while two splits fit one wave.
     for programs in range(32, 600):
         for tiles in (4, 5, 17, 68, 132):
-            splits = sparse_attention.long_split_count(programs, tiles, 528)
-            assert tiles // splits >= sparse_attention.ATTN_LONG_SPLIT_MIN_TILES or splits == 1
-            if programs * 2 <= 528 and tiles >= 2 * sparse_attention.ATTN_LONG_SPLIT_MIN_TILES:
+            splits = sparse_attention.long_split_count(programs, tiles, 528, 4, 2)
+            assert tiles // splits >= 4 or splits == 1
+            if programs * 2 <= 528 and tiles >= 2 * 4:
                 assert splits > 1, (programs, tiles)
 
 

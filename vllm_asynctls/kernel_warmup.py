@@ -31,7 +31,8 @@ class WarmOnce:
     """One layer's warm-up of one kind: `warm_once(layout, warm)` runs `warm()` at the layer's first call
     outside a CUDA-graph capture, unless a layer of this process already warmed the same `layout()` (Triton's
     compiled kernels are per process, so the same layouts compile nothing new). Later calls, and calls while
-    capturing, do nothing; neither callable runs then, so a call on the hot path costs an attribute check.
+    capturing, do nothing; neither callable runs then, so a call on the hot path costs an attribute check
+    (and the caller's two closures).
     `layout()` must hold everything the kernels specialise on: the kind of warm-up first, then dtypes,
     shapes, strides, settings."""
 
