@@ -6,6 +6,7 @@ outside a CUDA-graph capture (vLLM's warm-up runs, before capture): the index wr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -19,6 +20,12 @@ def capturing() -> bool:
 def tensor_layout(t: torch.Tensor | None) -> tuple | None:
     """What of a tensor a compiled variant can depend on besides its data: dtype, shape and strides."""
     return None if t is None else (t.dtype, tuple(t.shape), t.stride())
+
+
+def fields_layout(obj) -> tuple:
+    """A dataclass's fields, each tensor as its `tensor_layout`."""
+    return tuple(tensor_layout(v) if isinstance(v, torch.Tensor) else v
+                 for v in (getattr(obj, f.name) for f in dataclasses.fields(obj)))
 
 
 def row_layout(t: torch.Tensor | None) -> tuple | None:

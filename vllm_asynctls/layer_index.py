@@ -26,13 +26,10 @@ import torch
 
 from asynctls_tip_kernels import sparse_decode_reference as ref
 
-from vllm_asynctls.kernel_warmup import WarmOnce, row_layout, tensor_layout
+from vllm_asynctls.kernel_warmup import WarmOnce, fields_layout, row_layout
 from vllm_asynctls.kernel_warmup import capturing as _capturing
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
-
-# The index's tensors, whose layouts the writer's compiled variants can depend on.
-_INDEX_TENSORS = ("block_min", "block_max", "block_scale", "channel_ids", "codes", "scales", "basis")
 
 
 def _is_dummy_run() -> bool:
@@ -140,8 +137,8 @@ class LayerIndex:
             # vLLM's warm-up runs reach here first (CUDA graphs: before capture), so prefill sizes their
             # graphs never run do not compile while serving.
             self._write_warmup(
-                lambda: ("index_write", self.config, str(key.device), self.index.key_dtype, row_layout(key),
-                         row_layout(key_tail), *(tensor_layout(getattr(self.index, f)) for f in _INDEX_TENSORS)),
+                lambda: ("index_write", self.config, str(key.device), row_layout(key), row_layout(key_tail),
+                         fields_layout(self.index)),
                 lambda: warm_write_index(self.index, key, self.config, self._write_workspace, key_tail=key_tail))
             write_index_triton(self.index, key, slot_mapping.to(torch.int64), self.config,
                                workspace=self._write_workspace, key_tail=key_tail)
