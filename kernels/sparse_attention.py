@@ -435,11 +435,12 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=wide_tiles, head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
-    per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
-    want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))
     if long_splits and block_dv == 128 and block_dk == 128:
         want_splits = long_split_count(programs, tiles, ATTN_LONG_SPLIT_SLOTS_PER_SM * num_sms,
                                        ATTN_LONG_SPLIT_MIN_TILES, ATTN_LONG_SPLIT_PROGRAM_TILES)
+    else:
+        per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
+        want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))
     tiles_per_split = max(1, triton.cdiv(tiles, want_splits))
     num_splits = triton.cdiv(tiles, tiles_per_split)
     return dict(BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
