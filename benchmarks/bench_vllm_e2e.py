@@ -622,12 +622,12 @@ def stage_report(out: Path) -> None:
                   f"{stepped_ratio} |")
     print("\nKernel compiles while serving (vLLM's JIT monitor, in each engine's log; each one stalls a step):")
     for path in paths:
-        log = path.with_suffix(".log")
+        log, engine = path.with_suffix(".log"), path.stem.replace("tput_", "")
         if not log.exists():
-            print(f"- {path.stem.replace('tput_', '')}: no log")
+            print(f"- {engine}: no log")
             continue
         counts = Counter(jit_compiles_while_serving(log.read_text(errors="replace")))  # first-seen order
-        print(f"- {path.stem.replace('tput_', '')}: {', '.join(f'{n} x{c}' for n, c in counts.items()) or 'none'}")
+        print(f"- {engine}: {', '.join(f'{n} x{c}' for n, c in counts.items()) or 'none'}")
 
 
 def jit_compiles_while_serving(log_text: str) -> list[str]:

@@ -26,8 +26,7 @@ import torch
 
 from asynctls_tip_kernels import sparse_decode_reference as ref
 
-from vllm_asynctls.kernel_warmup import WarmOnce, fields_layout, row_layout
-from vllm_asynctls.kernel_warmup import capturing as _capturing
+from vllm_asynctls.kernel_warmup import WarmOnce, fields_layout, row_layout, capturing as _capturing
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
