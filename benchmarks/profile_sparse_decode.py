@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
             kc, vc = kc8, kc8[..., :Dv]
         else:
             kc, vc = kc8, (vc.float() / 0.25).to(torch.float8_e4m3fn)
-    ws = SparseDecodeWorkspace(a.batch, Hq, Hkv, Dk, Dv, table.shape[1], kc.shape[1], config, q.dtype, "cuda")
+    ws = SparseDecodeWorkspace(a.batch, Hq, Hkv, Dk, Dv, table.shape[1], kc.shape[1], config, q.dtype, "cuda",
+                               kv_dtype=kc.dtype)
     scale = 1.0 / math.sqrt(192 if a.mla else Dk)  # DeepSeek-V2's softmax scale: qk_nope + rope head dim
     previous = sparse_decode_triton(q, kc, vc, table, seq_lens, index, config, scale,
                                     kv_scales=kv_scales)[2].clone() if a.lagged else None

@@ -57,8 +57,12 @@ ATTN_LONG_SPLIT_STAGES = 3
 # those 12 points, where the wave count picks the fastest count at each and the old count was 5-14% slower at
 # B=24, 40 and 48. The A/B after it (`wave_split_ab.json`): 0-10.5% faster at B=4-56 on a bf16 cache; on an
 # fp8 cache (half the shared memory per tile, so more programs resident) B=8 and 24 2-3% faster, B=40 2.0% slower.
-# Other head dims keep the old count (unmeasured).
+# Other head dims keep the old count (unmeasured). H100, the same sweep (`benchmarks/results/
+# fp8_split_h100_2026-11-27/`): on a bf16 cache these constants pick the fastest count at all 13 points (out of
+# sample); on an fp8 cache they were 2-14% slower than the fastest at 11 of 13, which the count takes at 3 slots
+# per SM (ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8; fitted there, in-sample: within 2.4% of the fastest everywhere).
 ATTN_LONG_SPLIT_SLOTS_PER_SM = 4
+ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 = 3
 # Each program's fixed cost in tiles walked: its query load, its split row written and read back by the merge
 # (8 KB of float32 accumulator for 16 heads of 128 against 16 KB of K and V per tile).
 ATTN_LONG_SPLIT_PROGRAM_TILES = 2
@@ -407,10 +411,11 @@ def long_split_count(programs: int, tiles: int, slots: int, min_tiles: int, prog
 
 
 def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_positions: int, head_dim_k: int,
-                   head_dim_v: int, num_sms: int = 132, query_bytes: int = 2) -> dict:
+                   head_dim_v: int, num_sms: int = 132, query_bytes: int = 2, kv_bytes: int | None = None) -> dict:
     """Launch shape for `sparse_attention`, a function of shapes only (so it is CUDA-graph stable).
     `query_bytes`: the query's element size; the wide-row plan's deep pipeline is for 16-bit rows (float32
-    ones would stage past shared memory)."""
+    ones would stage past shared memory). `kv_bytes`: the KV cache's element size (None: `query_bytes`, an
+    unquantised cache); 1 (fp8) changes the long splits' count."""
     group = num_q_heads // num_kv_heads
     block_dv = triton.next_power_of_2(head_dim_v)
     # Heads per program: at least 16 rows for tl.dot; cap the float32 accumulator at 16K elements.
@@ -436,8 +441,9 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=wide_tiles, head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
     if long_splits and block_dv == 128 and block_dk == 128:
-        want_splits = long_split_count(programs, tiles, ATTN_LONG_SPLIT_SLOTS_PER_SM * num_sms,
-                                       ATTN_LONG_SPLIT_MIN_TILES, ATTN_LONG_SPLIT_PROGRAM_TILES)
+        slots = ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 if (kv_bytes or query_bytes) == 1 else ATTN_LONG_SPLIT_SLOTS_PER_SM
+        want_splits = long_split_count(programs, tiles, slots * num_sms, ATTN_LONG_SPLIT_MIN_TILES,
+                                       ATTN_LONG_SPLIT_PROGRAM_TILES)
     else:
         per_sm = ATTN_LONG_SPLIT_PROGRAMS_PER_SM if long_splits else ATTN_PROGRAMS_PER_SM
         want_splits = max(1, triton.cdiv(per_sm * num_sms, programs))
@@ -535,7 +541,7 @@ def sparse_attention_triton(
     Hkv = key_cache.shape[2]
     Dv = value_cache.shape[3]
     P = positions.shape[2]
-    plan = attention_plan(B, Hq, Hkv, P, Dk, Dv, query_bytes=query.element_size())
+    plan = attention_plan(B, Hq, Hkv, P, Dk, Dv, query_bytes=query.element_size(), kv_bytes=key_cache.element_size())
     if workspace is None:
         workspace = AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], Dv, query.device)
     elif workspace.acc.shape != (B, Hq, plan["NUM_SPLITS"], Dv):
@@ -545,8 +551,8 @@ def sparse_attention_triton(
                          f"ATTN_WIDE_BLOCK_N={ATTN_WIDE_BLOCK_N}, "
                          f"ATTN_WIDE_MAX_HEAD_BLOCKS={ATTN_WIDE_MAX_HEAD_BLOCKS}, "
                          f"ATTN_WIDE_LONG_MAX_GROUPS={ATTN_WIDE_LONG_MAX_GROUPS}, ATTN_WIDE_MAX_SPLIT_BYTES="
-                         f"{ATTN_WIDE_MAX_SPLIT_BYTES} and a {query.dtype} query (a workspace built for other "
-                         "shapes, another query dtype or other launch settings)")
+                         f"{ATTN_WIDE_MAX_SPLIT_BYTES}, a {query.dtype} query and a {key_cache.dtype} cache (a "
+                         "workspace built for other shapes, another query or cache dtype or other launch settings)")
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
     grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])

@@ -90,8 +90,8 @@ class WorkspaceArena:
         return -(-nbytes // WorkspaceArena.ALIGN) * WorkspaceArena.ALIGN
 
     @classmethod
-    def required_bytes(cls, *workspace_args) -> int:
-        """Bytes a `SparseDecodeWorkspace(*workspace_args)` takes from an arena."""
+    def required_bytes(cls, *workspace_args, **workspace_kwargs) -> int:
+        """Bytes a `SparseDecodeWorkspace(*workspace_args, **workspace_kwargs)` takes from an arena."""
         total = 0
 
         def count(shape, dtype):
@@ -100,13 +100,13 @@ class WorkspaceArena:
             total += cls._aligned(t.numel() * t.element_size())
             return t
 
-        SparseDecodeWorkspace(*workspace_args, empty=count)
+        SparseDecodeWorkspace(*workspace_args, empty=count, **workspace_kwargs)
         return total
 
     @classmethod
-    def for_largest(cls, *workspace_args) -> "WorkspaceArena":
+    def for_largest(cls, *workspace_args, **workspace_kwargs) -> "WorkspaceArena":
         *_, device = workspace_args
-        return cls(cls.required_bytes(*workspace_args), device)
+        return cls(cls.required_bytes(*workspace_args, **workspace_kwargs), device)
 
     def carver(self):
         """A fresh `empty(shape, dtype)` handing out consecutive aligned views of the buffer."""
@@ -132,19 +132,22 @@ class SparseDecodeWorkspace:
     batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v: the query / cache shapes;
     max_blocks_per_seq: block_table width W; cache_block_size: tokens per cache block.
     empty(shape, dtype): where the buffers come from (default: fresh allocations; `WorkspaceArena.carver()`
-    shares one arena between the workspaces of several batch sizes).
+    shares one arena between the workspaces of several batch sizes). kv_dtype: the KV cache's dtype when it
+    is fp8 (vLLM's `--kv-cache-dtype fp8`; uint8 storage counts as fp8), whose attention takes another split
+    count; None: unquantised.
     """
 
     def __init__(self, batch: int, num_q_heads: int, num_kv_heads: int, head_dim_k: int, head_dim_v: int,
                  max_blocks_per_seq: int, cache_block_size: int, config: SparseAttentionConfig,
-                 dtype: torch.dtype, device, empty=None) -> None:
+                 dtype: torch.dtype, device, empty=None, *, kv_dtype: torch.dtype | None = None) -> None:
         if config.mode != "asynctls":
             raise NotImplementedError(
                 f"SparseDecodeWorkspace serves mode 'asynctls'; got mode={config.mode!r} (the 'block_only', "
                 "'exact_topk' and 'dense' baselines are for evaluation: run them without a workspace)"
             )
+        kv_bytes = (kv_dtype or dtype).itemsize
         self.key = (batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v, max_blocks_per_seq,
-                    cache_block_size, config, dtype)
+                    cache_block_size, config, dtype, kv_bytes == 1)
         S = config.selection_block_size
         self.num_selection_blocks = max_blocks_per_seq * cache_block_size // S
         f32, i32 = torch.float32, torch.int32
@@ -167,7 +170,7 @@ class SparseDecodeWorkspace:
         heads = word_score_heads(config, num_q_heads // num_kv_heads)
         self.index_query = None if heads is None else empty((batch, num_kv_heads, config.index_channels, heads), f32)
         plan = attention_plan(batch, num_q_heads, num_kv_heads, config.attended_tokens, head_dim_k, head_dim_v,
-                              query_bytes=dtype.itemsize)
+                              query_bytes=dtype.itemsize, kv_bytes=kv_bytes)
         self.attention = AttentionWorkspace(batch, num_q_heads, plan["NUM_SPLITS"], head_dim_v, device, empty=empty)
         self.out = empty((batch, num_q_heads, head_dim_v), dtype)
 
@@ -252,8 +255,12 @@ def sparse_decode_triton(
     device = query.device
     if workspace is not None and config.mode != "asynctls":
         raise NotImplementedError(f"a workspace serves mode 'asynctls' only; got mode={config.mode!r}")
-    if workspace is not None and workspace.key != (B, Hq, Hkv, Dk, Dv, W, cbs, config, query.dtype):
-        raise ValueError("sparse_decode_triton: workspace was built for other shapes or another config")
+    kv_fp8 = key_cache.element_size() == 1
+    if workspace is not None and workspace.key != (B, Hq, Hkv, Dk, Dv, W, cbs, config, query.dtype, kv_fp8):
+        raise ValueError(
+            "sparse_decode_triton: workspace was built for other shapes, another config or another cache dtype "
+            f"(built for an {'fp8' if workspace.key[-1] else 'unquantised'} cache, called with a {key_cache.dtype} "
+            "one; an fp8 cache's workspace takes kv_dtype=torch.float8_e4m3fn)")
     ws = workspace
 
     if config.mode == "dense":
@@ -425,7 +432,7 @@ def warm_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
     Hq, Dk = query.shape[1], query.shape[2]
     Hkv, Dv = key_cache.shape[2], value_cache.shape[3]
     batches = _first_batch_of_each_plan(max_batch, Hq, Hkv, config.attended_tokens, Dk, Dv,
-                                        query_bytes=query.element_size())
+                                        query_bytes=query.element_size(), kv_bytes=key_cache.element_size())
 
     with _step_pdl(pipelined=config.mode == "asynctls" and config.lagged_selection):
         for batch in batches:

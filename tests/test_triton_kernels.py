@@ -354,17 +354,18 @@ def test_warm_write_index_writes_nothing(tail, monkeypatch):
     assert bool((ws.claim == torch.iinfo(torch.int32).max).all())
 
 
-def test_warm_decode_attention_launches_every_batchs_plan_once_at_its_smallest_batch(monkeypatch):
+@pytest.mark.parametrize("cache_dtype, last", [(torch.bfloat16, 53), (torch.float8_e4m3fn, 40)], ids=["bf16", "fp8"])
+def test_warm_decode_attention_launches_every_batchs_plan_once_at_its_smallest_batch(monkeypatch, cache_dtype, last):
     # Qwen3-8B shapes at the paper's settings: the split count follows the batch, so batches up to 53 take
-    # several variants (53 the last one's first). Each must be launched once, at the smallest batch that takes
-    # it, all-padded, with the decode call's own query, cache and block-table layouts and scales (strides are
-    # part of what Triton specialises on).
+    # several variants (`last` the last one's first; an fp8 cache's counts differ). Each must be launched once, at
+    # the smallest batch that takes it, all-padded, with the decode call's own query, cache and block-table layouts
+    # and scales (strides are part of what Triton specialises on).
     config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=2048)
     qkv = torch.zeros(40, (32 + 16) * 128, dtype=torch.bfloat16, device=DEVICE)
     query = qkv[:5, :32 * 128].view(5, 32, 128)  # a view of vLLM's fused qkv rows: row stride 6144
     block_table = torch.zeros(24, 33, dtype=torch.int32, device=DEVICE)[:5, :31]  # a view of a wider buffer
-    key_cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE)
-    value_cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    key_cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE).to(cache_dtype)
+    value_cache = torch.zeros(4, 64, 8, 128, dtype=torch.bfloat16, device=DEVICE).to(cache_dtype)
     scales = (torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE))
     calls = []
 
@@ -376,9 +377,10 @@ def test_warm_decode_attention_launches_every_batchs_plan_once_at_its_smallest_b
     batches = warm_decode_attention(query, key_cache, value_cache, block_table, config, 0.1, 53, kv_scales=scales)
 
     def plan(b):
-        return sparse_attention.attention_plan(b, 32, 8, config.attended_tokens, 128, 128)
+        return sparse_attention.attention_plan(b, 32, 8, config.attended_tokens, 128, 128,
+                                               kv_bytes=key_cache.element_size())
 
-    assert batches == [c[0][0] for c in calls] and len(batches) > 2 and batches[-1] == 53
+    assert batches == [c[0][0] for c in calls] and len(batches) > 2 and batches[-1] == last
     assert len({tuple(sorted(plan(b).items())) for b in batches}) == len(batches)
     for b in range(1, 54):
         first = min(c for c in range(1, b + 1) if plan(c) == plan(b))
@@ -638,11 +640,15 @@ def test_long_split_count_fills_whole_waves_as_measured():
     # Qwen3-8B shapes at budget 2048 (2,176 positions, 68 tiles): the split count that was fastest in the H200
     # sweep of 1-8 forced splits at each batch (benchmarks/RESULTS.md, 2026-11-27), where about 3 programs per SM
     # rounded up took 3 splits at B=24 (576 programs: a second wave of 48), 10% slower than 5.
+    # The H100's sweep of the same shapes (2026-11-27) found the same counts fastest on a bf16 cache; on an fp8
+    # cache, fewer programs fit an SM and the fastest counts were those of 3 slots per SM.
     fastest = {8: 8, 12: 5, 16: 4, 20: 3, 24: 5, 28: 2, 32: 2, 40: 3, 48: 4}
-    for batch, splits in fastest.items():
-        plan = sparse_attention.attention_plan(batch, 32, 8, 2176, 128, 128)
-        assert plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
-        assert plan["NUM_SPLITS"] == splits, batch
+    fastest_fp8 = {8: 6, 12: 4, 16: 3, 20: 2, 24: 2, 28: 5, 32: 3}
+    for kv_bytes, table in ((None, fastest), (2, fastest), (1, fastest_fp8)):
+        for batch, splits in table.items():
+            plan = sparse_attention.attention_plan(batch, 32, 8, 2176, 128, 128, kv_bytes=kv_bytes)
+            assert plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
+            assert plan["NUM_SPLITS"] == splits, (batch, kv_bytes)
     # Every count keeps its least tiles per split, and lists split while two splits fit one wave.
     for programs in range(32, 600):
         for tiles in (4, 5, 17, 68, 132):
@@ -857,10 +863,10 @@ def test_lagged_selection_uses_previous_blocks(name):
     torch.testing.assert_close(got_out.float(), again.float(), rtol=tol, atol=tol)
 
 
-def _workspace_for(c, config):
+def _workspace_for(c, config, kv_dtype=None):
     q, kc, vc, bt = c["query"], c["key_cache"], c["value_cache"], c["block_table"]
     return SparseDecodeWorkspace(q.shape[0], q.shape[1], kc.shape[2], kc.shape[3], vc.shape[3], bt.shape[1],
-                                 kc.shape[1], config, q.dtype, q.device)
+                                 kc.shape[1], config, q.dtype, q.device, kv_dtype=kv_dtype)
 
 
 def _assert_decode_matches(c, got, want):
@@ -1122,6 +1128,9 @@ def test_fp8_kv_cache_equals_the_reference_over_dequantised_caches(name, fp8):
         got_out, got_pos, _ = sparse_decode_triton(q, kc8, vc8, bt, sl, index, config, c["scale"],
                                                    previous_block_ids=prev, kv_scales=scales)
         assert got_out.dtype == q.dtype
+        in_workspace = sparse_decode_triton(q, kc8, vc8, bt, sl, index, config, c["scale"], previous_block_ids=prev,
+                                            kv_scales=scales, workspace=_workspace_for(c, config, kv_dtype=fp8))
+        assert torch.equal(in_workspace[0], got_out) and torch.equal(in_workspace[1], got_pos)
         if not torch.equal(got_pos, want_pos):  # a near-tie swapped an id: exact attention over got_pos
             assert (got_pos != want_pos).float().mean() < 0.02
             want_out = ref.sparse_attention(q.float(), kc, vc, bt, got_pos, c["scale"])
@@ -1154,6 +1163,13 @@ def test_fp8_kv_cache_needs_its_scales_and_a_low_bit_index():
     with pytest.raises(ValueError, match="kv_scales apply to fp8 KV caches only"):
         sparse_decode_triton(c["query"], c["key_cache"], c["value_cache"], *args[3:], c["config"], c["scale"],
                              kv_scales=scales)
+    # A workspace for an unquantised cache: its split buffers follow another plan than an fp8 cache's.
+    with pytest.raises(ValueError, match=r"built for an unquantised cache, called with a torch.float8_e4m3fn one.*"
+                                         r"kv_dtype=torch.float8_e4m3fn"):
+        sparse_decode_triton(*args, c["config"], c["scale"], kv_scales=scales, workspace=_workspace_for(c, c["config"]))
+    with pytest.raises(ValueError, match=r"built for an fp8 cache, called with a torch.float32 one"):
+        sparse_decode_triton(c["query"], c["key_cache"], c["value_cache"], *args[3:], c["config"], c["scale"],
+                             workspace=_workspace_for(c, c["config"], kv_dtype=torch.uint8))
 
 
 def test_topk_rows_ties_and_short_rows():
@@ -1531,7 +1547,7 @@ def test_gpu_mla_backend_decode_over_vllms_latent_cache(lagged, fp8):
         previous = lix.previous_blocks(table, lens)  # lagged: what a request's first step starts from
         previous = None if previous is None else previous.clone()
         # The workspace the GPU MLA builder makes: one kv head, key = latent + rope, value = latent.
-        ws = SparseDecodeWorkspace(B, H, 1, L + P, L, W, cbs, config, torch.float32, DEVICE)
+        ws = SparseDecodeWorkspace(B, H, 1, L + P, L, W, cbs, config, torch.float32, DEVICE, kv_dtype=cache.dtype)
         warmed = []
 
         def warm(*args):  # the layer's DecodeAttentionWarmup: the operator's own inputs, then a real warm-up
@@ -1599,7 +1615,8 @@ def test_gpu_backend_fp8_decode_over_vllms_byte_cache():
         ref.calibrate_index(lix.index, key.to(DEVICE), config)
         lix.calibrated = True
         lix.write(key.to(DEVICE), slots.to(DEVICE))
-        ws = SparseDecodeWorkspace(B, Hkv * group, Hkv, D, D, W, cbs, config, torch.float32, DEVICE)
+        ws = SparseDecodeWorkspace(B, Hkv * group, Hkv, D, D, W, cbs, config, torch.float32, DEVICE,
+                                   kv_dtype=kv_cache.dtype)  # the builder's kv_cache_spec.dtype: uint8
         assert warm_decode_attention(q, kc8, vc8, table, config, scale, B, kv_scales)[0] == 1  # fp8 variants too
         out, _, _ = sparse_decode_triton(q, kc8, vc8, table, lens, lix.index, config, scale, workspace=ws,
                                          kv_scales=kv_scales)

@@ -61,3 +61,28 @@ def test_gpu_builders_workspace_pool_is_sized_once_and_never_resized():
     assert eight.out.shape == SparseDecodeWorkspace(*_args(8)).out.shape
     with pytest.raises(RuntimeError, match="block table is 41 columns wide, not 40"):
         pool.get(3, 41)
+
+
+def test_gpu_builders_workspace_pool_follows_an_fp8_caches_plan():
+    """Under `--kv-cache-dtype fp8` the builders pass vLLM's `kv_cache_spec.dtype` (uint8): the attention's
+    split count differs from a bf16 cache's at some batches (Qwen3-8B shapes, budget 2048: 5 splits at B=24,
+    2 on fp8), so the pool's workspaces and its arena must be those of the fp8 plan."""
+    from asynctls_tip_kernels.sparse_attention import attention_plan
+    from vllm_asynctls.decode_workspaces import DecodeWorkspaces
+
+    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=2048)
+
+    def args(batch, width=40):
+        return (batch, 32, 8, 128, 128, width, 16, config, torch.bfloat16, "cpu")
+
+    pools = {kv_dtype: DecodeWorkspaces(args, max_batch=24, device="cpu", label="", kv_dtype=kv_dtype)
+             for kv_dtype in (torch.bfloat16, torch.uint8)}
+    for kv_dtype, pool in pools.items():
+        ws = pool.get(24, 40)
+        splits = attention_plan(24, 32, 8, config.attended_tokens, 128, 128, kv_bytes=kv_dtype.itemsize)["NUM_SPLITS"]
+        assert ws.attention.acc.shape == (24, 32, splits, 128)
+        assert ws.key[-1] == (kv_dtype == torch.uint8)
+        assert pool._arena.buffer.numel() == max(WorkspaceArena.required_bytes(*args(b), kv_dtype=kv_dtype)
+                                                 for b in range(1, 25))
+    assert pools[torch.bfloat16].get(24, 40).attention.acc.shape[2] == 5
+    assert pools[torch.uint8].get(24, 40).attention.acc.shape[2] == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena, warm_decode_attention
 
 from vllm_asynctls.counters import COUNTERS
@@ -18,11 +19,15 @@ logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler,
 
 class DecodeWorkspaces:
     """Workspaces by batch size. `workspace_args(batch, width)` gives `SparseDecodeWorkspace`'s
-    arguments for a batch of `batch` rows and a block table `width` columns wide. The arena is sized
-    at the first call for every batch up to `max_batch` (vLLM builds metadata before any capture)."""
+    arguments for a batch of `batch` rows and a block table `width` columns wide; `kv_dtype`: the KV
+    cache's dtype (vLLM's `kv_cache_spec.dtype`: an fp8 cache's attention takes another split count). The
+    arena is sized at the first call for every batch up to `max_batch` (vLLM builds metadata before any
+    capture)."""
 
-    def __init__(self, workspace_args: Callable[[int, int], tuple], max_batch: int, device, label: str) -> None:
+    def __init__(self, workspace_args: Callable[[int, int], tuple], max_batch: int, device, label: str,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.workspace_args = workspace_args
+        self.kv_dtype = kv_dtype
         self.max_batch = max_batch
         self.device = device
         self.label = label
@@ -37,7 +42,7 @@ class DecodeWorkspaces:
                     f"asynctls: the block table is {width} columns wide, not {self._width} as when the decode "
                     f"workspaces were sized; captured CUDA graphs still use the old ones, so they are not resized"
                 )
-            nbytes = max(WorkspaceArena.required_bytes(*self.workspace_args(b, width))
+            nbytes = max(WorkspaceArena.required_bytes(*self.workspace_args(b, width), kv_dtype=self.kv_dtype)
                          for b in range(1, max(self.max_batch, batch) + 1))
             self._arena = WorkspaceArena(nbytes, self.device)
             self._width = width
@@ -46,7 +51,8 @@ class DecodeWorkspaces:
                         self.label, nbytes / 2**20, self.max_batch)
         ws = self._by_batch.get(batch)
         if ws is None:
-            ws = SparseDecodeWorkspace(*self.workspace_args(batch, width), empty=self._arena.carver())
+            ws = SparseDecodeWorkspace(*self.workspace_args(batch, width), empty=self._arena.carver(),
+                                       kv_dtype=self.kv_dtype)
             self._by_batch[batch] = ws
         return ws
 

@@ -135,7 +135,7 @@ class AsyncTLSFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         self.workspaces = DecodeWorkspaces(
             lambda batch, width: (batch, self.num_heads_q, self.num_heads_kv, self.headdim, self.headdim, width,
                                   self.block_size, self.sparse_config, dtype, self.device),
-            max_decode_batch(vllm_config), self.device, label="")
+            max_decode_batch(vllm_config), self.device, label="", kv_dtype=kv_cache_spec.dtype)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):

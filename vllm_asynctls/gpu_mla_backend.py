@@ -84,7 +84,7 @@ class AsyncTLSTritonMLAMetadataBuilder(TritonMLAMetadataBuilder):
         self.workspaces = DecodeWorkspaces(
             lambda batch, width: (batch, self.num_heads, 1, self.key_dim, self.mla_dims.kv_lora_rank, width,
                                   kv_cache_spec.block_size, self.sparse_config, dtype, self.device),
-            max_decode_batch(vllm_config), self.device, label=" (MLA)")
+            max_decode_batch(vllm_config), self.device, label=" (MLA)", kv_dtype=kv_cache_spec.dtype)
 
     def _reserve_attn_logits_workspace(self) -> None:
         """TRITON_MLA reserves its split-KV scratch (max_num_seqs x heads x splits x 513 float32, GiBs at
