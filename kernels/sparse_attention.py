@@ -55,12 +55,12 @@ ATTN_LONG_SPLIT_STAGES = 3
 # batches. H200, Qwen3-8B shapes, budget 2048, whole standard step per layer, splits 1-8 forced
 # (`benchmarks/results/mla_step_bucket_2026-11-27/split_sweep.json`): the two constants below were fitted to
 # those 12 points, where the wave count picks the fastest count at each and the old count was 5-14% slower at
-# B=24, 40 and 48. The A/B after it (`wave_split_ab.json`): 0-10.5% faster at B=4-56 on a bf16 cache; on an
-# fp8 cache (half the shared memory per tile, so more programs resident) B=8 and 24 2-3% faster, B=40 2.0% slower.
-# Other head dims keep the old count (unmeasured). H100, the same sweep (`benchmarks/results/
-# fp8_split_h100_2026-11-27/`): on a bf16 cache these constants pick the fastest count at all 13 points (out of
-# sample); on an fp8 cache they were 2-14% slower than the fastest at 11 of 13, which the count takes at 3 slots
-# per SM (ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8; fitted there, in-sample: within 2.4% of the fastest everywhere).
+# B=24, 40 and 48. The A/B after it (`wave_split_ab.json`): 0-10.5% faster at B=4-56 on a bf16 cache. Other head
+# dims keep the old count (unmeasured). H100, the same sweep (`benchmarks/results/fp8_split_h100_2026-11-27/`): on
+# a bf16 cache these constants pick the fastest count at all 13 points (out of sample). An fp8 cache's split
+# kernel holds 144-146 registers per thread (bf16: 116), so 3 programs of 128 threads fit an SM's 64K registers,
+# not 4: at 4 slots its count was 2-14% slower than the fastest at 11 of 13 points; at 3 it is within 2.4% of it
+# everywhere (in-sample), and the A/B at 14 other batches (B=5-128) measured 0.877-1.007 of the time at 4.
 ATTN_LONG_SPLIT_SLOTS_PER_SM = 4
 ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 = 3
 # Each program's fixed cost in tiles walked: its query load, its split row written and read back by the merge
