@@ -49,18 +49,19 @@ ATTN_LONG_SPLIT_MIN_GROUPS = 32
 ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
-# Long splits resident per SM for head dims of 65-128 (3 stages of 32 16-bit K and V rows of 128: 48 KB of shared
-# memory each). Their split count minimises the waves of that many programs per SM times the tiles each walks
-# (`long_split_count`): the old count, about 3 programs per SM rounded up, left a small second wave at some
-# batches. H200, Qwen3-8B shapes, budget 2048, whole standard step per layer, splits 1-8 forced
+# Long splits resident per SM for head dims of 65-128: registers bound them (H100, triton 3.6, 16-bit queries: the
+# split kernel holds 116 registers per thread on a 16-bit cache, 144-146 on fp8, so 4 or 3 programs of 128
+# threads fit an SM's 64K; re-measure `n_regs` after a Triton upgrade: `benchmarks/results/fp8_split_h100_2026-11-27/
+# studies/fp8_slots_ab.py` prints it). Their split count minimises the waves of that many programs per SM times the
+# tiles each walks (`long_split_count`): the old count, about 3 programs per SM rounded up, left a small second
+# wave at some batches. H200, Qwen3-8B shapes, budget 2048, whole standard step per layer, splits 1-8 forced
 # (`benchmarks/results/mla_step_bucket_2026-11-27/split_sweep.json`): the two constants below were fitted to
 # those 12 points, where the wave count picks the fastest count at each and the old count was 5-14% slower at
 # B=24, 40 and 48. The A/B after it (`wave_split_ab.json`): 0-10.5% faster at B=4-56 on a bf16 cache. Other head
 # dims keep the old count (unmeasured). H100, the same sweep (`benchmarks/results/fp8_split_h100_2026-11-27/`): on
-# a bf16 cache these constants pick the fastest count at all 13 points (out of sample). An fp8 cache's split
-# kernel holds 144-146 registers per thread (bf16: 116), so 3 programs of 128 threads fit an SM's 64K registers,
-# not 4: at 4 slots its count was 2-14% slower than the fastest at 11 of 13 points; at 3 it is within 2.4% of it
-# everywhere (in-sample), and the A/B at 14 other batches (B=5-128) measured 0.877-1.007 of the time at 4.
+# a bf16 cache these constants pick the fastest count at all 13 points (out of sample). On an fp8 cache the count
+# at 4 slots was 6-15% slower than the fastest at 11 of 13 points (2% at the other two); at 3 it is within 2.4% of
+# it everywhere (in-sample), and the A/B at 14 other batches (B=5-128) measured 0.877-1.007 of the time at 4.
 ATTN_LONG_SPLIT_SLOTS_PER_SM = 4
 ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 = 3
 # Each program's fixed cost in tiles walked: its query load, its split row written and read back by the merge
@@ -551,7 +552,10 @@ def sparse_attention_triton(
                          f"ATTN_WIDE_BLOCK_N={ATTN_WIDE_BLOCK_N}, "
                          f"ATTN_WIDE_MAX_HEAD_BLOCKS={ATTN_WIDE_MAX_HEAD_BLOCKS}, "
                          f"ATTN_WIDE_LONG_MAX_GROUPS={ATTN_WIDE_LONG_MAX_GROUPS}, ATTN_WIDE_MAX_SPLIT_BYTES="
-                         f"{ATTN_WIDE_MAX_SPLIT_BYTES}, a {query.dtype} query and a {key_cache.dtype} cache (a "
+                         f"{ATTN_WIDE_MAX_SPLIT_BYTES}, ATTN_LONG_SPLITS={ATTN_LONG_SPLITS}, "
+                         f"ATTN_LONG_SPLIT_SLOTS_PER_SM={ATTN_LONG_SPLIT_SLOTS_PER_SM} "
+                         f"(_FP8={ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8}), a {query.dtype} query and a {key_cache.dtype} "
+                         "cache (a "
                          "workspace built for other shapes, another query or cache dtype or other launch settings)")
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)

@@ -14,7 +14,8 @@ caller's stream; the token scorer then writes the token stage's index query itse
 scorer writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one graph (PDL on): the
 standard step 72.0 us, the pipelined one 57.7 at 64K; 81.8 and 67.7 at 128K (`benchmarks/RESULTS.md`).
 
-For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config) and pass it: every
+For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config, cache dtype: an fp8 cache
+takes `kv_dtype=`) and pass it: every
 intermediate and the outputs then live in its buffers (the returned tensors are views of them, valid
 until the next call with the same workspace), so a captured step replays with no allocation.
 
@@ -126,15 +127,21 @@ class WorkspaceArena:
         return empty
 
 
+# The KV cache dtypes a workspace can be built for: unquantised, fp8, and the uint8 storage vLLM gives fp8 caches.
+WORKSPACE_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, *FP8_CACHE_DTYPES, torch.uint8)
+_WORKSPACE_KEY_FIELDS = ("batch", "num_q_heads", "num_kv_heads", "head_dim_k", "head_dim_v", "max_blocks_per_seq",
+                         "cache_block_size", "config", "dtype", "fp8 cache")
+
+
 class SparseDecodeWorkspace:
     """Every buffer of one decode step for fixed shapes (CUDA-graph capture needs stable addresses).
 
     batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v: the query / cache shapes;
     max_blocks_per_seq: block_table width W; cache_block_size: tokens per cache block.
     empty(shape, dtype): where the buffers come from (default: fresh allocations; `WorkspaceArena.carver()`
-    shares one arena between the workspaces of several batch sizes). kv_dtype: the KV cache's dtype when it
-    is fp8 (vLLM's `--kv-cache-dtype fp8`; uint8 storage counts as fp8), whose attention takes another split
-    count; None: unquantised.
+    shares one arena between the workspaces of several batch sizes). kv_dtype: the KV cache's dtype (vLLM's
+    `kv_cache_spec.dtype`), one of `WORKSPACE_KV_DTYPES`; an fp8 cache (e4m3 / e5m2, or vLLM's uint8 storage
+    of them) takes another attention split count, so its workspace needs it. None: `dtype`'s (unquantised).
     """
 
     def __init__(self, batch: int, num_q_heads: int, num_kv_heads: int, head_dim_k: int, head_dim_v: int,
@@ -145,6 +152,9 @@ class SparseDecodeWorkspace:
                 f"SparseDecodeWorkspace serves mode 'asynctls'; got mode={config.mode!r} (the 'block_only', "
                 "'exact_topk' and 'dense' baselines are for evaluation: run them without a workspace)"
             )
+        if kv_dtype is not None and kv_dtype not in WORKSPACE_KV_DTYPES:
+            raise ValueError(f"SparseDecodeWorkspace: kv_dtype must be None or one of "
+                             f"{[str(d) for d in WORKSPACE_KV_DTYPES]} (the KV cache's dtype); got {kv_dtype!r}")
         kv_bytes = (kv_dtype or dtype).itemsize
         self.key = (batch, num_q_heads, num_kv_heads, head_dim_k, head_dim_v, max_blocks_per_seq,
                     cache_block_size, config, dtype, kv_bytes == 1)
@@ -255,12 +265,12 @@ def sparse_decode_triton(
     device = query.device
     if workspace is not None and config.mode != "asynctls":
         raise NotImplementedError(f"a workspace serves mode 'asynctls' only; got mode={config.mode!r}")
-    kv_fp8 = key_cache.element_size() == 1
-    if workspace is not None and workspace.key != (B, Hq, Hkv, Dk, Dv, W, cbs, config, query.dtype, kv_fp8):
-        raise ValueError(
-            "sparse_decode_triton: workspace was built for other shapes, another config or another cache dtype "
-            f"(built for an {'fp8' if workspace.key[-1] else 'unquantised'} cache, called with a {key_cache.dtype} "
-            "one; an fp8 cache's workspace takes kv_dtype=torch.float8_e4m3fn)")
+    call_key = (B, Hq, Hkv, Dk, Dv, W, cbs, config, query.dtype, key_cache.element_size() == 1)
+    if workspace is not None and workspace.key != call_key:
+        differ = [f"{name}: workspace {built!r}, call {called!r}" for name, built, called
+                  in zip(_WORKSPACE_KEY_FIELDS, workspace.key, call_key) if built != called]
+        hint = (f" (build it with kv_dtype={key_cache.dtype})" if call_key[-1] != workspace.key[-1] else "")
+        raise ValueError(f"sparse_decode_triton: the workspace was built for another call; {'; '.join(differ)}{hint}")
     ws = workspace
 
     if config.mode == "dense":

@@ -738,3 +738,36 @@ def test_an_index_written_in_two_parts_calibrates_on_the_joined_keys(monkeypatch
     for name in ("channel_ids", "block_min", "block_max", "block_scale", "codes", "scales", "basis"):
         a, b = getattr(apart.index, name), getattr(joined.index, name)
         assert (a is None and b is None) or torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["gqa", "mla"])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.uint8], ids=["auto", "fp8"])
+def test_gpu_builders_size_their_decode_workspaces_for_the_caches_dtype(monkeypatch, mla, kv_dtype):
+    """Both GPU metadata builders hand vLLM's `kv_cache_spec.dtype` (uint8 under `--kv-cache-dtype fp8`) to their
+    decode workspaces: an fp8 cache's attention takes another split count, and a workspace built for the other
+    cache kind is refused at the first decode. The parents' constructors (CUDA-only state) are replaced by the
+    attributes the builders read."""
+    from types import SimpleNamespace
+
+    from vllm_asynctls import gpu_backend, gpu_mla_backend
+
+    def parent_init(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
+        self.device, self.block_size = device, kv_cache_spec.block_size
+        self.num_heads_q, self.num_heads_kv, self.headdim = 32, 8, 128  # FLASH_ATTN's builder
+        self.num_heads, self.mla_dims = 16, SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64)  # TRITON_MLA's
+
+    if mla:
+        builder_cls = gpu_mla_backend.AsyncTLSTritonMLAMetadataBuilder
+        monkeypatch.setattr(gpu_mla_backend.TritonMLAMetadataBuilder, "__init__", parent_init)
+    else:
+        builder_cls = gpu_backend.AsyncTLSFlashAttentionMetadataBuilder
+        monkeypatch.setattr(gpu_backend.FlashAttentionMetadataBuilder, "__init__", parent_init)
+        monkeypatch.setattr(builder_cls, "_init_reorder_batch_threshold", lambda self, threshold: None)
+    vllm_config = SimpleNamespace(additional_config=None, model_config=SimpleNamespace(dtype=torch.bfloat16),
+                                  scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                  compilation_config=SimpleNamespace(max_cudagraph_capture_size=4))
+    builder = builder_cls(SimpleNamespace(block_size=64, dtype=kv_dtype), ["layer.0"], vllm_config, "cpu")
+    workspace = builder.workspaces.get(4, 8)
+    assert builder.workspaces.kv_dtype is kv_dtype
+    assert workspace.key[-1] == (kv_dtype == torch.uint8)  # the workspace's cache kind: fp8 or not
+    assert workspace.key[:5] == ((4, 16, 1, 576, 512) if mla else (4, 32, 8, 128, 128))

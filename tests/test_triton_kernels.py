@@ -640,8 +640,9 @@ def test_long_split_count_fills_whole_waves_as_measured():
     # Qwen3-8B shapes at budget 2048 (2,176 positions, 68 tiles): the split count that was fastest in the H200
     # sweep of 1-8 forced splits at each batch (benchmarks/RESULTS.md, 2026-11-27), where about 3 programs per SM
     # rounded up took 3 splits at B=24 (576 programs: a second wave of 48), 10% slower than 5.
-    # The H100's sweep of the same shapes (2026-11-27) found the same counts fastest on a bf16 cache; on an fp8
-    # cache, fewer programs fit an SM and the fastest counts were those of 3 slots per SM.
+    # The H100's sweep of the same shapes (2026-11-27) found the same counts fastest on a bf16 cache. On an fp8
+    # cache fewer programs fit an SM: at B = 8-32 the fastest counts are those of 3 slots per SM (at 40-56 the count
+    # of 3 slots is within 2.4% of the fastest, not it).
     fastest = {8: 8, 12: 5, 16: 4, 20: 3, 24: 5, 28: 2, 32: 2, 40: 3, 48: 4}
     fastest_fp8 = {8: 6, 12: 4, 16: 3, 20: 2, 24: 2, 28: 5, 32: 3}
     for kv_bytes, table in ((None, fastest), (2, fastest), (1, fastest_fp8)):
@@ -656,6 +657,34 @@ def test_long_split_count_fills_whole_waves_as_measured():
             assert tiles // splits >= 4 or splits == 1
             if programs * 2 <= 528 and tiles >= 2 * 4:
                 assert splits > 1, (programs, tiles)
+
+
+def test_attention_launch_takes_the_caches_split_count(monkeypatch):
+    # The launch plans from the cache it reads (an fp8 cache's split kernel fits 3 programs per SM, not 4), as the
+    # workspace sized for that cache does: Qwen3-8B shapes at budget 2048, B=24 (5 splits on bf16, 2 on fp8).
+    B, Hq, Hkv, D, P = 24, 32, 8, 128, 2176
+    config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=2048)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs["NUM_SPLITS"]))
+
+    monkeypatch.setattr(sparse_attention, "_sparse_attn_split_kernel", Recorder())
+    monkeypatch.setattr(sparse_attention, "_sparse_attn_merge_kernel", Recorder())
+    query = torch.zeros(B, Hq, D, dtype=torch.bfloat16, device=DEVICE)
+    table = torch.zeros(B, 1, dtype=torch.int32, device=DEVICE)
+    positions = torch.full((B, Hkv, P), -1, dtype=torch.int32, device=DEVICE)
+    scales = (torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE))
+    for cache_dtype, kv_dtype, splits in ((torch.bfloat16, None, 5), (torch.float8_e4m3fn, torch.uint8, 2)):
+        cache = torch.zeros(1, 16, Hkv, D, device=DEVICE).to(cache_dtype)
+        ws = SparseDecodeWorkspace(B, Hq, Hkv, D, D, 1, 16, config, torch.bfloat16, DEVICE, kv_dtype=kv_dtype)
+        launches.clear()
+        sparse_attention.sparse_attention_triton(query, cache, cache, table, positions, 0.1, workspace=ws.attention,
+                                                 kv_scales=scales if kv_dtype else None)
+        (split_grid, split_n), (merge_grid, merge_n) = launches
+        assert split_grid == (B * Hkv, 1, splits) and merge_grid == (B * Hq,) and split_n == merge_n == splits
+        assert ws.attention.acc.shape[2] == splits
 
 
 def test_long_split_plan_for_many_groups_equals_the_reference(monkeypatch):
@@ -1164,12 +1193,21 @@ def test_fp8_kv_cache_needs_its_scales_and_a_low_bit_index():
         sparse_decode_triton(c["query"], c["key_cache"], c["value_cache"], *args[3:], c["config"], c["scale"],
                              kv_scales=scales)
     # A workspace for an unquantised cache: its split buffers follow another plan than an fp8 cache's.
-    with pytest.raises(ValueError, match=r"built for an unquantised cache, called with a torch.float8_e4m3fn one.*"
-                                         r"kv_dtype=torch.float8_e4m3fn"):
+    with pytest.raises(ValueError, match=r"another call; fp8 cache: workspace False, call True "
+                                         r"\(build it with kv_dtype=torch.float8_e4m3fn\)$"):
         sparse_decode_triton(*args, c["config"], c["scale"], kv_scales=scales, workspace=_workspace_for(c, c["config"]))
-    with pytest.raises(ValueError, match=r"built for an fp8 cache, called with a torch.float32 one"):
+    with pytest.raises(ValueError, match=r"another call; fp8 cache: workspace True, call False"):
         sparse_decode_triton(c["query"], c["key_cache"], c["value_cache"], *args[3:], c["config"], c["scale"],
                              workspace=_workspace_for(c, c["config"], kv_dtype=torch.uint8))
+    # Only the fields that differ are named; no cache hint when the cache kind matches.
+    small = {**c, "query": c["query"][:2], "block_table": c["block_table"][:2]}
+    with pytest.raises(ValueError, match=r"another call; batch: workspace 2, call 4$"):
+        sparse_decode_triton(c["query"], c["key_cache"], c["value_cache"], *args[3:], c["config"], c["scale"],
+                             workspace=_workspace_for(small, c["config"]))
+    with pytest.raises(ValueError, match=r"kv_dtype must be None or one of .*torch.uint8.*; got 'fp8'"):
+        _workspace_for(c, c["config"], kv_dtype="fp8")
+    with pytest.raises(ValueError, match=r"kv_dtype must be None or one of .*; got torch.int8"):
+        _workspace_for(c, c["config"], kv_dtype=torch.int8)
 
 
 def test_topk_rows_ties_and_short_rows():

@@ -3,8 +3,10 @@
 splits)), against the shipped `attention_plan`'s choice, Qwen3-8B shapes, the plugin's defaults (512 blocks of
 16, budget 2048), fp8 e4m3 K and V (unit scales), batches 8-56 at 64K and 16 / 24 / 32 at 32K. The bf16 sweep
 this follows (`../../mla_step_bucket_2026-11-27/studies/split_sweep.py`) fitted the wave count's constants to a
-bf16 cache; an fp8 tile takes half the shared memory, so more programs may be resident. Writes
-$OUT/fp8_split_sweep.json (KV=bf16: the same on a bf16 cache, $OUT/bf16_split_sweep.json)."""
+bf16 cache; an fp8 tile takes half the shared memory, so more programs might be resident (the run found the
+opposite: fewer, bound by registers). "shipped" is `attention_plan`'s count at the code it runs with: the recorded
+run (dc504ae) took 4 slots per SM on fp8 too; from 83c27d6 fp8 takes 3. Writes $OUT/fp8_split_sweep.json (KV=bf16:
+the same on a bf16 cache, $OUT/bf16_split_sweep.json)."""
 import json, math, os, sys
 import torch
 import triton
@@ -44,7 +46,7 @@ for L, batches in ((65536, (8, 12, 16, 20, 24, 28, 32, 40, 48, 56)), (32768, (16
             sa.attention_plan = sd.attention_plan = fn
             plan = fn(B, Hq, Hkv, cfg.attended_tokens, D, D)
             ws = sd.SparseDecodeWorkspace(B, Hq, Hkv, D, D, stack[0][3].shape[1], bsd.CACHE_BLOCK, cfg,
-                                          torch.bfloat16, "cuda")
+                                          torch.bfloat16, "cuda", kv_dtype=stack[0][1].dtype)
             out = sd.sparse_decode_triton(*stack[0], cfg, SCALE, workspace=ws, kv_scales=SCALES)[0].float()
             ref_out = out.clone() if ref_out is None else ref_out
             us = bsd.stacked_time_ms([lambda s=s, ws=ws: sd.sparse_decode_triton(*s, cfg, SCALE, workspace=ws,

@@ -19,7 +19,7 @@ SCALE = 1 / math.sqrt(D)
 new_count = sa.long_split_count
 
 
-def old_count(programs, tiles, slots):
+def old_count(programs, tiles, slots, *_):  # long_split_count takes min_tiles and program_tiles too
     return max(1, triton.cdiv(sa.ATTN_LONG_SPLIT_PROGRAMS_PER_SM * 132, programs))
 
 
@@ -45,7 +45,7 @@ def standard(L, batches, fp8):
                 sa.long_split_count = count
                 plan = sa.attention_plan(B, Hq, Hkv, cfg.attended_tokens, D, D)
                 ws = sd.SparseDecodeWorkspace(B, Hq, Hkv, D, D, stack[0][3].shape[1], bsd.CACHE_BLOCK, cfg,
-                                              torch.bfloat16, "cuda")
+                                              torch.bfloat16, "cuda", kv_dtype=stack[0][1].dtype)
                 outs[name] = [t.clone() for t in sd.sparse_decode_triton(*stack[0], cfg, SCALE, workspace=ws,
                                                                          kv_scales=scales)[:2]]
                 us = bsd.stacked_time_ms([lambda s=s, ws=ws: sd.sparse_decode_triton(*s, cfg, SCALE, workspace=ws,
