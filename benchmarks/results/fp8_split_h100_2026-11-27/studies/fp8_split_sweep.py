@@ -6,7 +6,8 @@ this follows (`../../mla_step_bucket_2026-11-27/studies/split_sweep.py`) fitted 
 bf16 cache; an fp8 tile takes half the shared memory, so more programs might be resident (the run found the
 opposite: fewer, bound by registers). "shipped" is `attention_plan`'s count at the code it runs with: the recorded
 run (dc504ae) took 4 slots per SM on fp8 too; from 83c27d6 fp8 takes 3. Writes $OUT/fp8_split_sweep.json (KV=bf16:
-the same on a bf16 cache, $OUT/bf16_split_sweep.json)."""
+the same on a bf16 cache, $OUT/bf16_split_sweep.json). HEAD_DIM=64: head dim 64 instead of 128 (Llama-3.2-1B's 32 / 8
+heads of 64), written as *_split_sweep_hd64.json, with the split kernel's registers per variant."""
 import json, math, os, sys
 import torch
 import triton
@@ -16,7 +17,7 @@ from asynctls_tip_kernels import sparse_decode as sd, sparse_attention as sa
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 
 OUT = os.environ.get("OUT", "/tmp")
-Hq, Hkv, D = 32, 8, 128
+Hq, Hkv, D = 32, 8, int(os.environ.get("HEAD_DIM", "128"))
 SCALE = 1 / math.sqrt(D)
 shipped = sa.attention_plan
 FP8 = os.environ.get("KV", "fp8") == "fp8"
@@ -58,4 +59,10 @@ for L, batches in ((65536, (8, 12, 16, 20, 24, 28, 32, 40, 48, 56)), (32768, (16
             res.append(row); print(row, flush=True)
         sa.attention_plan = sd.attention_plan = shipped
         del stack, ws; torch.cuda.empty_cache()
-json.dump(res, open(os.path.join(OUT, f"{'fp8' if FP8 else 'bf16'}_split_sweep.json"), "w"), indent=1)
+for caches in sa._sparse_attn_split_kernel.device_caches.values():  # Triton's kernel cache (its internals)
+    for key, kernel in caches[0].items():
+        res.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared=kernel.metadata.shared,
+                        kv_fp8="fp8e4nv" in str(key)))
+        print(res[-1])
+name = f"{'fp8' if FP8 else 'bf16'}_split_sweep{'' if D == 128 else f'_hd{D}'}.json"
+json.dump(res, open(os.path.join(OUT, name), "w"), indent=1)
