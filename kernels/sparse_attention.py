@@ -555,8 +555,8 @@ def sparse_attention_triton(
                          f"{ATTN_WIDE_MAX_SPLIT_BYTES}, ATTN_LONG_SPLITS={ATTN_LONG_SPLITS}, "
                          f"ATTN_LONG_SPLIT_SLOTS_PER_SM={ATTN_LONG_SPLIT_SLOTS_PER_SM} "
                          f"(_FP8={ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8}), a {query.dtype} query and a {key_cache.dtype} "
-                         "cache (a "
-                         "workspace built for other shapes, another query or cache dtype or other launch settings)")
+                         "cache (a workspace built for other shapes, another query or cache dtype or other launch "
+                         "settings)")
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
     grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])

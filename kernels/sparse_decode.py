@@ -15,9 +15,9 @@ scorer writes otherwise. H100, B=8, budget 2048, per layer with 4 layers in one 
 standard step 72.0 us, the pipelined one 57.7 at 64K; 81.8 and 67.7 at 128K (`benchmarks/RESULTS.md`).
 
 For CUDA graphs, build a `SparseDecodeWorkspace` once per (batch, shapes, config, cache dtype: an fp8 cache
-takes `kv_dtype=`) and pass it: every
-intermediate and the outputs then live in its buffers (the returned tensors are views of them, valid
-until the next call with the same workspace), so a captured step replays with no allocation.
+takes `kv_dtype=`) and pass it: every intermediate and the outputs then live in its buffers (the returned
+tensors are views of them, valid until the next call with the same workspace), so a captured step replays
+with no allocation.
 
 Bytes per step and kv head (Qwen3-8B shapes, 64K context, block 64, 128 blocks, budget 2048, 4-bit
 32-channel index): int8 summaries 1024 blocks x (2 x 128 + 4) B = 260 KiB; index 8192 x (16 + 4) B =
