@@ -7,7 +7,9 @@ bf16 cache; an fp8 tile takes half the shared memory, so more programs might be 
 opposite: fewer, bound by registers). "shipped" is `attention_plan`'s count at the code it runs with: the recorded
 run (dc504ae) took 4 slots per SM on fp8 too; from 83c27d6 fp8 takes 3. Writes $OUT/fp8_split_sweep.json (KV=bf16:
 the same on a bf16 cache, $OUT/bf16_split_sweep.json). HEAD_DIM=64: head dim 64 instead of 128 (Llama-3.2-1B's 32 / 8
-heads of 64), written as *_split_sweep_hd64.json, with the split kernel's registers per variant."""
+heads of 64), written as *_split_sweep_hd64.json, with the split kernel's registers per variant. SPLITS="4,8,12,17"
+and BATCHES="4,8,12" (64K only) narrow or widen the grid (the next head-dim-64 sweep: splits up to 17 at B = 4-16),
+written as *_split_sweep[_hdD]_grid.json."""
 import json, math, os, sys
 import torch
 import triton
@@ -36,14 +38,17 @@ def forced(splits):
 
 cfg = SparseAttentionConfig(selection_block_size=16, num_blocks=512, token_budget=2048)
 res = []
-for L, batches in ((65536, (8, 12, 16, 20, 24, 28, 32, 40, 48, 56)), (32768, (16, 24, 32))):
+SPLITS = tuple(int(x) for x in os.environ.get("SPLITS", "1,2,3,4,5,6,8").split(","))
+GRID = [(65536, tuple(int(x) for x in os.environ["BATCHES"].split(",")))] if "BATCHES" in os.environ else [
+    (65536, (8, 12, 16, 20, 24, 28, 32, 40, 48, 56)), (32768, (16, 24, 32))]
+for L, batches in GRID:
     for B in batches:
         stack = [bsd.paged_case(B, L, Hq, Hkv, D, D, cfg, seed=B * 7 + L + i) for i in range(2)]
         if FP8:
             f8 = torch.float8_e4m3fn
             stack = [(q, kc.to(f8), vc.to(f8), *rest) for q, kc, vc, *rest in stack]
         ref_out = None
-        for name, fn in [("shipped", shipped)] + [(s, forced(s)) for s in (1, 2, 3, 4, 5, 6, 8)]:
+        for name, fn in [("shipped", shipped)] + [(s, forced(s)) for s in SPLITS]:
             sa.attention_plan = sd.attention_plan = fn
             plan = fn(B, Hq, Hkv, cfg.attended_tokens, D, D)
             ws = sd.SparseDecodeWorkspace(B, Hq, Hkv, D, D, stack[0][3].shape[1], bsd.CACHE_BLOCK, cfg,
@@ -64,5 +69,6 @@ for caches in sa._sparse_attn_split_kernel.device_caches.values():  # Triton's k
         res.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared=kernel.metadata.shared,
                         kv_fp8="fp8e4nv" in str(key)))
         print(res[-1])
-name = f"{'fp8' if FP8 else 'bf16'}_split_sweep{'' if D == 128 else f'_hd{D}'}.json"
+name = (f"{'fp8' if FP8 else 'bf16'}_split_sweep{'' if D == 128 else f'_hd{D}'}"
+        f"{'_grid' if 'SPLITS' in os.environ or 'BATCHES' in os.environ else ''}.json")
 json.dump(res, open(os.path.join(OUT, name), "w"), indent=1)
