@@ -6,13 +6,15 @@ both GPU builders share."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, WorkspaceArena, warm_decode_attention
 
 from vllm_asynctls.counters import COUNTERS
 from vllm_asynctls.kernel_warmup import WarmOnce, row_layout
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("vllm.asynctls")  # under vLLM's logger: its handler, level and format
 
