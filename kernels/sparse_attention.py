@@ -49,21 +49,33 @@ ATTN_LONG_SPLIT_MIN_GROUPS = 32
 ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
-# Long splits resident per SM for head dims of 65-128: registers bound them (H100, triton 3.6, 16-bit queries: the
-# split kernel holds 116 registers per thread on a 16-bit cache, 144-146 on fp8, so 4 or 3 programs of 128
-# threads fit an SM's 64K; re-measure `n_regs` after a Triton upgrade: `benchmarks/results/fp8_split_h100_2026-11-27/
-# studies/fp8_slots_ab.py` prints it). Their split count minimises the waves of that many programs per SM times the
-# tiles each walks (`long_split_count`): the old count, about 3 programs per SM rounded up, left a small second
-# wave at some batches. H200, Qwen3-8B shapes, budget 2048, whole standard step per layer, splits 1-8 forced
-# (`benchmarks/results/mla_step_bucket_2026-11-27/split_sweep.json`): the two constants below were fitted to
-# those 12 points, where the wave count picks the fastest count at each and the old count was 5-14% slower at
-# B=24, 40 and 48. The A/B after it (`wave_split_ab.json`): 0-10.5% faster at B=4-56 on a bf16 cache. Other head
-# dims keep the old count (unmeasured). H100, the same sweep (`benchmarks/results/fp8_split_h100_2026-11-27/`): on
-# a bf16 cache these constants pick the fastest count at all 13 points (out of sample). On an fp8 cache the count
-# at 4 slots was 6-15% slower than the fastest at 11 of 13 points (2% at the other two); at 3 it is within 2.4% of
-# it everywhere (in-sample), and the A/B at 14 other batches (B=5-128) measured 0.877-1.007 of the time at 4.
-ATTN_LONG_SPLIT_SLOTS_PER_SM = 4
-ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 = 3
+# Long splits resident per SM, by (BLOCK_H q heads per program, BLOCK_DV value width, fp8 cache). Registers bound
+# them: an SM has 64K, allocated per thread in steps of 8, to 128 threads a program (256 at BLOCK_H 64 and width
+# 128). The split kernel's registers per thread (H100, triton 3.6, 16-bit queries; re-measure `n_regs` after a
+# Triton upgrade: `benchmarks/results/hd64_split_2026-11-27/studies/wide_group_sweep.py` prints them), bf16 / fp8
+# cache: (16, 128) 116 / 144-146; (16, 64) 76-77 / 88-92; (32, 128) 108-110 / 178-182; (32, 64) 79-80 / 125-126;
+# (64, 128) 84-86 / 99-103; (64, 64) 84-86 / 82. Other shapes (BLOCK_H 128, other widths) keep the old count,
+# about 3 programs per SM rounded up (unmeasured). The split count minimises the waves of that many programs per SM
+# times the tiles each walks (`long_split_count`); the old count left a small second wave at some batches.
+# Measured (whole standard step per layer, budget 2048, splits forced; `benchmarks/RESULTS.md`, 2026-11-27):
+# - (16, 128), Qwen3-8B shapes: on the H200 the constants were fitted to 12 points of a bf16 sweep (the old count
+#   5-14% slower at B=24, 40, 48; the A/B after it 0-10.5% faster at B=4-56). H100: bf16 picks the fastest at all
+#   13 points of the same sweep (out of sample); on fp8, 4 slots were 6-15% slower than the fastest at 11 of 13
+#   points, 3 are within 2.4% everywhere, and the A/B at 14 other batches measured 0.877-1.007 of 4's time.
+# - (16, 64), Llama-3.2-1B's 32 / 8 heads of 64 (H100): within 0.6% of the fastest of up to 17 forced splits at
+#   B = 4-16 (14 points), and the fastest at 22 of the 23 points of the sweep to 8 splits where their count was
+#   swept (0.7% off at the other); the A/B at 25 other batches (B=7-128) measured 0.871-1.004 of the old count's
+#   time.
+# - (32, *) and (64, *) (64 q heads on 2 kv heads, multi-query with 32 and 64 q heads; H100, splits 1-17 forced):
+#   the count from these slots was the fastest at 33 of the 37 points where it was swept, at most 4.1% off (where
+#   the count before was as far off); the count before (4 / 3 slots at width 128, the old count at 64) was up to
+#   13% slower; the A/B at 31 other batches measured 0.877-1.005 of its time
+#   (`benchmarks/results/hd64_split_2026-11-27/`).
+ATTN_LONG_SPLIT_SLOTS_PER_SM = {
+    (16, 128, False): 4, (16, 128, True): 3, (16, 64, False): 6, (16, 64, True): 5,
+    (32, 128, False): 4, (32, 128, True): 2, (32, 64, False): 6, (32, 64, True): 4,
+    (64, 128, False): 2, (64, 128, True): 2, (64, 64, False): 5, (64, 64, True): 5,
+}
 # Each program's fixed cost in tiles walked: its query load, its split row written and read back by the merge
 # (8 KB of float32 accumulator for 16 heads of 128 against 16 KB of K and V per tile).
 ATTN_LONG_SPLIT_PROGRAM_TILES = 2
@@ -441,8 +453,8 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=wide_tiles, head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
-    if long_splits and block_dv == 128 and block_dk == 128:
-        slots = ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 if (kv_bytes or query_bytes) == 1 else ATTN_LONG_SPLIT_SLOTS_PER_SM
+    slots = ATTN_LONG_SPLIT_SLOTS_PER_SM.get((block_h, block_dv, (kv_bytes or query_bytes) == 1))
+    if long_splits and slots and block_dk == block_dv:
         want_splits = long_split_count(programs, tiles, slots * num_sms, ATTN_LONG_SPLIT_MIN_TILES,
                                        ATTN_LONG_SPLIT_PROGRAM_TILES)
     else:
@@ -553,10 +565,9 @@ def sparse_attention_triton(
                          f"ATTN_WIDE_MAX_HEAD_BLOCKS={ATTN_WIDE_MAX_HEAD_BLOCKS}, "
                          f"ATTN_WIDE_LONG_MAX_GROUPS={ATTN_WIDE_LONG_MAX_GROUPS}, ATTN_WIDE_MAX_SPLIT_BYTES="
                          f"{ATTN_WIDE_MAX_SPLIT_BYTES}, ATTN_LONG_SPLITS={ATTN_LONG_SPLITS}, "
-                         f"ATTN_LONG_SPLIT_SLOTS_PER_SM={ATTN_LONG_SPLIT_SLOTS_PER_SM} "
-                         f"(_FP8={ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8}), a {query.dtype} query and a {key_cache.dtype} "
-                         "cache (a workspace built for other shapes, another query or cache dtype or other launch "
-                         "settings)")
+                         f"ATTN_LONG_SPLIT_SLOTS_PER_SM={ATTN_LONG_SPLIT_SLOTS_PER_SM}, a {query.dtype} query "
+                         f"and a {key_cache.dtype} cache (a workspace built for other shapes, another query or "
+                         "cache dtype or other launch settings)")
     if out is None:
         out = torch.empty(B, Hq, Dv, dtype=query.dtype, device=query.device)
     grid = (B * Hkv, plan["head_blocks"], plan["NUM_SPLITS"])

@@ -650,6 +650,32 @@ def test_long_split_count_fills_whole_waves_as_measured():
             plan = sparse_attention.attention_plan(batch, 32, 8, 2176, 128, 128, kv_bytes=kv_bytes)
             assert plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
             assert plan["NUM_SPLITS"] == splits, (batch, kv_bytes)
+    # Other program shapes fit other numbers of programs per SM (registers bound them). The H100's sweeps of up to
+    # 17 forced splits (benchmarks/results/hd64_split_2026-11-27/): the fastest counts, by (q heads, kv heads, head
+    # dim, kv bytes), at the points where the count was the fastest measured (33 of 37 for 32 and 64 q heads per
+    # program; all of them at head dim 64 with 16).
+    fastest_by_shape = {
+        (32, 8, 64, 2): {4: 17, 5: 17, 6: 14, 8: 12, 10: 9, 12: 8, 16: 6, 20: 4, 24: 4, 32: 3, 40: 2, 48: 2, 56: 5},
+        (32, 8, 64, 1): {4: 17, 5: 14, 6: 12, 8: 10, 10: 8, 12: 6, 16: 5, 20: 4, 24: 3, 32: 5, 40: 2, 48: 5, 56: 4},
+        (64, 2, 128, 1): {16: 8, 32: 4, 64: 2},
+        (64, 2, 64, 2): {16: 17, 24: 14, 32: 12, 48: 8, 64: 6},
+        (64, 2, 64, 1): {16: 14, 24: 10, 32: 8, 64: 4},
+        (32, 1, 128, 1): {32: 8, 64: 4},
+        (64, 1, 128, 2): {32: 8, 48: 5, 64: 4},
+        (64, 1, 128, 1): {48: 5, 64: 4, 96: 5},
+        (64, 1, 64, 2): {48: 12, 64: 10, 96: 6},
+    }
+    for (hq, hkv, d, kv_bytes), table in fastest_by_shape.items():
+        for batch, splits in table.items():
+            plan = sparse_attention.attention_plan(batch, hq, hkv, 2176, d, d, kv_bytes=kv_bytes)
+            assert plan["NUM_SPLITS"] == splits, (hq, hkv, d, kv_bytes, batch)
+    # Shapes with no measured slots (head dim 32; 128 q heads per program) keep about 3 programs per SM.
+    for hq, hkv, d, batch in ((32, 8, 32, 8), (128, 1, 128, 64), (32, 8, 32, 24)):
+        plan = sparse_attention.attention_plan(batch, hq, hkv, 2176, d, d)
+        programs = batch * hkv * plan["head_blocks"]
+        want = -(-sparse_attention.ATTN_LONG_SPLIT_PROGRAMS_PER_SM * 132 // programs)
+        assert plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
+        assert plan["NUM_SPLITS"] == -(-68 // -(-68 // want)), (hq, hkv, d, batch)
     # Every count keeps its least tiles per split, and lists split while two splits fit one wave.
     for programs in range(32, 600):
         for tiles in (4, 5, 17, 68, 132):

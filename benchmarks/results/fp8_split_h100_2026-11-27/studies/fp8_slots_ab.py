@@ -1,4 +1,4 @@
-"""The fp8 cache's long-split count at 3 resident programs per SM (`ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8`, new)
+"""The fp8 cache's long-split count at 3 resident programs per SM (`ATTN_LONG_SPLIT_SLOTS_PER_SM[16, 128, True]`, new)
 against 4 (the bf16 cache's, what fp8 took before), interleaved twice in one process, outputs and positions
 compared: the whole standard step per layer (2 layers in one CUDA graph), Qwen3-8B shapes, the plugin's
 defaults (512 blocks of 16, budget 2048), fp8 e4m3 K and V (unit scales); batches outside fp8_split_sweep.py's
@@ -17,7 +17,7 @@ Hq, Hkv, D = 32, 8, 128
 SCALE = 1 / math.sqrt(D)
 F8 = torch.float8_e4m3fn
 SCALES = (torch.ones(1, device="cuda"), torch.ones(1, device="cuda"))
-SLOTS = (("old", 4), ("new", sa.ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8))
+SLOTS = (("old", 4), ("new", 3))  # from 2026-11-27's head-dim-64 change, ATTN_LONG_SPLIT_SLOTS_PER_SM[16, 128, True]
 cfg = SparseAttentionConfig(selection_block_size=16, num_blocks=512, token_budget=2048)
 res = []
 
@@ -33,7 +33,7 @@ def ab(L, batches, sample):
         outs, splits = {}, {}
         for rep in range(2):
             for name, slots in SLOTS:
-                sa.ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 = slots
+                sa.ATTN_LONG_SPLIT_SLOTS_PER_SM[16, 128, True] = slots
                 splits[name] = sa.attention_plan(B, Hq, Hkv, cfg.attended_tokens, D, D, kv_bytes=1)["NUM_SPLITS"]
                 ws = sd.SparseDecodeWorkspace(B, Hq, Hkv, D, D, stack[0][3].shape[1], bsd.CACHE_BLOCK, cfg,
                                               torch.bfloat16, "cuda", kv_dtype=F8)
@@ -44,7 +44,7 @@ def ab(L, batches, sample):
                                           for s in stack]) * 1e3
                 record(dict(L=L, B=B, sample=sample, slots=name, splits=splits[name], rep=rep,
                             per_layer_us=round(us, 2)))
-        sa.ATTN_LONG_SPLIT_SLOTS_PER_SM_FP8 = SLOTS[1][1]
+        sa.ATTN_LONG_SPLIT_SLOTS_PER_SM[16, 128, True] = SLOTS[1][1]
         record(dict(L=L, B=B, sample=sample, same_plan=splits["old"] == splits["new"],
                     positions_equal=bool(torch.equal(outs["old"][1], outs["new"][1])),
                     out_max_abs_diff=float((outs["old"][0].float() - outs["new"][0].float()).abs().max())))

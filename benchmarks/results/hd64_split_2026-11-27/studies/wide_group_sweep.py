@@ -1,0 +1,75 @@
+"""The long-split count where a program holds 32 q heads (BLOCK_H 32: groups of more than 16 q heads per kv head),
+which no sweep had measured: splits forced 1-17 against the shipped count and the wave count at each slot count
+in SLOTS, the whole standard step per layer (2 layers in one CUDA graph), the plugin's defaults (512 blocks of 16,
+budget 2048), 32K contexts, bf16 and fp8 e4m3 caches (unit scales). Shapes: groups of 32 at head dim 128 (64 q
+heads, 2 kv heads) and at head dim 64, and multi-query attention at head dim 128 (32 q heads, 1 kv head). Also
+the split kernel's registers per compiled variant. Writes $OUT/wide_group_sweep.json. SHAPES=64: multi-query
+attention with 64 q heads (BLOCK_H 64) at head dims 128 and 64, splits 1-6 and 8-17 (wide_group_sweep64.json)."""
+import json, math, os, sys
+import torch
+import triton
+sys.path.insert(0, "benchmarks")
+import bench_sparse_decode as bsd
+from asynctls_tip_kernels import sparse_decode as sd, sparse_attention as sa
+from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
+
+OUT = os.environ.get("OUT", "/tmp")
+F8 = torch.float8_e4m3fn
+SLOTS = (2, 3, 4, 5, 6)
+SPLITS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 17)
+shipped = sa.attention_plan
+cfg = SparseAttentionConfig(selection_block_size=16, num_blocks=512, token_budget=2048)
+res = []
+
+
+def forced(splits):
+    def plan(batch, *args, **kwargs):
+        p = dict(shipped(batch, *args, **kwargs))
+        tiles = triton.cdiv(args[2], p["BLOCK_N"])
+        per = triton.cdiv(tiles, splits)
+        p.update(SPLIT_LEN=per * p["BLOCK_N"], NUM_SPLITS=triton.cdiv(tiles, per))
+        return p
+    return plan
+
+
+SHAPES = ((64, 2, 128, (16, 24, 32, 48, 64)), (64, 2, 64, (16, 24, 32, 48, 64)), (32, 1, 128, (32, 48, 64, 96)))
+if os.environ.get("SHAPES") == "64":  # 64 q heads per program (BLOCK_H 64): multi-query attention with 64 q heads
+    SHAPES, SPLITS = ((64, 1, 128, (32, 48, 64, 96)), (64, 1, 64, (32, 48, 64, 96))), (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 17)
+for Hq, Hkv, D, batches in SHAPES:
+    for fp8 in (False, True):
+        for B in batches:
+            stack = [bsd.paged_case(B, 32768, Hq, Hkv, D, D, cfg, seed=B * 5 + Hq + D + i) for i in range(2)]
+            if fp8:
+                stack = [(q, kc.to(F8), vc.to(F8), *rest) for q, kc, vc, *rest in stack]
+            SCALE = 1 / math.sqrt(D)
+            scales = (torch.ones(1, device="cuda"), torch.ones(1, device="cuda")) if fp8 else None
+            p0 = shipped(B, Hq, Hkv, cfg.attended_tokens, D, D, kv_bytes=1 if fp8 else 2)
+            programs = B * Hkv * p0["head_blocks"]
+            tiles = triton.cdiv(cfg.attended_tokens, p0["BLOCK_N"])
+            wave = {s: sa.long_split_count(programs, tiles, s * 132, sa.ATTN_LONG_SPLIT_MIN_TILES,
+                                           sa.ATTN_LONG_SPLIT_PROGRAM_TILES) for s in SLOTS}
+            first = None
+            for name, fn in [("shipped", shipped)] + [(s, forced(s)) for s in SPLITS]:
+                sa.attention_plan = sd.attention_plan = fn
+                plan = fn(B, Hq, Hkv, cfg.attended_tokens, D, D, kv_bytes=1 if fp8 else 2)
+                ws = sd.SparseDecodeWorkspace(B, Hq, Hkv, D, D, stack[0][3].shape[1], bsd.CACHE_BLOCK, cfg,
+                                              torch.bfloat16, "cuda", kv_dtype=stack[0][1].dtype)
+                out = sd.sparse_decode_triton(*stack[0], cfg, SCALE, workspace=ws,
+                                              kv_scales=scales)[0].float()
+                first = out.clone() if first is None else first
+                us = bsd.stacked_time_ms([lambda s=s, ws=ws: sd.sparse_decode_triton(*s, cfg, SCALE, workspace=ws,
+                                                                                     kv_scales=scales)
+                                          for s in stack]) * 1e3
+                row = dict(Hq=Hq, Hkv=Hkv, D=D, kv="fp8" if fp8 else "bf16", B=B, plan=name,
+                           splits=plan["NUM_SPLITS"], block_h=plan["BLOCK_H"], num_warps=plan["num_warps"],
+                           num_stages=plan["num_stages"], wave_count_by_slots=wave, per_layer_us=round(us, 2),
+                           out_max_abs_diff_vs_shipped=float((out - first).abs().max()))
+                res.append(row); print(row, flush=True)
+            sa.attention_plan = sd.attention_plan = shipped
+            del stack, ws; torch.cuda.empty_cache()
+for caches in sa._sparse_attn_split_kernel.device_caches.values():  # Triton's kernel cache (its internals)
+    for key, kernel in caches[0].items():
+        res.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared=kernel.metadata.shared,
+                        kv_fp8="fp8e4nv" in str(key), key=str(key)[:300]))
+        print({k: v for k, v in res[-1].items() if k != "key"})
+json.dump(res, open(os.path.join(OUT, f"wide_group_sweep{os.environ.get('SHAPES', '')}.json"), "w"), indent=1)
