@@ -85,6 +85,19 @@ def stacked_time_ms(steps) -> float:
     return ms / len(steps)
 
 
+def forced_split_plan(plan, splits: int):
+    """`plan` (an `attention_plan`) with the attention's split count forced to `splits` (tiles per split =
+    ceil(tiles / splits)), for split-count sweeps: install it as `sparse_attention.attention_plan` and
+    `sparse_decode.attention_plan`."""
+    def forced(batch, *args, **kwargs):
+        p = dict(plan(batch, *args, **kwargs))
+        tiles = triton.cdiv(args[2], p["BLOCK_N"])
+        per = triton.cdiv(tiles, splits)
+        p.update(SPLIT_LEN=per * p["BLOCK_N"], NUM_SPLITS=triton.cdiv(tiles, per))
+        return p
+    return forced
+
+
 def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
     """Random bf16 paged cache for B sequences of L tokens with a shuffled block table, and its
     index written by the Triton writer (sequence by sequence, in chunks)."""

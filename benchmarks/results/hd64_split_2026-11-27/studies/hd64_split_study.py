@@ -10,7 +10,6 @@ blocks of 16, budget 2048), bf16 and fp8 e4m3 caches (unit scales).
 Writes $OUT/hd64_split_study.json."""
 import json, math, os, sys
 import torch
-import triton
 sys.path.insert(0, "benchmarks")
 import bench_sparse_decode as bsd
 from asynctls_tip_kernels import sparse_decode as sd, sparse_attention as sa
@@ -34,14 +33,7 @@ def record(row):
 def use(slots=None, splits=None):
     """Plan with the given slots table, or with `splits` forced."""
     sa.ATTN_LONG_SPLIT_SLOTS_PER_SM.clear(); sa.ATTN_LONG_SPLIT_SLOTS_PER_SM.update(slots or NEW)
-
-    def plan(batch, *args, **kwargs):
-        p = dict(shipped(batch, *args, **kwargs))
-        if splits:
-            tiles = triton.cdiv(args[2], p["BLOCK_N"])
-            per = triton.cdiv(tiles, splits)
-            p.update(SPLIT_LEN=per * p["BLOCK_N"], NUM_SPLITS=triton.cdiv(tiles, per))
-        return p
+    plan = bsd.forced_split_plan(shipped, splits) if splits else shipped
     sa.attention_plan = sd.attention_plan = plan
     return plan
 

@@ -22,16 +22,6 @@ cfg = SparseAttentionConfig(selection_block_size=16, num_blocks=512, token_budge
 res = []
 
 
-def forced(splits):
-    def plan(batch, *args, **kwargs):
-        p = dict(shipped(batch, *args, **kwargs))
-        tiles = triton.cdiv(args[2], p["BLOCK_N"])
-        per = triton.cdiv(tiles, splits)
-        p.update(SPLIT_LEN=per * p["BLOCK_N"], NUM_SPLITS=triton.cdiv(tiles, per))
-        return p
-    return plan
-
-
 SHAPES = ((64, 2, 128, (16, 24, 32, 48, 64)), (64, 2, 64, (16, 24, 32, 48, 64)), (32, 1, 128, (32, 48, 64, 96)))
 if os.environ.get("SHAPES") == "64":  # 64 q heads per program (BLOCK_H 64): multi-query attention with 64 q heads
     SHAPES, SPLITS = ((64, 1, 128, (32, 48, 64, 96)), (64, 1, 64, (32, 48, 64, 96))), (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 17)
@@ -49,7 +39,7 @@ for Hq, Hkv, D, batches in SHAPES:
             wave = {s: sa.long_split_count(programs, tiles, s * 132, sa.ATTN_LONG_SPLIT_MIN_TILES,
                                            sa.ATTN_LONG_SPLIT_PROGRAM_TILES) for s in SLOTS}
             first = None
-            for name, fn in [("shipped", shipped)] + [(s, forced(s)) for s in SPLITS]:
+            for name, fn in [("shipped", shipped)] + [(s, bsd.forced_split_plan(shipped, s)) for s in SPLITS]:
                 sa.attention_plan = sd.attention_plan = fn
                 plan = fn(B, Hq, Hkv, cfg.attended_tokens, D, D, kv_bytes=1 if fp8 else 2)
                 ws = sd.SparseDecodeWorkspace(B, Hq, Hkv, D, D, stack[0][3].shape[1], bsd.CACHE_BLOCK, cfg,
