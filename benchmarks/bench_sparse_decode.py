@@ -98,6 +98,19 @@ def forced_split_plan(plan, splits: int):
     return forced
 
 
+def split_kernel_resources() -> list[dict]:
+    """Registers and spills per thread and shared memory of every compiled variant of the attention's split
+    kernel in this process (read from Triton's kernel cache, its internals): what bounds the programs per SM."""
+    from asynctls_tip_kernels import sparse_attention
+    rows = []
+    for caches in sparse_attention._sparse_attn_split_kernel.device_caches.values():
+        for key, kernel in caches[0].items():
+            rows.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills,
+                             shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
+                             kv_fp8="fp8e4nv" in str(key)))
+    return rows
+
+
 def paged_case(B, L, Hq, Hkv, Dk, Dv, config, mla=False, seed=0):
     """Random bf16 paged cache for B sequences of L tokens with a shuffled block table, and its
     index written by the Triton writer (sequence by sequence, in chunks)."""

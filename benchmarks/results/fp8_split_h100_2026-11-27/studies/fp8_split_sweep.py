@@ -12,7 +12,6 @@ and BATCHES="4,8,12" (64K only) narrow or widen the grid (the next head-dim-64 s
 written as *_split_sweep[_hdD]_grid.json."""
 import json, math, os, sys
 import torch
-import triton
 sys.path.insert(0, "benchmarks")
 import bench_sparse_decode as bsd
 from asynctls_tip_kernels import sparse_decode as sd, sparse_attention as sa
@@ -27,13 +26,7 @@ SCALES = (torch.ones(1, device="cuda"), torch.ones(1, device="cuda")) if FP8 els
 
 
 def forced(splits):
-    def plan(batch, *args, **kwargs):
-        p = dict(shipped(batch, *args, **kwargs))
-        tiles = triton.cdiv(args[2], p["BLOCK_N"])
-        per = triton.cdiv(tiles, splits)
-        p.update(SPLIT_LEN=per * p["BLOCK_N"], NUM_SPLITS=triton.cdiv(tiles, per))
-        return p
-    return plan
+    return bsd.forced_split_plan(shipped, splits)
 
 
 cfg = SparseAttentionConfig(selection_block_size=16, num_blocks=512, token_budget=2048)
@@ -64,11 +57,8 @@ for L, batches in GRID:
             res.append(row); print(row, flush=True)
         sa.attention_plan = sd.attention_plan = shipped
         del stack, ws; torch.cuda.empty_cache()
-for caches in sa._sparse_attn_split_kernel.device_caches.values():  # Triton's kernel cache (its internals)
-    for key, kernel in caches[0].items():
-        res.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared=kernel.metadata.shared,
-                        kv_fp8="fp8e4nv" in str(key)))
-        print(res[-1])
+for row in bsd.split_kernel_resources():
+    res.append(row); print(row)
 name = (f"{'fp8' if FP8 else 'bf16'}_split_sweep{'' if D == 128 else f'_hd{D}'}"
         f"{'_grid' if 'SPLITS' in os.environ or 'BATCHES' in os.environ else ''}.json")
 json.dump(res, open(os.path.join(OUT, name), "w"), indent=1)

@@ -100,8 +100,6 @@ for fp8 in (False, True):
     ab(fp8, 16384, (64, 80, 96, 128))
 use()
 sa.attention_plan = sd.attention_plan = shipped
-for caches in sa._sparse_attn_split_kernel.device_caches.values():  # Triton's kernel cache (its internals)
-    for key, kernel in caches[0].items():
-        record(dict(part="split_kernel", n_regs=kernel.n_regs, n_spills=kernel.n_spills,
-                    shared=kernel.metadata.shared, kv_fp8="fp8e4nv" in str(key)))
+for row in bsd.split_kernel_resources():
+    record(dict(part="split_kernel", **row))
 json.dump(res, open(os.path.join(OUT, "hd64_split_study.json"), "w"), indent=1)

@@ -57,9 +57,6 @@ for Hq, Hkv, D, batches in SHAPES:
                 res.append(row); print(row, flush=True)
             sa.attention_plan = sd.attention_plan = shipped
             del stack, ws; torch.cuda.empty_cache()
-for caches in sa._sparse_attn_split_kernel.device_caches.values():  # Triton's kernel cache (its internals)
-    for key, kernel in caches[0].items():
-        res.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared=kernel.metadata.shared,
-                        kv_fp8="fp8e4nv" in str(key), key=str(key)[:300]))
-        print({k: v for k, v in res[-1].items() if k != "key"})
+for row in bsd.split_kernel_resources():
+    res.append(row); print(row)
 json.dump(res, open(os.path.join(OUT, f"wide_group_sweep{os.environ.get('SHAPES', '')}.json"), "w"), indent=1)

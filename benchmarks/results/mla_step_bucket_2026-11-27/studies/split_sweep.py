@@ -5,7 +5,6 @@ budget 2048), batches 8-48 at 64K (and 16 / 24 / 32 at 32K). Follows plan_bucket
 three splits 7-8% slower than two. Writes $OUT/split_sweep.json."""
 import json, math, os, sys
 import torch
-import triton
 sys.path.insert(0, "benchmarks")
 import bench_sparse_decode as bsd
 from asynctls_tip_kernels import sparse_decode as sd, sparse_attention as sa
@@ -18,13 +17,7 @@ shipped = sa.attention_plan
 
 
 def forced(splits):
-    def plan(batch, *args, **kwargs):
-        p = dict(shipped(batch, *args, **kwargs))
-        tiles = triton.cdiv(args[2], p["BLOCK_N"])
-        per = triton.cdiv(tiles, splits)
-        p.update(SPLIT_LEN=per * p["BLOCK_N"], NUM_SPLITS=triton.cdiv(tiles, per))
-        return p
-    return plan
+    return bsd.forced_split_plan(shipped, splits)
 
 
 cfg = SparseAttentionConfig(selection_block_size=16, num_blocks=512, token_budget=2048)
