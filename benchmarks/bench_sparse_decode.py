@@ -100,14 +100,15 @@ def forced_split_plan(plan, splits: int):
 
 def split_kernel_resources() -> list[dict]:
     """Registers and spills per thread and shared memory of every compiled variant of the attention's split
-    kernel in this process (read from Triton's kernel cache, its internals): what bounds the programs per SM."""
+    kernel in this process (read from Triton's kernel cache, its internals): what bounds the programs per SM.
+    `key` is Triton's cache key (argument types and constexprs: which shape the variant is)."""
     from asynctls_tip_kernels import sparse_attention
     rows = []
     for caches in sparse_attention._sparse_attn_split_kernel.device_caches.values():
         for key, kernel in caches[0].items():
             rows.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills,
                              shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
-                             kv_fp8="fp8e4nv" in str(key)))
+                             kv_fp8="fp8e4nv" in str(key), key=str(key)))
     return rows
 
 

@@ -49,15 +49,18 @@ ATTN_LONG_SPLIT_MIN_GROUPS = 32
 ATTN_LONG_SPLIT_MIN_TILES = 4
 ATTN_LONG_SPLIT_PROGRAMS_PER_SM = 3
 ATTN_LONG_SPLIT_STAGES = 3
-# Long splits resident per SM, by (BLOCK_H q heads per program, BLOCK_DV value width, fp8 cache). Registers bound
-# them: an SM has 64K, allocated per thread in steps of 8, to 128 threads a program (256 at BLOCK_H 64 and width
-# 128). The split kernel's registers per thread (H100, triton 3.6, 16-bit queries; re-measure `n_regs` after a
-# Triton upgrade: `benchmarks/results/hd64_split_2026-11-27/studies/wide_group_sweep.py` prints them), bf16 / fp8
-# cache: (16, 128) 116 / 144-146; (16, 64) 76-77 / 88-92; (32, 128) 108-110 / 178-182; (32, 64) 79-80 / 125-126;
-# (64, 128) 84-86 / 99-103; (64, 64) 84-86 / 82. Other shapes (BLOCK_H 128, other widths) keep the old count,
-# about 3 programs per SM rounded up (unmeasured). The split count minimises the waves of that many programs per SM
-# times the tiles each walks (`long_split_count`); the old count left a small second wave at some batches.
-# Measured (whole standard step per layer, budget 2048, splits forced; `benchmarks/RESULTS.md`, 2026-11-27):
+# Long splits resident per SM, by (BLOCK_H q heads per program, BLOCK_DV value width, fp8 cache), for 16-bit queries
+# and keys as wide as the values. Registers bound them: an SM has 64K, allocated per thread in steps of 8, to 128
+# threads a program (256 where BLOCK_H x BLOCK_DV > 4096). The split kernel's registers per thread (H100, triton
+# 3.6; re-measure `n_regs` after a Triton upgrade: `bench_sparse_decode.split_kernel_resources()` after a run of
+# each shape, e.g. `benchmarks/results/hd64_split_2026-11-27/studies/`'s scripts), bf16 / fp8 cache: (16, 128) 116 /
+# 144-146; (16, 64) 76-77 / 88-92; (32, 128) 108-110 / 178-182; (32, 64) 79-80 / 125-126; (64, 128) 85-86 /
+# 99-103; (64, 64) 84-86 / 82; (128, 128) 127-131 / 123; (128, 64) 84-88 / 77-80. Shapes not in the table (float32
+# queries, whose kernels differ: at (16, 128) one spills; head dims up to 32 or over 128; 256 q heads per program;
+# keys wider than values) keep the old count, about 3 programs per SM rounded up (unmeasured). The split count
+# minimises the waves of that many programs per SM times the tiles each walks (`long_split_count`); the old count
+# left a small second wave at some batches. Measured (whole standard step per layer, budget 2048, splits forced;
+# `benchmarks/RESULTS.md`, 2026-11-27):
 # - (16, 128), Qwen3-8B shapes: on the H200 the constants were fitted to 12 points of a bf16 sweep (the old count
 #   5-14% slower at B=24, 40, 48; the A/B after it 0-10.5% faster at B=4-56). H100: bf16 picks the fastest at all
 #   13 points of the same sweep (out of sample); on fp8, 4 slots were 6-15% slower than the fastest at 11 of 13
@@ -66,15 +69,15 @@ ATTN_LONG_SPLIT_STAGES = 3
 #   B = 4-16 (14 points), and the fastest at 22 of the 23 points of the sweep to 8 splits where their count was
 #   swept (0.7% off at the other); the A/B at 25 other batches (B=7-128) measured 0.871-1.004 of the old count's
 #   time.
-# - (32, *) and (64, *) (64 q heads on 2 kv heads, multi-query with 32 and 64 q heads; H100, splits 1-17 forced):
-#   the count from these slots was the fastest at 33 of the 37 points where it was swept, at most 4.1% off (where
-#   the count before was as far off); the count before (4 / 3 slots at width 128, the old count at 64) was up to
-#   13% slower; the A/B at 31 other batches measured 0.877-1.005 of its time
-#   (`benchmarks/results/hd64_split_2026-11-27/`).
+# - 32, 64 and 128 q heads per program (64 q heads on 2 kv heads, multi-query with 32, 64 and 128 q heads; H100,
+#   1-17 splits forced, not every count): the count from these slots was the fastest at 46 of the 53 points where
+#   it was swept, at most 4.1% off; the table before (4 / 3 slots at width 128, the old count at 64) was up to 13%
+#   slower. The A/B at 47 other batches measured 0.877-1.006 of its time.
 ATTN_LONG_SPLIT_SLOTS_PER_SM = {
     (16, 128, False): 4, (16, 128, True): 3, (16, 64, False): 6, (16, 64, True): 5,
     (32, 128, False): 4, (32, 128, True): 2, (32, 64, False): 6, (32, 64, True): 4,
     (64, 128, False): 2, (64, 128, True): 2, (64, 64, False): 5, (64, 64, True): 5,
+    (128, 128, False): 1, (128, 128, True): 2, (128, 64, False): 2, (128, 64, True): 3,
 }
 # Each program's fixed cost in tiles walked: its query load, its split row written and read back by the merge
 # (8 KB of float32 accumulator for 16 heads of 128 against 16 KB of K and V per tile).
@@ -453,7 +456,7 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=wide_tiles, head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
-    slots = ATTN_LONG_SPLIT_SLOTS_PER_SM.get((block_h, block_dv, (kv_bytes or query_bytes) == 1))
+    slots = ATTN_LONG_SPLIT_SLOTS_PER_SM.get((block_h, block_dv, kv_bytes == 1)) if query_bytes == 2 else None
     if long_splits and slots and block_dk == block_dv:
         want_splits = long_split_count(programs, tiles, slots * num_sms, ATTN_LONG_SPLIT_MIN_TILES,
                                        ATTN_LONG_SPLIT_PROGRAM_TILES)

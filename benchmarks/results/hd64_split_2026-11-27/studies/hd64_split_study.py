@@ -7,7 +7,8 @@ blocks of 16, budget 2048), bf16 and fp8 e4m3 caches (unit scales).
          sweep (`../../fp8_split_h100_2026-11-27/`) went to; rows "new" and "old" are the two counts.
   ab:    old against new interleaved twice at batches neither sweep measured (out of sample), outputs and
          positions compared.
-Writes $OUT/hd64_split_study.json."""
+Writes $OUT/hd64_split_study.json (the recorded run's register rows name the count `n_regs`; the helper it uses
+now writes `split_kernel_n_regs` and Triton's cache key)."""
 import json, math, os, sys
 import torch
 sys.path.insert(0, "benchmarks")

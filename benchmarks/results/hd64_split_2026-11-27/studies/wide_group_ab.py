@@ -1,9 +1,10 @@
 """The long-split slots table keyed by (BLOCK_H, BLOCK_DV, fp8 cache) ("new", `ATTN_LONG_SPLIT_SLOTS_PER_SM`) against
-the table before it ("old": 4 slots on a 16-bit cache and 3 on fp8 at width 128 for any BLOCK_H, the old count at
+the table before it ("old": 4 slots on a 16-bit cache and 3 on fp8 at width 128 for BLOCK_H 16-128, the old count at
 width 64) where programs hold 32 or 64 q heads, at batches wide_group_sweep.py did not measure (out of sample):
 interleaved twice in one process, outputs and positions compared, only where the two plans differ. The whole
 standard step per layer (2 layers in one CUDA graph), the plugin's defaults (512 blocks of 16, budget 2048), 32K
-contexts, bf16 and fp8 e4m3 caches (unit scales). Writes $OUT/wide_group_ab.json."""
+contexts, bf16 and fp8 e4m3 caches (unit scales). Writes $OUT/wide_group_ab.json. SHAPES=128: multi-query with 128
+q heads (BLOCK_H 128) at head dims 128 and 64 (wide_group_ab128.json)."""
 import json, math, os, sys
 import torch
 sys.path.insert(0, "benchmarks")
@@ -14,7 +15,7 @@ from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 OUT = os.environ.get("OUT", "/tmp")
 F8 = torch.float8_e4m3fn
 NEW = dict(sa.ATTN_LONG_SPLIT_SLOTS_PER_SM)
-OLD = {(h, 128, fp8): 3 if fp8 else 4 for h in (16, 32, 64) for fp8 in (False, True)}
+OLD = {(h, 128, fp8): 3 if fp8 else 4 for h in (16, 32, 64, 128) for fp8 in (False, True)}
 OLD.update({k: v for k, v in NEW.items() if k[0] == 16})
 cfg = SparseAttentionConfig(selection_block_size=16, num_blocks=512, token_budget=2048)
 res = []
@@ -24,9 +25,11 @@ def use(table):
     sa.ATTN_LONG_SPLIT_SLOTS_PER_SM.clear(); sa.ATTN_LONG_SPLIT_SLOTS_PER_SM.update(table)
 
 
-for Hq, Hkv, D, batches in ((64, 2, 128, (20, 28, 40, 56)), (32, 1, 128, (40, 56, 80, 112)),
-                            (64, 1, 128, (40, 56, 80, 112)), (64, 2, 64, (20, 28, 40, 56)),
-                            (64, 1, 64, (40, 56, 80, 112))):
+SHAPES = ((64, 2, 128, (20, 28, 40, 56)), (32, 1, 128, (40, 56, 80, 112)), (64, 1, 128, (40, 56, 80, 112)),
+          (64, 2, 64, (20, 28, 40, 56)), (64, 1, 64, (40, 56, 80, 112)))
+if os.environ.get("SHAPES") == "128":
+    SHAPES = ((128, 1, 128, (40, 56, 80, 112)), (128, 1, 64, (40, 56, 80, 112)))
+for Hq, Hkv, D, batches in SHAPES:
     SCALE = 1 / math.sqrt(D)
     for fp8 in (False, True):
         for B in batches:
@@ -61,4 +64,4 @@ for Hq, Hkv, D, batches in ((64, 2, 128, (20, 28, 40, 56)), (32, 1, 128, (40, 56
             print(res[-1], flush=True)
             del stack, ws; torch.cuda.empty_cache()
 use(NEW)
-json.dump(res, open(os.path.join(OUT, "wide_group_ab.json"), "w"), indent=1)
+json.dump(res, open(os.path.join(OUT, f"wide_group_ab{os.environ.get('SHAPES', '')}.json"), "w"), indent=1)

@@ -1,10 +1,15 @@
 """The long-split count where a program holds 32 q heads (BLOCK_H 32: groups of more than 16 q heads per kv head),
-which no sweep had measured: splits forced 1-17 against the shipped count and the wave count at each slot count
-in SLOTS, the whole standard step per layer (2 layers in one CUDA graph), the plugin's defaults (512 blocks of 16,
-budget 2048), 32K contexts, bf16 and fp8 e4m3 caches (unit scales). Shapes: groups of 32 at head dim 128 (64 q
-heads, 2 kv heads) and at head dim 64, and multi-query attention at head dim 128 (32 q heads, 1 kv head). Also
-the split kernel's registers per compiled variant. Writes $OUT/wide_group_sweep.json. SHAPES=64: multi-query
-attention with 64 q heads (BLOCK_H 64) at head dims 128 and 64, splits 1-6 and 8-17 (wide_group_sweep64.json)."""
+which no sweep had measured: splits 1-4, 6, 8, 10, 12, 14 and 17 forced against the shipped count (the wave count
+at each slot count in SLOTS is recorded, not run), the whole standard step per layer (2 layers in one CUDA graph),
+the plugin's defaults (512 blocks of 16, budget 2048), 32K contexts, bf16 and fp8 e4m3 caches (unit scales).
+Shapes: groups of 32 at head dim 128 (64 q heads, 2 kv heads) and at head dim 64, and multi-query attention at head
+dim 128 (32 q heads, 1 kv head). Also the split kernel's registers per compiled variant. Writes
+$OUT/wide_group_sweep.json. SHAPES=64: multi-query attention with 64 q heads (BLOCK_H 64) at head dims 128 and 64,
+splits 1-6, 8, 10, 12, 14 and 17 (wide_group_sweep64.json); SHAPES=128: the same with 128 q heads (BLOCK_H 128),
+then one float32 call (query and cache) at 32 / 8 heads of 128 and of 64 for its registers
+(wide_group_sweep128.json). "shipped" is `attention_plan` at the code it runs with: the recorded runs without
+SHAPES and with SHAPES=64 ran on this session's first version of the table (keyed by width and fp8 only: 4 / 3
+slots at width 128 for any BLOCK_H, 6 / 5 at width 64 for BLOCK_H 16 only, the old count otherwise)."""
 import json, math, os, sys
 import torch
 import triton
@@ -25,6 +30,8 @@ res = []
 SHAPES = ((64, 2, 128, (16, 24, 32, 48, 64)), (64, 2, 64, (16, 24, 32, 48, 64)), (32, 1, 128, (32, 48, 64, 96)))
 if os.environ.get("SHAPES") == "64":  # 64 q heads per program (BLOCK_H 64): multi-query attention with 64 q heads
     SHAPES, SPLITS = ((64, 1, 128, (32, 48, 64, 96)), (64, 1, 64, (32, 48, 64, 96))), (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 17)
+if os.environ.get("SHAPES") == "128":  # 128 q heads per program (BLOCK_H 128): multi-query with 128 q heads
+    SHAPES, SPLITS = ((128, 1, 128, (32, 48, 64, 96)), (128, 1, 64, (32, 48, 64, 96))), (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 17)
 for Hq, Hkv, D, batches in SHAPES:
     for fp8 in (False, True):
         for B in batches:
@@ -57,6 +64,15 @@ for Hq, Hkv, D, batches in SHAPES:
                 res.append(row); print(row, flush=True)
             sa.attention_plan = sd.attention_plan = shipped
             del stack, ws; torch.cuda.empty_cache()
+if os.environ.get("SHAPES") == "128":  # registers of float32 queries and caches (the slots are 16-bit queries')
+    for D in (128, 64):
+        q, kc, vc, *rest = bsd.paged_case(8, 32768, 32, 8, D, D, cfg, seed=D)
+        q, kc, vc = q.float(), kc.float(), vc.float()
+        try:
+            sd.sparse_decode_triton(q, kc, vc, *rest, cfg, 1 / math.sqrt(D))
+            torch.cuda.synchronize()
+        except Exception as e:  # record it rather than lose the sweep
+            res.append(dict(float32_case=D, error=repr(e)[:500])); print(res[-1])
 for row in bsd.split_kernel_resources():
     res.append(row); print(row)
 json.dump(res, open(os.path.join(OUT, f"wide_group_sweep{os.environ.get('SHAPES', '')}.json"), "w"), indent=1)
