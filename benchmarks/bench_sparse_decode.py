@@ -108,7 +108,7 @@ def split_kernel_resources() -> list[dict]:
         for key, kernel in caches[0].items():
             rows.append(dict(split_kernel_n_regs=kernel.n_regs, n_spills=kernel.n_spills,
                              shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
-                             kv_fp8="fp8e4nv" in str(key), key=str(key)))
+                             kv_fp8="fp8e4nv" in str(key) or "fp8e5" in str(key), key=str(key)))
     return rows
 
 

@@ -55,11 +55,12 @@ ATTN_LONG_SPLIT_STAGES = 3
 # 3.6; re-measure `n_regs` after a Triton upgrade: `bench_sparse_decode.split_kernel_resources()` after a run of
 # each shape, e.g. `benchmarks/results/hd64_split_2026-11-27/studies/`'s scripts), bf16 / fp8 cache: (16, 128) 116 /
 # 144-146; (16, 64) 76-77 / 88-92; (32, 128) 108-110 / 178-182; (32, 64) 79-80 / 125-126; (64, 128) 85-86 /
-# 99-103; (64, 64) 84-86 / 82; (128, 128) 127-131 / 123; (128, 64) 84-88 / 77-80. Shapes not in the table (float32
-# queries, whose kernels differ: at (16, 128) one spills; head dims up to 32 or over 128; 256 q heads per program;
-# keys wider than values) keep the old count, about 3 programs per SM rounded up (unmeasured). The split count
-# minimises the waves of that many programs per SM times the tiles each walks (`long_split_count`); the old count
-# left a small second wave at some batches. Measured (whole standard step per layer, budget 2048, splits forced;
+# 99-103; (64, 64) 84-86 / 82; (128, 128) 127-131 / 123; (128, 64) 84-88 / 77-80. (128, 128) on bf16 sits at the
+# edge (127 registers fit 2 programs, 131 fit 1): its 1 is the sweep's choice (within 0.5% of the fastest at 4
+# points; 2 was up to 2.7% off). Shapes not in the table (float32 queries, whose kernels differ: at (16, 128) one
+# spills; head dims up to 32 or over 128; 256 q heads per program; keys wider than values) keep the old count,
+# about 3 programs per SM rounded up (unmeasured). The split count minimises the waves of that many programs per SM
+# times the tiles each walks (`long_split_count`); the old count left a small second wave at some batches. Measured (whole standard step per layer, budget 2048, splits forced;
 # `benchmarks/RESULTS.md`, 2026-11-27):
 # - (16, 128), Qwen3-8B shapes: on the H200 the constants were fitted to 12 points of a bf16 sweep (the old count
 #   5-14% slower at B=24, 40, 48; the A/B after it 0-10.5% faster at B=4-56). H100: bf16 picks the fastest at all
@@ -457,7 +458,7 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                     SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=wide_tiles, head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
     slots = ATTN_LONG_SPLIT_SLOTS_PER_SM.get((block_h, block_dv, kv_bytes == 1)) if query_bytes == 2 else None
-    if long_splits and slots and block_dk == block_dv:
+    if long_splits and slots and triton.next_power_of_2(head_dim_k) == block_dv:
         want_splits = long_split_count(programs, tiles, slots * num_sms, ATTN_LONG_SPLIT_MIN_TILES,
                                        ATTN_LONG_SPLIT_PROGRAM_TILES)
     else:

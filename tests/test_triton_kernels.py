@@ -676,16 +676,24 @@ def test_long_split_count_fills_whole_waves_as_measured():
         for batch, splits in table.items():
             plan = sparse_attention.attention_plan(batch, hq, hkv, 2176, d, d, kv_bytes=kv_bytes)
             assert plan["NUM_SPLITS"] == splits, (hq, hkv, d, kv_bytes, batch)
-    # Unmeasured programs keep about 3 per SM: head dim 32, 256 q heads per program, keys wider than values, and
-    # float32 queries (the table holds 16-bit queries' registers).
+    # Unmeasured programs keep about 3 per SM: head dim 32, 256 q heads per program, keys wider than values (also
+    # past 128 channels, which the kernel reads in chunks of 128), and float32 queries (the table holds 16-bit
+    # queries' registers).
     for hq, hkv, dk, dv, batch, query_bytes in ((32, 8, 32, 32, 8, 2), (32, 8, 32, 32, 24, 2), (256, 1, 64, 64, 64, 2),
-                                                (32, 8, 128, 64, 8, 2), (32, 8, 128, 128, 24, 4),
-                                                (32, 8, 64, 64, 8, 4)):
+                                                (32, 8, 128, 64, 8, 2), (32, 8, 192, 128, 24, 2),
+                                                (32, 8, 128, 128, 24, 4), (32, 8, 64, 64, 8, 4)):
         plan = sparse_attention.attention_plan(batch, hq, hkv, 2176, dk, dv, query_bytes=query_bytes)
         programs = batch * hkv * plan["head_blocks"]
         want = -(-sparse_attention.ATTN_LONG_SPLIT_PROGRAMS_PER_SM * 132 // programs)
         assert plan["num_stages"] == sparse_attention.ATTN_LONG_SPLIT_STAGES
         assert plan["NUM_SPLITS"] == -(-68 // -(-68 // want)), (hq, hkv, dk, dv, batch, query_bytes)
+    # Every count keeps its least tiles per split, and lists split while two splits fit one wave.
+    for programs in range(32, 600):
+        for tiles in (4, 5, 17, 68, 132):
+            splits = sparse_attention.long_split_count(programs, tiles, 528, 4, 2)
+            assert tiles // splits >= 4 or splits == 1
+            if programs * 2 <= 528 and tiles >= 2 * 4:
+                assert splits > 1, (programs, tiles)
 
 
 def test_attention_launch_takes_the_caches_split_count(monkeypatch):

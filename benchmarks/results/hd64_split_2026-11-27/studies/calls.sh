@@ -6,7 +6,8 @@
 #   suite1 / suite2: the two halves of the compiled kernel tests (../../warm_gqa_2026-11-27/studies/gpu_suite.sh)
 # The wide-group sweeps and A/B ran as single calls (asynctls_tip_kernels linked as in `study`):
 #   PYTHONPATH=/tmp/s python3 $S/wide_group_sweep.py; SHAPES=64 PYTHONPATH=/tmp/s python3 $S/wide_group_sweep.py;
-#   PYTHONPATH=/tmp/s python3 $S/wide_group_ab.py
+#   PYTHONPATH=/tmp/s python3 $S/wide_group_ab.py; SHAPES=128 PYTHONPATH=/tmp/s python3 $S/wide_group_sweep.py;
+#   SHAPES=128 PYTHONPATH=/tmp/s python3 $S/wide_group_ab.py; then suite1 and suite2 again at the final table
 # and the operator tables as tables/'s logs say (the standard and lagged B=8 tables of
 # ../../attn_stages_h100_2026-11-26/studies/tables.sh a, without its test run).
 # Writes $OUT.

@@ -1,15 +1,16 @@
-"""The long-split count where a program holds 32 q heads (BLOCK_H 32: groups of more than 16 q heads per kv head),
-which no sweep had measured: splits 1-4, 6, 8, 10, 12, 14 and 17 forced against the shipped count (the wave count
-at each slot count in SLOTS is recorded, not run), the whole standard step per layer (2 layers in one CUDA graph),
-the plugin's defaults (512 blocks of 16, budget 2048), 32K contexts, bf16 and fp8 e4m3 caches (unit scales).
-Shapes: groups of 32 at head dim 128 (64 q heads, 2 kv heads) and at head dim 64, and multi-query attention at head
-dim 128 (32 q heads, 1 kv head). Also the split kernel's registers per compiled variant. Writes
+"""The long-split count where a program holds 32, 64 or 128 q heads (BLOCK_H 32-128: groups of more than 16 q heads
+per kv head), which no sweep had measured: splits 1-4, 6, 8, 10, 12, 14 and 17 forced against the shipped count (the
+wave count at each slot count in SLOTS is recorded, not run), the whole standard step per layer (2 layers in one
+CUDA graph), the plugin's defaults (512 blocks of 16, budget 2048), 32K contexts, bf16 and fp8 e4m3 caches (unit
+scales). Shapes: groups of 32 at head dim 128 (64 q heads, 2 kv heads) and at head dim 64, and multi-query attention
+at head dim 128 (32 q heads, 1 kv head). Also the split kernel's registers per compiled variant. Writes
 $OUT/wide_group_sweep.json. SHAPES=64: multi-query attention with 64 q heads (BLOCK_H 64) at head dims 128 and 64,
 splits 1-6, 8, 10, 12, 14 and 17 (wide_group_sweep64.json); SHAPES=128: the same with 128 q heads (BLOCK_H 128),
 then one float32 call (query and cache) at 32 / 8 heads of 128 and of 64 for its registers
-(wide_group_sweep128.json). "shipped" is `attention_plan` at the code it runs with: the recorded runs without
-SHAPES and with SHAPES=64 ran on this session's first version of the table (keyed by width and fp8 only: 4 / 3
-slots at width 128 for any BLOCK_H, 6 / 5 at width 64 for BLOCK_H 16 only, the old count otherwise)."""
+(wide_group_sweep128.json). "shipped" is `attention_plan` at the code it runs with. The recorded runs without SHAPES
+and with SHAPES=64 ran on this session's first version of the table (keyed by width and fp8 only: 4 / 3 slots at
+width 128 for any BLOCK_H, 6 / 5 at width 64 for BLOCK_H 16 only, the old count otherwise); SHAPES=128's on 72d5179's
+table, which had no BLOCK_H 128 entries (the old count)."""
 import json, math, os, sys
 import torch
 import triton
