@@ -60,12 +60,13 @@ ATTN_LONG_SPLIT_STAGES = 3
 # points; 2 was up to 2.7% off). Shapes not in the table (float32 queries, whose kernels differ: at (16, 128) one
 # spills; head dims up to 32 or over 128; 256 q heads per program; keys wider than values) keep the old count,
 # about 3 programs per SM rounded up (unmeasured). The split count minimises the waves of that many programs per SM
-# times the tiles each walks (`long_split_count`); the old count left a small second wave at some batches. Measured (whole standard step per layer, budget 2048, splits forced;
-# `benchmarks/RESULTS.md`, 2026-11-27):
-# - (16, 128), Qwen3-8B shapes: on the H200 the constants were fitted to 12 points of a bf16 sweep (the old count
-#   5-14% slower at B=24, 40, 48; the A/B after it 0-10.5% faster at B=4-56). H100: bf16 picks the fastest at all
-#   13 points of the same sweep (out of sample); on fp8, 4 slots were 6-15% slower than the fastest at 11 of 13
-#   points, 3 are within 2.4% everywhere, and the A/B at 14 other batches measured 0.877-1.007 of 4's time.
+# times the tiles each walks (`long_split_count`); the old count left a small second wave at some batches.
+# Measured (whole standard step per layer, budget 2048, splits forced; `benchmarks/RESULTS.md`, 2026-11-27):
+# - (16, 128), Qwen3-8B shapes: on the H200 its 4 slots and ATTN_LONG_SPLIT_PROGRAM_TILES were fitted to 12 points
+#   of a bf16 sweep (the old count 5-14% slower at B=24, 40, 48; the A/B after it 0-10.5% faster at B=4-56). H100:
+#   bf16 picks the fastest at all 13 points of the same sweep (out of sample); on fp8, 4 slots were 6-15% slower
+#   than the fastest at 11 of 13 points, 3 are within 2.4% everywhere, and the A/B at 14 other batches measured
+#   0.877-1.007 of 4's time.
 # - (16, 64), Llama-3.2-1B's 32 / 8 heads of 64 (H100): within 0.6% of the fastest of up to 17 forced splits at
 #   B = 4-16 (14 points), and the fastest at 22 of the 23 points of the sweep to 8 splits where their count was
 #   swept (0.7% off at the other); the A/B at 25 other batches (B=7-128) measured 0.871-1.004 of the old count's
