@@ -559,7 +559,8 @@ def sparse_attention_triton(
     Hkv = key_cache.shape[2]
     Dv = value_cache.shape[3]
     P = positions.shape[2]
-    plan = attention_plan(B, Hq, Hkv, P, Dk, Dv, query_bytes=query.element_size(), kv_bytes=key_cache.element_size())
+    plan = attention_plan(B, Hq, Hkv, P, Dk, Dv, query_bytes=query.element_size(),
+                          kv_bytes=key_cache.element_size())
     if workspace is None:
         workspace = AttentionWorkspace(B, Hq, plan["NUM_SPLITS"], Dv, query.device)
     elif workspace.acc.shape != (B, Hq, plan["NUM_SPLITS"], Dv):
