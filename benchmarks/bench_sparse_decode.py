@@ -41,6 +41,8 @@ from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
 
 QWEN3_8B = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)  # Qwen3-8B attention (config.json)
+# The GQA rows' attention shapes (`--model-shapes`), each from its model's config.json.
+GQA_SHAPES = {"qwen3-8b": QWEN3_8B, "llama-3.2-1b": dict(num_q_heads=32, num_kv_heads=8, head_dim=64)}
 MLA = dict(kv_lora_rank=512, rope_dim=64)  # DeepSeek-V2-Lite / GLM-4.7-Flash latent layout
 CACHE_BLOCK = 64
 GiB = 1 << 30
@@ -279,8 +281,8 @@ def check_at_shape(query, key_cache, value_cache, table, seq_lens, index, config
 
 def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, index_channel_metric=None,
               lagged=False, layers=0, block_bound_weight=None, selection_block_size=64, defer_block_join=False,
-              index_basis="channels"):
-    Hq, Hkv, D = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"], QWEN3_8B["head_dim"]
+              index_basis="channels", shapes=QWEN3_8B):
+    Hq, Hkv, D = shapes["num_q_heads"], shapes["num_kv_heads"], shapes["head_dim"]
     base = SparseAttentionConfig(selection_block_size=selection_block_size, num_blocks=num_blocks, token_budget=2048,
                                  index_basis=index_basis)
     if index_channels is not None:
@@ -320,7 +322,8 @@ def bench_gqa(B, L, budgets, bw, check, num_blocks=128, index_channels=None, ind
         write_ms = decode_write_ms(kc, table, seq_lens, index, config)
         nbytes = operator_bytes(B, L, Hkv, D, D, config)
         floor_ms = nbytes / bw * 1e3
-        rows.append(dict(kind="gqa", B=B, context=L, budget=budget, num_blocks=config.num_blocks,
+        rows.append(dict(kind="gqa", B=B, context=L, budget=budget, heads=Hq, kv_heads=Hkv, head_dim=D,
+                         num_blocks=config.num_blocks,
                          selection_block_size=config.selection_block_size,
                          index_channels=config.index_channels, block_bound_weight=config.block_bound_weight,
                          index_basis=config.index_basis, lagged=lagged, dense_ms=dense_ms, ours_ms=ours_ms,
@@ -502,15 +505,17 @@ def recall_rows(L, budgets, B=2, seed=0, device="cuda", group_score=None, index_
     return rows
 
 
-def fits(B, L, layers=1) -> bool:
-    # Paged K and V plus the contiguous copy for SDPA, per layer, bf16, Qwen3-8B shapes; 20% headroom.
-    need = 2 * max(layers, 1) * (B * L * QWEN3_8B["num_kv_heads"] * QWEN3_8B["head_dim"] * 2 * 2)
+def fits(B, L, layers=1, shapes=QWEN3_8B) -> bool:
+    # Paged K and V plus the contiguous copy for SDPA, per layer, bf16; 20% headroom.
+    need = 2 * max(layers, 1) * (B * L * shapes["num_kv_heads"] * shapes["head_dim"] * 2 * 2)
     return need * 1.2 < torch.cuda.get_device_properties(0).total_memory
 
 
 def markdown(results) -> str:
     out = [f"Device: {results['device']}; date {results['date']}; command `{results['command']}`; "
-           f"copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s", "",
+           f"copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s" + (
+               "; GQA shapes {model}: {num_q_heads} q / {num_kv_heads} kv heads of {head_dim}".format(
+                   **results["gqa_shapes"]) if "gqa_shapes" in results else ""), "",
            "| kind | B | context | budget | dense ms | ours ms | speedup | with the step's index write | "
            "ours / byte floor | max err vs ref | equal positions |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -574,6 +579,8 @@ def main(argv=None):
                         "with 512 blocks, the same 8,192 candidates)")
     p.add_argument("--index-basis", default="channels", choices=("channels", "pca"),
                    help="the index's coordinates (SparseAttentionConfig.index_basis), GQA and recall rows")
+    p.add_argument("--model-shapes", default="qwen3-8b", choices=sorted(GQA_SHAPES),
+                   help="the GQA rows' attention shapes: Qwen3-8B (32 q / 8 kv heads of 128) or Llama-3.2-1B (of 64)")
     p.add_argument("--num-blocks", type=int, default=128, help="blocks kept by the coarse level (GQA and recall rows)")
     p.add_argument("--index-channels", type=int, default=None, help="token index channels (GQA and recall rows)")
     p.add_argument("--lagged", action="store_true",
@@ -639,13 +646,15 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(dict(results, rows=rows), f, indent=1)
         return
+    shapes = GQA_SHAPES[args.model_shapes]
+    results["gqa_shapes"] = dict(shapes, model=args.model_shapes)
     for B in args.batches:
         for L in args.contexts:
-            if not fits(B, L):
+            if not fits(B, L, shapes=shapes):
                 print(f"  skip B={B} L={L}: does not fit", flush=True)
                 continue
             layers = args.layers
-            if layers and not fits(B, L, layers):
+            if layers and not fits(B, L, layers, shapes):
                 print(f"  B={B} L={L}: {layers} layers do not fit; timed per step only", flush=True)
                 layers = 0
             # The reference check costs memory and time: run it at B <= 8 (the same kernels serve B = 32).
@@ -654,7 +663,8 @@ def main(argv=None):
                                          index_channel_metric=args.index_channel_metric, lagged=args.lagged,
                                          layers=layers, block_bound_weight=args.block_bound_weight,
                                          selection_block_size=args.selection_block_size,
-                                         defer_block_join=args.defer_block_join, index_basis=args.index_basis)
+                                         defer_block_join=args.defer_block_join, index_basis=args.index_basis,
+                                         shapes=shapes)
     if not args.no_mla:
         for H in (16, 128):
             results["rows"].append(bench_mla(8 if not args.quick else 2, 65536 if not args.quick else 16384, H, bw,

@@ -44,7 +44,8 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     degenerates to the lowest-indexed blocks and its top-ks end in one pass. `--weights random`
     re-initialises the loaded model in place before the first prompt (`LLM.apply_model`: matrices and
     embeddings N(0, 0.02), norm weights 1), so q.k / sqrt(d) is of order one and the selection is real.
-    `--model-shapes deepseek-v2-lite`: the same for an MLA model (DeepSeek-V2-Lite's attention, dense MLPs)
+    `--model-shapes llama-3.2-1b`: Llama-3.2-1B's shapes (16 layers, 32 q / 8 kv heads of 64), the GQA
+    row at head dim 64. `--model-shapes deepseek-v2-lite`: the same for an MLA model (DeepSeek-V2-Lite's attention, dense MLPs)
     against vLLM's default MLA backend (FLASH_ATTN_MLA on an H100 / H200); `glm-4.7-flash`: GLM-4.7-Flash's
     attention (20 heads on the latent, 47 layers), dense MLPs, likewise.
 """
@@ -97,6 +98,26 @@ def qwen3_8b_config_dir(root: Path, max_positions: int) -> Path:
     return folder
 
 
+def llama_3_2_1b_config_dir(root: Path, max_positions: int) -> Path:
+    """config.json of Llama-3.2-1B's shapes (16 layers, 32 q / 8 kv heads of 64, llama3 rope scaling; from its
+    config.json), no weights: vLLM's dummy load format. The GQA row at head dim 64."""
+    folder = root / "llama-3.2-1b-shapes"
+    folder.mkdir(parents=True, exist_ok=True)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+        "max_position_embeddings": max_positions, "rope_theta": 500000.0, "rope_parameters": rope,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "dtype": "bfloat16",
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "bos_token_id": 128000, "eos_token_id": 128001,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
 def _dense_mla_config_dir(root: Path, name: str, max_positions: int, **shapes) -> Path:
     """config.json of an MLA model in vLLM's DeepSeek architecture with every layer's MLP dense
     (`first_k_dense_replace` = all layers: the vLLM kit on the GPU machine lacks vLLM's MoE kernels), the
@@ -142,8 +163,8 @@ def glm_4_7_flash_config_dir(root: Path, max_positions: int) -> Path:
         v_head_dim=256, vocab_size=154880, rope_theta=1000000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1)
 
 
-THROUGHPUT_MODELS = {"qwen3-8b": qwen3_8b_config_dir, "deepseek-v2-lite": deepseek_v2_lite_config_dir,
-                     "glm-4.7-flash": glm_4_7_flash_config_dir}
+THROUGHPUT_MODELS = {"qwen3-8b": qwen3_8b_config_dir, "llama-3.2-1b": llama_3_2_1b_config_dir,
+                     "deepseek-v2-lite": deepseek_v2_lite_config_dir, "glm-4.7-flash": glm_4_7_flash_config_dir}
 
 
 def small_model_dir(root: Path) -> Path:

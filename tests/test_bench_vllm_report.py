@@ -121,7 +121,7 @@ def test_throughput_model_shapes_load_as_transformers_configs(tmp_path):
     # architecture it names, with the attention shapes the rows quote (KV bytes from the latent for MLA).
     from transformers import AutoConfig
 
-    want = {"qwen3-8b": (36, 32, 8 * 128 * 2 * 2), "deepseek-v2-lite": (27, 16, 576 * 2),
+    want = {"qwen3-8b": (36, 32, 8 * 128 * 2 * 2), "llama-3.2-1b": (16, 32, 8 * 64 * 2 * 2), "deepseek-v2-lite": (27, 16, 576 * 2),
             "glm-4.7-flash": (47, 20, 576 * 2)}
     assert set(bench_vllm_e2e.THROUGHPUT_MODELS) == set(want)
     for name, make in bench_vllm_e2e.THROUGHPUT_MODELS.items():
@@ -131,5 +131,8 @@ def test_throughput_model_shapes_load_as_transformers_configs(tmp_path):
         assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.max_position_embeddings) == (layers, heads, 131072)
         raw = json.loads((folder / "config.json").read_text())
         assert bench_vllm_e2e.kv_bytes_per_token(raw) == layers * per_layer, name
+    llama = AutoConfig.from_pretrained(tmp_path / "llama-3.2-1b-shapes")
+    assert (llama.model_type, llama.head_dim, llama.num_key_value_heads) == ("llama", 64, 8)
+    assert llama.rope_parameters["rope_type"] == "llama3" and llama.rope_parameters["factor"] == 32.0
     glm = AutoConfig.from_pretrained(tmp_path / "glm-4.7-flash-shapes")
     assert (glm.qk_nope_head_dim, glm.qk_rope_head_dim, glm.v_head_dim, glm.q_lora_rank) == (192, 64, 256, 768)

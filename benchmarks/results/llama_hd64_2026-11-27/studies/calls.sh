@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# This session's device calls, back to back on one warm machine (each carries the kit's part it names):
+#   op1    (carry .vllm-gpu/p1): stage the kit's first part; the operator at Llama-3.2-1B shapes (32 q / 8 kv
+#          heads of 64) against SDPA, standard step, B = 8 and 32, 32K-128K, per layer with 4 layers in one graph
+#   op2    (carry .vllm-gpu/p2): stage its second part; the same, lagged selection, pipelined, deferred join
+#   dense  (carry .vllm-gpu/p3): stage its last part; Llama-3.2-1B-shaped decode throughput in real vLLM,
+#          vLLM's default backend (FlashAttention 3), 32K / 64K / 96K, median engine step of a 136-token decode
+#   sparse: the same for asynctls at budget 2048 (equal KV bytes), then the report
+# Writes $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+O=/tmp/tput_llama
+op() {
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/device_$1.txt
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
+  timeout 420 python3 benchmarks/bench_sparse_decode.py --model-shapes llama-3.2-1b --no-recall --no-mla --layers 4 \
+    --budgets 2048 --batches 8 32 --contexts 32768 65536 131072 "${@:2}" --out $OUT/$1.json > $OUT/$1.log 2>&1
+  echo "rc=$?"; grep -A30 "^Per layer" $OUT/$1.log
+}
+tput() {
+  source /tmp/vllm-env.sh
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
+  mkdir -p $OUT/t $O
+  python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes llama-3.2-1b --contexts 32768,65536,98304 \
+    --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -6
+  cp $O/tput_*.json $OUT/t/ 2>/dev/null
+  for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
+  grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
+}
+case $1 in
+  op1)
+    bash .vllm-gpu/p1/install.sh .vllm-gpu/p1 | tail -1
+    op standard_b8_b32
+    ;;
+  op2)
+    bash .vllm-gpu/p2/install.sh .vllm-gpu/p2 | tail -1
+    op deferred_b8_b32 --lagged --defer-block-join
+    ;;
+  dense)
+    bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
+    tput dense
+    ;;
+  sparse)
+    tput asynctls
+    python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
+    ;;
+esac
