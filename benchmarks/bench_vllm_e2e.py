@@ -19,6 +19,7 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     (`enforce_eager=True`, which also drops torch.compile), the same compiled without CUDA graphs
     (`cudagraph_mode=NONE`: isolates graph capture), asynctls at a 256-token budget (must have run
     sparse: its counters), and on 2 GPUs asynctls and FLASH_ATTN at tensor parallelism 2.
+    The `hd64_*` runs do the same on a 4-layer Llama-shaped model at head dim 64 (16 q / 4 kv heads).
     The `mla_*` runs do the same for MLA on a 4-layer DeepSeek-V3-shaped model (latent 512 + rope 64)
     against TRITON_MLA (the GPU MLA backend's parent), with vLLM's default MLA backend as the spread.
     `*_kv_bf16`: the covering runs with `kv_cache_dtype="bfloat16"` (the model dtype named), against 'auto'.
@@ -176,6 +177,21 @@ def small_model_dir(root: Path) -> Path:
         config=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
                     num_key_value_heads=4, head_dim=128, max_position_embeddings=16384,
                     rope_theta=1_000_000.0, tie_word_embeddings=False),
+    )
+    return cached_model(spec, root)
+
+
+def small_hd64_model_dir(root: Path) -> Path:
+    """A 4-layer Llama-shaped model at head dim 64 (16 q / 4 kv heads: Llama-3.2-1B's group of 4), random
+    weights, built like the GQA check model: the `hd64_*` runs check the head-dim-64 decode plans in vLLM."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import TinyModelSpec, cached_model
+
+    spec = TinyModelSpec(
+        model_type="llama", dtype="bfloat16",
+        config=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                    num_key_value_heads=4, head_dim=64, max_position_embeddings=16384,
+                    rope_theta=500_000.0, tie_word_embeddings=False),
     )
     return cached_model(spec, root)
 
@@ -430,8 +446,9 @@ def spawn(out: Path, name: str, timeout: int, **args) -> dict | None:
 
 def check_reference(name: str) -> str:
     """The dense run a check run is compared with: vLLM's backend on the same KV-cache dtype and scales
-    (FLASH_ATTN, TRITON_MLA for `mla_*`); the fp8 references against the unquantised one."""
-    base = "mla_triton" if name.startswith("mla_") else "flash_attn"
+    (FLASH_ATTN, TRITON_MLA for `mla_*`, FLASH_ATTN on the head-dim-64 model for `hd64_*`); the fp8
+    references against the unquantised one."""
+    base = "mla_triton" if name.startswith("mla_") else "hd64_flash_attn" if name.startswith("hd64_") else "flash_attn"
     for suffix in ("_fp8_scaled", "_fp8"):
         if name.endswith(suffix):
             return base if name == base + suffix else base + suffix
@@ -525,6 +542,14 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
                                       mla=True),
         "mla_asynctls_cover_fp8_scaled": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="fp8",
                                               kv_scales="0.125,0.0625,0.03", mla=True),
+        # The head-dim-64 model (`small_hd64_model_dir`): FLASH_ATTN on it is the reference; asynctls covering
+        # (graphs, lagged) and at 256 tokens (must have run sparse: its counters).
+        "hd64_flash_attn": dict(backend="FLASH_ATTN", hd64=True),
+        "hd64_asynctls_cover": dict(backend="asynctls", knobs=json.dumps(cover), hd64=True),
+        "hd64_asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True)),
+                                           hd64=True),
+        "hd64_asynctls_256": dict(backend="asynctls", knobs=json.dumps(small), counters=str(out / "counters_hd64_256"),
+                                  hd64=True),
         # Index channels from a calibration file (`python -m vllm_asynctls.calibration`, made here on the GPU).
         "asynctls_256_calibrated": dict(backend="asynctls", knobs=json.dumps(
             dict(small, index_calibration_file=str(out / "channels.json"))), counters=str(out / "counters_256_cal")),
@@ -536,10 +561,11 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         print(f"== calibration: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, timeout=600)
     mla_model = small_mla_model_dir(out / "models") if any(kw.get("mla") for kw in runs.values()) else None
+    hd64_model = small_hd64_model_dir(out / "models") if any(kw.get("hd64") for kw in runs.values()) else None
     res, t0 = {}, time.perf_counter()
     for name, kw in runs.items():
         kw = dict(kw)
-        run_model = mla_model if kw.pop("mla", False) else model
+        run_model = mla_model if kw.pop("mla", False) else hd64_model if kw.pop("hd64", False) else model
         left = budget_s - (time.perf_counter() - t0)
         if left < 60:
             print(f"== {name}: skipped, {left:.0f}s of the time budget left", flush=True)
@@ -579,7 +605,7 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         summary["asynctls_256_calibrated_serves_the_files_channels"] = (
             res["asynctls_256_calibrated"]["index_channels"] == [file_layers])
     for prefix in ("counters_256", "counters_256_lagged_pca", "counters_mla_256", "counters_256_fp8",
-                   "counters_mla_256_fp8"):
+                   "counters_mla_256_fp8", "counters_hd64_256"):
         counters = sorted(out.glob(f"{prefix}.*"))
         counters = [p for p in counters if not p.name.endswith(".tmp")]
         summary[f"asynctls_{prefix[len('counters_'):]}_counters"] = [json.loads(p.read_text()) for p in counters]

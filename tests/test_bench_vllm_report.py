@@ -114,6 +114,8 @@ def test_check_runs_are_compared_with_vllms_backend_on_the_same_cache():
     assert ref("mla_asynctls_cover") == ref("mla_triton_fp8") == ref("mla_triton_kv_bf16") == "mla_triton"
     assert ref("mla_asynctls_256_fp8") == "mla_triton_fp8"
     assert ref("mla_asynctls_cover_fp8_scaled") == "mla_triton_fp8_scaled"
+    assert ref("hd64_asynctls_cover") == ref("hd64_asynctls_256") == "hd64_flash_attn"
+    assert ref("hd64_flash_attn") == "hd64_flash_attn"
 
 
 def test_throughput_model_shapes_load_as_transformers_configs(tmp_path):

@@ -6,6 +6,11 @@
 #   dense  (carry .vllm-gpu/p3): stage its last part; Llama-3.2-1B-shaped decode throughput in real vLLM,
 #          vLLM's default backend (FlashAttention 3), 32K / 64K / 96K, median engine step of a 136-token decode
 #   sparse: the same for asynctls at budget 2048 (equal KV bytes), then the report
+#   (then, inline in the device call: the same pair with --weights random, and asynctls with --lagged; see RESULTS)
+# On a fresh machine, afterwards:
+#   kit1 (carry .vllm-gpu/p1), kit2 (carry .vllm-gpu/p2): stage the kit again
+#   check (carry .vllm-gpu/p3): the head-dim-64 check model in real vLLM: FLASH_ATTN, asynctls covering (graphs,
+#          lagged) and at 256 tokens (bench_vllm_e2e --stage check --runs hd64_*)
 # Writes $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -39,6 +44,18 @@ case $1 in
   dense)
     bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
     tput dense
+    ;;
+  kit1|kit2)
+    bash .vllm-gpu/p${1#kit}/install.sh .vllm-gpu/p${1#kit} | tail -1
+    ;;
+  check)
+    bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
+    source /tmp/vllm-env.sh
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
+    timeout 540 python3 benchmarks/bench_vllm_e2e.py --stage check --time-budget 500 --out /tmp/chk64 \
+      --runs hd64_flash_attn,hd64_asynctls_cover,hd64_asynctls_cover_lagged,hd64_asynctls_256 2>&1 | tail -40
+    mkdir -p $OUT/check; cp /tmp/chk64/check_summary*.json $OUT/check/ 2>/dev/null
+    for f in /tmp/chk64/check_*.log; do tail -c 3000 "$f" > "$OUT/check/$(basename "$f").tail"; done
     ;;
   sparse)
     tput asynctls
