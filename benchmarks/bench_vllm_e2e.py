@@ -543,8 +543,9 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
         "mla_asynctls_cover_fp8_scaled": dict(backend="asynctls", knobs=json.dumps(cover), kv_cache_dtype="fp8",
                                               kv_scales="0.125,0.0625,0.03", mla=True),
         # The head-dim-64 model (`small_hd64_model_dir`): FLASH_ATTN on it is the reference; asynctls covering
-        # (graphs, lagged) and at 256 tokens (must have run sparse: its counters).
+        # (graphs, lagged) and at 256 tokens (must have run sparse: its counters); TRITON_ATTN the dense spread.
         "hd64_flash_attn": dict(backend="FLASH_ATTN", hd64=True),
+        "hd64_triton_attn": dict(backend="TRITON_ATTN", hd64=True),  # the dense spread on this model
         "hd64_asynctls_cover": dict(backend="asynctls", knobs=json.dumps(cover), hd64=True),
         "hd64_asynctls_cover_lagged": dict(backend="asynctls", knobs=json.dumps(dict(cover, lagged_selection=True)),
                                            hd64=True),
