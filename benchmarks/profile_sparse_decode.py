@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one AsyncTLS decode step (where the operator's time goes).
 
-Builds the benchmark's random paged case (Qwen3-8B shapes, bf16, block 64, 128 blocks), times the whole
+Builds the benchmark's random paged case (Qwen3-8B shapes unless --model-shapes, bf16, block 64, 128 blocks), times the whole
 operator replayed from a CUDA graph, with and without programmatic dependent launch (PDL: each kernel
 starts while the previous one drains) in the same run, then runs it eagerly without PDL under
 torch.profiler (CUPTI) and prints each kernel's mean device time (with PDL a kernel's time would include
@@ -17,6 +17,7 @@ The step's index write (one new key per sequence) is timed through both of the w
 same run: one pass (shipped for decode-sized calls) and the two claim kernels.
 
 Usage: python benchmarks/profile_sparse_decode.py [--batch 8] [--context 65536] [--budget 2048] [--lagged]
+       [--model-shapes llama-3.2-1b]
        [--index-basis pca] [--mla [--heads 16]] [--fp8] [--out FILE]
 """
 
@@ -29,7 +30,7 @@ import math
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_sparse_decode import MLA, QWEN3_8B, decode_write_ms, graph_time_ms, paged_case
+from bench_sparse_decode import GQA_SHAPES, MLA, decode_write_ms, graph_time_ms, paged_case
 from asynctls_tip_kernels import index_write, sparse_attention, sparse_decode
 from asynctls_tip_kernels.sparse_config import INDEX_BASES, SparseAttentionConfig
 from asynctls_tip_kernels.sparse_decode import SparseDecodeWorkspace, sparse_decode_triton
@@ -60,6 +61,8 @@ def main(argv=None) -> dict:
                    help="lagged selection: the block stage on its own stream, pipelined with the token stage")
     p.add_argument("--index-basis", choices=INDEX_BASES, default="channels",
                    help="the index's coordinates (SparseAttentionConfig.index_basis)")
+    p.add_argument("--model-shapes", default="qwen3-8b", choices=sorted(GQA_SHAPES),
+                   help="the GQA attention shapes: Qwen3-8B (32 q / 8 kv heads of 128) or Llama-3.2-1B (of 64)")
     p.add_argument("--mla", action="store_true", help="the MLA operator (latent 512 + rope 64, one kv head)")
     p.add_argument("--heads", type=int, default=16, help="query heads with --mla (DeepSeek-V2-Lite: 16)")
     p.add_argument("--fp8", action="store_true", help="an e4m3 cache with per-tensor scales")
@@ -70,8 +73,9 @@ def main(argv=None) -> dict:
         config = SparseAttentionConfig.for_mla(selection_block_size=64, num_blocks=128, token_budget=a.budget,
                                                lagged_selection=a.lagged, index_basis=a.index_basis)
     else:
-        Hq, Hkv = QWEN3_8B["num_q_heads"], QWEN3_8B["num_kv_heads"]
-        Dk = Dv = QWEN3_8B["head_dim"]
+        shapes = GQA_SHAPES[a.model_shapes]
+        Hq, Hkv = shapes["num_q_heads"], shapes["num_kv_heads"]
+        Dk = Dv = shapes["head_dim"]
         config = SparseAttentionConfig(selection_block_size=64, num_blocks=128, token_budget=a.budget,
                                        lagged_selection=a.lagged, index_basis=a.index_basis)
     q, kc, vc, table, seq_lens, index = paged_case(a.batch, a.context, Hq, Hkv, Dk, Dv, config, mla=a.mla, seed=1)
@@ -96,6 +100,7 @@ def main(argv=None) -> dict:
 
     has_pdl = hasattr(sparse_attention, "pdl_enabled")  # absent in kernels older than 2026-11-25 evening
     row = dict(device=torch.cuda.get_device_name(), batch=a.batch, context=a.context, budget=a.budget,
+               model_shapes=None if a.mla else a.model_shapes, head_dim=Dk,
                lagged=a.lagged, index_basis=a.index_basis, mla=a.mla, heads=Hq, fp8=a.fp8,
                # what a dense decode reads: every K (and, but for MLA's shared latent row, V) row of the context
                dense_bytes=a.batch * a.context * Hkv * (Dk if a.mla else Dk + Dv) * kc.element_size())

@@ -11,6 +11,8 @@
 #   kit1 (carry .vllm-gpu/p1), kit2 (carry .vllm-gpu/p2): stage the kit again
 #   check (carry .vllm-gpu/p3): the head-dim-64 check model in real vLLM: FLASH_ATTN, asynctls covering (graphs,
 #          lagged) and at 256 tokens (bench_vllm_e2e --stage check --runs hd64_*)
+#   profile: where the step's time goes (profile_sparse_decode: per-kernel device time, CUPTI), B=8, 64K,
+#          head dim 64 and 128, standard and lagged
 # Writes $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -56,6 +58,15 @@ case $1 in
       --runs hd64_flash_attn,hd64_asynctls_cover,hd64_asynctls_cover_lagged,hd64_asynctls_256 2>&1 | tail -40
     mkdir -p $OUT/check; cp /tmp/chk64/check_summary*.json $OUT/check/ 2>/dev/null
     for f in /tmp/chk64/check_*.log; do tail -c 3000 "$f" > "$OUT/check/$(basename "$f").tail"; done
+    ;;
+  profile)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/device_profile.txt
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
+    mkdir -p $OUT/profile
+    for shapes in llama-3.2-1b qwen3-8b; do for lag in "" --lagged; do
+      cd benchmarks && timeout 120 python3 profile_sparse_decode.py --model-shapes $shapes $lag \
+        --out $OUT/profile/${shapes}${lag:+_lagged}.json 2>&1 | tail -12; cd ..
+    done; done
     ;;
   sparse)
     tput asynctls
