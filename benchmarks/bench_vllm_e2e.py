@@ -32,7 +32,7 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     made first on the GPU (`vllm_asynctls.calibration`); the summary says whether every layer served
     with the file's channels.
 throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy weights, bf16,
-    contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16). Each context:
+    contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16; `--max-seqs`). Each context:
     one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
     decode rate = requests x 64 / (t72 - t8) (`--decode-lengths 8,40,72,136` times more runs, each
     recorded, the rate still from the shortest and longest). Then the longest run once more, stepped one
@@ -278,12 +278,12 @@ def paper_knobs(budget: int, lagged: bool = False) -> dict:
 
 
 def throughput_engine_kwargs(backend: str, max_model_len: int, kv_bytes: int | None = None,
-                             kv_cache_dtype: str | None = None) -> dict:
-    """`LLM(...)` settings of the throughput runs on Qwen3-8B shapes: dummy weights, prefix caching,
-    at most MAX_SEQS requests, KV sized by `kv_bytes` (else 90% of the GPU), cache block 64 for asynctls,
+                             kv_cache_dtype: str | None = None, max_seqs: int = MAX_SEQS) -> dict:
+    """`LLM(...)` settings of the throughput runs: dummy weights, prefix caching,
+    at most `max_seqs` requests, KV sized by `kv_bytes` (else 90% of the GPU), cache block 64 for asynctls,
     `kv_cache_dtype` when given (fp8: both backends). vLLM's JIT monitor logs every Triton compile after
     warm-up, with its constexprs (by default it names each kernel once): a compile while serving is a spike."""
-    kw = dict(max_model_len=max_model_len, max_num_seqs=MAX_SEQS, enable_prefix_caching=True,
+    kw = dict(max_model_len=max_model_len, max_num_seqs=max_seqs, enable_prefix_caching=True,
               skip_tokenizer_init=True, load_format="dummy", jit_monitor_verbose=True)
     if kv_cache_dtype:
         kw["kv_cache_dtype"] = kv_cache_dtype
@@ -329,7 +329,7 @@ def worker_throughput(a) -> dict:
     if len(lengths) < 2 or lengths[0] < 1:
         raise ValueError(f"--decode-lengths needs two or more positive token counts; got {a.decode_lengths!r}")
     kw = throughput_engine_kwargs(a.backend, max(contexts) + max(lengths[-1], G_LONG) + 64, a.kv_bytes,
-                                  a.kv_cache_dtype)
+                                  a.kv_cache_dtype, a.max_seqs)
     t0 = time.perf_counter()
     llm = _llm(a.model, a.backend, json.loads(a.knobs) if a.knobs else None, **kw)
     if a.weights == "random":
@@ -345,7 +345,7 @@ def worker_throughput(a) -> dict:
     top = min(150000, json.loads((Path(a.model) / "config.json").read_text())["vocab_size"])
     for context in contexts:
         _, fit = _fit(llm, context, lengths[-1])
-        n = min(fit, MAX_SEQS)
+        n = min(fit, a.max_seqs)
         if n == 0:
             rows.append({"context": context, "requests_fit": 0})
             continue
@@ -617,12 +617,14 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
 
 def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
                      decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False, repeats: int = 5,
-                     model_shapes: str = "qwen3-8b", kv_cache_dtype: str | None = None) -> None:
+                     model_shapes: str = "qwen3-8b", kv_cache_dtype: str | None = None,
+                     max_seqs: int = MAX_SEQS) -> None:
     model = THROUGHPUT_MODELS[model_shapes](out / "models", 131072)
     extra_s = 60 * (repeats - 1) * len(contexts.split(","))  # the timed runs beyond the first, per context
     if which == "dense":
         spawn(out, "tput_dense", 590 + extra_s, role="throughput", model=model, backend="default", contexts=contexts,
-              weights=weights, decode_lengths=decode_lengths, repeats=repeats, kv_cache_dtype=kv_cache_dtype)
+              weights=weights, decode_lengths=decode_lengths, repeats=repeats, kv_cache_dtype=kv_cache_dtype,
+              max_seqs=max_seqs)
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
     kv_bytes = None
@@ -637,7 +639,7 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
         spawn(out, f"tput_asynctls_{budget}{'_lagged' if lagged else ''}", 590 // len(budgets) + extra_s,
               role="throughput", model=model, backend="asynctls", knobs=json.dumps(knobs), contexts=contexts,
               kv_bytes=kv_bytes, weights=weights, decode_lengths=decode_lengths, repeats=repeats,
-              kv_cache_dtype=kv_cache_dtype)
+              kv_cache_dtype=kv_cache_dtype, max_seqs=max_seqs)
 
 
 def stage_report(out: Path) -> None:
@@ -701,6 +703,9 @@ def main() -> None:
                         "more lengths show whether a cost is per step or once per run)")
     p.add_argument("--repeats", type=int, default=5,
                    help="throughput stages: timed runs of each decode length (medians; the spread is recorded)")
+    p.add_argument("--max-seqs", type=int, default=MAX_SEQS,
+                   help="throughput stages (and their workers): at most this many requests per context, fewer "
+                        "where fewer fit; give the asynctls stage the dense stage's value")
     p.add_argument("--lagged", action="store_true",
                    help="asynctls stage: lagged selection (the paper's pipelining; results tput_asynctls_B_lagged)")
     p.add_argument("--model-shapes", choices=sorted(THROUGHPUT_MODELS), default="qwen3-8b",
@@ -722,6 +727,8 @@ def main() -> None:
     a = p.parse_args()
     if a.repeats < 1:
         p.error(f"--repeats must be >= 1; got {a.repeats}")
+    if a.max_seqs < 1:
+        p.error(f"--max-seqs must be >= 1; got {a.max_seqs}")
     if a.worker:
         run_worker(a)
     out = Path(a.out)
@@ -730,7 +737,7 @@ def main() -> None:
         stage_check(out, a.time_budget, a.runs.split(",") if a.runs else None)
     elif a.stage in ("dense", "asynctls"):
         stage_throughput(out, a.stage, a.contexts, [int(b) for b in a.budgets.split(",")], a.weights,
-                         a.decode_lengths, a.lagged, a.repeats, a.model_shapes, a.kv_cache_dtype)
+                         a.decode_lengths, a.lagged, a.repeats, a.model_shapes, a.kv_cache_dtype, a.max_seqs)
     elif a.stage == "report":
         stage_report(out)
     else:

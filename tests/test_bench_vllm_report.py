@@ -138,3 +138,12 @@ def test_throughput_model_shapes_load_as_transformers_configs(tmp_path):
     assert llama.rope_parameters["rope_type"] == "llama3" and llama.rope_parameters["factor"] == 32.0
     glm = AutoConfig.from_pretrained(tmp_path / "glm-4.7-flash-shapes")
     assert (glm.qk_nope_head_dim, glm.qk_rope_head_dim, glm.v_head_dim, glm.q_lora_rank) == (192, 64, 256, 768)
+
+
+def test_throughput_engines_take_the_request_cap_and_the_caches_bytes():
+    kw = bench_vllm_e2e.throughput_engine_kwargs("asynctls", 70000, kv_bytes=5e9, max_seqs=40)
+    assert (kw["max_num_seqs"], kw["kv_cache_memory_bytes"], kw["block_size"]) == (40, 5_000_000_000, 64)
+    assert "gpu_memory_utilization" not in kw
+    dense = bench_vllm_e2e.throughput_engine_kwargs("default", 70000)
+    assert (dense["max_num_seqs"], dense["gpu_memory_utilization"]) == (bench_vllm_e2e.MAX_SEQS, 0.9)
+    assert "block_size" not in dense and "kv_cache_memory_bytes" not in dense

@@ -11,6 +11,8 @@
 #   kit1 (carry .vllm-gpu/p1), kit2 (carry .vllm-gpu/p2): stage the kit again
 #   check (carry .vllm-gpu/p3): the head-dim-64 check model in real vLLM: FLASH_ATTN, asynctls covering (graphs,
 #          lagged) and at 256 tokens (bench_vllm_e2e --stage check --runs hd64_*)
+#   kit1, kit2, then full_dense (carry .vllm-gpu/p3) and full_sparse: the throughput pair with random weights at
+#          32K / 64K and as many requests as fit (--max-seqs 64), then the report
 #   profile: where the step's time goes (profile_sparse_decode: per-kernel device time, CUPTI), B=8, 64K,
 #          head dim 64 and 128, standard and lagged
 # Writes $OUT.
@@ -30,6 +32,16 @@ tput() {
   mkdir -p $OUT/t $O
   python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes llama-3.2-1b --contexts 32768,65536,98304 \
     --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -6
+  cp $O/tput_*.json $OUT/t/ 2>/dev/null
+  for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
+  grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
+}
+tput_full() {
+  source /tmp/vllm-env.sh
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
+  mkdir -p $OUT/t $O
+  python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes llama-3.2-1b --weights random --max-seqs 64 \
+    --contexts 32768,65536 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -4
   cp $O/tput_*.json $OUT/t/ 2>/dev/null
   for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
   grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
@@ -58,6 +70,14 @@ case $1 in
       --runs hd64_flash_attn,hd64_asynctls_cover,hd64_asynctls_cover_lagged,hd64_asynctls_256 2>&1 | tail -40
     mkdir -p $OUT/check; cp /tmp/chk64/check_summary*.json $OUT/check/ 2>/dev/null
     for f in /tmp/chk64/check_*.log; do tail -c 3000 "$f" > "$OUT/check/$(basename "$f").tail"; done
+    ;;
+  full_dense)
+    bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
+    O=/tmp/tput_llama_full; tput_full dense
+    ;;
+  full_sparse)
+    O=/tmp/tput_llama_full; tput_full asynctls
+    python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
     ;;
   profile)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/device_profile.txt
