@@ -15,10 +15,13 @@ With `--layers N`, each GQA shape that fits N copies is also timed per layer wit
 own cache and index) back to back in one CUDA graph, ours and dense alike: the cost inside a model's
 decode graph, where the fixed cost of launching a graph (~4.8 us on the H100) is paid once per step,
 not once per layer.
+The GQA rows run at Qwen3-8B's attention shapes (32 q / 8 kv heads of 128); `--model-shapes llama-3.2-1b`
+runs them at Llama-3.2-1B's (of 64), with `--no-recall`.
 Before timing each shape, the Triton operator is checked against the reference at that shape (max
 output error, share of equal positions).
 
     python benchmarks/bench_sparse_decode.py --out benchmarks/out/sparse_decode.json [--quick]
+    python benchmarks/bench_sparse_decode.py --model-shapes llama-3.2-1b --no-recall --no-mla --layers 4 --batches 8
 Timings: triton.testing.do_bench (median, L2 flushed between replays) over CUDA-graph replays.
 """
 
@@ -601,6 +604,10 @@ def main(argv=None):
                 f"joined); got --lagged={args.lagged}, --layers={args.layers}")
     if args.layers == 1 or args.layers < 0:
         p.error(f"--layers must be 0 (off) or at least 2; got {args.layers}")
+    if args.model_shapes != "qwen3-8b" and (args.recall_only or args.breakdown or args.tune or not args.no_recall):
+        p.error(f"--model-shapes {args.model_shapes} applies to the GQA timing rows only (the recall rows, --breakdown, "
+                f"--sweep and --tune run at Qwen3-8B's shapes): add --no-recall, without --recall-only, --breakdown "
+                f"or --tune")
     recall_context = args.recall_context or (16384 if not args.quick else 8192)
     if args.recall_only:
         rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device,

@@ -8,6 +8,8 @@ decode throughput against vLLM's default backend (FlashAttention 3, CUDA graphs)
     python benchmarks/bench_vllm_e2e.py --stage asynctls --out OUT    # same shapes, budgets 2048 and 1024
     python benchmarks/bench_vllm_e2e.py --stage check --runs mla_triton,mla_asynctls_cover,mla_asynctls_256 --out OUT
     python benchmarks/bench_vllm_e2e.py --stage dense --model-shapes deepseek-v2-lite --out OUT2  # MLA (then asynctls)
+    python benchmarks/bench_vllm_e2e.py --stage dense --model-shapes llama-3.2-1b --weights random --out O3  # hd 64
+    python benchmarks/bench_vllm_e2e.py --stage check --runs hd64_flash_attn,hd64_triton_attn,hd64_asynctls_cover
 
 Each engine runs in its own subprocess (vLLM's shutdown can hang; a fresh process frees the GPU).
 Results are JSON files in OUT; `--stage report` turns them into the table of `benchmarks/RESULTS.md`.
@@ -19,7 +21,8 @@ check: a 4-layer Qwen3-shaped model with random weights (std 0.3, built here wit
     (`enforce_eager=True`, which also drops torch.compile), the same compiled without CUDA graphs
     (`cudagraph_mode=NONE`: isolates graph capture), asynctls at a 256-token budget (must have run
     sparse: its counters), and on 2 GPUs asynctls and FLASH_ATTN at tensor parallelism 2.
-    The `hd64_*` runs do the same on a 4-layer Llama-shaped model at head dim 64 (16 q / 4 kv heads).
+    The `hd64_*` runs check head dim 64 on a 4-layer Llama-shaped model (16 q / 4 kv heads): FLASH_ATTN (the
+    reference), TRITON_ATTN (the spread), asynctls covering (graphs; lagged) and at a 256-token budget.
     The `mla_*` runs do the same for MLA on a 4-layer DeepSeek-V3-shaped model (latent 512 + rope 64)
     against TRITON_MLA (the GPU MLA backend's parent), with vLLM's default MLA backend as the spread.
     `*_kv_bf16`: the covering runs with `kv_cache_dtype="bfloat16"` (the model dtype named), against 'auto'.
@@ -40,14 +43,15 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     report, which one slow step cannot move (a run that takes a second longer than its repeats shifts the
     first rate by up to tens of percent; RESULTS, 2026-11-27). asynctls gets the same KV-cache bytes as the dense run
     (`kv_cache_memory_bytes`), out of which the plugin reserves its index, so the comparison is at
-    equal memory. vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and k_norm) make q
-    and k so small that every block and token score of a row is the same float: the selection then
-    degenerates to the lowest-indexed blocks and its top-ks end in one pass. `--weights random`
+    equal memory. On Qwen3-8B's shapes vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and
+    k_norm) make q and k so small that every block and token score of a row is the same float: the selection
+    then degenerates to the lowest-indexed blocks and its top-ks end in one pass (other shapes' dummy
+    selections were not examined: quote `--weights random` for a real one). `--weights random`
     re-initialises the loaded model in place before the first prompt (`LLM.apply_model`: matrices and
     embeddings N(0, 0.02), norm weights 1), so q.k / sqrt(d) is of order one and the selection is real.
-    `--model-shapes llama-3.2-1b`: Llama-3.2-1B's shapes (16 layers, 32 q / 8 kv heads of 64), the GQA
-    row at head dim 64. `--model-shapes deepseek-v2-lite`: the same for an MLA model (DeepSeek-V2-Lite's attention, dense MLPs)
-    against vLLM's default MLA backend (FLASH_ATTN_MLA on an H100 / H200); `glm-4.7-flash`: GLM-4.7-Flash's
+    `--model-shapes llama-3.2-1b`: the GQA runs at Llama-3.2-1B's shapes (16 layers, 32 q / 8 kv heads of 64).
+    `--model-shapes deepseek-v2-lite`: the throughput runs for an MLA model (DeepSeek-V2-Lite's attention,
+    dense MLPs) against vLLM's default MLA backend (FLASH_ATTN_MLA on an H100 / H200); `glm-4.7-flash`: GLM-4.7-Flash's
     attention (20 heads on the latent, 47 layers), dense MLPs, likewise.
 """
 
@@ -448,7 +452,8 @@ def check_reference(name: str) -> str:
     """The dense run a check run is compared with: vLLM's backend on the same KV-cache dtype and scales
     (FLASH_ATTN, TRITON_MLA for `mla_*`, FLASH_ATTN on the head-dim-64 model for `hd64_*`); the fp8
     references against the unquantised one."""
-    base = "mla_triton" if name.startswith("mla_") else "hd64_flash_attn" if name.startswith("hd64_") else "flash_attn"
+    base = ("mla_triton" if name.startswith("mla_") else "hd64_flash_attn" if name.startswith("hd64_")
+            else "flash_attn")
     for suffix in ("_fp8_scaled", "_fp8"):
         if name.endswith(suffix):
             return base if name == base + suffix else base + suffix

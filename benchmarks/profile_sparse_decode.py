@@ -1,8 +1,8 @@
 """Per-kernel GPU time of one AsyncTLS decode step (where the operator's time goes).
 
-Builds the benchmark's random paged case (Qwen3-8B shapes unless --model-shapes, bf16, block 64, 128 blocks), times the whole
-operator replayed from a CUDA graph, with and without programmatic dependent launch (PDL: each kernel
-starts while the previous one drains) in the same run, then runs it eagerly without PDL under
+Builds the benchmark's random paged case (Qwen3-8B shapes unless --model-shapes, bf16, block 64, 128
+blocks), times the whole operator replayed from a CUDA graph, with and without programmatic dependent
+launch (PDL: each kernel starts while the previous one drains) in the same run, then runs it eagerly without PDL under
 torch.profiler (CUPTI) and prints each kernel's mean device time (with PDL a kernel's time would include
 its wait for the previous one). The gap between the graph time without PDL and the kernel sum is launch
 and drain time between the dependent kernels. For hardware counters on one kernel, run this script under Nsight

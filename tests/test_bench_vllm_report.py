@@ -115,7 +115,7 @@ def test_check_runs_are_compared_with_vllms_backend_on_the_same_cache():
     assert ref("mla_asynctls_256_fp8") == "mla_triton_fp8"
     assert ref("mla_asynctls_cover_fp8_scaled") == "mla_triton_fp8_scaled"
     assert ref("hd64_asynctls_cover") == ref("hd64_asynctls_256") == "hd64_flash_attn"
-    assert ref("hd64_flash_attn") == "hd64_flash_attn"
+    assert ref("hd64_flash_attn") == ref("hd64_triton_attn") == "hd64_flash_attn"
 
 
 def test_throughput_model_shapes_load_as_transformers_configs(tmp_path):
@@ -123,7 +123,8 @@ def test_throughput_model_shapes_load_as_transformers_configs(tmp_path):
     # architecture it names, with the attention shapes the rows quote (KV bytes from the latent for MLA).
     from transformers import AutoConfig
 
-    want = {"qwen3-8b": (36, 32, 8 * 128 * 2 * 2), "llama-3.2-1b": (16, 32, 8 * 64 * 2 * 2), "deepseek-v2-lite": (27, 16, 576 * 2),
+    want = {"qwen3-8b": (36, 32, 8 * 128 * 2 * 2), "llama-3.2-1b": (16, 32, 8 * 64 * 2 * 2),
+            "deepseek-v2-lite": (27, 16, 576 * 2),
             "glm-4.7-flash": (47, 20, 576 * 2)}
     assert set(bench_vllm_e2e.THROUGHPUT_MODELS) == set(want)
     for name, make in bench_vllm_e2e.THROUGHPUT_MODELS.items():

@@ -45,3 +45,17 @@ def test_no_per_layer_rows_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(a), "--out", str(tmp_path / "x.png"), "--budget", "1024"])
     assert "no per-layer GQA rows for --batch 8 and --budget 1024" in capsys.readouterr().err
+
+
+def test_files_of_different_shapes_are_refused_and_old_files_are_qwen3(tmp_path, capsys):
+    old = tmp_path / "old.json"  # written before --model-shapes: Qwen3-8B's shapes
+    old.write_text(json.dumps({"rows": [_row(65536)]}))
+    llama = tmp_path / "llama.json"
+    llama.write_text(json.dumps({"gqa_shapes": {"model": "llama-3.2-1b", "head_dim": 64}, "rows": [_row(65536)]}))
+    assert plot.gqa_shapes([old]) == "qwen3-8b" and plot.gqa_shapes([llama]) == "llama-3.2-1b"
+    with pytest.raises(SystemExit):
+        plot.main([str(old), str(llama), "--out", str(tmp_path / "x.png")])
+    assert "different GQA shapes ['llama-3.2-1b', 'qwen3-8b']" in capsys.readouterr().err
+    out = tmp_path / "llama.png"
+    plot.main([str(llama), "--out", str(out)])
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -6,13 +6,15 @@
 #   dense  (carry .vllm-gpu/p3): stage its last part; Llama-3.2-1B-shaped decode throughput in real vLLM,
 #          vLLM's default backend (FlashAttention 3), 32K / 64K / 96K, median engine step of a 136-token decode
 #   sparse: the same for asynctls at budget 2048 (equal KV bytes), then the report
-#   (then, inline in the device call: the same pair with --weights random, and asynctls with --lagged; see RESULTS)
+#   random: the same pair with --weights random, then asynctls with --lagged (run inline as two device calls:
+#          the pair with the report, then the lagged run with the report)
 # On a fresh machine, afterwards:
 #   kit1 (carry .vllm-gpu/p1), kit2 (carry .vllm-gpu/p2): stage the kit again
 #   check (carry .vllm-gpu/p3): the head-dim-64 check model in real vLLM: FLASH_ATTN, asynctls covering (graphs,
 #          lagged) and at 256 tokens (bench_vllm_e2e --stage check --runs hd64_*)
 #   kit1, kit2, then full_dense (carry .vllm-gpu/p3) and full_sparse: the throughput pair with random weights at
 #          32K / 64K and as many requests as fit (--max-seqs 64), then the report
+#   check2: TRITON_ATTN on the check model (the dense spread), compared in the same OUT as `check`
 #   profile: where the step's time goes (profile_sparse_decode: per-kernel device time, CUPTI), B=8, 64K,
 #          head dim 64 and 128, standard and lagged
 # Writes $OUT.
@@ -70,6 +72,22 @@ case $1 in
       --runs hd64_flash_attn,hd64_asynctls_cover,hd64_asynctls_cover_lagged,hd64_asynctls_256 2>&1 | tail -40
     mkdir -p $OUT/check; cp /tmp/chk64/check_summary*.json $OUT/check/ 2>/dev/null
     for f in /tmp/chk64/check_*.log; do tail -c 3000 "$f" > "$OUT/check/$(basename "$f").tail"; done
+    ;;
+  random)
+    source /tmp/vllm-env.sh; O=/tmp/tput_llama_rw; mkdir -p $OUT/t $O
+    for st in dense asynctls "asynctls --lagged"; do
+      python3 benchmarks/bench_vllm_e2e.py --stage $st --model-shapes llama-3.2-1b --weights random \
+        --contexts 32768,65536,98304 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -3
+    done
+    python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md; cp $O/tput_*.json $OUT/t/
+    for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
+    ;;
+  check2)
+    source /tmp/vllm-env.sh
+    timeout 240 python3 benchmarks/bench_vllm_e2e.py --stage check --time-budget 200 --out /tmp/chk64 \
+      --runs hd64_triton_attn 2>&1 | tail -30
+    mkdir -p $OUT/check; cp /tmp/chk64/check_summary*.json $OUT/check/
+    tail -c 3000 /tmp/chk64/check_hd64_triton_attn.log > $OUT/check/check_hd64_triton_attn.log.tail
     ;;
   full_dense)
     bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
