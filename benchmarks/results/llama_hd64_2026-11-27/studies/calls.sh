@@ -15,6 +15,8 @@
 #   kit1, kit2, then full_dense (carry .vllm-gpu/p3) and full_sparse: the throughput pair with random weights at
 #          32K / 64K and as many requests as fit (--max-seqs 64), then the report
 #   check2: TRITON_ATTN on the check model (the dense spread), compared in the same OUT as `check`
+#   kit1, kit2, then mla_dense (carry .vllm-gpu/p3) and mla_sparse: the same at DeepSeek-V2-Lite's MLA shapes, 32K,
+#          as many requests as fit, random weights, against vLLM's default MLA backend
 #   profile: where the step's time goes (profile_sparse_decode: per-kernel device time, CUPTI), B=8, 64K,
 #          head dim 64 and 128, standard and lagged
 # Writes $OUT.
@@ -44,6 +46,16 @@ tput_full() {
   mkdir -p $OUT/t $O
   python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes llama-3.2-1b --weights random --max-seqs 64 \
     --contexts 32768,65536 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -4
+  cp $O/tput_*.json $OUT/t/ 2>/dev/null
+  for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
+  grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
+}
+tput_mla() {
+  source /tmp/vllm-env.sh
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
+  mkdir -p $OUT/t $O
+  python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes deepseek-v2-lite --weights random --max-seqs 64 \
+    --contexts 32768 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -4
   cp $O/tput_*.json $OUT/t/ 2>/dev/null
   for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
   grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
@@ -95,6 +107,14 @@ case $1 in
     ;;
   full_sparse)
     O=/tmp/tput_llama_full; tput_full asynctls
+    python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
+    ;;
+  mla_dense)
+    bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
+    O=/tmp/tput_mla_full; tput_mla dense
+    ;;
+  mla_sparse)
+    O=/tmp/tput_mla_full; tput_mla asynctls
     python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
     ;;
   profile)
