@@ -605,9 +605,8 @@ def main(argv=None):
     if args.layers == 1 or args.layers < 0:
         p.error(f"--layers must be 0 (off) or at least 2; got {args.layers}")
     if args.model_shapes != "qwen3-8b" and (args.recall_only or args.breakdown or args.tune or not args.no_recall):
-        p.error(f"--model-shapes {args.model_shapes} applies to the GQA timing rows only (the recall rows, --breakdown, "
-                f"--sweep and --tune run at Qwen3-8B's shapes): add --no-recall, without --recall-only, --breakdown "
-                f"or --tune")
+        p.error(f"--model-shapes {args.model_shapes} applies to the GQA timing rows only (the recall rows, --breakdown "
+                f"and --tune run at Qwen3-8B's shapes): add --no-recall, without --recall-only, --breakdown or --tune")
     recall_context = args.recall_context or (16384 if not args.quick else 8192)
     if args.recall_only:
         rows = recall_rows(recall_context, args.budgets, B=args.recall_batch, device=args.device,

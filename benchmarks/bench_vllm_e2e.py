@@ -391,7 +391,7 @@ def worker_throughput(a) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     kv_bytes = getattr(cache, "kv_cache_memory_bytes", None)
     result = {"kv_tokens": kv_tokens, "block_size": cache.block_size, "start_s": start_s, "rows": rows,
-              "kv_cache_memory_bytes": kv_bytes, "weights": a.weights}
+              "kv_cache_memory_bytes": kv_bytes, "weights": a.weights, "max_seqs": a.max_seqs}
     if _lagged(a):
         from vllm_asynctls.lagged_state import lagged_state_summary
 
@@ -620,6 +620,13 @@ def stage_check(out: Path, budget_s: float, only: list[str] | None = None) -> di
     return summary
 
 
+def attention_backends_logged(log: Path) -> list[str]:
+    """The attention backends vLLM says it chose in an engine's log ("Using X attention backend out of
+    potential backends: ...", one per engine process), in order, without repeats."""
+    found = re.findall(r"Using (\S+) attention backend out of potential backends", log.read_text(errors="replace"))
+    return list(dict.fromkeys(found))
+
+
 def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], weights: str = "dummy",
                      decode_lengths: str = f"{G_SHORT},{G_LONG}", lagged: bool = False, repeats: int = 5,
                      model_shapes: str = "qwen3-8b", kv_cache_dtype: str | None = None,
@@ -627,11 +634,17 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
     model = THROUGHPUT_MODELS[model_shapes](out / "models", 131072)
     extra_s = 60 * (repeats - 1) * len(contexts.split(","))  # the timed runs beyond the first, per context
     if which == "dense":
-        spawn(out, "tput_dense", 590 + extra_s, role="throughput", model=model, backend="default", contexts=contexts,
-              weights=weights, decode_lengths=decode_lengths, repeats=repeats, kv_cache_dtype=kv_cache_dtype,
-              max_seqs=max_seqs)
+        result = spawn(out, "tput_dense", 590 + extra_s, role="throughput", model=model, backend="default",
+                       contexts=contexts, weights=weights, decode_lengths=decode_lengths, repeats=repeats,
+                       kv_cache_dtype=kv_cache_dtype, max_seqs=max_seqs)
+        if result is not None:  # which backend "default" was on this machine, kept beside the timings
+            result["attention_backends"] = attention_backends_logged(out / "tput_dense.log")
+            (out / "tput_dense.json").write_text(json.dumps(result))
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
+    if dense is not None and dense.get("max_seqs", MAX_SEQS) != max_seqs:
+        raise ValueError(f"--max-seqs {max_seqs} differs from the dense run's {dense.get('max_seqs', MAX_SEQS)} "
+                         f"({out / 'tput_dense.json'}): give both stages the same request cap")
     kv_bytes = None
     if dense is not None:
         config = json.loads((model / "config.json").read_text())
@@ -710,13 +723,14 @@ def main() -> None:
                    help="throughput stages: timed runs of each decode length (medians; the spread is recorded)")
     p.add_argument("--max-seqs", type=int, default=MAX_SEQS,
                    help="throughput stages (and their workers): at most this many requests per context, fewer "
-                        "where fewer fit; give the asynctls stage the dense stage's value")
+                        "where fewer fit; the asynctls stage refuses a cap other than the dense run's")
     p.add_argument("--lagged", action="store_true",
                    help="asynctls stage: lagged selection (the paper's pipelining; results tput_asynctls_B_lagged)")
     p.add_argument("--model-shapes", choices=sorted(THROUGHPUT_MODELS), default="qwen3-8b",
                    help="throughput stages: the model whose shapes are served (dummy weights); use one --out per model")
     p.add_argument("--weights", choices=["dummy", "random"], default="dummy",
-                   help="throughput stages: vLLM's dummy weights (degenerate selection), or re-initialised N(0, 0.02)")
+                   help="throughput stages: vLLM's dummy weights (on Qwen3-8B shapes a degenerate selection), or "
+                        "re-initialised N(0, 0.02)")
     # worker arguments
     p.add_argument("--worker", action="store_true")
     p.add_argument("--role", choices=["check", "throughput"])

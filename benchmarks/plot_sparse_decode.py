@@ -45,8 +45,10 @@ def per_layer_rows(paths: list[Path], batch: int, budget: int) -> dict[str, list
 
 
 def gqa_shapes(paths: list[Path]) -> str:
-    """The `--model-shapes` the files were written with (one for all of them)."""
-    names = {json.loads(path.read_text()).get("gqa_shapes", {}).get("model", "qwen3-8b") for path in paths}
+    """The `--model-shapes` the files with per-layer GQA rows were written with (one for all of them)."""
+    files = [json.loads(path.read_text()) for path in paths]
+    names = {f.get("gqa_shapes", {}).get("model", "qwen3-8b") for f in files
+             if any(r.get("kind") == "gqa" and "speedup_per_layer" in r for r in f["rows"])} or {"qwen3-8b"}
     if len(names) != 1:
         raise ValueError(f"plot_sparse_decode: the files hold different GQA shapes {sorted(names)}; plot one at a time")
     return names.pop()

@@ -33,3 +33,10 @@ def test_modes_at_qwen3_shapes_refuse_other_shapes(flags, capsys):
     with pytest.raises(SystemExit):
         bench_sparse_decode.main(["--model-shapes", "llama-3.2-1b", *flags])
     assert "--model-shapes llama-3.2-1b applies to the GQA timing rows only" in capsys.readouterr().err
+
+
+def test_the_gqa_timing_rows_take_other_shapes(capsys):
+    # Past the shape check, the timing rows' own requirement stops this CPU run.
+    with pytest.raises(SystemExit, match="only --recall-only runs with --device cpu"):
+        bench_sparse_decode.main(["--model-shapes", "llama-3.2-1b", "--no-recall", "--no-mla", "--device", "cpu"])
+    assert "applies to the GQA timing rows only" not in capsys.readouterr().err

@@ -148,3 +148,25 @@ def test_throughput_engines_take_the_request_cap_and_the_caches_bytes():
     dense = bench_vllm_e2e.throughput_engine_kwargs("default", 70000)
     assert (dense["max_num_seqs"], dense["gpu_memory_utilization"]) == (bench_vllm_e2e.MAX_SEQS, 0.9)
     assert "block_size" not in dense and "kv_cache_memory_bytes" not in dense
+
+
+def test_throughput_stages_pass_the_request_cap_and_keep_the_dense_backend(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_spawn(out, name, timeout, **args):
+        calls.append((name, args))
+        (out / f"{name}.log").write_text(
+            "INFO [cuda.py:482] Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN']\n"
+            "INFO [cuda.py:482] Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN']\n")
+        return {"kv_tokens": 1000, "rows": [], "max_seqs": args["max_seqs"]}
+
+    monkeypatch.setattr(bench_vllm_e2e, "spawn", fake_spawn)
+    bench_vllm_e2e.stage_throughput(tmp_path, "dense", "32768", [2048], max_seqs=40, model_shapes="llama-3.2-1b")
+    dense = json.loads((tmp_path / "tput_dense.json").read_text())
+    assert dense["attention_backends"] == ["FLASH_ATTN"] and calls[-1][1]["max_seqs"] == 40
+    with pytest.raises(ValueError, match="--max-seqs 16 differs from the dense run's 40"):
+        bench_vllm_e2e.stage_throughput(tmp_path, "asynctls", "32768", [2048], model_shapes="llama-3.2-1b")
+    bench_vllm_e2e.stage_throughput(tmp_path, "asynctls", "32768", [2048], max_seqs=40, model_shapes="llama-3.2-1b")
+    name, args = calls[-1]
+    assert name == "tput_asynctls_2048" and args["max_seqs"] == 40
+    assert int(args["kv_bytes"]) == 1000 * 16 * 8 * 64 * 2 * 2  # the dense run's tokens at Llama-3.2-1B's K/V bytes

@@ -56,6 +56,25 @@ def test_files_of_different_shapes_are_refused_and_old_files_are_qwen3(tmp_path,
     with pytest.raises(SystemExit):
         plot.main([str(old), str(llama), "--out", str(tmp_path / "x.png")])
     assert "different GQA shapes ['llama-3.2-1b', 'qwen3-8b']" in capsys.readouterr().err
-    out = tmp_path / "llama.png"
-    plot.main([str(llama), "--out", str(out)])
-    assert out.read_bytes()[:4] == b"\x89PNG"
+    recall_only = tmp_path / "recall.json"  # no per-layer GQA rows: its (default) shapes do not count
+    recall_only.write_text(json.dumps({"rows": [{"kind": "recall", "B": 2}]}))
+    assert plot.gqa_shapes([llama, recall_only]) == "llama-3.2-1b"
+
+
+@pytest.mark.parametrize("shapes,title,targets", [(None, "Qwen3-8B shapes", True),
+                                                   ("llama-3.2-1b", "Llama-3.2-1B shapes", False)])
+def test_the_plot_names_its_shapes_and_marks_the_targets_only_at_qwen3(tmp_path, monkeypatch, shapes, title, targets):
+    from matplotlib.figure import Figure
+
+    data = {"rows": [_row(65536), _row(131072)]}
+    if shapes:
+        data["gqa_shapes"] = {"model": shapes}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot.main([str(path), "--out", str(tmp_path / "x.png")])
+    fig = saved[0]
+    assert title in fig._suptitle.get_text()
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert any(label.startswith("target") for label in labels) == targets

@@ -6,8 +6,7 @@
 #   dense  (carry .vllm-gpu/p3): stage its last part; Llama-3.2-1B-shaped decode throughput in real vLLM,
 #          vLLM's default backend (FlashAttention 3), 32K / 64K / 96K, median engine step of a 136-token decode
 #   sparse: the same for asynctls at budget 2048 (equal KV bytes), then the report
-#   random: the same pair with --weights random, then asynctls with --lagged (run inline as two device calls:
-#          the pair with the report, then the lagged run with the report)
+#   random: the same pair with --weights random, then the report; random_lagged: asynctls with --lagged, the report
 # On a fresh machine, afterwards:
 #   kit1 (carry .vllm-gpu/p1), kit2 (carry .vllm-gpu/p2): stage the kit again
 #   check (carry .vllm-gpu/p3): the head-dim-64 check model in real vLLM: FLASH_ATTN, asynctls covering (graphs,
@@ -85,9 +84,10 @@ case $1 in
     mkdir -p $OUT/check; cp /tmp/chk64/check_summary*.json $OUT/check/ 2>/dev/null
     for f in /tmp/chk64/check_*.log; do tail -c 3000 "$f" > "$OUT/check/$(basename "$f").tail"; done
     ;;
-  random)
+  random|random_lagged)
     source /tmp/vllm-env.sh; O=/tmp/tput_llama_rw; mkdir -p $OUT/t $O
-    for st in dense asynctls "asynctls --lagged"; do
+    if [ $1 = random ]; then runs=(dense asynctls); else runs=("asynctls --lagged"); fi
+    for st in "${runs[@]}"; do
       python3 benchmarks/bench_vllm_e2e.py --stage $st --model-shapes llama-3.2-1b --weights random \
         --contexts 32768,65536,98304 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -3
     done
