@@ -172,49 +172,39 @@ THROUGHPUT_MODELS = {"qwen3-8b": qwen3_8b_config_dir, "llama-3.2-1b": llama_3_2_
                      "deepseek-v2-lite": deepseek_v2_lite_config_dir, "glm-4.7-flash": glm_4_7_flash_config_dir}
 
 
-def small_model_dir(root: Path) -> Path:
+def _tiny_model_dir(root: Path, model_type: str, **config) -> Path:
+    """A bf16 model of `model_type` with `config`'s fields and random weights, built once under `root`
+    (`tests/tiny_models.py`)."""
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_models import TinyModelSpec, cached_model
 
-    spec = TinyModelSpec(
-        model_type="qwen3", dtype="bfloat16",
-        config=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
-                    num_key_value_heads=4, head_dim=128, max_position_embeddings=16384,
-                    rope_theta=1_000_000.0, tie_word_embeddings=False),
-    )
-    return cached_model(spec, root)
+    return cached_model(TinyModelSpec(model_type=model_type, dtype="bfloat16", config=config), root)
+
+
+def small_model_dir(root: Path) -> Path:
+    """The GQA check model: 4 Qwen3 layers, 16 q / 4 kv heads of 128, random weights."""
+    return _tiny_model_dir(root, "qwen3", hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=4, head_dim=128, max_position_embeddings=16384,
+                           rope_theta=1_000_000.0, tie_word_embeddings=False)
 
 
 def small_hd64_model_dir(root: Path) -> Path:
     """A 4-layer Llama-shaped model at head dim 64 (16 q / 4 kv heads: Llama-3.2-1B's group of 4), random
     weights, built like the GQA check model: the `hd64_*` runs check the head-dim-64 decode plans in vLLM."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import TinyModelSpec, cached_model
-
-    spec = TinyModelSpec(
-        model_type="llama", dtype="bfloat16",
-        config=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
-                    num_key_value_heads=4, head_dim=64, max_position_embeddings=16384,
-                    rope_theta=500_000.0, tie_word_embeddings=False),
-    )
-    return cached_model(spec, root)
+    return _tiny_model_dir(root, "llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=16384,
+                           rope_theta=500_000.0, tie_word_embeddings=False)
 
 
 def small_mla_model_dir(root: Path) -> Path:
     """A 4-layer DeepSeek-V3-shaped MLA model (latent 512 + rope 64, 16 heads, no MoE layer), random
     weights, built like the GQA check model."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import TinyModelSpec, cached_model
-
-    spec = TinyModelSpec(
-        model_type="deepseek_v3", dtype="bfloat16",
-        config=dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
-                    first_k_dense_replace=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-                    n_group=1, topk_group=1, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
-                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                    max_position_embeddings=16384, rope_scaling=None, tie_word_embeddings=False),
-    )
-    return cached_model(spec, root)
+    return _tiny_model_dir(root, "deepseek_v3", hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                           num_hidden_layers=4, first_k_dense_replace=4, n_routed_experts=4, n_shared_experts=1,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=16,
+                           num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                           qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=16384, rope_scaling=None,
+                           tie_word_embeddings=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,36 +29,19 @@ op() {
     --budgets 2048 --batches 8 32 --contexts 32768 65536 131072 "${@:2}" --out $OUT/$1.json > $OUT/$1.log 2>&1
   echo "rc=$?"; grep -A30 "^Per layer" $OUT/$1.log
 }
+# tput STAGE SHAPES CONTEXTS [FLAGS...]: one throughput stage into $O, its results and log tails into $OUT/t.
 tput() {
   source /tmp/vllm-env.sh
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
   mkdir -p $OUT/t $O
-  python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes llama-3.2-1b --contexts 32768,65536,98304 \
+  python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes $2 --contexts $3 "${@:4}" \
     --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -6
   cp $O/tput_*.json $OUT/t/ 2>/dev/null
   for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
   grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
 }
-tput_full() {
-  source /tmp/vllm-env.sh
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
-  mkdir -p $OUT/t $O
-  python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes llama-3.2-1b --weights random --max-seqs 64 \
-    --contexts 32768,65536 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -4
-  cp $O/tput_*.json $OUT/t/ 2>/dev/null
-  for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
-  grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
-}
-tput_mla() {
-  source /tmp/vllm-env.sh
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1
-  mkdir -p $OUT/t $O
-  python3 benchmarks/bench_vllm_e2e.py --stage $1 --model-shapes deepseek-v2-lite --weights random --max-seqs 64 \
-    --contexts 32768 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -4
-  cp $O/tput_*.json $OUT/t/ 2>/dev/null
-  for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
-  grep -h "jit_monitor\|JIT compilation" $O/tput_*.log > $OUT/t/jit_lines.log; wc -l < $OUT/t/jit_lines.log
-}
+LLAMA="llama-3.2-1b 32768,65536,98304"
+FULL="--weights random --max-seqs 64"
 case $1 in
   op1)
     bash .vllm-gpu/p1/install.sh .vllm-gpu/p1 | tail -1
@@ -70,7 +53,7 @@ case $1 in
     ;;
   dense)
     bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
-    tput dense
+    tput dense $LLAMA
     ;;
   kit1|kit2)
     bash .vllm-gpu/p${1#kit}/install.sh .vllm-gpu/p${1#kit} | tail -1
@@ -84,15 +67,13 @@ case $1 in
     mkdir -p $OUT/check; cp /tmp/chk64/check_summary*.json $OUT/check/ 2>/dev/null
     for f in /tmp/chk64/check_*.log; do tail -c 3000 "$f" > "$OUT/check/$(basename "$f").tail"; done
     ;;
-  random|random_lagged)
-    source /tmp/vllm-env.sh; O=/tmp/tput_llama_rw; mkdir -p $OUT/t $O
-    if [ $1 = random ]; then runs=(dense asynctls); else runs=("asynctls --lagged"); fi
-    for st in "${runs[@]}"; do
-      python3 benchmarks/bench_vllm_e2e.py --stage $st --model-shapes llama-3.2-1b --weights random \
-        --contexts 32768,65536,98304 --budgets 2048 --repeats 2 --decode-lengths 8,136 --out $O 2>&1 | tail -3
-    done
-    python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md; cp $O/tput_*.json $OUT/t/
-    for f in $O/tput_*.log; do tail -c 3000 "$f" > "$OUT/t/$(basename "$f").tail"; done
+  random)
+    O=/tmp/tput_llama_rw; tput dense $LLAMA --weights random; tput asynctls $LLAMA --weights random
+    python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
+    ;;
+  random_lagged)
+    O=/tmp/tput_llama_rw; tput asynctls $LLAMA --weights random --lagged
+    python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
     ;;
   check2)
     source /tmp/vllm-env.sh
@@ -103,18 +84,18 @@ case $1 in
     ;;
   full_dense)
     bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
-    O=/tmp/tput_llama_full; tput_full dense
+    O=/tmp/tput_llama_full; tput dense llama-3.2-1b 32768,65536 $FULL
     ;;
   full_sparse)
-    O=/tmp/tput_llama_full; tput_full asynctls
+    O=/tmp/tput_llama_full; tput asynctls llama-3.2-1b 32768,65536 $FULL
     python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
     ;;
   mla_dense)
     bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1
-    O=/tmp/tput_mla_full; tput_mla dense
+    O=/tmp/tput_mla_full; tput dense deepseek-v2-lite 32768 $FULL
     ;;
   mla_sparse)
-    O=/tmp/tput_mla_full; tput_mla asynctls
+    O=/tmp/tput_mla_full; tput asynctls deepseek-v2-lite 32768 $FULL
     python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
     ;;
   profile)
@@ -127,7 +108,7 @@ case $1 in
     done; done
     ;;
   sparse)
-    tput asynctls
+    tput asynctls $LLAMA
     python3 benchmarks/bench_vllm_e2e.py --stage report --out $O | tee $OUT/t/report.md
     ;;
 esac
