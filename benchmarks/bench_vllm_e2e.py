@@ -51,8 +51,9 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     embeddings N(0, 0.02), norm weights 1), so q.k / sqrt(d) is of order one and the selection is real.
     `--model-shapes llama-3.2-1b`: the GQA runs at Llama-3.2-1B's shapes (16 layers, 32 q / 8 kv heads of 64).
     `--model-shapes deepseek-v2-lite`: the throughput runs for an MLA model (DeepSeek-V2-Lite's attention,
-    dense MLPs) against vLLM's default MLA backend (FLASH_ATTN_MLA on an H100 / H200); `glm-4.7-flash`: GLM-4.7-Flash's
-    attention (20 heads on the latent, 47 layers), dense MLPs, likewise.
+    dense MLPs) against vLLM's default MLA backend (FLASH_ATTN_MLA in the H200 runs; the dense stage records
+    the backends vLLM logs in `tput_dense.json`); `glm-4.7-flash`: GLM-4.7-Flash's attention (20 heads on the
+    latent, 47 layers), dense MLPs, likewise.
 """
 
 from __future__ import annotations
