@@ -679,6 +679,8 @@ def stage_report(out: Path) -> None:
             print(f"| {r['context'] // 1024}K | {name} | {r['requests']} ({r['requests_fit']}) | "
                   f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x | {stepped} | "
                   f"{stepped_ratio} |")
+    backends = dense.get("attention_backends")
+    print(f"\nThe dense engine's attention backend (vLLM's log): {', '.join(backends) if backends else 'not recorded'}")
     print("\nKernel compiles while serving (vLLM's JIT monitor, in each engine's log; each one stalls a step):")
     for path in paths:
         log, engine = path.with_suffix(".log"), path.stem.replace("tput_", "")

@@ -65,7 +65,9 @@ def test_report_lists_each_engines_kernel_compiles_while_serving(tmp_path, capsy
         "_sparse_attn_split_kernel (constexprs={NUM_SPLITS=6}; signature={}). This causes a latency spike\n")
     (tmp_path / "tput_asynctls_1024.json").write_text(json.dumps({"rows": [_row(32768, 16, 3000.0, 5.3, [5.3])]}))
     bench_vllm_e2e.stage_report(tmp_path)
-    tail = capsys.readouterr().out.strip().splitlines()[-3:]
+    out = capsys.readouterr().out
+    assert "The dense engine's attention backend (vLLM's log): not recorded" in out  # a run before 2026-11-27
+    tail = out.strip().splitlines()[-3:]
     assert tail == ["- dense: none", "- asynctls_1024: no log",
                     "- asynctls_2048: _sparse_attn_split_kernel x2, _compute_slot_mapping_kernel x1"]
 
@@ -150,7 +152,7 @@ def test_throughput_engines_take_the_request_cap_and_the_caches_bytes():
     assert "block_size" not in dense and "kv_cache_memory_bytes" not in dense
 
 
-def test_throughput_stages_pass_the_request_cap_and_keep_the_dense_backend(tmp_path, monkeypatch):
+def test_throughput_stages_pass_the_request_cap_and_keep_the_dense_backend(tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_spawn(out, name, timeout, **args):
@@ -164,6 +166,10 @@ def test_throughput_stages_pass_the_request_cap_and_keep_the_dense_backend(tmp_p
     bench_vllm_e2e.stage_throughput(tmp_path, "dense", "32768", [2048], max_seqs=40, model_shapes="llama-3.2-1b")
     dense = json.loads((tmp_path / "tput_dense.json").read_text())
     assert dense["attention_backends"] == ["FLASH_ATTN"] and calls[-1][1]["max_seqs"] == 40
+    dense["rows"] = [_row(32768, 16, 2000.0, 8.0, [8.0])]
+    (tmp_path / "tput_dense.json").write_text(json.dumps(dense))
+    bench_vllm_e2e.stage_report(tmp_path)
+    assert "The dense engine's attention backend (vLLM's log): FLASH_ATTN" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--max-seqs 16 differs from the dense run's 40"):
         bench_vllm_e2e.stage_throughput(tmp_path, "asynctls", "32768", [2048], model_shapes="llama-3.2-1b")
     bench_vllm_e2e.stage_throughput(tmp_path, "asynctls", "32768", [2048], max_seqs=40, model_shapes="llama-3.2-1b")
