@@ -633,8 +633,9 @@ def stage_throughput(out: Path, which: str, contexts: str, budgets: list[int], w
             (out / "tput_dense.json").write_text(json.dumps(result))
         return
     dense = json.loads((out / "tput_dense.json").read_text()) if (out / "tput_dense.json").exists() else None
-    if dense is not None and dense.get("max_seqs", MAX_SEQS) != max_seqs:
-        raise ValueError(f"--max-seqs {max_seqs} differs from the dense run's {dense.get('max_seqs', MAX_SEQS)} "
+    dense_cap = dense.get("max_seqs", MAX_SEQS) if dense is not None else max_seqs  # runs before the flag: 16
+    if dense_cap != max_seqs:
+        raise ValueError(f"--max-seqs {max_seqs} differs from the dense run's {dense_cap} "
                          f"({out / 'tput_dense.json'}): give both stages the same request cap")
     kv_bytes = None
     if dense is not None:
