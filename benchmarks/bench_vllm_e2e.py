@@ -680,6 +680,10 @@ def stage_report(out: Path) -> None:
             print(f"| {r['context'] // 1024}K | {name} | {r['requests']} ({r['requests_fit']}) | "
                   f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x | {stepped} | "
                   f"{stepped_ratio} |")
+    disagreements = [line for path in paths for line in rate_disagreements(path)]
+    if disagreements:
+        print(f"\nThe two step times disagree by more than {RATE_DISAGREEMENT:.0%} (quote both, or rerun):")
+        print("\n".join(disagreements))
     backends = dense.get("attention_backends")
     print(f"\nThe dense engine's attention backend (vLLM's log): {', '.join(backends) if backends else 'not recorded'}")
     print("\nKernel compiles while serving (vLLM's JIT monitor, in each engine's log; each one stalls a step):")
@@ -690,6 +694,24 @@ def stage_report(out: Path) -> None:
             continue
         counts = Counter(jit_compiles_while_serving(log.read_text(errors="replace")))  # first-seen order
         print(f"- {engine}: {', '.join(f'{n} x{c}' for n, c in counts.items()) or 'none'}")
+
+
+RATE_DISAGREEMENT = 0.10  # relative gap between the median stepped step and the timed runs' step
+
+
+def rate_disagreements(path: Path) -> list[str]:
+    """One line per row of the result file `path` whose median stepped step and timed-run step time differ by
+    more than RATE_DISAGREEMENT of the smaller: the two measures of one engine should agree, and when they
+    do not, a ratio taken from either alone is not a fact about the backends."""
+    lines = []
+    for r in json.loads(path.read_text())["rows"]:
+        if not r.get("requests") or "step_ms_median" not in r:
+            continue
+        median, runs = r["step_ms_median"], r["ms_per_step"]
+        if abs(median - runs) > RATE_DISAGREEMENT * min(median, runs):
+            lines.append(f"- {r['context'] // 1024}K {path.stem.replace('tput_', '')}: median step "
+                         f"{median:.2f} ms, timed runs {runs:.2f} ms per step")
+    return lines
 
 
 def jit_compiles_while_serving(log_text: str) -> list[str]:

@@ -49,6 +49,17 @@ def test_report_gives_the_median_step_and_its_ratio_when_recorded(tmp_path, caps
     assert "median step ms (quartiles)" in lines[0]
     assert lines[2].endswith("| 1.00x | 4.00 (3.90-4.40) | 1.00x |")
     assert lines[3].endswith("| 1.50x | 5.00 (4.80-5.10) | 0.80x |")  # the two ways can disagree: both shown
+    # ... and the report says where they do (dense 4.00 vs 8.0 ms; asynctls 5.00 vs 5.3 is within 10%).
+    start = lines.index("The two step times disagree by more than 10% (quote both, or rerun):")
+    assert lines[start + 1:start + 3] == ["- 32K dense: median step 4.00 ms, timed runs 8.00 ms per step", ""]
+
+
+def test_report_is_silent_on_the_step_times_when_they_agree(tmp_path, capsys):
+    row = {**_row(32768, 16, 2000.0, 8.0, [7.9, 8.1]), "step_ms_median": 8.7, "step_ms_quartiles": [8.6, 8.7, 8.8],
+           "decode_tok_s_stepped": 1000 * 16 / 8.7}  # 8.7 vs 8.0: within 10% of the smaller
+    (tmp_path / "tput_dense.json").write_text(json.dumps({"rows": [row]}))
+    bench_vllm_e2e.stage_report(tmp_path)
+    assert "disagree" not in capsys.readouterr().out
 
 
 def test_report_lists_each_engines_kernel_compiles_while_serving(tmp_path, capsys):
