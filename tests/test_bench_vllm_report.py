@@ -49,15 +49,55 @@ def test_report_gives_the_median_step_and_its_ratio_when_recorded(tmp_path, caps
     assert "median step ms (quartiles)" in lines[0]
     assert lines[2].endswith("| 1.00x | 4.00 (3.90-4.40) | 1.00x |")
     assert lines[3].endswith("| 1.50x | 5.00 (4.80-5.10) | 0.80x |")  # the two ways can disagree: both shown
-    # ... and the report says where they do (dense 4.00 vs 8.0 ms; asynctls 5.00 vs 5.3 is within 10%).
-    start = lines.index("The two step times disagree by more than 10% (quote both, or rerun):")
-    assert lines[start + 1:start + 3] == ["- 32K dense: median step 4.00 ms, timed runs 8.00 ms per step", ""]
+    # ... and the report says where they part: dense's step 4.00 vs 8.0 ms, so the ratios 0.80x vs 1.50x
+    # (asynctls' own 5.00 vs 5.3 ms is within 10%).
+    start = lines.index("The two measures disagree by more than 10% (quote both, or rerun):")
+    assert lines[start + 1:start + 4] == ["- 32K dense: median step 4.00 ms, timed runs 8.00 ms per step",
+                                          "- 32K asynctls_2048: 0.80x dense by the median step, 1.50x by the timed runs",
+                                          ""]
 
 
-def test_report_is_silent_on_the_step_times_when_they_agree(tmp_path, capsys):
-    row = {**_row(32768, 16, 2000.0, 8.0, [7.9, 8.1]), "step_ms_median": 8.7, "step_ms_quartiles": [8.6, 8.7, 8.8],
-           "decode_tok_s_stepped": 1000 * 16 / 8.7}  # 8.7 vs 8.0: within 10% of the smaller
-    (tmp_path / "tput_dense.json").write_text(json.dumps({"rows": [row]}))
+def _stepped_row(context, requests, ms, median_ms, tok_s=None):
+    tok_s = tok_s or 1000 * requests / ms
+    return {**_row(context, requests, tok_s, ms, [ms]), "step_ms_median": median_ms,
+            "step_ms_quartiles": [median_ms, median_ms, median_ms], "decode_tok_s_stepped": 1000 * requests / median_ms}
+
+
+def test_report_flags_a_median_step_above_the_timed_runs_and_a_ratio_moved_by_both_engines():
+    # GLM's dense engine of 2026-11-27: median step 26.86 ms against 22.57 ms from the timed runs.
+    assert bench_vllm_e2e.rate_disagreements("dense", [_stepped_row(32768, 64, 22.57, 26.86)], {}) == [
+        "- 32K dense: median step 26.86 ms, timed runs 22.57 ms per step"]
+    # Each engine 9% apart in opposite directions: neither step is flagged, the ratio (1.19x apart) is.
+    dense = _stepped_row(32768, 16, 10.0, 10.9)
+    sparse = _stepped_row(32768, 16, 5.0, 4.6)
+    assert bench_vllm_e2e.rate_disagreements("dense", [dense], {32768: dense}) == []
+    assert bench_vllm_e2e.rate_disagreements("asynctls_2048", [sparse], {32768: dense}) == [
+        "- 32K asynctls_2048: 2.37x dense by the median step, 2.00x by the timed runs"]
+
+
+def test_report_tolerates_a_gap_of_exactly_the_tolerance_and_skips_rows_it_cannot_compare():
+    # 11.0 vs 10.0 ms: 10% of the smaller, not more.
+    assert bench_vllm_e2e.rate_disagreements("dense", [_stepped_row(32768, 16, 10.0, 11.0)], {}) == []
+    unstepped = _row(32768, 16, 2000.0, 8.0, [8.0])
+    not_fit = {"context": 65536, "requests": 0, "requests_fit": 0}
+    assert bench_vllm_e2e.rate_disagreements("asynctls_2048", [unstepped, not_fit], {32768: unstepped}) == []
+    # A sparse row whose dense row was not stepped: its own two steps still compared, no ratio.
+    assert bench_vllm_e2e.rate_disagreements("asynctls_2048", [_stepped_row(32768, 16, 5.0, 7.0)],
+                                             {32768: unstepped}) == [
+        "- 32K asynctls_2048: median step 7.00 ms, timed runs 5.00 ms per step"]
+
+
+def test_report_is_silent_on_the_two_measures_when_they_agree(tmp_path, capsys):
+    (tmp_path / "tput_dense.json").write_text(json.dumps({"rows": [_stepped_row(32768, 16, 8.0, 8.7)]}))
+    (tmp_path / "tput_asynctls_2048.json").write_text(json.dumps({"rows": [_stepped_row(32768, 16, 4.0, 4.2)]}))
+    bench_vllm_e2e.stage_report(tmp_path)
+    out = capsys.readouterr().out
+    assert "| 2.00x | 4.20 (4.20-4.20) | 2.07x |" in out and "disagree" not in out
+
+
+def test_report_without_stepped_rows_prints_no_comparison(tmp_path, capsys):
+    (tmp_path / "tput_dense.json").write_text(json.dumps({"rows": [_row(32768, 16, 2000.0, 8.0, [7.9, 8.1])]}))
+    (tmp_path / "tput_asynctls_2048.json").write_text(json.dumps({"rows": [_row(32768, 16, 3000.0, 5.3, [5.3])]}))
     bench_vllm_e2e.stage_report(tmp_path)
     assert "disagree" not in capsys.readouterr().out
 
