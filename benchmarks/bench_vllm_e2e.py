@@ -712,7 +712,8 @@ def rate_disagreements(engine: str, rows: list[dict], dense_rows: dict[int, dict
         ctx = f"{r['context'] // 1024}K {engine}"
         median, runs = r["step_ms_median"], r["ms_per_step"]
         if apart(median, runs):
-            lines.append(f"- {ctx}: median step {median:.2f} ms, timed runs {runs:.2f} ms per step")
+            lines.append(f"- {ctx}: median step {median:.2f} ms, timed runs {runs:.2f} ms per step"
+                         + run_excess_note(r))
         b = dense_rows.get(r["context"])
         if engine != "dense" and b and b.get("requests") and "step_ms_median" in b:
             timed = r["decode_tok_s"] / b["decode_tok_s"]
@@ -720,6 +721,19 @@ def rate_disagreements(engine: str, rows: list[dict], dense_rows: dict[int, dict
             if apart(timed, stepped):
                 lines.append(f"- {ctx}: {stepped:.2f}x dense by the median step, {timed:.2f}x by the timed runs")
     return lines
+
+
+def run_excess_note(row: dict) -> str:
+    """Where a timed-run rate parts from the median step: each timed run's wall time beyond the stepped
+    model of it (the stepped run's first step, then one median step per further token), per decode length.
+    The timed rate is the median step plus (excess of the long runs - excess of the short ones) / their
+    length difference, so unequal excesses (slow opening steps, stalls) move it while the median stays."""
+    if "step_ms_first" not in row or not row.get("t_runs_s"):
+        return ""
+    first, median = row["step_ms_first"] / 1000, row["step_ms_median"] / 1000
+    parts = [f"{n} tokens " + " / ".join(f"{t - first - (int(n) - 1) * median:+.2f}" for t in ts)
+             for n, ts in sorted(row["t_runs_s"].items(), key=lambda kv: int(kv[0]))]
+    return f" (each timed run's seconds beyond the stepped model: {'; '.join(parts)})"
 
 
 def jit_compiles_while_serving(log_text: str) -> list[str]:

@@ -227,3 +227,16 @@ def test_throughput_stages_pass_the_request_cap_and_keep_the_dense_backend(tmp_p
     name, args = calls[-1]
     assert name == "tput_asynctls_2048" and args["max_seqs"] == 40
     assert int(args["kv_bytes"]) == 1000 * 16 * 8 * 64 * 2 * 2  # the dense run's tokens at Llama-3.2-1B's K/V bytes
+
+
+def test_a_flagged_step_time_says_how_much_each_timed_run_exceeds_the_stepped_model():
+    # First step 1 s, median 10 ms: an 8-token run is 1.07 s by that model, a 136-token run 2.35 s. The
+    # short run here took 0.5 s more, the long one none, so the timed rate reads 10 - 500 / 128 ms.
+    t8, t136 = 1.0 + 7 * 0.010 + 0.5, 1.0 + 135 * 0.010
+    ms_per_step = 1000 * (t136 - t8) / 128
+    row = {**_stepped_row(32768, 16, ms_per_step, 10.0), "step_ms_first": 1000.0,
+           "t_runs_s": {"136": [t136], "8": [t8]}}
+    assert ms_per_step == pytest.approx(10.0 - 500 / 128)
+    assert bench_vllm_e2e.rate_disagreements("dense", [row], {}) == [
+        "- 32K dense: median step 10.00 ms, timed runs 6.09 ms per step (each timed run's seconds beyond the "
+        "stepped model: 8 tokens +0.50; 136 tokens +0.00)"]
