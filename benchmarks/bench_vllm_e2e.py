@@ -724,14 +724,15 @@ def rate_disagreements(engine: str, rows: list[dict], dense_rows: dict[int, dict
 
 
 def run_excess_note(row: dict) -> str:
-    """Where a timed-run rate parts from the median step: each timed run's wall time beyond the stepped
-    model of it (the stepped run's first step, then one median step per further token), per decode length.
-    The timed rate is the median step plus (excess of the long runs - excess of the short ones) / their
-    length difference, so unequal excesses (slow opening steps, stalls) move it while the median stays."""
+    """A flagged step time's gap split by timed run: each run's wall time beyond the stepped run's model of
+    it (its first step, then one median step per token: a stepped n-token decode takes n + 1 steps), per
+    decode length. The timed rate is the median step plus (median excess of the longest runs - that of the
+    shortest) / their length difference, so the gap is the difference of those excesses. The timed runs are
+    not stepped: which of their steps hold an excess is not recorded."""
     if "step_ms_first" not in row or not row.get("t_runs_s"):
         return ""
     first, median = row["step_ms_first"] / 1000, row["step_ms_median"] / 1000
-    parts = [f"{n} tokens " + " / ".join(f"{t - first - (int(n) - 1) * median:+.2f}" for t in ts)
+    parts = [f"{n} tokens " + " / ".join(f"{t - first - int(n) * median:+.2f}" for t in ts)
              for n, ts in sorted(row["t_runs_s"].items(), key=lambda kv: int(kv[0]))]
     return f" (each timed run's seconds beyond the stepped model: {'; '.join(parts)})"
 
