@@ -698,10 +698,11 @@ def stage_report(out: Path) -> None:
 
 def rate_disagreements(engine: str, rows: list[dict], dense_rows: dict[int, dict]) -> list[str]:
     """Where the two measures of the result rows `rows` of `engine` part: one line per row whose median
-    stepped step and timed-run step time differ by more than RATE_DISAGREEMENT of the smaller, and one per
-    row of a sparse engine whose ratio to the dense row of its context (`dense_rows`) differs by more than that between the two
-    measures (two engines each just inside the tolerance in opposite directions move the ratio twice as far).
-    When they part, a ratio taken from either measure alone is not a fact about the backends."""
+    stepped step and timed-run step time differ by more than RATE_DISAGREEMENT of the smaller, and, for a
+    sparse engine, one per row whose ratio to the dense row of its context (`dense_rows`) differs by more
+    than that between the two measures (two engines each just inside the tolerance in opposite directions
+    move the ratio twice as far). When they part, a ratio taken from either measure alone is not a fact
+    about the backends."""
     def apart(a: float, b: float) -> bool:
         return abs(a - b) > RATE_DISAGREEMENT * min(a, b)
 
