@@ -52,9 +52,10 @@ def test_report_gives_the_median_step_and_its_ratio_when_recorded(tmp_path, caps
     # ... and the report says where they part: dense's step 4.00 vs 8.0 ms, so the ratios 0.80x vs 1.50x
     # (asynctls' own 5.00 vs 5.3 ms is within 10%).
     start = lines.index("The two measures disagree by more than 10% (quote both, or rerun):")
-    assert lines[start + 1:start + 4] == ["- 32K dense: median step 4.00 ms, timed runs 8.00 ms per step",
-                                          "- 32K asynctls_2048: 0.80x dense by the median step, 1.50x by the timed runs",
-                                          ""]
+    assert lines[start + 1:start + 4] == [
+        "- 32K dense: median step 4.00 ms, timed runs 8.00 ms per step",
+        "- 32K asynctls_2048: 0.80x dense by the median step, 1.50x by the timed runs",
+        ""]
 
 
 def _stepped_row(context, requests, ms, median_ms, tok_s=None):
