@@ -668,15 +668,13 @@ def stage_report(out: Path) -> None:
         for r in rows:
             if not r.get("requests"):
                 continue
-            b = base.get(r["context"])
-            ratio = r["decode_tok_s"] / b["decode_tok_s"] if b and b.get("requests") else float("nan")
+            ratio, by_step = ratios_to_dense(r, base.get(r["context"]))
             runs = " / ".join(f"{ms:.1f}" for ms in r.get("ms_per_step_runs", [])) or "-"
-            stepped = stepped_ratio = "-"
+            stepped = "-"
             if "step_ms_median" in r:
                 q1, _, q3 = r["step_ms_quartiles"]
                 stepped = f"{r['step_ms_median']:.2f} ({q1:.2f}-{q3:.2f})"
-                if b and "step_ms_median" in b:
-                    stepped_ratio = f"{r['decode_tok_s_stepped'] / b['decode_tok_s_stepped']:.2f}x"
+            stepped_ratio = f"{by_step:.2f}x" if by_step is not None else "-"
             print(f"| {r['context'] // 1024}K | {name} | {r['requests']} ({r['requests_fit']}) | "
                   f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.1f} | {runs} | {ratio:.2f}x | {stepped} | "
                   f"{stepped_ratio} |")
@@ -715,13 +713,20 @@ def rate_disagreements(engine: str, rows: list[dict], dense_rows: dict[int, dict
         if apart(median, runs):
             lines.append(f"- {ctx}: median step {median:.2f} ms, timed runs {runs:.2f} ms per step"
                          + run_excess_note(r))
-        b = dense_rows.get(r["context"])
-        if engine != "dense" and b and b.get("requests") and "step_ms_median" in b:
-            timed = r["decode_tok_s"] / b["decode_tok_s"]
-            stepped = r["decode_tok_s_stepped"] / b["decode_tok_s_stepped"]
-            if apart(timed, stepped):
-                lines.append(f"- {ctx}: {stepped:.2f}x dense by the median step, {timed:.2f}x by the timed runs")
+        timed, stepped = ratios_to_dense(r, dense_rows.get(r["context"]))
+        if engine != "dense" and stepped is not None and apart(timed, stepped):
+            lines.append(f"- {ctx}: {stepped:.2f}x dense by the median step, {timed:.2f}x by the timed runs")
     return lines
+
+
+def ratios_to_dense(row: dict, dense: dict | None) -> tuple[float, float | None]:
+    """A result row's decode rate over the dense row of its context, by the timed runs (nan without a dense
+    row that fitted) and by the median step (None unless both rows were stepped)."""
+    if not dense or not dense.get("requests"):
+        return float("nan"), None
+    by_step = (row["decode_tok_s_stepped"] / dense["decode_tok_s_stepped"]
+               if "step_ms_median" in row and "step_ms_median" in dense else None)
+    return row["decode_tok_s"] / dense["decode_tok_s"], by_step
 
 
 def run_excess_note(row: dict) -> str:
