@@ -38,10 +38,11 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     contexts 32K / 64K / 96K, as many requests as the KV cache holds (at most 16; `--max-seqs`). Each context:
     one prefill-only pass fills the prefix cache, then two runs of 8 and 72 new tokens reuse it;
     decode rate = requests x 64 / (t72 - t8) (`--decode-lengths 8,40,72,136` times more runs, each
-    recorded, the rate still from the shortest and longest). Then the longest run once more, stepped one
-    `LLMEngine.step()` at a time with every step timed: requests / median step is the second rate in the
-    report, which one slow step cannot move (a run that takes a second longer than its repeats shifts the
-    first rate by up to tens of percent; RESULTS, 2026-11-27). asynctls gets the same KV-cache bytes as the dense run
+    recorded, the rate still from the shortest and longest); every run adds its requests and steps
+    `LLMEngine.step()` until they finish, as `LLM.generate` does, timing each step too. Then the longest run
+    once more on its own: requests / its median step is the second rate in the report, which one slow step
+    cannot move (a run that takes a second longer than its repeats shifts the first rate by up to tens of
+    percent; RESULTS, 2026-11-27). asynctls gets the same KV-cache bytes as the dense run
     (`kv_cache_memory_bytes`), out of which the plugin reserves its index, so the comparison is at
     equal memory. On Qwen3-8B's shapes vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and
     k_norm) make q and k so small that every block and token score of a row is the same float: the selection
@@ -62,6 +63,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -313,11 +315,18 @@ def stepped_step_times(engine, prompts, max_tokens: int, tag: str) -> list[float
     return times
 
 
+def timed_run(engine, prompts, max_tokens: int, tag: str) -> tuple[float, list[float]]:
+    """One timed run: the wall time from adding `prompts` to `engine` to their last token (what
+    `LLM.generate` does: add every request, then step until none is left), and the wall time of each of its
+    steps (`stepped_step_times`)."""
+    t = time.perf_counter()
+    steps = stepped_step_times(engine, prompts, max_tokens, tag)
+    return time.perf_counter() - t, steps
+
+
 def worker_throughput(a) -> dict:
     import random
-    import statistics
 
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     contexts = [int(c) for c in a.contexts.split(",")]
@@ -348,21 +357,16 @@ def worker_throughput(a) -> dict:
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, top) for _ in range(context)])
                    for _ in range(n)]
 
-        def run(max_tokens):
-            sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
-            t = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            dt = time.perf_counter() - t
-            assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs), "truncated output"
-            return dt
-
-        t_prefill = run(1)
+        t_prefill, _ = timed_run(llm.llm_engine, prompts, 1, f"prefill-{context}")
         # Every length `repeats` times, interleaved; the rate comes from the median times, and each
-        # repeat's own rate shows the spread.
+        # repeat's own rate shows the spread. Each run's steps are timed too (`t_runs_steps_ms`).
         times = {g: [] for g in lengths}
-        for _ in range(a.repeats):
+        run_steps = {g: [] for g in lengths}
+        for rep in range(a.repeats):
             for g in lengths:
-                times[g].append(run(g))
+                wall, steps_s = timed_run(llm.llm_engine, prompts, g, f"run-{context}-{g}-{rep}")
+                times[g].append(wall)
+                run_steps[g].append([round(1000 * t, 3) for t in steps_s])
         t_by_length = {g: statistics.median(ts) for g, ts in times.items()}
         t_short, t_long = t_by_length[lengths[0]], t_by_length[lengths[-1]]
         steps = lengths[-1] - lengths[0]
@@ -372,7 +376,8 @@ def worker_throughput(a) -> dict:
         median_step = statistics.median(step_s)
         rows.append({"context": context, "requests_fit": fit, "requests": n, "prefill_s": t_prefill,
                      "t_short_s": t_short, "t_long_s": t_long, "t_by_length_s": t_by_length,
-                     "repeats": a.repeats, "t_runs_s": times, "ms_per_step_runs": per_repeat,
+                     "repeats": a.repeats, "t_runs_s": times, "t_runs_steps_ms": run_steps,
+                     "ms_per_step_runs": per_repeat,
                      "ms_per_step": 1000 * (t_long - t_short) / steps,
                      "decode_tok_s": n * steps / (t_long - t_short),
                      "step_ms_median": 1000 * median_step, "step_ms_quartiles": [
@@ -712,7 +717,7 @@ def rate_disagreements(engine: str, rows: list[dict], dense_rows: dict[int, dict
         median, runs = r["step_ms_median"], r["ms_per_step"]
         if apart(median, runs):
             lines.append(f"- {ctx}: median step {median:.2f} ms, timed runs {runs:.2f} ms per step"
-                         + run_excess_note(r))
+                         + (run_steps_note(r) if r.get("t_runs_steps_ms") else run_excess_note(r)))
         timed, stepped = ratios_to_dense(r, dense_rows.get(r["context"]))
         if engine != "dense" and stepped is not None and apart(timed, stepped):
             lines.append(f"- {ctx}: {stepped:.2f}x dense by the median step, {timed:.2f}x by the timed runs")
@@ -733,14 +738,26 @@ def run_excess_note(row: dict) -> str:
     """A flagged step time's gap split by timed run: each run's wall time beyond the stepped run's model of
     it (its first step, then one median step per token: a stepped n-token decode takes n + 1 steps), per
     decode length. The timed rate is the median step plus (median excess of the longest runs - that of the
-    shortest) / their length difference, so the gap is the difference of those excesses. The timed runs are
-    not stepped: which of their steps hold an excess is not recorded."""
+    shortest) / their length difference, so the gap is the difference of those excesses. For result files
+    whose timed runs' steps were not recorded (before `t_runs_steps_ms`): which steps hold an excess is not
+    known."""
     if "step_ms_first" not in row or not row.get("t_runs_s"):
         return ""
     first, median = row["step_ms_first"] / 1000, row["step_ms_median"] / 1000
     parts = [f"{n} tokens " + " / ".join(f"{t - first - int(n) * median:+.2f}" for t in ts)
              for n, ts in sorted(row["t_runs_s"].items(), key=lambda kv: int(kv[0]))]
     return f" (each timed run's seconds beyond the stepped model: {'; '.join(parts)})"
+
+
+def run_steps_note(row: dict) -> str:
+    """A flagged step time's gap located in the timed runs' own steps (`t_runs_steps_ms`): per run, its
+    steps, its first step, its median step, and its wall time outside the steps (adding the requests)."""
+    parts = []
+    for n, runs in sorted(row["t_runs_steps_ms"].items(), key=lambda kv: int(kv[0])):
+        for wall, steps in zip(row["t_runs_s"][n], runs):
+            parts.append(f"{n} tokens: {len(steps)} steps, first {steps[0]:.0f} ms, median "
+                         f"{statistics.median(steps):.2f} ms, outside the steps {wall - sum(steps) / 1000:.2f} s")
+    return f" (each timed run: {'; '.join(parts)})"
 
 
 def jit_compiles_while_serving(log_text: str) -> list[str]:

@@ -240,3 +240,22 @@ def test_a_flagged_step_time_says_how_much_each_timed_run_exceeds_the_stepped_mo
     assert bench_vllm_e2e.rate_disagreements("dense", [row], {}) == [
         "- 32K dense: median step 10.00 ms, timed runs 6.88 ms per step (each timed run's seconds beyond the "
         "stepped model: 8 tokens +0.50; 136 tokens +0.10)"]
+
+
+def test_a_timed_run_times_its_steps_and_adds_every_request():
+    engine = _Engine()
+    wall, steps = bench_vllm_e2e.timed_run(engine, ["a", "b"], 9, "run-8")
+    assert len(steps) == 9 and wall >= sum(steps)
+    assert engine.requests == [("run-8-0", "a", 9), ("run-8-1", "b", 9)]
+
+
+def test_a_flagged_step_time_with_stepped_timed_runs_names_each_runs_steps():
+    # The timed runs' own steps recorded: the report gives their median and the time outside them, so a
+    # median step below the stepped run's shows in the runs themselves.
+    row = {**_stepped_row(32768, 16, 7.0, 10.0), "step_ms_first": 1000.0,
+           "t_runs_s": {"8": [1.2], "136": [2.1]},
+           "t_runs_steps_ms": {"136": [[1000.0] + [7.0] * 136], "8": [[1000.0] + [10.0] * 8]}}
+    assert bench_vllm_e2e.rate_disagreements("dense", [row], {}) == [
+        "- 32K dense: median step 10.00 ms, timed runs 7.00 ms per step (each timed run: 8 tokens: 9 steps, "
+        "first 1000 ms, median 10.00 ms, outside the steps 0.12 s; 136 tokens: 137 steps, first 1000 ms, "
+        "median 7.00 ms, outside the steps 0.15 s)"]
