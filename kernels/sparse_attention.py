@@ -109,6 +109,7 @@ ATTN_WIDE_STAGES = 4
 ATTN_WIDE_MAX_HEAD_BLOCKS = 4
 ATTN_WIDE_LONG_MAX_GROUPS = 128
 ATTN_WIDE_MAX_SPLIT_BYTES = 288 * 2**20
+ATTN_WIDE_SPLIT_TILES = 1  # 64-row tiles each split of the wide plan walks
 # The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
 # values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
 # past that (large budgets at small batches: 8K at B=1 gives 130 splits) it walks chunks of at most
@@ -450,13 +451,14 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
                    and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
-    wide_tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
+    wide_splits = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N * ATTN_WIDE_SPLIT_TILES)
     wide = (head_dim_v >= ATTN_WIDE_MIN_DV and query_bytes <= 2 and head_blocks <= ATTN_WIDE_MAX_HEAD_BLOCKS
             and (not long_splits or programs <= ATTN_WIDE_LONG_MAX_GROUPS)
-            and batch * num_q_heads * wide_tiles * head_dim_v * 4 <= ATTN_WIDE_MAX_SPLIT_BYTES)
+            and batch * num_q_heads * wide_splits * head_dim_v * 4 <= ATTN_WIDE_MAX_SPLIT_BYTES)
     if wide:
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                    SPLIT_LEN=ATTN_WIDE_BLOCK_N, NUM_SPLITS=wide_tiles, head_blocks=head_blocks,
+                    SPLIT_LEN=ATTN_WIDE_BLOCK_N * ATTN_WIDE_SPLIT_TILES, NUM_SPLITS=wide_splits,
+                    head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
     slots = ATTN_LONG_SPLIT_SLOTS_PER_SM.get((block_h, block_dv, kv_bytes == 1)) if query_bytes == 2 else None
     if long_splits and slots and triton.next_power_of_2(head_dim_k) == block_dv:
