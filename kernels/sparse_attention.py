@@ -110,6 +110,13 @@ ATTN_WIDE_MAX_HEAD_BLOCKS = 4
 ATTN_WIDE_LONG_MAX_GROUPS = 128
 ATTN_WIDE_MAX_SPLIT_BYTES = 288 * 2**20
 ATTN_WIDE_SPLIT_TILES = 1  # 64-row tiles each split of the wide plan walks
+# Past ATTN_WIDE_LONG_MAX_GROUPS groups, where the long splits would apply, the wide plan with this many tiles
+# per split (None: the long splits there, as before). H200, 16 heads, fp8 cache, 32K, budget 2048, whole step
+# from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=136 753.5 us on the long splits (3 splits of 736
+# rows, 8 warps), 452.9 wide with 1 tile per split, 420.6 with 2, 417.4 with 4, 444.0 with 8; B=256 1173.0 ->
+# 816.7 / 749.1 / 736.4 / 755.7. At B=64 (64 groups, below the limit) 4 tiles were 2% slower than 1 for 16
+# heads, 6% for 20.
+ATTN_WIDE_MANY_GROUPS_SPLIT_TILES: int | None = 4
 # The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
 # values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
 # past that (large budgets at small batches: 8K at B=1 gives 130 splits) it walks chunks of at most
@@ -451,13 +458,15 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    and programs >= ATTN_LONG_SPLIT_MIN_GROUPS
                    and tiles >= ATTN_LONG_SPLIT_MIN_TILES
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
-    wide_splits = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N * ATTN_WIDE_SPLIT_TILES)
+    many_groups = long_splits and programs > ATTN_WIDE_LONG_MAX_GROUPS
+    split_tiles = ATTN_WIDE_MANY_GROUPS_SPLIT_TILES if many_groups else ATTN_WIDE_SPLIT_TILES
+    wide_splits = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N * (split_tiles or 1))
     wide = (head_dim_v >= ATTN_WIDE_MIN_DV and query_bytes <= 2 and head_blocks <= ATTN_WIDE_MAX_HEAD_BLOCKS
-            and (not long_splits or programs <= ATTN_WIDE_LONG_MAX_GROUPS)
+            and split_tiles is not None
             and batch * num_q_heads * wide_splits * head_dim_v * 4 <= ATTN_WIDE_MAX_SPLIT_BYTES)
     if wide:
         return dict(BLOCK_H=block_h, BLOCK_N=ATTN_WIDE_BLOCK_N, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                    SPLIT_LEN=ATTN_WIDE_BLOCK_N * ATTN_WIDE_SPLIT_TILES, NUM_SPLITS=wide_splits,
+                    SPLIT_LEN=ATTN_WIDE_BLOCK_N * split_tiles, NUM_SPLITS=wide_splits,
                     head_blocks=head_blocks,
                     num_warps=ATTN_WIDE_NUM_WARPS, num_stages=ATTN_WIDE_STAGES)
     slots = ATTN_LONG_SPLIT_SLOTS_PER_SM.get((block_h, block_dv, kv_bytes == 1)) if query_bytes == 2 else None

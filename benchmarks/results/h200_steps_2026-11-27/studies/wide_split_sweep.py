@@ -1,8 +1,12 @@
 """The MLA attention's wide plan at large batches (GPU, no vLLM): DeepSeek-V2-Lite / GLM-style latent (576 /
-512), 32K, budget 2048, blocks of 64 x 128, fp8 cache unless FP8=0. The shipped plan, then the wide plan with
+512), 32K, budget 2048, blocks of 64 x 128, fp8 cache unless FP8=0. The shipped plan (with BEFORE=1 also the
+plan before the many-groups rule: `ATTN_WIDE_MANY_GROUPS_SPLIT_TILES` None), then the wide plan with
 no group limit (`ATTN_WIDE_LONG_MAX_GROUPS`) at 1, 2, 3, 4 and 8 tiles of 64 per split
 (`ATTN_WIDE_SPLIT_TILES`): the whole operator step from a CUDA graph, the split + merge kernels' eager device
-time, and the largest output difference from the shipped plan. Writes $OUT/wide_split_sweep.json."""
+time, and the largest output difference from the shipped plan. Writes $OUT/$NAME.json (default wide_split_sweep).
+
+The first run (`../wide_split_sweep.json`) shipped the long splits past 128 groups; `gpu2.sh` ran the A/B of
+the rule it led to."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ CASES = [tuple(int(x) for x in c.split(":")) for c in os.environ.get(
     "CASES", "16:136 16:64 20:64 16:16 16:256").split()]  # heads:batch
 TILES = [int(t) for t in os.environ.get("TILES", "1 2 3 4 8").split()]
 FP8 = os.environ.get("FP8", "1") == "1"
+BEFORE = int(os.environ.get("BEFORE", "0"))  # 1: also the plan before 2026-11-27's many-groups rule (long splits)
 
 
 def run(heads, B):
@@ -41,10 +46,11 @@ def run(heads, B):
     shapes = (B, Hq, Hkv, config.attended_tokens, Dk, Dv)
     row = dict(device=torch.cuda.get_device_name(), heads=heads, batch=B, context=32768, budget=2048, fp8=FP8,
                plans={})
-    saved = sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES
+    saved = sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES
     ref = None
-    for name, consts in [("shipped", saved)] + [(f"wide_{t}", (1 << 30, t)) for t in TILES]:
-        sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES = consts
+    plans = [("shipped", saved)] + [("before", saved[:2] + (None,))] * BEFORE
+    for name, consts in plans + [(f"wide_{t}", (1 << 30, t, None)) for t in TILES]:
+        sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES = consts
         try:
             plan = sa.attention_plan(*shapes, kv_bytes=kc.element_size())
             row["plans"][name] = {"error": "did not run"}
@@ -71,7 +77,7 @@ def run(heads, B):
             row["plans"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"MLA {heads} heads B={B} {name}: {row['plans'][name]['error']}", flush=True)
         finally:
-            sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES = saved
+            sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES = saved
     return row
 
 
@@ -80,7 +86,7 @@ def main():
     for case in CASES:
         rows.append(run(*case))
         torch.cuda.empty_cache()
-        with open(os.path.join(os.environ.get("OUT", "."), "wide_split_sweep.json"), "w") as f:
+        with open(os.path.join(os.environ.get("OUT", "."), os.environ.get("NAME", "wide_split_sweep") + ".json"), "w") as f:
             json.dump(rows, f, indent=1)
 
 
