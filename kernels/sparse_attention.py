@@ -94,9 +94,9 @@ ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the c
 # (DeepSeek-V3: 4 head blocks of 32) B=8 138.8 -> 85.2 (against the long splits). Whole step at 32K, budget
 # 2048, against the long splits (`benchmarks/results/index_write_2026-11-27/attn_ab/`): 128 heads B=8 357.8 ->
 # 310.7 us, B=16 668.6 -> 570.9, B=32 1271.8 -> 1102.4; 16 heads B=32 164.3 -> 123.8, B=128 462.0 -> 405.7; 20
-# heads B=64 421.8 -> 280.6. It applies with at most ATTN_WIDE_MAX_HEAD_BLOCKS head blocks per kv head and, where
-# the long splits would apply, up to ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block) groups, the most
-# measured. Its many splits (34 at budget 2048, where the long splits take 4 to 12) grow the float32 split
+# heads B=64 421.8 -> 280.6. It applies with at most ATTN_WIDE_MAX_HEAD_BLOCKS head blocks per kv head; where the
+# long splits would apply, one tile per split up to ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block)
+# groups (the most measured so), ATTN_WIDE_MANY_GROUPS_SPLIT_TILES tiles past them. Its many splits (34 at budget 2048, where the long splits take 4 to 12) grow the float32 split
 # buffers to batch x heads x splits x 512: the plan stays below ATTN_WIDE_MAX_SPLIT_BYTES of them (the largest
 # measured, 285 MB at 128 groups of 32 heads). A server's decode workspace arena is sized for its largest batch
 # outside vLLM's KV-cache budget (like its CUDA graphs, from the memory `gpu_memory_utilization` leaves): at
@@ -115,7 +115,9 @@ ATTN_WIDE_SPLIT_TILES = 1  # 64-row tiles each split of the wide plan walks
 # from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=136 753.5 us on the long splits (3 splits of 736
 # rows, 8 warps), 452.9 wide with 1 tile per split, 420.6 with 2, 417.4 with 4, 444.0 with 8; B=256 1173.0 ->
 # 816.7 / 749.1 / 736.4 / 755.7. At B=64 (64 groups, below the limit) 4 tiles were 2% slower than 1 for 16
-# heads, 6% for 20.
+# heads, 6% for 20. The A/B against the long splits: 16 heads B=160 789.9 -> 480.6 us; 20 heads B=136 813.4 ->
+# 555.4, B=200 1176.4 -> 786.9; 128 heads B=48 1912.8 -> 1676.6, B=64 2417.5 -> 2180.9; bf16 cache, 16 heads
+# B=136 553.4 -> 414.0. Past ATTN_WIDE_MAX_SPLIT_BYTES of split buffers the long splits still apply.
 ATTN_WIDE_MANY_GROUPS_SPLIT_TILES: int | None = 4
 # The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
 # values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
