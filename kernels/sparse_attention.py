@@ -100,8 +100,9 @@ ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the c
 # buffers to batch x heads x splits x 512: the plan stays below ATTN_WIDE_MAX_SPLIT_BYTES of them (the largest
 # measured, 285 MB at 128 groups of 32 heads). A server's decode workspace arena is sized for its largest batch
 # outside vLLM's KV-cache budget (like its CUDA graphs, from the memory `gpu_memory_utilization` leaves): at
-# budget 2048 and batches up to 512 it grows from 33 to 136 MiB for 16 heads and from 128 to 272 MiB for 128.
-# Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more groups or bytes.
+# budget 2048 and batches up to 512 it grew from 33 to 136 MiB for 16 heads and from 128 to 272 MiB for 128; the
+# largest split buffers are now 144 MiB (16 heads), 180 (20) and 288 (128) with the many-groups splits below.
+# Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more split-buffer bytes.
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
 ATTN_WIDE_NUM_WARPS = 4
