@@ -31,11 +31,17 @@ def schedule(row: dict) -> str:
     return "lagged, pipelined" if row.get("lagged") else "standard"
 
 
-def per_layer_rows(paths: list[Path], batch: int, budget: int) -> dict[str, list[dict]]:
-    """Rows with a per-layer timing for `batch` and `budget`, by schedule, sorted by context."""
+def load_results(paths: list[Path]) -> list[dict]:
+    """The result files `bench_sparse_decode.py --out` wrote, each read once."""
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def per_layer_rows(files: list[dict], batch: int, budget: int) -> dict[str, list[dict]]:
+    """Rows of the loaded result `files` with a per-layer timing for `batch` and `budget`, by schedule, sorted
+    by context."""
     rows: dict[str, list[dict]] = {}
-    for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
+    for f in files:
+        for row in f["rows"]:
             if (row.get("kind") == "gqa" and row["B"] == batch and row["budget"] == budget
                     and "speedup_per_layer" in row):
                 rows.setdefault(schedule(row), []).append(row)
@@ -44,9 +50,8 @@ def per_layer_rows(paths: list[Path], batch: int, budget: int) -> dict[str, list
     return rows
 
 
-def gqa_shapes(paths: list[Path]) -> str:
-    """The `--model-shapes` the files with per-layer GQA rows were written with (one for all of them)."""
-    files = [json.loads(path.read_text()) for path in paths]
+def gqa_shapes(files: list[dict]) -> str:
+    """The `--model-shapes` the loaded result `files` with per-layer GQA rows were written with (one for all)."""
     names = {f.get("gqa_shapes", {}).get("model", "qwen3-8b") for f in files
              if any(r.get("kind") == "gqa" and "speedup_per_layer" in r for r in f["rows"])} or {"qwen3-8b"}
     if len(names) != 1:
@@ -61,11 +66,12 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--out", type=Path, required=True, help="image to write (.png)")
     a = p.parse_args(argv)
+    files = load_results(a.inputs)
     try:
-        shapes = gqa_shapes(a.inputs)
+        shapes = gqa_shapes(files)
     except ValueError as e:
         p.error(str(e))
-    rows = per_layer_rows(a.inputs, a.batch, a.budget)
+    rows = per_layer_rows(files, a.batch, a.budget)
     if not rows:
         p.error(f"no per-layer GQA rows for --batch {a.batch} and --budget {a.budget} in {[str(x) for x in a.inputs]} "
                 "(run the benchmark with --layers N)")

@@ -28,7 +28,7 @@ def test_rows_are_grouped_by_schedule_and_sorted(tmp_path):
                                       _row(65536, budget=1024), _row(65536, batch=32)]}))
     b.write_text(json.dumps({"rows": [_row(65536, lagged=True), _row(131072, lagged=True, defer=True),
                                       _row(65536, lagged=True, defer=False), {"kind": "recall", "B": 8}]}))
-    rows = plot.per_layer_rows([a, b], batch=8, budget=2048)
+    rows = plot.per_layer_rows(plot.load_results([a, b]), batch=8, budget=2048)
     assert {k: [r["context"] for r in v] for k, v in rows.items()} == {
         "standard": [65536, 131072],
         "lagged, pipelined": [65536, 65536],
@@ -52,13 +52,14 @@ def test_files_of_different_shapes_are_refused_and_old_files_are_qwen3(tmp_path,
     old.write_text(json.dumps({"rows": [_row(65536)]}))
     llama = tmp_path / "llama.json"
     llama.write_text(json.dumps({"gqa_shapes": {"model": "llama-3.2-1b", "head_dim": 64}, "rows": [_row(65536)]}))
-    assert plot.gqa_shapes([old]) == "qwen3-8b" and plot.gqa_shapes([llama]) == "llama-3.2-1b"
+    assert plot.gqa_shapes(plot.load_results([old])) == "qwen3-8b"
+    assert plot.gqa_shapes(plot.load_results([llama])) == "llama-3.2-1b"
     with pytest.raises(SystemExit):
         plot.main([str(old), str(llama), "--out", str(tmp_path / "x.png")])
     assert "different GQA shapes ['llama-3.2-1b', 'qwen3-8b']" in capsys.readouterr().err
     recall_only = tmp_path / "recall.json"  # no per-layer GQA rows: its (default) shapes do not count
     recall_only.write_text(json.dumps({"rows": [{"kind": "recall", "B": 2}]}))
-    assert plot.gqa_shapes([llama, recall_only]) == "llama-3.2-1b"
+    assert plot.gqa_shapes(plot.load_results([llama, recall_only])) == "llama-3.2-1b"
 
 
 @pytest.mark.parametrize("shapes,title,targets", [(None, "Qwen3-8B shapes", True),
