@@ -72,7 +72,6 @@ def run(heads, B):
                   f"split + merge {sum(r['attention_kernels_us'].values()):.1f} us ({r['NUM_SPLITS']} splits of "
                   f"{r['SPLIT_LEN']}, {r['num_warps']} warps, {r['num_stages']} stages), max diff "
                   f"{r['max_abs_diff']:.2e}", flush=True)
-            del ws
         except Exception as e:  # a plan past shared memory: recorded, the sweep goes on
             row["plans"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"MLA {heads} heads B={B} {name}: {row['plans'][name]['error']}", flush=True)
