@@ -96,12 +96,15 @@ ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the c
 # 310.7 us, B=16 668.6 -> 570.9, B=32 1271.8 -> 1102.4; 16 heads B=32 164.3 -> 123.8, B=128 462.0 -> 405.7; 20
 # heads B=64 421.8 -> 280.6. It applies with at most ATTN_WIDE_MAX_HEAD_BLOCKS head blocks per kv head; where the
 # long splits would apply, one tile per split up to ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block)
-# groups (the most measured so), ATTN_WIDE_MANY_GROUPS_SPLIT_TILES tiles past them. Its many splits (34 at budget 2048, where the long splits take 4 to 12) grow the float32 split
-# buffers to batch x heads x splits x 512: the plan stays below ATTN_WIDE_MAX_SPLIT_BYTES of them (the largest
+# groups (the most measured so), ATTN_WIDE_MANY_GROUPS_SPLIT_TILES tiles past them. Its many splits (34 at budget
+# 2048, where the long splits take 4 to 12) grow the float32 split buffers to batch x heads x splits x 512: the
+# plan stays below ATTN_WIDE_MAX_SPLIT_BYTES of them (the largest
 # measured, 285 MB at 128 groups of 32 heads). A server's decode workspace arena is sized for its largest batch
 # outside vLLM's KV-cache budget (like its CUDA graphs, from the memory `gpu_memory_utilization` leaves): at
-# budget 2048 and batches up to 512 it grew from 33 to 136 MiB for 16 heads and from 128 to 272 MiB for 128; the
-# largest split buffers are now 144 MiB (16 heads), 180 (20) and 288 (128) with the many-groups splits below.
+# budget 2048 and batches up to 512 it grew from 33 to 136 MiB for 16 heads and from 128 to 272 MiB for 128. With
+# the many-groups splits below, the largest split buffers over batches up to 512 are 144 MiB (16 heads), 180 (20)
+# and 288 (128); up to vLLM's default of 1,024 sequences on large GPUs, 288 MiB for all three (the bytes cap: at
+# B=1024 for 16 heads, B=819 for 20), against 136 / 170 / 272 before.
 # Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more split-buffer bytes.
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
@@ -115,10 +118,12 @@ ATTN_WIDE_SPLIT_TILES = 1  # 64-row tiles each split of the wide plan walks
 # per split (None: the long splits there, as before). H200, 16 heads, fp8 cache, 32K, budget 2048, whole step
 # from a CUDA graph (`benchmarks/RESULTS.md`, 2026-11-27): B=136 753.5 us on the long splits (3 splits of 736
 # rows, 8 warps), 452.9 wide with 1 tile per split, 420.6 with 2, 417.4 with 4, 444.0 with 8; B=256 1173.0 ->
-# 816.7 / 749.1 / 736.4 / 755.7. At B=64 (64 groups, below the limit) 4 tiles were 2% slower than 1 for 16
-# heads, 6% for 20. The A/B against the long splits: 16 heads B=160 789.9 -> 480.6 us; 20 heads B=136 813.4 ->
-# 555.4, B=200 1176.4 -> 786.9; 128 heads B=48 1912.8 -> 1676.6, B=64 2417.5 -> 2180.9; bf16 cache, 16 heads
-# B=136 553.4 -> 414.0. Past ATTN_WIDE_MAX_SPLIT_BYTES of split buffers the long splits still apply.
+# 816.7 / 749.1 / 736.4 / 755.7. Below the limit one tile stays: 4 tiles were 6% slower at B=64 for 20 heads
+# (280.0 -> 295.8) and 12% at B=16 for 16 (82.0 -> 91.8), though 2% faster at B=64 for 16 heads (3 tiles: 8%;
+# more tiles below the limit is open). The A/B against the long splits: 16 heads B=136 753.8 -> 413.6 us, B=160
+# 789.9 -> 480.6; 20 heads B=136 813.4 -> 555.4, B=200 1176.4 -> 786.9; 128 heads B=48 1912.8 -> 1676.6, B=64
+# 2417.5 -> 2180.9; bf16 cache, 16 heads B=136 553.4 -> 414.0. Past ATTN_WIDE_MAX_SPLIT_BYTES of split buffers
+# the long splits still apply.
 ATTN_WIDE_MANY_GROUPS_SPLIT_TILES: int | None = 4
 # The split merge holds all of a head's splits in one tile of up to MERGE_TILE_ELEMENTS float32 accumulator
 # values (every plan measured so far: budget 2048 gives 34 splits for MLA's 512-wide rows, a 64 x 512 tile);
@@ -463,7 +468,13 @@ def attention_plan(batch: int, num_q_heads: int, num_kv_heads: int, num_position
                    * triton.cdiv(ATTN_LONG_SPLIT_PROGRAMS_PER_SM * num_sms, programs))
     many_groups = long_splits and programs > ATTN_WIDE_LONG_MAX_GROUPS
     split_tiles = ATTN_WIDE_MANY_GROUPS_SPLIT_TILES if many_groups else ATTN_WIDE_SPLIT_TILES
-    wide_splits = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N * (split_tiles or 1))
+    if split_tiles is not None and split_tiles < 1:
+        name = "ATTN_WIDE_MANY_GROUPS_SPLIT_TILES" if many_groups else "ATTN_WIDE_SPLIT_TILES"
+        raise ValueError(f"sparse_attention: {name}={split_tiles}; allowed: a tile count >= 1"
+                         + (" or None" if many_groups else ""))
+    wide_tiles = triton.cdiv(max(num_positions, 1), ATTN_WIDE_BLOCK_N)
+    split_tiles = min(split_tiles, wide_tiles) if split_tiles is not None else None  # no split past the list
+    wide_splits = triton.cdiv(wide_tiles, split_tiles or 1)
     wide = (head_dim_v >= ATTN_WIDE_MIN_DV and query_bytes <= 2 and head_blocks <= ATTN_WIDE_MAX_HEAD_BLOCKS
             and split_tiles is not None
             and batch * num_q_heads * wide_splits * head_dim_v * 4 <= ATTN_WIDE_MAX_SPLIT_BYTES)
@@ -583,8 +594,10 @@ def sparse_attention_triton(
                          f"ATTN_PROGRAMS_PER_SM={ATTN_PROGRAMS_PER_SM}, ATTN_BLOCK_N={ATTN_BLOCK_N}, "
                          f"ATTN_WIDE_BLOCK_N={ATTN_WIDE_BLOCK_N}, "
                          f"ATTN_WIDE_MAX_HEAD_BLOCKS={ATTN_WIDE_MAX_HEAD_BLOCKS}, "
-                         f"ATTN_WIDE_LONG_MAX_GROUPS={ATTN_WIDE_LONG_MAX_GROUPS}, ATTN_WIDE_MAX_SPLIT_BYTES="
-                         f"{ATTN_WIDE_MAX_SPLIT_BYTES}, ATTN_LONG_SPLITS={ATTN_LONG_SPLITS}, "
+                         f"ATTN_WIDE_LONG_MAX_GROUPS={ATTN_WIDE_LONG_MAX_GROUPS}, "
+                         f"ATTN_WIDE_SPLIT_TILES={ATTN_WIDE_SPLIT_TILES}, "
+                         f"ATTN_WIDE_MANY_GROUPS_SPLIT_TILES={ATTN_WIDE_MANY_GROUPS_SPLIT_TILES}, "
+                         f"ATTN_WIDE_MAX_SPLIT_BYTES={ATTN_WIDE_MAX_SPLIT_BYTES}, ATTN_LONG_SPLITS={ATTN_LONG_SPLITS}, "
                          f"ATTN_LONG_SPLIT_SLOTS_PER_SM={ATTN_LONG_SPLIT_SLOTS_PER_SM}, a {query.dtype} query "
                          f"and a {key_cache.dtype} cache (a workspace built for other shapes, another query or "
                          "cache dtype or other launch settings)")

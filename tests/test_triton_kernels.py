@@ -780,11 +780,12 @@ def test_many_splits_merge_in_chunks_and_equal_the_reference(monkeypatch, chunk_
     assert sparse_attention.merge_plan(130, 512) == dict(BLOCK_S=32, CHUNKS=5)  # MLA, budget 8K at B=1
 
 
-def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
+def test_wide_value_rows_take_the_wide_plan(monkeypatch):
     # MLA's latent rows (value 512 wide) with up to 4 head blocks per kv head (16, GLM's 20, DeepSeek-V3's 128
     # heads) and at most 128 (sequence, head block) groups where the long splits would apply: one 64-row tile
-    # per split, 4 warps, a 4-stage pipeline; with more groups splits of 4 such tiles (measured at 136 and 256
-    # groups of 16 heads: 40-37% faster than the long splits that applied there before). Exactness of this plan is
+    # per split, 4 warps, a 4-stage pipeline; with more groups splits of 4 such tiles (16 heads on an fp8 cache:
+    # 1.81x and 1.59x faster at 136 and 256 groups than the long splits that applied there before) while their
+    # split buffers stay within ATTN_WIDE_MAX_SPLIT_BYTES. Exactness of this plan is
     # checked by every test over the `small_mla_wide` case, by the several-head-block test below and, compiled,
     # over `bench_glm_scaled` and `bench_dsv3_scaled`.
     sa = sparse_attention
@@ -803,6 +804,15 @@ def test_wide_value_rows_take_one_wide_tile_per_split(monkeypatch):
             m.setattr(sa, "ATTN_WIDE_MANY_GROUPS_SPLIT_TILES", None)
             long_plan = sa.attention_plan(B, H, 1, 2176, 576, 512)
             assert long_plan["num_stages"] == sa.ATTN_LONG_SPLIT_STAGES and long_plan["BLOCK_N"] == 32, (B, H)
+    for B, H, wide in ((1024, 16, True), (1025, 16, False), (819, 20, True), (820, 20, False), (128, 128, True),
+                       (129, 128, False)):  # the split buffers' bytes cap (288 MiB): past it the long splits
+        assert (sa.attention_plan(B, H, 1, 2176, 576, 512)["BLOCK_N"] == sa.ATTN_WIDE_BLOCK_N) == wide, (B, H)
+    short = sa.attention_plan(400, 16, 1, 100, 576, 512)  # many groups, a list of 2 tiles: one split of both
+    assert (short["SPLIT_LEN"], short["NUM_SPLITS"]) == (2 * sa.ATTN_WIDE_BLOCK_N, 1)
+    with monkeypatch.context() as m:
+        m.setattr(sa, "ATTN_WIDE_MANY_GROUPS_SPLIT_TILES", 0)
+        with pytest.raises(ValueError, match=r"SPLIT_TILES=0; allowed: a tile count >= 1 or None"):
+            sa.attention_plan(136, 16, 1, 2176, 576, 512)
     assert sa.attention_plan(1, 256, 1, 2176, 576, 512)["BLOCK_N"] == 32  # 8 head blocks: not measured
     with monkeypatch.context() as m:  # the long splits off: only the split buffers' bytes bound the wide plan
         m.setenv("ASYNCTLS_ATTN_LONG_SPLITS", "0")
