@@ -8,7 +8,8 @@
 #   glm_dense / glm_sparse: GLM-4.7-Flash's MLA shapes on an fp8 KV cache at 32K, up to 64 requests, random weights
 #   mla_dense / mla_sparse: DeepSeek-V2-Lite's MLA shapes on an fp8 KV cache at 32K, up to 136 requests (135 fit dense
 #          on an H100), random weights
-# Writes $OUT.
+# Writes $OUT. Each jit_lines_<stage>.log greps every tput_*.log of its folder, so from the second stage on it lists
+# both engines' lines (the report counts each engine's compiles from its own log).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 # tput OUTDIR STAGE SHAPES CONTEXTS [FLAGS...]: one throughput stage into OUTDIR, its results and log tails
