@@ -98,13 +98,13 @@ ATTN_MAXNREG = None  # register cap per thread for the split kernel (None: the c
 # long splits would apply, one tile per split up to ATTN_WIDE_LONG_MAX_GROUPS (sequence, kv head, head block)
 # groups (the most measured so), ATTN_WIDE_MANY_GROUPS_SPLIT_TILES tiles past them. Its many splits (34 at budget
 # 2048, where the long splits take 4 to 12) grow the float32 split buffers to batch x heads x splits x 512: the
-# plan stays below ATTN_WIDE_MAX_SPLIT_BYTES of them (the largest
-# measured, 285 MB at 128 groups of 32 heads). A server's decode workspace arena is sized for its largest batch
-# outside vLLM's KV-cache budget (like its CUDA graphs, from the memory `gpu_memory_utilization` leaves): at
-# budget 2048 and batches up to 512 it grew from 33 to 136 MiB for 16 heads and from 128 to 272 MiB for 128. With
-# the many-groups splits below, the largest split buffers over batches up to 512 are 144 MiB (16 heads), 180 (20)
-# and 288 (128); up to vLLM's default of 1,024 sequences on large GPUs, 288 MiB for all three (the bytes cap: at
-# B=1024 for 16 heads, B=819 for 20), against 136 / 170 / 272 before.
+# plan stays below ATTN_WIDE_MAX_SPLIT_BYTES of them (the largest measured, 285 MB at 128 groups of 32 heads). A
+# server's decode workspace arena is sized for its largest batch outside vLLM's KV-cache budget (like its CUDA
+# graphs, from the memory `gpu_memory_utilization` leaves): at budget 2048 and batches up to 512 it grew from 33
+# to 136 MiB for 16 heads and from 128 to 272 MiB for 128. With the many-groups splits below, the largest split
+# buffers over batches up to 512 are 144 MiB (16 heads), 180 (20) and 288 (128); up to vLLM's default of 1,024
+# sequences on large GPUs, 288 MiB for all three (the bytes cap: at B=1024 for 16 heads, B=819 for 20), against
+# 136 / 170 / 272 before.
 # Not measured, so on the old plan: head dims of 256, float32 (past shared memory), more split-buffer bytes.
 ATTN_WIDE_MIN_DV = 512
 ATTN_WIDE_BLOCK_N = 64
