@@ -10,7 +10,6 @@ $OUT/mla_token_tile_sweep.json."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -20,6 +19,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 from bench_sparse_decode import MLA, graph_time_ms, paged_case  # noqa: E402
 from profile_sparse_decode import kernel_times_us  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from wide_split_sweep import run_cases  # noqa: E402
 
 from asynctls_tip_kernels import token_select as ts  # noqa: E402
 from asynctls_tip_kernels.sparse_config import SparseAttentionConfig  # noqa: E402
@@ -67,12 +69,7 @@ def run(heads, B):
 
 
 def main():
-    rows = []
-    for case in CASES:
-        rows.append(run(*case))
-        torch.cuda.empty_cache()
-        with open(os.path.join(os.environ.get("OUT", "."), "mla_token_tile_sweep.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+    run_cases(CASES, run, "mla_token_tile_sweep")
 
 
 if __name__ == "__main__":

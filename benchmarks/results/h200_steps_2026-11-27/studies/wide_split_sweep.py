@@ -80,13 +80,18 @@ def run(heads, B):
     return row
 
 
-def main():
+def run_cases(cases, run, name):
+    """`run(*case)` for each case; the rows so far go to $OUT/`name`.json after each."""
     rows = []
-    for case in CASES:
+    for case in cases:
         rows.append(run(*case))
         torch.cuda.empty_cache()
-        with open(os.path.join(os.environ.get("OUT", "."), os.environ.get("NAME", "wide_split_sweep") + ".json"), "w") as f:
+        with open(os.path.join(os.environ.get("OUT", "."), name + ".json"), "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def main():
+    run_cases(CASES, run, os.environ.get("NAME", "wide_split_sweep"))
 
 
 if __name__ == "__main__":

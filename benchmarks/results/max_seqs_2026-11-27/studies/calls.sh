@@ -29,7 +29,7 @@ tput() {
 report() { python3 benchmarks/bench_vllm_e2e.py --stage report --out $1 | tee $OUT/$(basename $1)/report.md; }
 QWEN="qwen3-8b 32768 --weights random --max-seqs 24"
 GLM="glm-4.7-flash 32768 --kv-cache-dtype fp8 --weights random --max-seqs 64"
-MLA="deepseek-v2-lite 32768 --kv-cache-dtype fp8 --weights random --max-seqs 64"
+MLA=${MLA:-"deepseek-v2-lite 32768 --kv-cache-dtype fp8 --weights random --max-seqs 64"}  # MLA=...: another cap
 case $1 in
   kit1|kit2) bash .vllm-gpu/p${1#kit}/install.sh .vllm-gpu/p${1#kit} | tail -1 ;;
   q_dense) bash .vllm-gpu/p3/install.sh .vllm-gpu/p3 | tail -1; tput /tmp/tput_qwen dense $QWEN ;;
