@@ -1,6 +1,6 @@
 """Registers, stack and shared memory of the MLA attention split compiled offline for sm_90 (no GPU needed:
 Triton's compiler and the CUDA tools `sass_token_score.BIN` finds): the shipped kernel on the wide plan (one
-and four 64-row tiles per split) against `mla_split_variants.py`'s one-load variant, 16 and 32 heads per
+and four 64-row tiles per split; at 4 warps as shipped, and at 8) against `mla_split_variants.py`'s one-load variant, 16 and 32 heads per
 program, bf16 and fp8 caches. Run from anywhere:
 
     python benchmarks/results/h200_steps_2026-11-27/studies/split_regs.py
@@ -69,12 +69,13 @@ def main():
                     stride_qh=576, stride_qd=1, stride_cb=64 * 576, stride_ct=576, stride_cd=1, stride_btb=512,
                     stride_pb=2176, HQ=heads, CBS=64, BLOCK_H=heads, BLOCK_N=64, SPLIT_LEN=64 * tiles,
                     NUM_SPLITS=-(-34 // tiles), LAT=512, RO=64, KV_FP8=fp8, IEEE=False)
-                for name, kernel, args, stages in (
-                        ("shipped", sa._sparse_attn_split_kernel, shipped, sa.ATTN_WIDE_STAGES),
-                        ("one load, 2 stages", _mla_split_one_load_kernel, variant, 2),
-                        ("one load, 1 stage", _mla_split_one_load_kernel, variant, 1)):
+                for name, kernel, args, stages, warps in (
+                        ("shipped", sa._sparse_attn_split_kernel, shipped, sa.ATTN_WIDE_STAGES, 4),
+                        ("shipped at 8 warps", sa._sparse_attn_split_kernel, shipped, sa.ATTN_WIDE_STAGES, 8),
+                        ("one load, 2 stages", _mla_split_one_load_kernel, variant, 2, 4),
+                        ("one load, 1 stage", _mla_split_one_load_kernel, variant, 1, 4)):
                     try:
-                        line = usage(compile_(kernel, args, 4, stages))
+                        line = usage(compile_(kernel, args, warps, stages))
                     except Exception as e:  # past shared memory: recorded
                         line = f"{type(e).__name__}: {str(e)[:160]}"
                     print(f"{heads} heads, {cache}, {tiles} tile(s) per split, {name}: {line}", flush=True)
