@@ -2,7 +2,7 @@
 512), 32K, budget 2048, blocks of 64 x 128, fp8 cache unless FP8=0. The shipped plan (with BEFORE=1 also the
 plan before the many-groups rule: `ATTN_WIDE_MANY_GROUPS_SPLIT_TILES` None), then the wide plan with
 no group limit (`ATTN_WIDE_LONG_MAX_GROUPS`) at 1, 2, 3, 4 and 8 tiles of 64 per split
-(`ATTN_WIDE_SPLIT_TILES`): the whole operator step from a CUDA graph, the split + merge kernels' eager device
+(`ATTN_WIDE_SPLIT_TILES`; with WARPS="4 8" also at 8 warps): the whole operator step from a CUDA graph, the split + merge kernels' eager device
 time, and the largest output difference from the shipped plan. Writes $OUT/$NAME.json (default wide_split_sweep).
 
 The first run (`../wide_split_sweep.json`) shipped the long splits past 128 groups; `gpu2.sh` ran the A/B of
@@ -29,6 +29,7 @@ CASES = [tuple(int(x) for x in c.split(":")) for c in os.environ.get(
     "CASES", "16:136 16:64 20:64 16:16 16:256").split()]  # heads:batch
 TILES = [int(t) for t in os.environ.get("TILES", "1 2 3 4 8").split()]
 FP8 = os.environ.get("FP8", "1") == "1"
+WARPS = [int(w) for w in os.environ.get("WARPS", "4").split()]  # the wide plan's warps (ATTN_WIDE_NUM_WARPS)
 BEFORE = int(os.environ.get("BEFORE", "0"))  # 1: also the plan before 2026-11-27's many-groups rule (long splits)
 
 
@@ -46,11 +47,14 @@ def run(heads, B):
     shapes = (B, Hq, Hkv, config.attended_tokens, Dk, Dv)
     row = dict(device=torch.cuda.get_device_name(), heads=heads, batch=B, context=32768, budget=2048, fp8=FP8,
                plans={})
-    saved = sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES
+    saved = (sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES,
+             sa.ATTN_WIDE_NUM_WARPS)
     ref = None
-    plans = [("shipped", saved)] + [("before", saved[:2] + (None,))] * BEFORE
-    for name, consts in plans + [(f"wide_{t}", (1 << 30, t, None)) for t in TILES]:
-        sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES = consts
+    plans = [("shipped", saved)] + [("before", saved[:2] + (None, saved[3]))] * BEFORE
+    for name, consts in plans + [(f"wide_{t}" + (f"_{w}warps" if w != 4 else ""), (1 << 30, t, None, w))
+                                 for t in TILES for w in WARPS]:
+        (sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES,
+         sa.ATTN_WIDE_NUM_WARPS) = consts
         try:
             plan = sa.attention_plan(*shapes, kv_bytes=kc.element_size())
             row["plans"][name] = {"error": "did not run"}
@@ -76,7 +80,8 @@ def run(heads, B):
             row["plans"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"MLA {heads} heads B={B} {name}: {row['plans'][name]['error']}", flush=True)
         finally:
-            sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES = saved
+            (sa.ATTN_WIDE_LONG_MAX_GROUPS, sa.ATTN_WIDE_SPLIT_TILES, sa.ATTN_WIDE_MANY_GROUPS_SPLIT_TILES,
+             sa.ATTN_WIDE_NUM_WARPS) = saved
     return row
 
 
