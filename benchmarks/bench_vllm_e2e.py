@@ -299,7 +299,11 @@ def stepped_step_times(engine, prompts, max_tokens: int, tag: str) -> list[float
     """Wall time of every `engine.step()` (a vLLM `LLMEngine`) while `prompts`, all added at once, decode
     `max_tokens` new tokens each. Their median is the decode step time, which one slow step (a host hiccup, a
     Triton compile, the first step's recompute of the prompts' last blocks) does not move the way it moves a
-    whole run's time. Raises if a request finished with fewer tokens."""
+    whole run's time. A step's wall time is the wait for the engine's next outputs: vLLM's engine core can run
+    ahead of this loop (its own process), so after a long step queued outputs return within a millisecond
+    (2026-11-27, H200: steps of 0.4-1.5 ms right after a 0.2 s one, and a last step of 85-95 ms): the median
+    of a short run is not a decode step's time; that of a run of 100 or more steps is. Raises if a request
+    finished with fewer tokens."""
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
