@@ -43,9 +43,9 @@ throughput: Qwen3-8B shapes (36 layers, 32 q / 8 kv heads, head dim 128), dummy 
     once more on its own: requests / its median step is the second rate in the report, which one slow step
     cannot move (a run that takes a second longer than its repeats shifts the first rate by up to tens of
     percent; RESULTS, 2026-11-27: with every run stepped, GLM's runs on an H200 parted at their first step, the
-    prefix-cache hits of 64 prompts of 32K, which varied by 0.7 s, while their decode steps agreed). asynctls gets the same KV-cache bytes as the dense run
-    (`kv_cache_memory_bytes`), out of which the plugin reserves its index, so the comparison is at
-    equal memory. On Qwen3-8B's shapes vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and
+    prefix-cache hits of 64 prompts of 32K, which varied by 0.7 s, while their decode steps agreed). asynctls
+    gets the same KV-cache bytes as the dense run (`kv_cache_memory_bytes`), out of which the plugin reserves
+    its index, so the comparison is at equal memory. On Qwen3-8B's shapes vLLM's dummy weights (uniform +-1e-3, the same values in q_norm and
     k_norm) make q and k so small that every block and token score of a row is the same float: the selection
     then degenerates to the lowest-indexed blocks and its top-ks end in one pass (other shapes' dummy
     selections were not examined: quote `--weights random` for a real one). `--weights random`

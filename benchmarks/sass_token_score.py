@@ -26,7 +26,7 @@ from asynctls_tip_kernels.sparse_config import SparseAttentionConfig
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_sm90(kernel, args: dict, num_warps: int):
+def compile_sm90(kernel, args: dict, num_warps: int, num_stages: int = 1):
     """`triton.compile` with the JIT's specialisation emulated: pointers 16-byte aligned, ints equal to 1
     constant, ints divisible by 16 marked so."""
     sig, consts, attrs = {}, {}, {}
@@ -44,7 +44,8 @@ def compile_sm90(kernel, args: dict, num_warps: int):
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                                num_stages=num_stages))
 
 
 def sass_ops(compiled) -> list[str]:

@@ -1,7 +1,7 @@
 """Registers, stack and shared memory of the MLA attention split compiled offline for sm_90 (no GPU needed:
-Triton's compiler and the CUDA tools `sass_token_score.BIN` finds): the shipped kernel on the wide plan (one
-and four 64-row tiles per split; at 4 warps as shipped, and at 8) against `mla_split_variants.py`'s one-load variant, 16 and 32 heads per
-program, bf16 and fp8 caches. Run from anywhere:
+`sass_token_score.compile_sm90` and the CUDA tools in `sass_token_score.BIN`): the shipped kernel on the wide
+plan (one and four 64-row tiles per split; at 4 warps as shipped, and at 8) against `mla_split_variants.py`'s
+one-load variant, 16 and 32 heads per program, bf16 and fp8 caches. Run from anywhere:
 
     python benchmarks/results/h200_steps_2026-11-27/studies/split_regs.py
 """
@@ -10,9 +10,6 @@ import subprocess
 import sys
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
 sys.path.insert(0, HERE)
@@ -20,26 +17,6 @@ import sass_token_score as sts  # noqa: E402
 from mla_split_variants import _mla_split_one_load_kernel  # noqa: E402
 
 from asynctls_tip_kernels import sparse_attention as sa  # noqa: E402
-
-
-def compile_(kernel, args, num_warps, num_stages):
-    sig, consts, attrs = {}, {}, {}
-    constexprs = {p.name for p in kernel.params if p.is_constexpr}
-    for i, name in enumerate(kernel.arg_names):
-        v = args[name]
-        if name in constexprs or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
-            sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, str):
-            sig[name], attrs[(i,)] = "*" + v, [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
-                                                                                num_stages=num_stages))
 
 
 def usage(k):
@@ -75,7 +52,7 @@ def main():
                         ("one load, 2 stages", _mla_split_one_load_kernel, variant, 2, 4),
                         ("one load, 1 stage", _mla_split_one_load_kernel, variant, 1, 4)):
                     try:
-                        line = usage(compile_(kernel, args, warps, stages))
+                        line = usage(sts.compile_sm90(kernel, args, warps, stages))
                     except Exception as e:  # past shared memory: recorded
                         line = f"{type(e).__name__}: {str(e)[:160]}"
                     print(f"{heads} heads, {cache}, {tiles} tile(s) per split, {name}: {line}", flush=True)
